@@ -1,0 +1,3 @@
+"""regmirror: a Kubernetes operator for container-registry pull-through mirrors."""
+
+__version__ = "0.1.0"

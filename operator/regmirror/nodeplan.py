@@ -1,0 +1,109 @@
+"""The node plan: what the operator tells every agent, aggregated over all mirrors.
+
+The operator renders one NodePlan (JSON, in the `regmirror-node-config`
+ConfigMap) from every RegistryMirror and its Service. Each agent renders its
+node's files from the plan with `regmirror.render.nodefiles`, keeping only the
+mirrors whose node selector matches its node and, under AllowUpstream, that
+answer their health probe. Keeping per-node filtering and health in the agent
+is what lets one ConfigMap serve every node and lets a node withdraw a dead
+mirror without waiting for the operator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import Field
+
+from regmirror import constants as c
+from regmirror.models import Capability, FallbackPolicy, LabelSelector, Model, RegistryMirrorSpec, Runtime, registry_host_from_url
+
+
+class MirrorEntry(Model):
+    """One mirror as nodes see it."""
+
+    name: Annotated[str, Field(description="RegistryMirror name.")]
+    hosts: Annotated[list[str], Field(description="Registry hosts routed to this mirror.")]
+    servers: Annotated[dict[str, str], Field(description="For each host, the real registry behind it (containerd's `server`).")]
+    url: Annotated[str, Field(description="The mirror's URL as nodes reach it: http(s)://<clusterIP>:<port>.")]
+    priority: Annotated[int, Field(description="Higher first; ties by name.")]
+    capabilities: Annotated[list[Capability], Field(description="containerd host capabilities.")]
+    fallback: Annotated[FallbackPolicy, Field(description="Whether nodes may reach the upstream.")]
+    runtimes: Annotated[list[Runtime], Field(description="Runtimes to configure.")]
+    node_selector: Annotated[LabelSelector, Field(description="Nodes this mirror applies to.")] = LabelSelector()
+    ca_pem: Annotated[str | None, Field(description="PEM CA of the mirror's TLS certificate (public).")] = None
+
+
+class NodePlan(Model):
+    """Every mirror nodes should use, in the order they are tried."""
+
+    mirrors: Annotated[list[MirrorEntry], Field(description="Mirrors, ordered by priority (highest first), then name.")] = []
+
+    def to_json(self) -> str:
+        """Canonical JSON (stable key order), so equal plans hash equally."""
+        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """Short hash of the plan: it goes on the agent's pod template to roll changes out."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_json(cls, text: str) -> NodePlan:
+        """Parse the ConfigMap's JSON."""
+        return cls.model_validate_json(text)
+
+
+def mirror_order_key(priority: int, name: str) -> tuple[int, str]:
+    """Sort key: higher priority first, then name; the one order used everywhere."""
+    return (-priority, name)
+
+
+def upstream_server(host: str, spec: RegistryMirrorSpec) -> str:
+    """The real registry behind a host, which containerd falls back to.
+
+    The host the upstream URL itself names goes to that URL (so
+    https://registry-1.docker.io serves docker.io); any other host routed here
+    falls back to its own registry, as it would without a mirror.
+    """
+    if host == registry_host_from_url(spec.upstream.url):
+        parts = urlsplit(spec.upstream.url)
+        return f"{parts.scheme}://{parts.netloc}"
+    if host == c.DOCKER_HUB_NAME:
+        return c.DOCKER_HUB_SERVER
+    return f"https://{host}"
+
+
+def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None) -> MirrorEntry:
+    """A mirror's entry in the node plan, once its Service has a ClusterIP."""
+    scheme = "https" if spec.service.tls else "http"
+    host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
+    hosts = spec.upstream.effective_hosts()
+    return MirrorEntry(
+        name=name,
+        hosts=hosts,
+        servers={h: upstream_server(h, spec) for h in hosts},
+        url=f"{scheme}://{host}:{spec.service.port}",
+        priority=spec.node_config.priority,
+        capabilities=list(spec.node_config.capabilities),
+        fallback=spec.node_config.fallback,
+        runtimes=list(spec.node_config.runtimes),
+        node_selector=spec.node_config.node_selector,
+        ca_pem=ca_pem,
+    )
+
+
+def build_node_plan(entries: list[MirrorEntry]) -> NodePlan:
+    """Aggregate entries into the plan, in the deterministic order nodes use."""
+    return NodePlan(mirrors=sorted(entries, key=lambda e: mirror_order_key(e.priority, e.name)))
+
+
+def host_order(plan: NodePlan) -> dict[str, list[str]]:
+    """For each registry host: the mirror names in the order nodes try them."""
+    order: dict[str, list[str]] = {}
+    for entry in plan.mirrors:
+        for host in entry.hosts:
+            order.setdefault(host, []).append(entry.name)
+    return order
