@@ -10,7 +10,7 @@ can be, so `regmirror render` and the unit tests fail with the same message.
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -28,7 +28,7 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 IP_PATTERN = r"^([0-9]{1,3}\.){3}[0-9]{1,3}$|^[0-9a-fA-F:]+:[0-9a-fA-F:]*$"
 
 
-def cel(rule: str, message: str, **extra: str) -> dict[str, str]:
+def cel(rule: str, message: str, **extra: str) -> Any:
     """One `x-kubernetes-validations` entry."""
     return {"rule": rule, "message": message, **extra}
 
@@ -50,28 +50,28 @@ class Model(BaseModel):
     )
 
 
-class FallbackPolicy(str, Enum):
+class FallbackPolicy(StrEnum):
     ALLOW_UPSTREAM = "AllowUpstream"
     NEVER_CONTACT_UPSTREAM = "NeverContactUpstream"
 
 
-class Runtime(str, Enum):
+class Runtime(StrEnum):
     CONTAINERD = "containerd"
     CRIO = "crio"
 
 
-class Capability(str, Enum):
+class Capability(StrEnum):
     PULL = "pull"
     RESOLVE = "resolve"
 
 
-class AccessMode(str, Enum):
+class AccessMode(StrEnum):
     READ_WRITE_ONCE = "ReadWriteOnce"
     READ_WRITE_MANY = "ReadWriteMany"
     READ_WRITE_ONCE_POD = "ReadWriteOncePod"
 
 
-class DeletionPolicy(str, Enum):
+class DeletionPolicy(StrEnum):
     DELETE = "Delete"
     RETAIN = "Retain"
 
@@ -210,11 +210,15 @@ class Storage(Model):
     ] = [AccessMode.READ_WRITE_ONCE]
     ephemeral: Annotated[
         bool,
-        Field(description="Keep the cache in an emptyDir (lost when the pod moves) instead of a PersistentVolumeClaim; size becomes the emptyDir's sizeLimit."),
+        Field(
+            description="Keep the cache in an emptyDir (lost when the pod moves) instead of a PersistentVolumeClaim; size becomes the emptyDir's sizeLimit."
+        ),
     ] = False
     deletion_policy: Annotated[
         DeletionPolicy,
-        Field(description="What happens to the PersistentVolumeClaim when the RegistryMirror is deleted: Delete it with the mirror, or Retain it (and its cached blobs) for a later mirror of the same name."),
+        Field(
+            description="What happens to the PersistentVolumeClaim when the RegistryMirror is deleted: Delete it with the mirror, or Retain it (and its cached blobs) for a later mirror of the same name."
+        ),
     ] = DeletionPolicy.DELETE
 
 
@@ -246,14 +250,21 @@ class ResourceRequirements(Model):
 class Toleration(Model):
     """A toleration of the mirror's pods (same meaning as in a Pod spec)."""
 
-    key: Annotated[str | None, Field(description="Taint key the toleration applies to; empty with operator Exists matches all keys.")] = None
+    key: Annotated[str | None, Field(description="Taint key the toleration applies to; empty with operator Exists matches all keys.")] = (
+        None
+    )
     operator: Annotated[str, Field(description="Exists or Equal.", pattern=r"^(Exists|Equal)$")] = "Equal"
     value: Annotated[str | None, Field(description="Taint value to match when operator is Equal.")] = None
     effect: Annotated[
         str | None,
-        Field(description="Taint effect to match: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.", pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$"),
+        Field(
+            description="Taint effect to match: NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
+            pattern=r"^(NoSchedule|PreferNoSchedule|NoExecute)$",
+        ),
     ] = None
-    toleration_seconds: Annotated[int | None, Field(description="For NoExecute: how long the pod stays bound after the taint appears.")] = None
+    toleration_seconds: Annotated[int | None, Field(description="For NoExecute: how long the pod stays bound after the taint appears.")] = (
+        None
+    )
 
 
 class Proxy(Model):
@@ -261,7 +272,9 @@ class Proxy(Model):
 
     http_proxy: Annotated[str | None, Field(description="HTTP_PROXY for the registry container.", pattern=PROXY_URL_PATTERN)] = None
     https_proxy: Annotated[str | None, Field(description="HTTPS_PROXY for the registry container.", pattern=PROXY_URL_PATTERN)] = None
-    no_proxy: Annotated[str | None, Field(description="NO_PROXY for the registry container: comma-separated hosts, domains and CIDRs reached directly.")] = None
+    no_proxy: Annotated[
+        str | None, Field(description="NO_PROXY for the registry container: comma-separated hosts, domains and CIDRs reached directly.")
+    ] = None
 
 
 class ServiceTLS(Model):
@@ -325,8 +338,13 @@ class LabelSelector(Model):
 class NodeConfig(Model):
     """How nodes' container runtimes are pointed at this mirror."""
 
-    enabled: Annotated[bool, Field(description="Write registry configuration on the selected nodes. false runs only the cache (use its endpoint yourself).")] = True
-    node_selector: Annotated[LabelSelector, Field(description="Which nodes route pulls to this mirror; empty selects all nodes.")] = LabelSelector()
+    enabled: Annotated[
+        bool,
+        Field(description="Write registry configuration on the selected nodes. false runs only the cache (use its endpoint yourself)."),
+    ] = True
+    node_selector: Annotated[LabelSelector, Field(description="Which nodes route pulls to this mirror; empty selects all nodes.")] = (
+        LabelSelector()
+    )
     runtimes: Annotated[
         list[Runtime],
         Field(
@@ -382,8 +400,12 @@ class RegistryMirrorSpec(Model):
     upstream: Annotated[Upstream, Field(description="The registry to cache.")]
     storage: Annotated[Storage, Field(description="The cache's volume.")] = Storage()
     cache: Annotated[Cache, Field(description="Cache expiry.")] = Cache()
-    replicas: Annotated[int, Field(description="Registry pods. 0 stops the cache (nodes fall back to the upstream under AllowUpstream).", ge=0, le=20)] = 1
-    image: Annotated[str, Field(description="Image of the CNCF distribution registry, pinned by default.", min_length=1)] = c.DEFAULT_REGISTRY_IMAGE
+    replicas: Annotated[
+        int, Field(description="Registry pods. 0 stops the cache (nodes fall back to the upstream under AllowUpstream).", ge=0, le=20)
+    ] = 1
+    image: Annotated[str, Field(description="Image of the CNCF distribution registry, pinned by default.", min_length=1)] = (
+        c.DEFAULT_REGISTRY_IMAGE
+    )
     resources: Annotated[ResourceRequirements, Field(description="Resources of the registry container.")] = ResourceRequirements()
     node_selector: Annotated[dict[str, str], Field(description="Node labels the mirror's own pods must be scheduled on.")] = {}
     tolerations: Annotated[list[Toleration], Field(description="Tolerations of the mirror's own pods.")] = []
@@ -397,7 +419,9 @@ class RegistryMirrorSpec(Model):
     priority_class_name: Annotated[str | None, Field(description="PriorityClass of the mirror's own pods.", max_length=253)] = None
     proxy: Annotated[Proxy, Field(description="Outbound HTTP(S) proxy for the mirror's requests to the upstream.")] = Proxy()
     service: Annotated[ServiceSpec, Field(description="The Service nodes connect to.")] = ServiceSpec()
-    node_config: Annotated[NodeConfig, Field(description="Node-level registry configuration rolled out by the regmirror agent.")] = NodeConfig()
+    node_config: Annotated[NodeConfig, Field(description="Node-level registry configuration rolled out by the regmirror agent.")] = (
+        NodeConfig()
+    )
 
     @model_validator(mode="after")
     def _replicas_need_shared_storage(self) -> RegistryMirrorSpec:
@@ -426,7 +450,9 @@ class Condition(Model):
     reason: Annotated[str, Field(description="A CamelCase machine-readable reason.")]
     message: Annotated[str, Field(description="A human-readable explanation.")] = ""
     observed_generation: Annotated[int | None, Field(description="The metadata.generation this condition was computed from.")] = None
-    last_transition_time: Annotated[str, Field(description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"})]
+    last_transition_time: Annotated[
+        str, Field(description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"})
+    ]
 
 
 class StorageStatus(Model):
@@ -458,7 +484,9 @@ class RegistryMirrorStatus(Model):
 
     observed_generation: Annotated[int | None, Field(description="The metadata.generation the operator last acted on.")] = None
     phase: Annotated[str | None, Field(description="Short summary: Pending, Progressing, Ready, Degraded, Failed or Terminating.")] = None
-    endpoint: Annotated[str | None, Field(description="ClusterIP:port that nodes use (containerd on the host cannot resolve cluster DNS).")] = None
+    endpoint: Annotated[
+        str | None, Field(description="ClusterIP:port that nodes use (containerd on the host cannot resolve cluster DNS).")
+    ] = None
     url: Annotated[str | None, Field(description="The mirror's URL as nodes use it, e.g. http://10.96.0.20:5000.")] = None
     service_dns: Annotated[str | None, Field(description="In-cluster DNS name of the mirror's Service.")] = None
     replicas: Annotated[int | None, Field(description="Registry pods desired.")] = None

@@ -1,0 +1,53 @@
+# regmirror: every target calls `make install` itself when .venv is missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := tests
+CONTROLPLANE_DIR = $(shell tests/controlplane/build.sh 2>/dev/null | tail -n1)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,lint]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv with the package and its test and lint extras
+
+controlplane: ## Build etcd, kube-apiserver, controller-manager, scheduler, kubectl and kwok (cached by version)
+	tests/controlplane/build.sh
+
+crd: install ## Regenerate crds/ from the pydantic models
+	$(VENV)/bin/regmirror crd > crds/registrymirrors.regmirror.dev.yaml
+
+lint: install ## ruff, mypy (strict) and the import-linter layer contracts
+	$(VENV)/bin/ruff check operator tests
+	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/mypy
+	cd operator && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+
+unit: install ## Pure unit tests (milliseconds)
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+integration: install controlplane ## Tests on the real control plane (etcd, apiserver, kwok nodes)
+	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
+
+e2e: install ## Data path: real registry, containerd, skopeo, dockerd (needs root); kind tests skip without Docker
+	$(PY) -m pytest tests/e2e -q -rs $(PYTEST_ARGS)
+
+test: lint ## Lint and every test suite
+	$(MAKE) controlplane
+	$(PY) -m pytest tests -q -rs $(PYTEST_ARGS)
+
+dev: install controlplane ## Run the operator on a local control plane (Ctrl-C stops everything)
+	$(PY) -m harness.dev
+
+bench: install controlplane ## Benchmarks (SCALE=large for 500 mirrors on 1000 nodes)
+	$(PY) -m bench $(if $(SCALE),--scale $(SCALE),)
+
+.PHONY: help install controlplane crd lint unit integration e2e test dev bench
