@@ -66,7 +66,12 @@ def openapi_schema(model: type[Any]) -> dict[str, Any]:
 
 
 def _ready_column() -> dict[str, Any]:
-    return {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status', "description": "Whether the mirror serves and its nodes are configured."}
+    return {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+        "description": "Whether the mirror serves and its nodes are configured.",
+    }
 
 
 def render_crd() -> dict[str, Any]:
@@ -118,7 +123,12 @@ def render_crd() -> dict[str, Any]:
                     "additionalPrinterColumns": [
                         {"name": "Upstream", "type": "string", "jsonPath": ".spec.upstream.url", "description": "The upstream registry."},
                         _ready_column(),
-                        {"name": "Nodes", "type": "string", "jsonPath": ".status.nodesRatio", "description": "Configured nodes: ready/desired."},
+                        {
+                            "name": "Nodes",
+                            "type": "string",
+                            "jsonPath": ".status.nodesRatio",
+                            "description": "Configured nodes: ready/desired.",
+                        },
                         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "description": "ClusterIP:port nodes use."},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1, "description": "Short summary."},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -147,8 +157,15 @@ def structural_violations(schema: Any, path: str = "") -> list[str]:
         problems.append(f"{path}: numeric exclusiveMaximum")
     if "properties" in schema and "additionalProperties" in schema:
         problems.append(f"{path}: additionalProperties beside properties")
-    is_schema_node = any(k in schema for k in ("type", "properties", "items", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string"))
-    if is_schema_node and "type" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("x-kubernetes-int-or-string"):
+    is_schema_node = any(
+        k in schema for k in ("type", "properties", "items", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string")
+    )
+    if (
+        is_schema_node
+        and "type" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+        and not schema.get("x-kubernetes-int-or-string")
+    ):
         problems.append(f"{path}: missing type")
     for key, value in schema.items():
         if key == "properties":

@@ -292,16 +292,32 @@ class ServiceTLS(Model):
 class ServiceSpec(Model):
     """The Service in front of the mirror, which is what nodes connect to."""
 
-    port: Annotated[int, Field(description="Port of the Service (nodes use ClusterIP:port).", ge=1, le=65535)] = c.REGISTRY_PORT
+    port: Annotated[
+        int,
+        Field(
+            description="Port of the Service (nodes use ClusterIP:port). 5001 is taken by the metrics port.",
+            ge=1,
+            le=65535,
+            json_schema_extra={"x-kubernetes-validations": [cel("self != 5001", "service.port 5001 is reserved for the registry's metrics port")]},
+        ),
+    ] = c.REGISTRY_PORT
     cluster_ip: Annotated[
         str | None,
         Field(
+            alias="clusterIP",
             description="A fixed ClusterIP from the service range, so node configuration survives a re-creation of the Service. Immutable; empty lets Kubernetes choose.",
             pattern=IP_PATTERN,
             json_schema_extra=immutable("service.clusterIP"),
         ),
     ] = None
     tls: Annotated[ServiceTLS | None, Field(description="Serve HTTPS instead of plain HTTP.")] = None
+
+    @field_validator("port")
+    @classmethod
+    def _not_the_metrics_port(cls, value: int) -> int:
+        if value == c.REGISTRY_DEBUG_PORT:
+            raise ValueError("service.port 5001 is reserved for the registry's metrics port")
+        return value
 
 
 class LabelSelectorRequirement(Model):

@@ -1,0 +1,161 @@
+"""The cluster-wide node agent: its plan ConfigMap and its DaemonSet, with no I/O.
+
+The plan's digest sits on the pod template, so every change of the plan rolls
+the DaemonSet out node by node, and the DaemonSet's own status is the rollout
+progress the operator copies into each mirror's status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from regmirror import constants as c
+from regmirror import naming
+from regmirror.models import Runtime
+from regmirror.nodeplan import NodePlan
+
+HOST_ROOT = "/host"
+PLAN_DIR = "/etc/regmirror/plan"
+PLAN_PATH = f"{PLAN_DIR}/{c.NODE_CONFIG_KEY}"
+CONTAINERD_ETC_DIR = "/etc/containerd"
+HEALTH_PORT = 8081
+HEALTH_PORT_NAME = "health"
+SERVICE_ACCOUNT = "regmirror-agent"
+PRIORITY_CLASS = "system-node-critical"
+
+
+def agent_args(*, containerd_config_path: str = c.CONTAINERD_CONFIG_PATH) -> list[str]:
+    """The agent's command line (after the `regmirror` entrypoint): the one place it is spelled out."""
+    return [
+        "agent",
+        "--plan",
+        PLAN_PATH,
+        "--host-root",
+        HOST_ROOT,
+        "--containerd-config-path",
+        containerd_config_path,
+        # Spelled out so the probes' port and the agent's listener cannot drift apart.
+        "--health-port",
+        str(HEALTH_PORT),
+    ]
+
+
+def plan_uses_crio(plan: NodePlan) -> bool:
+    """Whether any mirror in the plan asks for CRI-O drop-ins."""
+    return any(Runtime.CRIO in m.runtimes for m in plan.mirrors)
+
+
+def render_node_config_map(plan: NodePlan, namespace: str) -> dict[str, Any]:
+    """The ConfigMap every agent reads its plan from."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": c.NODE_CONFIG_NAME, "namespace": namespace, "labels": naming.labels(None, component="agent")},
+        "data": {c.NODE_CONFIG_KEY: plan.to_json()},
+    }
+
+
+def _host_path(name: str, path: str, *, read_only: bool, create: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    volume = {"name": name, "hostPath": {"path": path, "type": "DirectoryOrCreate" if create else "Directory"}}
+    mount: dict[str, Any] = {"name": name, "mountPath": f"{HOST_ROOT}{path}"}
+    if read_only:
+        # Only true is stored: the API server omits a false readOnly, and the rendering must match.
+        mount["readOnly"] = True
+    return volume, mount
+
+
+def render_agent_daemonset(
+    plan: NodePlan,
+    namespace: str,
+    image: str,
+    *,
+    containerd_config_path: str = c.CONTAINERD_CONFIG_PATH,
+    crio: bool | None = None,
+    max_unavailable: str = "10%",
+    containerd_etc_dir: str = CONTAINERD_ETC_DIR,
+) -> dict[str, Any]:
+    """The agent DaemonSet: hostPath only for what it reads or writes, no privileges.
+
+    `crio=None` mounts the CRI-O drop-in directory only when a mirror in the
+    plan configures CRI-O. The containerd config directory is mounted
+    read-only for the preflight of config.toml; the certs.d directory (usually
+    nested inside it) is mounted read-write on top, at the same relative path
+    under the host root.
+    """
+    if crio is None:
+        crio = plan_uses_crio(plan)
+    volumes: list[dict[str, Any]] = [{"name": "plan", "configMap": {"name": c.NODE_CONFIG_NAME}}]
+    mounts: list[dict[str, Any]] = [{"name": "plan", "mountPath": PLAN_DIR, "readOnly": True}]
+    # DirectoryOrCreate for the read-only mount too: certs.d creates it anyway
+    # when nested, and a node without containerd must not block the pod.
+    for vol_name, path, read_only in (
+        ("containerd-etc", containerd_etc_dir, True),
+        ("containerd-certs", containerd_config_path, False),
+    ):
+        volume, mount = _host_path(vol_name, path, read_only=read_only, create=True)
+        volumes.append(volume)
+        mounts.append(mount)
+    if crio:
+        volume, mount = _host_path("crio-dropins", c.CRIO_DROPIN_DIR, read_only=False, create=True)
+        volumes.append(volume)
+        mounts.append(mount)
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+
+    def probe(path: str) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": HEALTH_PORT_NAME, "scheme": "HTTP"},
+            "timeoutSeconds": 2,
+            "periodSeconds": 10,
+            "successThreshold": 1,
+            "failureThreshold": 3,
+        }
+
+    container: dict[str, Any] = {
+        "name": "agent",
+        "image": image,
+        "command": ["regmirror"],
+        "args": agent_args(containerd_config_path=containerd_config_path),
+        "ports": [{"name": HEALTH_PORT_NAME, "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
+        "volumeMounts": mounts,
+        "readinessProbe": probe("/readyz"),
+        "livenessProbe": probe("/healthz"),
+        "securityContext": {
+            # Root only to write root-owned host directories; no capabilities, no escalation.
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "privileged": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        },
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": c.AGENT_NAME, "namespace": namespace, "labels": naming.labels(None, component="agent")},
+        "spec": {
+            "selector": {"matchLabels": naming.agent_selector_labels()},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": max_unavailable, "maxSurge": 0}},
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {
+                    "labels": naming.labels(None, component="agent"),
+                    "annotations": {c.ANNOTATION_NODE_CONFIG_HASH: plan.digest()},
+                },
+                "spec": {
+                    "serviceAccountName": SERVICE_ACCOUNT,
+                    "priorityClassName": PRIORITY_CLASS,
+                    "enableServiceLinks": False,
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    # An agent runs on every node, tainted control-plane nodes included.
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }

@@ -1,0 +1,331 @@
+"""A mirror's namespaced children, rendered from its spec with no I/O.
+
+Every function returns plain dicts in the shape the API server stores, with
+fields in a fixed order and quantities as the user wrote them, so a server-side
+apply of an unchanged rendering is a no-op and a test can compare objects
+directly. Credentials never appear here: the registry gets them from
+Secret-backed environment variables, which distribution reads as overrides of
+`proxy.username` and `proxy.password`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+import yaml
+
+from regmirror import constants as c
+from regmirror import naming
+from regmirror.models import AccessMode, DeletionPolicy, RegistryMirrorSpec
+
+CONFIG_KEY = "config.yml"
+CONFIG_DIR = "/etc/distribution"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+TLS_DIR = "/etc/regmirror/tls"
+UPSTREAM_CA_DIR = "/etc/regmirror/upstream-ca"
+UPSTREAM_CA_FILE = "ca.crt"
+# Go reads every file of every directory listed here; keeping the system
+# directory first means a private CA adds to the public roots instead of
+# replacing them.
+SSL_CERT_DIR = f"/etc/ssl/certs:{UPSTREAM_CA_DIR}"
+# Distribution 3 and the official image run fine as any user; 65532 is the
+# conventional "nonroot" id, and fsGroup makes the cache volume writable.
+NONROOT_ID = 65532
+ENV_PROXY_USERNAME = "REGISTRY_PROXY_USERNAME"
+ENV_PROXY_PASSWORD = "REGISTRY_PROXY_PASSWORD"
+PORT_NAME = "registry"
+METRICS_PORT_NAME = "metrics"
+METRICS_PATH = "/metrics"
+HEALTH_PATH = "/debug/health"
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """Owner reference to the RegistryMirror, so garbage collection removes its children."""
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, uid: str, namespace: str, *, owned: bool = True) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": naming.child_name(name), "namespace": namespace, "labels": naming.labels(name)}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(name, uid)]
+    return meta
+
+
+def config_hash(text: str) -> str:
+    """Short sha256 of a rendered text: a pod-template annotation that triggers a rollout on change."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _uses_pvc(spec: RegistryMirrorSpec) -> bool:
+    return not spec.storage.ephemeral
+
+
+def _single_attach(spec: RegistryMirrorSpec) -> bool:
+    """Whether the cache volume can be mounted by one pod only (so a rollout must stop the old pod first)."""
+    return _uses_pvc(spec) and AccessMode.READ_WRITE_MANY not in spec.storage.access_modes
+
+
+def render_registry_config(spec: RegistryMirrorSpec) -> str:
+    """distribution's config.yml for proxy mode; never holds credentials."""
+    http: dict[str, Any] = {
+        "addr": f":{c.REGISTRY_PORT}",
+        "headers": {"X-Content-Type-Options": ["nosniff"]},
+        "debug": {
+            "addr": f":{c.REGISTRY_DEBUG_PORT}",
+            "prometheus": {"enabled": True, "path": METRICS_PATH},
+        },
+    }
+    if spec.service.tls is not None:
+        http["tls"] = {"certificate": f"{TLS_DIR}/tls.crt", "key": f"{TLS_DIR}/tls.key"}
+    config: dict[str, Any] = {
+        "version": "0.1",
+        # The access log is Apache-style text; the JSON "response completed" lines already cover each request.
+        "log": {"accesslog": {"disabled": True}, "level": "info", "formatter": "json", "fields": {"service": "registry"}},
+        "storage": {
+            "filesystem": {"rootdirectory": c.REGISTRY_STORAGE_PATH},
+            "delete": {"enabled": True},
+            "cache": {"blobdescriptor": "inmemory"},
+        },
+        "http": http,
+        "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
+        # ttl as a string: Go's YAML decoder parses durations only from strings.
+        "proxy": {"remoteurl": spec.upstream.url, "ttl": spec.cache.ttl},
+    }
+    text: str = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+    return text
+
+
+def render_config_map(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any]:
+    """The ConfigMap holding config.yml."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(name, uid, namespace),
+        "data": {CONFIG_KEY: render_registry_config(spec)},
+    }
+
+
+def render_pvc(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any] | None:
+    """The cache's PersistentVolumeClaim; None for ephemeral storage.
+
+    A claim with deletionPolicy Retain carries no owner reference, so garbage
+    collection leaves it (and its blobs) for a later mirror of the same name.
+    """
+    if not _uses_pvc(spec):
+        return None
+    storage = spec.storage
+    pvc_spec: dict[str, Any] = {"accessModes": [m.value for m in storage.access_modes]}
+    if storage.storage_class_name:
+        pvc_spec["storageClassName"] = storage.storage_class_name
+    pvc_spec["volumeMode"] = "Filesystem"
+    pvc_spec["resources"] = {"requests": {"storage": storage.size}}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(name, uid, namespace, owned=storage.deletion_policy != DeletionPolicy.RETAIN),
+        "spec": pvc_spec,
+    }
+
+
+def render_service(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any]:
+    """The ClusterIP Service nodes reach the mirror through (by IP: the host cannot resolve cluster DNS)."""
+    ports: list[dict[str, Any]] = [{"name": PORT_NAME, "protocol": "TCP", "port": spec.service.port, "targetPort": PORT_NAME}]
+    if spec.service.port != c.REGISTRY_DEBUG_PORT:
+        # Two Service ports cannot share a number; a mirror served on 5001 gives up the metrics port.
+        ports.append({"name": METRICS_PORT_NAME, "protocol": "TCP", "port": c.REGISTRY_DEBUG_PORT, "targetPort": METRICS_PORT_NAME})
+    svc_spec: dict[str, Any] = {"type": "ClusterIP"}
+    if spec.service.cluster_ip:
+        svc_spec["clusterIP"] = spec.service.cluster_ip
+    svc_spec["selector"] = naming.selector_labels(name)
+    svc_spec["ports"] = ports
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(name, uid, namespace), "spec": svc_spec}
+
+
+def _env(spec: RegistryMirrorSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    creds = spec.upstream.credentials_secret_ref
+    if creds is not None:
+        for var, key in ((ENV_PROXY_USERNAME, creds.username_key), (ENV_PROXY_PASSWORD, creds.password_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}})
+    if spec.upstream.tls is not None and spec.upstream.tls.ca_secret_ref is not None:
+        env.append({"name": "SSL_CERT_DIR", "value": SSL_CERT_DIR})
+    # distribution 3 exports OpenTelemetry traces to localhost by default and
+    # logs every failed export; nothing collects them here.
+    env.append({"name": "OTEL_TRACES_EXPORTER", "value": "none"})
+    proxy = spec.proxy
+    for var, value in (("HTTP_PROXY", proxy.http_proxy), ("HTTPS_PROXY", proxy.https_proxy), ("NO_PROXY", proxy.no_proxy)):
+        if value:
+            # Go honours the upper-case names, other tools the lower-case ones.
+            env.append({"name": var, "value": value})
+            env.append({"name": var.lower(), "value": value})
+    return env
+
+
+def _volumes_and_mounts(name: str, spec: RegistryMirrorSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    child = naming.child_name(name)
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": child, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    if _uses_pvc(spec):
+        volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": child}})
+    else:
+        volumes.append({"name": "storage", "emptyDir": {"sizeLimit": spec.storage.size}})
+    mounts.append({"name": "storage", "mountPath": c.REGISTRY_STORAGE_PATH})
+    volumes.append({"name": "tmp", "emptyDir": {}})
+    mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    if spec.service.tls is not None:
+        volumes.append(
+            {
+                "name": "tls",
+                "secret": {
+                    "secretName": spec.service.tls.secret_name,
+                    "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+                },
+            }
+        )
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    if spec.upstream.tls is not None and spec.upstream.tls.ca_secret_ref is not None:
+        ref = spec.upstream.tls.ca_secret_ref
+        volumes.append({"name": "upstream-ca", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": UPSTREAM_CA_FILE}]}})
+        mounts.append({"name": "upstream-ca", "mountPath": UPSTREAM_CA_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _probe(path: str, port: int, scheme: str, *, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port, "scheme": scheme},
+        "timeoutSeconds": 3,
+        "periodSeconds": period,
+        "successThreshold": 1,
+        "failureThreshold": failures,
+    }
+
+
+def _strategy(spec: RegistryMirrorSpec) -> dict[str, Any]:
+    if _single_attach(spec):
+        # A ReadWriteOnce(Pod) claim cannot be mounted by the old and the new pod at once.
+        return {"type": "Recreate"}
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+
+
+def render_deployment(
+    name: str,
+    uid: str,
+    spec: RegistryMirrorSpec,
+    namespace: str,
+    *,
+    config_hash: str,
+    credentials_hash: str | None,
+) -> dict[str, Any]:
+    """distribution in proxy mode, with probes, metrics and a restricted security context.
+
+    The config and credentials hashes on the pod template make a changed
+    config.yml or a rotated Secret roll the pods (neither is re-read live).
+    """
+    scheme = "HTTPS" if spec.service.tls is not None else "HTTP"
+    volumes, mounts = _volumes_and_mounts(name, spec)
+    annotations = {c.ANNOTATION_CONFIG_HASH: config_hash}
+    if credentials_hash is not None:
+        annotations[c.ANNOTATION_CREDENTIALS_HASH] = credentials_hash
+    resources: dict[str, Any] = {}
+    if spec.resources.requests:
+        resources["requests"] = dict(spec.resources.requests)
+    if spec.resources.limits:
+        resources["limits"] = dict(spec.resources.limits)
+    container: dict[str, Any] = {
+        "name": "registry",
+        "image": spec.image,
+        # The official image's entrypoint turns `serve <path>` into `registry serve <path>`;
+        # an explicit path works for 3.x (/etc/distribution) and 2.x (/etc/docker/registry) images alike.
+        "args": ["serve", CONFIG_PATH],
+        "ports": [
+            {"name": PORT_NAME, "containerPort": c.REGISTRY_PORT, "protocol": "TCP"},
+            {"name": METRICS_PORT_NAME, "containerPort": c.REGISTRY_DEBUG_PORT, "protocol": "TCP"},
+        ],
+        "env": _env(spec),
+        "resources": resources,
+        "volumeMounts": mounts,
+        "readinessProbe": _probe("/v2/", c.REGISTRY_PORT, scheme, period=5, failures=3),
+        "livenessProbe": _probe(HEALTH_PATH, c.REGISTRY_DEBUG_PORT, "HTTP", period=10, failures=6),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": NONROOT_ID,
+            "runAsGroup": NONROOT_ID,
+            "fsGroup": NONROOT_ID,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = copy.deepcopy(spec.affinity)
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, uid, namespace),
+        "spec": {
+            "replicas": spec.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": naming.selector_labels(name)},
+            "strategy": _strategy(spec),
+            "template": {
+                "metadata": {"labels": naming.labels(name), "annotations": annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_mirror_children(
+    name: str,
+    uid: str,
+    spec: RegistryMirrorSpec,
+    namespace: str,
+    *,
+    credentials_hash: str | None = None,
+) -> list[dict[str, Any]]:
+    """ConfigMap, PVC (unless ephemeral), Service and Deployment, in the order to apply them."""
+    config_map = render_config_map(name, uid, spec, namespace)
+    children = [config_map]
+    pvc = render_pvc(name, uid, spec, namespace)
+    if pvc is not None:
+        children.append(pvc)
+    children.append(render_service(name, uid, spec, namespace))
+    children.append(
+        render_deployment(
+            name,
+            uid,
+            spec,
+            namespace,
+            config_hash=config_hash(config_map["data"][CONFIG_KEY]),
+            credentials_hash=credentials_hash,
+        )
+    )
+    return children
