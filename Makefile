@@ -5,6 +5,12 @@ PY := $(VENV)/bin/python
 export PYTHONPATH := tests
 CONTROLPLANE_DIR = $(shell tests/controlplane/build.sh 2>/dev/null | tail -n1)
 PYTEST_ARGS ?=
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/regmirror/regmirror:$(VERSION)
+DOCKER ?= docker
+DOCKER_BUILD_ARGS ?=
+KUBECTL ?= kubectl
+UNDEPLOY_TIMEOUT ?= 10m
 
 .DEFAULT_GOAL := help
 
@@ -22,14 +28,15 @@ install: $(VENV)/.installed ## Create .venv with the package and its test and li
 controlplane: ## Build etcd, kube-apiserver, controller-manager, scheduler, kubectl and kwok (cached by version)
 	tests/controlplane/build.sh
 
-crd: install ## Regenerate crds/ from the pydantic models
+crd: install ## Regenerate crds/ (and its copy in manifests/crd/) from the pydantic models
 	$(VENV)/bin/regmirror crd > crds/registrymirrors.regmirror.dev.yaml
+	cp crds/registrymirrors.regmirror.dev.yaml manifests/crd/registrymirrors.regmirror.dev.yaml
 
 lint: install ## ruff, mypy (strict) and the import-linter layer contracts
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/mypy
-	cd operator && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+	cd operator && ../$(VENV)/bin/lint-imports ../pyproject.toml
 
 unit: install ## Pure unit tests (milliseconds)
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
@@ -50,4 +57,17 @@ dev: install controlplane ## Run the operator on a local control plane (Ctrl-C s
 bench: install controlplane ## Benchmarks (SCALE=large for 500 mirrors on 1000 nodes)
 	$(PY) -m bench $(if $(SCALE),--scale $(SCALE),)
 
-.PHONY: help install controlplane crd lint unit integration e2e test dev bench
+image: ## Build the operator and agent image (one image; IMAGE=name:tag to override)
+	$(DOCKER) build $(DOCKER_BUILD_ARGS) -t $(IMAGE) .
+
+deploy: ## Install CRD, namespaces, RBAC and the operator into the current kubectl context
+	$(KUBECTL) apply --server-side -k manifests/
+
+undeploy: ## Delete every RegistryMirror (waits until the nodes' files are gone), then all that deploy installed
+	@if $(KUBECTL) get crd registrymirrors.regmirror.dev >/dev/null 2>&1; then \
+	  echo "deleting every RegistryMirror; the operator removes their node files first (timeout $(UNDEPLOY_TIMEOUT))"; \
+	  $(KUBECTL) delete registrymirrors.regmirror.dev --all --wait=true --timeout=$(UNDEPLOY_TIMEOUT); \
+	fi
+	$(KUBECTL) delete -k manifests/ --ignore-not-found --wait=true
+
+.PHONY: help install controlplane crd lint unit integration e2e test dev bench image deploy undeploy

@@ -54,6 +54,9 @@ ANNOTATION_CONFIG_HASH: Final = f"{GROUP}/config-hash"
 ANNOTATION_CREDENTIALS_HASH: Final = f"{GROUP}/credentials-hash"
 ANNOTATION_NODE_CONFIG_HASH: Final = f"{GROUP}/node-config-hash"
 
+# ClusterIP that `regmirror render` assumes offline for a mirror without a fixed one.
+RENDER_CLUSTER_IP: Final = "10.96.0.10"
+
 # The cluster-wide node agent.
 AGENT_NAME: Final = "regmirror-agent"
 NODE_CONFIG_NAME: Final = "regmirror-node-config"

@@ -298,7 +298,9 @@ class ServiceSpec(Model):
             description="Port of the Service (nodes use ClusterIP:port). 5001 is taken by the metrics port.",
             ge=1,
             le=65535,
-            json_schema_extra={"x-kubernetes-validations": [cel("self != 5001", "service.port 5001 is reserved for the registry's metrics port")]},
+            json_schema_extra={
+                "x-kubernetes-validations": [cel("self != 5001", "service.port 5001 is reserved for the registry's metrics port")]
+            },
         ),
     ] = c.REGISTRY_PORT
     cluster_ip: Annotated[

@@ -29,7 +29,8 @@ from regmirror.conditions import condition, merge_conditions
 from regmirror.models import RegistryMirrorSpec, Runtime
 from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, host_order, mirror_entry
 from regmirror.observe import NodeRollout, Observation, drifted, evaluate, status_changed
-from regmirror.render import render_agent_daemonset, render_mirror_children, render_node_config_map
+from regmirror.render.agent import render_agent_daemonset, render_node_config_map
+from regmirror.render.mirror import render_mirror_children
 
 log = logging.getLogger("regmirror.reconcile")
 

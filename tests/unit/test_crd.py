@@ -11,7 +11,7 @@ import yaml
 
 from regmirror import constants as c
 from regmirror import crd
-from regmirror.__main__ import dump_yaml
+from regmirror.offline import dump_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "crds" / f"{c.CRD_NAME}.yaml"

@@ -12,16 +12,11 @@ import yaml
 
 from regmirror import constants as c
 from regmirror import naming
-from regmirror.__main__ import dump_yaml
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeplan import build_node_plan, mirror_entry
-from regmirror.render import (
-    config_hash,
-    render_agent_daemonset,
-    render_mirror_children,
-    render_node_config_map,
-    render_registry_config,
-)
+from regmirror.offline import dump_yaml
+from regmirror.render.agent import render_agent_daemonset, render_node_config_map
+from regmirror.render.mirror import config_hash, render_mirror_children, render_registry_config
 
 UID = "11111111-2222-3333-4444-555555555555"
 NS = "regmirror-system"

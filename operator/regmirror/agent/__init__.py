@@ -1,0 +1,92 @@
+"""The node agent: `regmirror agent`.
+
+It runs on every node (one DaemonSet), renders that node's registry files from
+the node plan, writes them atomically, withdraws mirrors that stop answering,
+checks that the runtime will read the files, and reports readiness.
+
+Importing this package stays light (no kopf, kubernetes or pydantic), which
+keeps the agent's resident memory small on every node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from regmirror import constants as c
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="regmirror agent", description="Roll node registry configuration out from the node plan.")
+    p.add_argument(
+        "--plan", type=Path, default=Path("/etc/regmirror/plan") / c.NODE_CONFIG_KEY, help="the node plan JSON (the mounted ConfigMap)"
+    )
+    p.add_argument("--host-root", type=Path, default=Path("/"), help="where the host's filesystem is mounted (default /)")
+    p.add_argument("--containerd-config-path", default=c.CONTAINERD_CONFIG_PATH, help="containerd's config_path on the host")
+    p.add_argument(
+        "--containerd-config", default="/etc/containerd/config.toml", help="containerd's config.toml on the host (read by the preflight)"
+    )
+    p.add_argument("--crio-dropin-dir", default=c.CRIO_DROPIN_DIR, help="CRI-O's registries.conf.d on the host")
+    p.add_argument("--node-name", default=None, help="this node's name (default: $NODE_NAME)")
+    p.add_argument(
+        "--node-labels-file", type=Path, default=None, help="JSON labels (or a Node object) instead of reading the Node from the API"
+    )
+    p.add_argument("--health-port", type=int, default=8081, help="port of /healthz and /readyz; 0 disables")
+    p.add_argument("--health-address", default="0.0.0.0", help="address of the health server")
+    p.add_argument("--once", action="store_true", help="apply once and exit: 0 ok, 1 preflight failed, conflicts or errors")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between reconciles and probes")
+    p.add_argument("--probe-timeout", type=float, default=1.0, help="seconds before a mirror probe counts as failed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent; returns the process exit code."""
+    from regmirror.agent.loop import Agent, AgentConfig, default_node_name, log, serve_health
+    from regmirror.agent.nodeapi import InClusterClient, in_cluster
+
+    args = _parser().parse_args(argv)
+    config = AgentConfig(
+        plan_path=args.plan,
+        host_root=args.host_root,
+        containerd_config_path=args.containerd_config_path,
+        crio_dropin_dir=args.crio_dropin_dir,
+        containerd_config_file=args.containerd_config,
+        node_name=args.node_name or default_node_name(),
+        node_labels_file=args.node_labels_file,
+        health_port=args.health_port,
+        health_address=args.health_address,
+        once=args.once,
+        interval=args.interval,
+        probe_timeout=args.probe_timeout,
+    )
+    if not config.node_name and config.node_labels_file is None:
+        log("agent.misconfigured", "error", error="--node-name or $NODE_NAME is required (or --node-labels-file)")
+        return 2
+    api = None
+    if in_cluster():
+        try:
+            api = InClusterClient()
+        except OSError as exc:
+            log("api.unavailable", "warning", error=str(exc))
+    agent = Agent(config, api=api)
+    log("agent.started", node=config.node_name, plan=str(config.plan_path), host_root=str(config.host_root), in_cluster=api is not None)
+    if config.once:
+        return 0 if agent.step().ready else 1
+
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log("agent.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server = serve_health(agent.readiness, config.health_address, config.health_port) if config.health_port else None
+    try:
+        return agent.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()

@@ -1,0 +1,114 @@
+"""The agent's only contact with the Kubernetes API: read its Node, post Events.
+
+A dozen lines of http.client instead of the `kubernetes` package, because
+importing that package alone costs ~25 MiB of resident memory on every node
+(measured: 43 MiB vs 18 MiB), more than the rest of the agent. The agent needs
+two calls with the pod's service-account token, which is re-read on every
+request because projected tokens rotate. Nothing here logs the token.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+COMPONENT = "regmirror-agent"
+
+
+class ApiError(Exception):
+    """The API answered with an error or could not be reached."""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the agent needs of its Node."""
+
+    name: str
+    uid: str
+    labels: dict[str, str]
+    runtime_version: str | None
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> NodeInfo:
+        meta = obj.get("metadata", {})
+        info = obj.get("status", {}).get("nodeInfo", {})
+        return cls(
+            name=str(meta.get("name", "")),
+            uid=str(meta.get("uid", "")),
+            labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+            runtime_version=info.get("containerRuntimeVersion") or None,
+        )
+
+
+def in_cluster() -> bool:
+    """Whether a service-account token and the API's address are available."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and (SA_DIR / "token").exists()
+
+
+class InClusterClient:
+    """Minimal in-cluster API client (GET a Node, POST an Event)."""
+
+    def __init__(self, timeout: float = 5.0, sa_dir: Path = SA_DIR) -> None:
+        self._host = os.environ.get("KUBERNETES_SERVICE_HOST", "")
+        self._port = int(os.environ.get("KUBERNETES_SERVICE_PORT", "443"))
+        self._sa_dir = sa_dir
+        self._timeout = timeout
+        self._context = ssl.create_default_context(cafile=str(sa_dir / "ca.crt"))
+        ns_file = sa_dir / "namespace"
+        self.namespace = ns_file.read_text().strip() if ns_file.exists() else "default"
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        token = (self._sa_dir / "token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": COMPONENT}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._context)
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ApiError(f"{method} {path}: {exc}") from None
+        finally:
+            conn.close()
+        if resp.status >= 300:
+            try:
+                detail = json.loads(payload).get("message", "")
+            except ValueError:
+                detail = payload[:200].decode(errors="replace")
+            raise ApiError(f"{method} {path}: HTTP {resp.status}: {detail}")
+        result: dict[str, Any] = json.loads(payload) if payload else {}
+        return result
+
+    def get_node(self, name: str) -> NodeInfo:
+        """GET /api/v1/nodes/<name>."""
+        return NodeInfo.from_object(self._request("GET", f"/api/v1/nodes/{name}"))
+
+    def post_event(self, node: NodeInfo, reason: str, message: str, *, warning: bool) -> None:
+        """A core/v1 Event on the Node, in the agent's namespace (kubectl describe node shows it)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{node.name}.regmirror-", "namespace": self.namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node.name, "uid": node.uid},
+            "reason": reason,
+            "message": message[:1000],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": COMPONENT, "host": node.name},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": node.name,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._request("POST", f"/api/v1/namespaces/{self.namespace}/events", event)

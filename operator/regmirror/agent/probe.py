@@ -1,0 +1,133 @@
+"""Health probes of the mirrors, so a dead mirror costs pulls nothing.
+
+A mirror is healthy when `<url>/v2/` answers HTTP at all (401 included: the
+registry is there, auth is containerd's business). A connect error, TLS error
+or timeout is a failure. Two consecutive failures withdraw the mirror (one
+lost packet does not flap the node's files); one success restores it. A
+mirror seen for the first time takes the state of its first probe, so a node
+that starts while a mirror is down never routes pulls to it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+DEFAULT_TIMEOUT = 1.0
+DEFAULT_INTERVAL = 2.0
+FAILURES_TO_WITHDRAW = 2
+
+# (url, timeout, ca_pem) -> None when the mirror answered, else why not.
+ProbeFn = Callable[[str, float, str | None], str | None]
+
+
+def http_probe(url: str, timeout: float, ca_pem: str | None = None) -> str | None:
+    """GET <url>/v2/: None if any HTTP response came back, else the error."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+        conn = http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+    try:
+        conn.request("GET", parts.path.rstrip("/") + "/v2/", headers={"User-Agent": "regmirror-agent"})
+        conn.getresponse().read(1024)
+        return None
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to probe for one mirror."""
+
+    url: str
+    ca_pem: str | None = None
+
+
+@dataclass
+class MirrorHealth:
+    healthy: bool
+    failures: int = 0
+    last_error: str | None = None
+    next_probe: float = 0.0
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A mirror changed state: withdrawn (healthy=False) or restored (healthy=True)."""
+
+    name: str
+    url: str
+    healthy: bool
+    error: str | None
+
+
+class HealthTracker:
+    """Per-mirror health from periodic probes; `unhealthy()` feeds render_node_files."""
+
+    def __init__(
+        self,
+        probe: ProbeFn = http_probe,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        interval: float = DEFAULT_INTERVAL,
+        failures_to_withdraw: int = FAILURES_TO_WITHDRAW,
+    ) -> None:
+        self._probe = probe
+        self._clock = clock
+        self.timeout = timeout
+        self.interval = interval
+        self.failures_to_withdraw = failures_to_withdraw
+        self._state: dict[str, MirrorHealth] = {}
+
+    def state(self, name: str) -> MirrorHealth | None:
+        return self._state.get(name)
+
+    def unhealthy(self) -> frozenset[str]:
+        """Names of the mirrors currently withdrawn."""
+        return frozenset(name for name, s in self._state.items() if not s.healthy)
+
+    def update(self, targets: Mapping[str, Target]) -> list[Transition]:
+        """Probe the mirrors that are due (all of them in parallel) and return state changes."""
+        for gone in set(self._state) - set(targets):
+            del self._state[gone]
+        now = self._clock()
+        due = [name for name in targets if name not in self._state or self._state[name].next_probe <= now]
+        if not due:
+            return []
+        if len(due) == 1:
+            errors = [self._probe(targets[due[0]].url, self.timeout, targets[due[0]].ca_pem)]
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(due), 8)) as pool:
+                errors = list(pool.map(lambda n: self._probe(targets[n].url, self.timeout, targets[n].ca_pem), due))
+        now = self._clock()
+        transitions = []
+        for name, error in zip(due, errors, strict=True):
+            state = self._state.get(name)
+            if state is None:
+                self._state[name] = MirrorHealth(healthy=error is None, failures=0 if error is None else 1, last_error=error)
+                if error is not None:
+                    transitions.append(Transition(name, targets[name].url, False, error))
+            elif error is None:
+                if not state.healthy:
+                    transitions.append(Transition(name, targets[name].url, True, None))
+                state.healthy, state.failures, state.last_error = True, 0, None
+            else:
+                state.failures += 1
+                state.last_error = error
+                if state.healthy and state.failures >= self.failures_to_withdraw:
+                    state.healthy = False
+                    transitions.append(Transition(name, targets[name].url, False, error))
+            self._state[name].next_probe = now + self.interval
+        return transitions

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds pinned containerd releases (besides the distribution's own 1.6) and
+# crictl from their Go modules into a cache outside the repository, so the e2e
+# tests can check the agent's files against every containerd line we support.
+# Does nothing when the binaries are there. Prints the cache dir last.
+set -euo pipefail
+CONTAINERD_VERSIONS="${REGMIRROR_CONTAINERD_VERSIONS:-v1.7.35 v2.4.2}"
+CRICTL_VERSION="${REGMIRROR_CRICTL_VERSION:-v1.37.0}"
+cache="${REGMIRROR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/regmirror}/containerd"
+tags="no_btrfs no_devmapper no_zfs no_aufs"
+export CGO_ENABLED=0
+mkdir -p "$cache"
+for v in $CONTAINERD_VERSIONS; do
+  out="$cache/containerd-$v/bin"
+  [ -x "$out/containerd" ] && [ -x "$out/ctr" ] && continue
+  echo ">> building containerd $v" >&2
+  mkdir -p "$out"
+  case "$v" in
+    v2.*) GOBIN="$out" go install -tags "$tags" "github.com/containerd/containerd/v2/cmd/containerd@$v" "github.com/containerd/containerd/v2/cmd/ctr@$v" >&2 ;;
+    *)
+      # 1.x's go.mod has exclude directives, which `go install pkg@version` refuses:
+      # build inside a copy of the module instead.
+      src=$(go mod download -json "github.com/containerd/containerd@$v" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+      work=$(mktemp -d)
+      cp -r "$src/." "$work/" && chmod -R u+w "$work"
+      (cd "$work" && go build -mod=mod -tags "$tags" -o "$out/" ./cmd/containerd ./cmd/ctr) >&2
+      rm -rf "$work"
+      ;;
+  esac
+done
+if [ ! -x "$cache/crictl/bin/crictl" ]; then
+  echo ">> building crictl $CRICTL_VERSION" >&2
+  GOBIN="$cache/crictl/bin" go install "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION" >&2
+fi
+echo "$cache"
