@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness import ControlPlaneError, LocalCluster
+from harness.operator import OPERATOR_NS, OPERATOR_SA, REPO, OperatorProcess, install_crd_and_namespaces
 
 
 def _node_count() -> int:
@@ -46,3 +47,19 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The operator, running with a ServiceAccount of its own (its writes are countable in the audit log)."""
+    install_crd_and_namespaces(cluster)
+    # Only the rights manifests/rbac grants: a missing permission fails the tests, as it would in a cluster.
+    cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
+    kubeconfig = cluster.service_account_kubeconfig(OPERATOR_NS, OPERATOR_SA)
+    proc = OperatorProcess(cluster, kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        print(f"operator log: {proc.log_path}")

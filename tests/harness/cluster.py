@@ -23,6 +23,7 @@ import base64
 import contextlib
 import ctypes
 import datetime
+import http.client
 import ipaddress
 import json
 import logging
@@ -35,9 +36,9 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -131,9 +132,7 @@ def find_controlplane_dir() -> Path:
     else:
         try:
             # stderr is inherited: a cold build takes many minutes and says what it does.
-            result = subprocess.run(
-                ["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False
-            )
+            result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False)
         except OSError as exc:
             raise ControlPlaneError(f"cannot run {BUILD_SCRIPT}: {exc}") from exc
         lines = result.stdout.strip().splitlines()
@@ -145,8 +144,15 @@ def find_controlplane_dir() -> Path:
         found = Path(lines[-1])
     missing = [
         p
-        for p in ("bin/etcd", "bin/kube-apiserver", "bin/kube-controller-manager",
-                  "bin/kube-scheduler", "bin/kubectl", "bin/kwok", "stages")
+        for p in (
+            "bin/etcd",
+            "bin/kube-apiserver",
+            "bin/kube-controller-manager",
+            "bin/kube-scheduler",
+            "bin/kubectl",
+            "bin/kwok",
+            "stages",
+        )
         if not (found / p).exists()
     ]
     if missing:
@@ -165,16 +171,17 @@ def _generate_pki(directory: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     not_before = now - datetime.timedelta(hours=1)
     not_after = now + datetime.timedelta(days=30)
 
     def private_pem(key: Any) -> bytes:
-        return key.private_bytes(
+        pem: bytes = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+        return pem
 
     # ECDSA for the TLS keys: generating them is instant, unlike RSA.
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -191,9 +198,15 @@ def _generate_pki(directory: Path) -> dict[str, Path]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -201,7 +214,7 @@ def _generate_pki(directory: Path) -> dict[str, Path]:
         .sign(ca_key, hashes.SHA256())
     )
 
-    first_service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+    first_service_ip = ipaddress.IPv4Network(SERVICE_CIDR)[1]
     serving_key = ec.generate_private_key(ec.SECP256R1())
     serving_cert = (
         x509.CertificateBuilder()
@@ -214,9 +227,15 @@ def _generate_pki(directory: Path) -> dict[str, Path]:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -251,9 +270,7 @@ def _generate_pki(directory: Path) -> dict[str, Path]:
         "apiserver.crt": serving_cert.public_bytes(serialization.Encoding.PEM),
         "apiserver.key": private_pem(serving_key),
         "sa.key": private_pem(sa_key),
-        "sa.pub": sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
+        "sa.pub": sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
     }
     paths: dict[str, Path] = {}
     for name, data in files.items():
@@ -345,6 +362,37 @@ current-context: regmirror-local
 """
 
 
+TMP_ROOT = "/tmp"
+DIR_PREFIX = "regmirror-cluster-"
+OWNER_FILE = "owner.pid"
+KEPT_FILE = "KEPT"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_abandoned_dirs() -> None:
+    """Remove cluster dirs whose owning process is gone without cleaning up (it was
+    SIGKILLed: its components died with it, its files did not). Kept dirs stay."""
+    for path in Path(TMP_ROOT).glob(DIR_PREFIX + "*"):
+        owner = path / OWNER_FILE
+        if (path / KEPT_FILE).exists() or not owner.is_file():
+            continue
+        try:
+            pid = int(owner.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -385,7 +433,7 @@ class LocalCluster:
         self._components: list[_Component] = []
         self._admin_token = ""
         self._ssl: ssl.SSLContext | None = None
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._connections = threading.local()
         self._node_seq = 0
         self._node_counts: dict[str, int] = {}
         self._started = False
@@ -463,17 +511,22 @@ class LocalCluster:
             self._start()
             if self.initial_nodes:
                 self.add_nodes(self.initial_nodes)
-        except BaseException:
-            # Includes KeyboardInterrupt: never leave half a cluster behind.
+        except BaseException as exc:
+            # Includes KeyboardInterrupt: never leave half a cluster behind. A real
+            # failure keeps the directory, so the logs named in the error still exist.
+            if isinstance(exc, ControlPlaneError):
+                self.keep = True
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - began
-        _log.info("cluster ready at %s in %.1fs (dir %s)", self.server, self.startup_seconds, self.dir)
+        _log.info("cluster ready at %s in %.1fs (%s)", self.server, self.startup_seconds, self.dir)
         return self
 
     def _start(self) -> None:
         bin_dir = self.bin_dir
-        self.dir = Path(tempfile.mkdtemp(prefix="regmirror-cluster-", dir="/tmp"))
+        _sweep_abandoned_dirs()
+        self.dir = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=TMP_ROOT))
+        self._path(OWNER_FILE).write_text(f"{os.getpid()}\n")
         for sub in ("pki", "logs", "etcd", "apiserver", "kcm", "scheduler", "kwok-home"):
             self._path(sub).mkdir()
         pki = _generate_pki(self._path("pki"))
@@ -494,10 +547,7 @@ class LocalCluster:
         tokens = {key: secrets.token_hex(24) for key in identities}
         self._admin_token = tokens["admin"]
         self._path("tokens.csv").write_text(
-            "".join(
-                f'{tokens[key]},{user},{user},"{groups}"\n'
-                for key, (user, groups) in identities.items()
-            )
+            "".join(f'{tokens[key]},{user},{user},"{groups}"\n' for key, (user, groups) in identities.items())
         )
         self._path("tokens.csv").chmod(0o600)
         kubeconfigs = {}
@@ -533,6 +583,9 @@ class LocalCluster:
                 f"--etcd-servers={etcd_url}",
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
+                # 1.37 refuses a loopback advertise address with the lease endpoint
+                # reconciler; nothing in-cluster dials the `kubernetes` Service here.
+                "--endpoint-reconciler-type=none",
                 f"--secure-port={api_port}",
                 f"--cert-dir={self._path('apiserver')}",
                 f"--tls-cert-file={pki['apiserver.crt']}",
@@ -619,21 +672,27 @@ class LocalCluster:
             return
         self._stopped = True
         atexit.unregister(self.stop)
-        for component in reversed(self._components):
-            component.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_grace
-        for component in reversed(self._components):
-            try:
-                component.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _log.warning("%s ignored SIGTERM; killing it", component.name)
-            # The whole group, in case a component ever forks helpers.
-            component.signal_group(signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                component.popen.wait(timeout=5)
-            component.log_file.close()
+        # Clients first, then the API server, then etcd: an API server whose etcd is
+        # already gone spends its whole grace period retrying instead of exiting (~1 s).
+        servers = {"kube-apiserver": 1, "etcd": 2}
+        for phase in (0, 1, 2):
+            batch = [c for c in self._components if servers.get(c.name, 0) == phase]
+            for component in batch:
+                component.signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_grace
+            for component in batch:
+                try:
+                    component.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _log.warning("%s ignored SIGTERM; killing it", component.name)
+                # The whole group, in case a component ever forks helpers.
+                component.signal_group(signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    component.popen.wait(timeout=5)
+                component.log_file.close()
         if self.dir is not None:
             if self.keep:
+                self._path(KEPT_FILE).touch()
                 print(
                     f"harness: kept cluster dir {self.dir} (logs in {self.dir / 'logs'})",
                     file=sys.stderr,
@@ -646,7 +705,10 @@ class LocalCluster:
     def _etcd_supports(self, flag: str) -> bool:
         result = subprocess.run(
             [str(self.bin_dir / "etcd"), "--help"],
-            capture_output=True, text=True, check=False, timeout=30,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
         )
         return flag in result.stdout + result.stderr
 
@@ -665,11 +727,12 @@ class LocalCluster:
             env=proc_env,
             cwd=self.dir,
             start_new_session=True,
-            preexec_fn=_DIE_WITH_PARENT,  # noqa: PLW1509 - only calls prctl()
+            preexec_fn=_DIE_WITH_PARENT,
         )
         self._components.append(_Component(name, popen, log_path, log_file))
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise ``ControlPlaneError`` (with its log tail) if any component has exited."""
         for component in self._components:
             if not component.alive():
                 raise ControlPlaneError(
@@ -682,16 +745,28 @@ class LocalCluster:
         deadline = time.monotonic() + (timeout or self.start_timeout)
         delay = 0.02
         while True:
-            self._check_alive()
+            self.check_alive()
             if ready():
                 return
             if time.monotonic() > deadline:
-                tails = "\n".join(
-                    f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}" for c in self._components
-                )
+                tails = "\n".join(f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}" for c in self._components)
                 raise ControlPlaneError(f"timed out waiting for {what}\n{tails}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+    def wait_until(self, predicate: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition") -> Any:
+        """Poll ``predicate`` until it returns something truthy, and return that; raise
+        ``ControlPlaneError`` on timeout or if a component dies meanwhile."""
+        result: list[Any] = []
+
+        def check() -> bool:
+            value = predicate()
+            if value:
+                result.append(value)
+            return bool(value)
+
+        self._wait(what, check, timeout=timeout)
+        return result[0]
 
     def component_pids(self) -> dict[str, int]:
         """PID of every running component, by name (for RSS measurements)."""
@@ -742,9 +817,7 @@ class LocalCluster:
         try:
             self.api("GET", path)
             return True
-        except ApiError:
-            return False
-        except (OSError, urllib.error.URLError):
+        except (ApiError, OSError, http.client.HTTPException):
             return False
 
     def api(
@@ -762,19 +835,33 @@ class LocalCluster:
         data = None
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        request = urllib.request.Request(self.server + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {token or self._admin_token}")
-        request.add_header("Accept", "application/json")
+        headers = {"Authorization": f"Bearer {token or self._admin_token}", "Accept": "application/json"}
         if data is not None:
-            request.add_header("Content-Type", content_type)
-        handler = urllib.request.HTTPSHandler(context=self._ssl)
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), handler)
-        try:
-            with opener.open(request, timeout=timeout) as response:
+            headers["Content-Type"] = content_type
+        # One kept-alive connection per thread: a TLS handshake per request would make
+        # creating a thousand nodes take ~20 s instead of a few.
+        for attempt in (1, 2):
+            conn = getattr(self._connections, "conn", None)
+            reused = conn is not None
+            if conn is None:
+                conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self._ssl, timeout=timeout)
+                self._connections.conn = conn
+            try:
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+                conn.request(method, path, body=data, headers=headers)
+                response = conn.getresponse()
                 raw = response.read()
-        except urllib.error.HTTPError as exc:
-            raise ApiError(method, path, exc.code, exc.read().decode(errors="replace")) from None
-        text = raw.decode()
+                break
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                self._connections.conn = None
+                # Retry only when the server closed an idle kept-alive connection.
+                if not reused or attempt == 2:
+                    raise
+        text = raw.decode(errors="replace")
+        if response.status >= 400:
+            raise ApiError(method, path, response.status, text)
         try:
             return json.loads(text)
         except ValueError:
@@ -782,7 +869,7 @@ class LocalCluster:
 
     def api_client(self) -> Any:
         """An admin ``kubernetes.client.ApiClient`` (needs the ``kubernetes`` package)."""
-        from kubernetes import config  # type: ignore[import-untyped]
+        from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
@@ -792,7 +879,7 @@ class LocalCluster:
         self,
         *args: str,
         check: bool = True,
-        input: str | bytes | Mapping[str, Any] | list[Any] | None = None,  # noqa: A002
+        input: str | bytes | Mapping[str, Any] | list[Any] | None = None,
         timeout: float = 120.0,
     ) -> subprocess.CompletedProcess[str]:
         """Run the version-matched kubectl as admin. ``input`` may be text or an object
@@ -803,7 +890,12 @@ class LocalCluster:
             input = input.decode()
         argv = [str(self.kubectl_path), *args]
         result = subprocess.run(
-            argv, input=input, capture_output=True, text=True, env=self.env(), timeout=timeout,
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
             check=False,
         )
         if check and result.returncode != 0:
@@ -846,9 +938,7 @@ class LocalCluster:
         network = ipaddress.ip_network(POD_CIDR)
         return f"{network.network_address + seq * 256}/24"
 
-    def _node_body(
-        self, name: str, seq: int, pod_cidr: str, labels: Mapping[str, str] | None
-    ) -> dict[str, Any]:
+    def _node_body(self, name: str, seq: int, pod_cidr: str, labels: Mapping[str, str] | None) -> dict[str, Any]:
         resources = {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "1Ti"}
         return {
             "apiVersion": "v1",
@@ -904,9 +994,7 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- identities
 
-    def service_account_kubeconfig(
-        self, namespace: str, name: str, *, expiration_seconds: int = 86400
-    ) -> Path:
+    def service_account_kubeconfig(self, namespace: str, name: str, *, expiration_seconds: int = 86400) -> Path:
         """A kubeconfig acting as ServiceAccount ``namespace/name`` (token from the
         TokenRequest API), to run code with exactly that account's RBAC rights."""
         request = {
@@ -953,11 +1041,7 @@ class LocalCluster:
 
     def write_events(self, user: str, since: str | None = None) -> list[dict[str, Any]]:
         """Completed mutating requests made by ``user``."""
-        return [
-            e
-            for e in self.audit_events(user=user, verbs=WRITE_VERBS, since=since)
-            if e.get("stage") == "ResponseComplete"
-        ]
+        return [e for e in self.audit_events(user=user, verbs=WRITE_VERBS, since=since) if e.get("stage") == "ResponseComplete"]
 
     # ----------------------------------------------------------------- debugging
 
