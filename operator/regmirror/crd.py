@@ -187,3 +187,38 @@ def missing_descriptions(schema: dict[str, Any], path: str = "") -> list[str]:
         if isinstance(prop.get("items"), dict):
             missing += missing_descriptions(prop["items"], here + "[]")
     return missing
+
+
+def api_reference_markdown() -> str:
+    """The spec fields as a Markdown table (the README's API reference is generated from this)."""
+    spec = render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rows = ["| Field | Type | Default | Description |", "|---|---|---|---|"]
+
+    def default_text(value: Any) -> str:
+        if value is None or value == {} or value == []:
+            return ""
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        if isinstance(value, list):
+            return f"`{', '.join(map(str, value))}`"
+        return f"`{value}`"
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        for name, prop in node.get("properties", {}).items():
+            here = f"{path}.{name}"
+            kind = prop.get("type", "object")
+            items = prop.get("items", {})
+            if kind == "array":
+                kind = f"[]{items.get('type', 'object')}"
+            text = prop.get("description", "").replace("|", "\\|").replace("\n", " ")
+            if "enum" in prop:
+                text += f" One of: {', '.join(prop['enum'])}."
+            if "enum" in items:
+                text += f" Items: {', '.join(items['enum'])}."
+            rows.append(f"| `{here}` | {kind} | {default_text(prop.get('default'))} | {text} |")
+            walk(prop, here)
+            if items.get("properties"):
+                walk(items, here + "[]")
+
+    walk(spec, "spec")
+    return "\n".join(rows) + "\n"

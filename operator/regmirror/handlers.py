@@ -8,7 +8,6 @@ does the reconciling (see reconcile.py for why). Run with
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import Any
@@ -52,11 +51,12 @@ AGENT = {c.LABEL_NAME: c.APP_NAME, c.LABEL_COMPONENT: "agent"}
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    """Our own finalizer and annotation prefixes; quiet Kopf events; start the worker and metrics."""
+    """Our own finalizer and annotation prefixes, no Kopf-generated Events; start the worker and metrics."""
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.ANNOTATION_PREFIX, key="last-handled-configuration")
-    settings.posting.level = logging.WARNING
+    # Kopf's own Events would echo handler exceptions; ours are posted deliberately (reconcile._announce).
+    settings.posting.enabled = False
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     port = int(os.environ.get("REGMIRROR_METRICS_PORT", "8000"))

@@ -73,27 +73,21 @@ class NotFound(Exception):
 
 
 def _call(method: str, path: str, *, body: Any = None, content_type: str | None = None, query: list[tuple[str, str]] | None = None) -> Any:
+    """One REST call through the client's auth and TLS settings; JSON in, JSON out."""
     api = api_client()
     headers = {"Accept": "application/json"}
     if content_type:
         headers["Content-Type"] = content_type
-    try:
-        data, _status, _headers = api.call_api(  # type: ignore[attr-defined]
-            path,
-            method,
-            query_params=query or [],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-            response_type="object",
-            _return_http_data_only=False,
-            _preload_content=True,
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            raise NotFound(path) from exc
-        raise
-    return data
+    method, url, headers, serialized, _ = api.param_serialize(  # type: ignore[attr-defined]  # stubs predate v37
+        method=method, resource_path=path, query_params=query or [], header_params=headers, body=body, auth_settings=["BearerToken"]
+    )
+    response = api.call_api(method, url, header_params=headers, body=serialized, _request_timeout=30)  # type: ignore[attr-defined]
+    data = response.read()
+    if response.status == 404:
+        raise NotFound(path)
+    if not 200 <= response.status < 300:
+        raise ApiException(http_resp=response)
+    return json.loads(data) if data else None
 
 
 def _path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
@@ -112,7 +106,7 @@ def apply(obj: dict[str, Any], *, subresource: str | None = None) -> dict[str, A
     result: dict[str, Any] = _call(
         "PATCH",
         path,
-        body=json.dumps(obj),
+        body=obj,
         content_type="application/apply-patch+yaml",
         query=[("fieldManager", c.FIELD_MANAGER), ("force", "true")],
     )
@@ -145,14 +139,19 @@ def delete(kind: str, namespace: str | None, name: str) -> None:
 def merge_patch(kind: str, namespace: str | None, name: str, patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
     """A JSON merge patch (used to drop our finalizer)."""
     result: dict[str, Any] = _call(
-        "PATCH", _path(kind, namespace, name, subresource), body=json.dumps(patch), content_type="application/merge-patch+json"
+        "PATCH", _path(kind, namespace, name, subresource), body=patch, content_type="application/merge-patch+json"
     )
     return result
 
 
-def create_event(namespace: str, involved: dict[str, Any], *, reason: str, message: str, type_: str = "Normal") -> None:
-    """Record an Event about an object (best effort: a failed Event never fails a reconcile)."""
+def create_event(involved: dict[str, Any], *, reason: str, message: str, type_: str = "Normal") -> None:
+    """Record an Event about an object (best effort: a failed Event never fails a reconcile).
+
+    The API server requires an Event about a cluster-scoped object (a RegistryMirror)
+    to live in the `default` namespace; a namespaced object's Event lives beside it.
+    """
     meta = involved.get("metadata", {})
+    namespace = meta.get("namespace") or "default"
     body = {
         "apiVersion": "v1",
         "kind": "Event",
@@ -175,6 +174,6 @@ def create_event(namespace: str, involved: dict[str, Any], *, reason: str, messa
         "count": 1,
     }
     try:
-        _call("POST", _path("Event", namespace), body=json.dumps(body), content_type="application/json")
+        _call("POST", _path("Event", namespace), body=body, content_type="application/json")
     except Exception as exc:  # an Event is advisory
-        log.warning("could not record event %s: %s", reason, type(exc).__name__)
+        log.warning("could not record event %s: %s %s", reason, type(exc).__name__, getattr(exc, "status", ""))

@@ -463,7 +463,10 @@ class RegistryMirrorSpec(Model):
 class Condition(Model):
     """A metav1.Condition."""
 
-    type: Annotated[str, Field(description="Condition type: Ready, Available, StorageBound, NodesConfigured, Reconciling, Stalled.")]
+    type: Annotated[
+        str,
+        Field(description="Condition type: Ready, Available, StorageBound, NodesConfigured, Reconciling, Stalled, UpstreamAuthenticated."),
+    ]
     status: Annotated[str, Field(description="True, False or Unknown.", pattern=r"^(True|False|Unknown)$")]
     reason: Annotated[str, Field(description="A CamelCase machine-readable reason.")]
     message: Annotated[str, Field(description="A human-readable explanation.")] = ""
@@ -506,7 +509,7 @@ class RegistryMirrorStatus(Model):
         str | None, Field(description="ClusterIP:port that nodes use (containerd on the host cannot resolve cluster DNS).")
     ] = None
     url: Annotated[str | None, Field(description="The mirror's URL as nodes use it, e.g. http://10.96.0.20:5000.")] = None
-    service_dns: Annotated[str | None, Field(description="In-cluster DNS name of the mirror's Service.")] = None
+    service_dns: Annotated[str | None, Field(alias="serviceDNS", description="In-cluster DNS name of the mirror's Service.")] = None
     replicas: Annotated[int | None, Field(description="Registry pods desired.")] = None
     ready_replicas: Annotated[int | None, Field(description="Registry pods ready.")] = None
     storage: Annotated[StorageStatus | None, Field(description="The cache volume.")] = None
@@ -516,7 +519,7 @@ class RegistryMirrorStatus(Model):
     conditions: Annotated[
         list[Condition],
         Field(
-            description="Ready and its details: Available, StorageBound, NodesConfigured, Reconciling, Stalled.",
+            description="Ready and its details: Available, StorageBound, NodesConfigured, Reconciling, Stalled, and UpstreamAuthenticated when credentials are set.",
             json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
         ),
     ] = []

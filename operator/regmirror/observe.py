@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regmirror import conditions as cond
-from regmirror.models import RegistryMirrorSpec
+from regmirror.models import RegistryMirrorSpec, RegistryMirrorStatus
 
 MAX_NOT_READY_NAMES = 10
 
@@ -64,6 +64,8 @@ class Observation:
     error_reason: str | None = None  # a configuration problem that stops the reconcile
     error_message: str = ""
     host_order: dict[str, list[str]] = field(default_factory=dict)
+    # (ok, reason, message) of the upstream credentials check; None when no credentials are set.
+    upstream_auth: tuple[bool | None, str, str] | None = None
 
 
 def deployment_available(dep: dict[str, Any] | None, replicas: int) -> tuple[bool, str, str]:
@@ -110,7 +112,7 @@ def nodes_condition(rollout: NodeRollout) -> tuple[bool, str, str]:
     if not rollout.enabled:
         return True, "Disabled", "spec.nodeConfig.enabled is false: no node is configured"
     if rollout.problems:
-        return False, "NodePreflightFailed", "; ".join(rollout.problems)[:900]
+        return False, "AgentNotReady", "; ".join(rollout.problems)[:900]
     if rollout.desired == 0:
         return True, "NoNodesSelected", "the node selector matches no node"
     if rollout.ready >= rollout.desired and rollout.updated >= rollout.desired:
@@ -135,7 +137,10 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
     configured, n_reason, n_msg = nodes_condition(obs.nodes)
     rolled_out = deployment_rolled_out(obs.deployment, spec.replicas)
     endpoint = endpoint_of(obs.service, spec.service.port)
-    stalled = obs.error_reason is not None
+    auth_rejected = obs.upstream_auth is not None and obs.upstream_auth[0] is False
+    stalled = obs.error_reason is not None or auth_rejected
+    error_reason = obs.error_reason or (f"Upstream{obs.upstream_auth[1]}" if auth_rejected and obs.upstream_auth else None)
+    error_message = obs.error_message if obs.error_reason else (obs.upstream_auth[2] if auth_rejected and obs.upstream_auth else "")
 
     reconciling_reasons = []
     if not rolled_out:
@@ -151,7 +156,7 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
     if obs.deleting:
         ready, r_reason, r_msg = False, "Terminating", "waiting for every node to drop this mirror's configuration"
     elif stalled:
-        ready, r_reason, r_msg = False, obs.error_reason or "Error", obs.error_message
+        ready, r_reason, r_msg = False, error_reason or "Error", error_message
     elif not available:
         ready, r_reason, r_msg = False, a_reason, a_msg
     elif not bound:
@@ -171,8 +176,11 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
         cond.condition(
             "Reconciling", reconciling, "Progressing" if reconciling else "Idle", "; ".join(reconciling_reasons) if reconciling else ""
         ),
-        cond.condition("Stalled", stalled, obs.error_reason or "NoError", obs.error_message if stalled else ""),
+        cond.condition("Stalled", stalled, error_reason or "NoError", error_message if stalled else ""),
     ]
+    if obs.upstream_auth is not None:
+        ok, reason, message = obs.upstream_auth
+        new_conditions.append(cond.condition("UpstreamAuthenticated", cond.UNKNOWN if ok is None else ok, reason, message))
 
     if obs.deleting:
         phase = "Terminating"
@@ -212,7 +220,10 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
         ],
         "conditions": cond.merge_conditions(existing_conditions, new_conditions, generation=obs.generation, now=now),
     }
-    return {k: v for k, v in status.items() if v is not None}
+    # Round-trip through the model: a key the CRD schema does not declare fails here, in tests,
+    # instead of as a server-side apply error in a cluster.
+    typed = RegistryMirrorStatus.model_validate({k: v for k, v in status.items() if v is not None})
+    return typed.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:

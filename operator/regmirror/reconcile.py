@@ -10,6 +10,7 @@ cluster already reports. An unchanged cluster therefore costs no API write.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -31,10 +32,14 @@ from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, host_orde
 from regmirror.observe import NodeRollout, Observation, drifted, evaluate, status_changed
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
 from regmirror.render.mirror import render_mirror_children
+from regmirror.upstream import UpstreamCheck, check_upstream
 
 log = logging.getLogger("regmirror.reconcile")
 
 MAX_BACKOFF_SECONDS = 60.0
+# A failed or inconclusive upstream credentials check is repeated this often;
+# a good one only when the credentials change.
+UPSTREAM_RECHECK_SECONDS = 60.0
 PLAN_HISTORY = 64
 
 
@@ -96,7 +101,8 @@ class Controller:
         self.children: dict[tuple[str, str], dict[str, Any]] = {}
         self.secrets: dict[str, dict[str, str]] = {}
         self.nodes: dict[str, dict[str, str]] = {}
-        self.agent_pods: dict[str, dict[str, Any]] = {}  # node name -> pod
+        self.agent_pods: dict[str, dict[str, Any]] = {}  # node name -> newest agent pod
+        self.node_applied: dict[str, str | None] = {}  # node name -> plan digest of the last Ready agent pod
         self.agent_objects: dict[str, dict[str, Any]] = {}  # kind -> live DaemonSet / ConfigMap
         self.dirty: set[str] = set()
         self.status_dirty: set[str] = set()
@@ -109,6 +115,8 @@ class Controller:
         # plan digest -> {mirror: entry digest}: which mirror config each agent pod carries.
         self.plan_history: OrderedDict[str, dict[str, str]] = OrderedDict()
         self.announced: dict[str, str] = {}  # mirror -> last Ready reason an Event was posted for
+        # mirror -> (credentials fingerprint, verdict, when): the upstream accepts the credentials?
+        self.upstream_checks: dict[str, tuple[str, UpstreamCheck, float]] = {}
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.settings.workers), thread_name_prefix="reconcile")
 
@@ -179,6 +187,7 @@ class Controller:
         with self._lock:
             if event_type == "DELETED":
                 changed = self.nodes.pop(name, None) is not None
+                self.node_applied.pop(name, None)
             else:
                 changed = self.nodes.get(name) != labels
                 self.nodes[name] = labels
@@ -198,6 +207,8 @@ class Controller:
                     self.agent_pods.pop(node, None)
             elif _replaces(body, current):
                 self.agent_pods[node] = body
+            if event_type != "DELETED" and _pod_ready(body) and not body["metadata"].get("deletionTimestamp"):
+                self.node_applied[node] = _plan_digest(body)
             names = list(self.mirrors)
         self._mark(names, spec=False)
 
@@ -227,8 +238,41 @@ class Controller:
 
     # ------------------------------------------------------------ the worker
 
+    def prime(self) -> None:
+        """Fill the caches with one LIST per kind before the first status is computed.
+
+        Kopf delivers the initial listing as a stream of events with no "done"
+        marker; computing a status before the nodes and agent pods are known
+        would report 0/N nodes and flap Ready after every operator restart.
+        """
+        ns, agent_ns = self.settings.namespace, self.settings.agent_namespace
+        managed = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
+        for kind in ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"):
+            for obj in kube.list_objects(kind, ns, label_selector=managed):
+                self.on_child("ADDED", {**obj, "kind": kind})
+        for obj in kube.list_objects("Secret", ns):
+            self.on_secret("ADDED", obj)
+        for obj in kube.list_objects("Node"):
+            self.on_node("ADDED", obj)
+        agent = ",".join(f"{k}={v}" for k, v in naming.agent_selector_labels().items())
+        for obj in kube.list_objects("Pod", agent_ns, label_selector=agent):
+            self.on_agent_pod("ADDED", obj)
+        for kind in ("DaemonSet", "ConfigMap"):
+            for obj in kube.list_objects(kind, agent_ns, label_selector=managed):
+                if kind == "DaemonSet" or obj["metadata"]["name"] == c.NODE_CONFIG_NAME:
+                    self.on_agent_object("ADDED", {**obj, "kind": kind})
+        for obj in kube.list_objects(c.KIND):
+            self.on_mirror("ADDED", obj)
+
     def run(self) -> None:
-        """Drain dirty work until stopped. Runs in its own thread."""
+        """Prime the caches, then drain dirty work until stopped. Runs in its own thread."""
+        while not self._stop.is_set():
+            try:
+                self.prime()
+                break
+            except Exception as exc:  # the API may not be reachable yet
+                log.warning("priming the caches failed: %s: %s", type(exc).__name__, _safe(exc))
+                self._stop.wait(2.0)
         while not self._stop.is_set():
             with self._wake:
                 now = time.monotonic()
@@ -349,6 +393,31 @@ class Controller:
             raise ConfigError(f"{what}SecretMalformed", f"Secret {self.settings.namespace}/{name} lacks the key(s) {', '.join(missing)}")
         return ",".join(f"{name}/{k}={fingerprint[k]}" for k in keys)
 
+    def check_upstream_credentials(self, name: str, spec: RegistryMirrorSpec, creds: str | None) -> None:
+        """Do the registry auth handshake with the Secret's credentials (distribution never reports a rejection)."""
+        ref = spec.upstream.credentials_secret_ref
+        if ref is None or creds is None:
+            self.upstream_checks.pop(name, None)
+            return
+        cached = self.upstream_checks.get(name)
+        now = time.monotonic()
+        if cached is not None and cached[0] == creds and (cached[1].ok or now - cached[2] < UPSTREAM_RECHECK_SECONDS):
+            return
+        secret = kube.get("Secret", self.settings.namespace, ref.name) or {}
+        data = secret.get("data") or {}
+        username = base64.b64decode(data.get(ref.username_key, "")).decode(errors="replace")
+        password = base64.b64decode(data.get(ref.password_key, "")).decode(errors="replace")
+        ca_pem = None
+        ca_ref = spec.upstream.tls.ca_secret_ref if spec.upstream.tls else None
+        if ca_ref is not None:
+            ca_secret = kube.get("Secret", self.settings.namespace, ca_ref.name) or {}
+            ca_pem = base64.b64decode((ca_secret.get("data") or {}).get(ca_ref.key, "")).decode(errors="replace") or None
+        verdict = check_upstream(spec.upstream.url, username, password, ca_pem=ca_pem)
+        self.upstream_checks[name] = (creds, verdict, now)
+        if not verdict.ok:
+            with self._lock:
+                self.retry_at[name] = now + UPSTREAM_RECHECK_SECONDS
+
     def reconcile_mirror(self, name: str) -> bool:
         """Bring one mirror's children to the rendered state; True when anything was written."""
         with self._lock:
@@ -357,6 +426,7 @@ class Controller:
             return False
         spec = self.spec_of(body)
         creds = self.credentials_hash(spec)
+        self.check_upstream_credentials(name, spec, creds)
         uid = body["metadata"]["uid"]
         desired = render_mirror_children(name, uid, spec, self.settings.namespace, credentials_hash=creds)
         wrote = False
@@ -479,37 +549,43 @@ class Controller:
 
     # ------------------------------------------------------------ status
 
+    def _carries(self, digest: str | None, name: str) -> str | None:
+        """The entry digest of mirror `name` in the plan with this digest (None: the plan lacks it)."""
+        known = self.plan_history.get(digest or "")
+        return known.get(name) if known is not None else "unknown"
+
     def node_rollout(self, name: str, spec: RegistryMirrorSpec | None, deleting: bool) -> NodeRollout:
-        """Desired/updated/ready nodes for one mirror, from the agent pods' plan digests."""
+        """Desired/updated/ready nodes for one mirror, from the agent pods' plan digests.
+
+        updated: the node's newest agent pod carries this mirror's current entry.
+        ready: the last agent pod that was Ready on the node applied it, so the files
+        are in place. A rollout for another mirror replaces every agent pod, but the
+        old pod's files stay until the new one is Ready: that must not flap this
+        mirror's status.
+        """
         if spec is None or not spec.node_config.enabled:
             return NodeRollout(enabled=False)
         selector = spec.node_config.node_selector
         with self._lock:
             plan = self.plan
             current = next((e for e in plan.mirrors if e.name == name), None) if plan else None
-            want = None if deleting else (_entry_digest(current) if current else None)
+            # While deleting, "current" is absent: a plan without the mirror is what we wait for.
+            want = None if deleting else (_entry_digest(current) if current else "no entry yet")
             selected = sorted(n for n, labels in self.nodes.items() if selector.matches(labels))
             updated = ready = 0
             not_ready: list[str] = []
             problems: list[str] = []
             for node in selected:
                 pod = self.agent_pods.get(node)
-                carries = None
-                if pod is not None:
-                    digest = ((pod.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_NODE_CONFIG_HASH)
-                    carries = self.plan_history.get(digest or "", {}).get(name, "unknown") if digest in self.plan_history else "unknown"
-                up_to_date = pod is not None and carries == want
-                if up_to_date and not deleting and want is None:
-                    up_to_date = False  # the mirror has no entry yet (no ClusterIP)
-                if up_to_date:
+                if pod is not None and self._carries(_plan_digest(pod), name) == want:
                     updated += 1
-                    if pod is not None and _pod_ready(pod):
-                        ready += 1
-                        continue
-                    if pod is not None:
-                        reason = _agent_not_ready_reason(pod)
-                        if reason:
-                            problems.append(f"{node}: {reason}")
+                # A preflight failure means containerd ignores the files, whatever they say.
+                reason = _agent_not_ready_reason(pod) if pod is not None else None
+                if reason:
+                    problems.append(f"{node}: {reason}")
+                elif node in self.node_applied and self._carries(self.node_applied[node], name) == want:
+                    ready += 1
+                    continue
                 not_ready.append(node)
         return NodeRollout(
             enabled=True,
@@ -538,9 +614,9 @@ class Controller:
         rollout = self.node_rollout(name, spec, deleting=True)
         if not rollout.enabled:
             return True, "node configuration disabled"
-        if rollout.updated >= rollout.desired:
+        if rollout.ready >= rollout.desired:
             return True, f"{rollout.desired} nodes dropped the configuration"
-        return False, f"{rollout.updated}/{rollout.desired} nodes dropped the configuration; waiting for {', '.join(rollout.not_ready)}"
+        return False, f"{rollout.ready}/{rollout.desired} nodes dropped the configuration; waiting for {', '.join(rollout.not_ready)}"
 
     def observation(self, name: str) -> Observation | None:
         """Gather what the status of one mirror is computed from."""
@@ -549,6 +625,7 @@ class Controller:
             if body is None:
                 return None
             err = self.errors.get(name)
+            checked = self.upstream_checks.get(name)
             child = naming.child_name(name)
             dep = self.children.get(("Deployment", child))
             svc = self.children.get(("Service", child))
@@ -577,6 +654,7 @@ class Controller:
             error_reason=err.reason if err else None,
             error_message=err.message if err else "",
             host_order=order,
+            upstream_auth=(checked[1].ok, checked[1].reason, checked[1].message) if checked else None,
         )
 
     def _host_order_from_specs(self) -> dict[str, list[str]]:
@@ -644,11 +722,16 @@ class Controller:
         interesting = (
             ready["status"] == "True"
             or ready["reason"].endswith(("Missing", "Malformed", "Failed", "InvalidSpec"))
-            or (not first and ready["reason"] in {"NoReadyReplicas", "NodePreflightFailed"})
+            or (not first and ready["reason"] in {"NoReadyReplicas", "AgentNotReady"})
         )
         if interesting:
             kind = "Normal" if ready["status"] == "True" else "Warning"
-            kube.create_event(self.settings.namespace, body, reason=ready["reason"], message=ready.get("message", ""), type_=kind)
+            kube.create_event(body, reason=ready["reason"], message=ready.get("message", ""), type_=kind)
+
+
+def _plan_digest(pod: dict[str, Any]) -> str | None:
+    digest = ((pod.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_NODE_CONFIG_HASH)
+    return str(digest) if digest else None
 
 
 def _replaces(pod: dict[str, Any], current: dict[str, Any] | None) -> bool:
@@ -661,12 +744,18 @@ def _replaces(pod: dict[str, Any], current: dict[str, Any] | None) -> bool:
 
 
 def _agent_not_ready_reason(pod: dict[str, Any]) -> str | None:
-    """A preflight failure the agent reported through its readiness (container status message)."""
-    for cond in (pod.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready" and cond.get("status") != "True" and cond.get("message"):
-            message = str(cond["message"])
-            if "preflight" in message.lower():
-                return message
+    """Why a running agent is not Ready, or None while it is starting (or Ready).
+
+    The agent's readiness is false only when its preflight failed (containerd will
+    not read the files) or a foreign file blocks a host; it says which in an Event
+    on the Node. A container that started but is not ready is that case, not a
+    rollout in progress.
+    """
+    if _pod_ready(pod) or pod["metadata"].get("deletionTimestamp"):
+        return None
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("started") and not status.get("ready") and "running" in (status.get("state") or {}):
+            return "the agent runs but is not Ready (preflight failed or a foreign file blocks a host; see the Node's Events)"
     return None
 
 

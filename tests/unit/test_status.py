@@ -137,3 +137,21 @@ def test_drift_ignores_server_defaults_but_not_changes() -> None:
     assert drifted(desired, {"spec": {"replicas": 0, "template": live["spec"]["template"]}})
     assert drifted(desired, {"spec": {"replicas": 1, "template": {"spec": {"containers": []}}}})
     assert drifted(desired, None)
+
+
+def test_rejected_upstream_credentials_are_a_clear_failure() -> None:
+    status = evaluate(observe(upstream_auth=(False, "CredentialsRejected", "the token service refused robot")), [])
+    assert cond(status, "UpstreamAuthenticated")["status"] == "False"
+    assert cond(status, "Ready")["reason"] == "UpstreamCredentialsRejected"
+    assert cond(status, "Stalled")["status"] == "True"
+    assert status["phase"] == "Failed"
+
+
+def test_unreachable_upstream_does_not_block_ready() -> None:
+    status = evaluate(observe(upstream_auth=(None, "Unreachable", "connection refused")), [])
+    assert cond(status, "UpstreamAuthenticated")["status"] == "Unknown"
+    assert cond(status, "Ready")["status"] == "True"
+
+
+def test_no_credentials_no_upstream_condition() -> None:
+    assert all(c["type"] != "UpstreamAuthenticated" for c in evaluate(observe(), [])["conditions"])

@@ -61,8 +61,9 @@ class InClusterClient:
         self._sa_dir = sa_dir
         self._timeout = timeout
         self._context = ssl.create_default_context(cafile=str(sa_dir / "ca.crt"))
-        ns_file = sa_dir / "namespace"
-        self.namespace = ns_file.read_text().strip() if ns_file.exists() else "default"
+        # An Event about a cluster-scoped object (the Node) must live in `default`:
+        # the API server rejects it anywhere else.
+        self.namespace = "default"
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         token = (self._sa_dir / "token").read_text().strip()
@@ -94,7 +95,7 @@ class InClusterClient:
         return NodeInfo.from_object(self._request("GET", f"/api/v1/nodes/{name}"))
 
     def post_event(self, node: NodeInfo, reason: str, message: str, *, warning: bool) -> None:
-        """A core/v1 Event on the Node, in the agent's namespace (kubectl describe node shows it)."""
+        """A core/v1 Event on the Node, in `default` as the API server requires (kubectl describe node shows it)."""
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         event = {
             "apiVersion": "v1",

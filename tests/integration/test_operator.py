@@ -1,0 +1,272 @@
+"""The operator as a real process on the real control plane.
+
+Create, update, drift, credentials, quiet period, restart and delete: each test
+acts as an admin would (kubectl) and checks what an admin would see.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import signal
+import time
+from typing import Any
+
+from harness import LocalCluster
+from harness.operator import (
+    OPERATOR_NS,
+    OPERATOR_USER,
+    MirrorWatch,
+    OperatorProcess,
+    apply,
+    condition,
+    delete_mirror,
+    get_mirror,
+    mirror_body,
+    wait_condition,
+    wait_for,
+)
+
+CHILD = "regmirror-{}"
+
+
+def child(cluster: LocalCluster, kind: str, name: str) -> dict[str, Any] | None:
+    result = cluster.kubectl("get", kind, CHILD.format(name), "-n", OPERATOR_NS, "-o", "json", "--show-managed-fields", check=False)
+    if result.returncode != 0:
+        return None
+    import json
+
+    return dict(json.loads(result.stdout))
+
+
+def registry_env(deployment: dict[str, Any]) -> dict[str, Any]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def config_yml(cluster: LocalCluster, name: str) -> str:
+    cm = child(cluster, "configmap", name)
+    assert cm is not None
+    return str(next(iter(cm["data"].values())))
+
+
+def test_mirror_becomes_ready_with_owned_children(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    apply(cluster, mirror_body("hub"))
+    # kubectl wait is what admins and pipelines use.
+    cluster.kubectl("wait", "--for=condition=Ready", "registrymirror/hub", "--timeout=120s", timeout=150)
+    body = get_mirror(cluster, "hub")
+    status = body["status"]
+    assert status["observedGeneration"] == body["metadata"]["generation"]
+    assert status["phase"] == "Ready"
+    svc = child(cluster, "service", "hub")
+    assert svc is not None
+    assert status["endpoint"] == f"{svc['spec']['clusterIP']}:5000"
+    assert status["serviceDNS"] == f"regmirror-hub.{OPERATOR_NS}.svc"
+    assert status["storage"]["phase"] == "Bound"
+    assert status["readyReplicas"] == 1
+    for type_ in ("Ready", "Available", "StorageBound", "NodesConfigured"):
+        cond = condition(body, type_)
+        assert cond is not None and cond["status"] == "True", (type_, cond)
+        assert cond["observedGeneration"] == body["metadata"]["generation"]
+    assert condition(body, "Stalled")["status"] == "False"  # type: ignore[index]
+    assert condition(body, "Reconciling")["status"] == "False"  # type: ignore[index]
+
+    uid = body["metadata"]["uid"]
+    for kind in ("deployment", "service", "configmap", "persistentvolumeclaim"):
+        obj = child(cluster, kind, "hub")
+        assert obj is not None, kind
+        owners = obj["metadata"].get("ownerReferences", [])
+        assert [o["uid"] for o in owners] == [uid], kind
+        managers = {m["manager"] for m in obj["metadata"]["managedFields"]}
+        assert "regmirror-operator" in managers, (kind, managers)
+
+    table = cluster.kubectl("get", "registrymirrors").stdout
+    row = next(line for line in table.splitlines() if line.startswith("hub "))
+    nodes = len(cluster.fake_nodes())
+    assert "https://registry-1.docker.io" in row and "True" in row and f"{nodes}/{nodes}" in row and status["endpoint"] in row
+
+
+def test_update_changes_deployment_and_config(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    name = "upd"
+    apply(cluster, mirror_body(name, storage={"ephemeral": True, "size": "2Gi"}))
+    wait_condition(cluster, name, "Ready", "True")
+    apply(
+        cluster,
+        mirror_body(
+            name,
+            storage={"ephemeral": True, "size": "2Gi"},
+            replicas=2,
+            cache={"ttl": "72h"},
+            proxy={"httpsProxy": "http://proxy.corp:3128", "noProxy": "10.0.0.0/8,.svc"},
+        ),
+    )
+    body = wait_for(
+        lambda: (b := get_mirror(cluster, name))["status"].get("observedGeneration") == b["metadata"]["generation"] and b,
+        what="observedGeneration to follow generation",
+    )
+    assert body["metadata"]["generation"] >= 2
+    dep = wait_for(lambda: (d := child(cluster, "deployment", name)) and d["spec"]["replicas"] == 2 and d, what="replicas 2")
+    env = registry_env(dep)
+    assert env["HTTPS_PROXY"] == "http://proxy.corp:3128"
+    assert env["NO_PROXY"] == "10.0.0.0/8,.svc"
+    assert "ttl: 72h" in config_yml(cluster, name)
+    wait_condition(cluster, name, "Ready", "True")
+    assert get_mirror(cluster, name)["status"]["readyReplicas"] == 2
+    delete_mirror(cluster, name)
+
+
+def test_drift_is_undone(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    name = "drift"
+    apply(cluster, mirror_body(name))
+    wait_condition(cluster, name, "Ready", "True")
+    old_svc = child(cluster, "service", name)
+    assert old_svc is not None
+    cluster.kubectl("delete", "service", CHILD.format(name), "-n", OPERATOR_NS)
+    cluster.kubectl("scale", "deployment", CHILD.format(name), "-n", OPERATOR_NS, "--replicas=0")
+    cluster.kubectl("patch", "configmap", CHILD.format(name), "-n", OPERATOR_NS, "--type=merge", "-p", '{"data":{"config.yml":"hacked"}}')
+    wait_for(
+        lambda: (s := child(cluster, "service", name)) and s["metadata"]["uid"] != old_svc["metadata"]["uid"],
+        timeout=15,
+        what="the Service to be re-created",
+    )
+    wait_for(lambda: (d := child(cluster, "deployment", name)) and d["spec"]["replicas"] == 1, timeout=15, what="replicas restored")
+    wait_for(lambda: "hacked" not in config_yml(cluster, name), timeout=15, what="config.yml restored")
+    wait_condition(cluster, name, "Ready", "True")
+    delete_mirror(cluster, name)
+
+
+def test_missing_secret_then_created(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    name = "private"
+    secret = "private-creds"
+    cluster.kubectl("delete", "secret", secret, "-n", OPERATOR_NS, check=False)
+    apply(cluster, mirror_body(name, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": secret}}))
+    body = wait_condition(cluster, name, "Ready", "False", reason="CredentialsSecretMissing")
+    assert condition(body, "Stalled")["status"] == "True"  # type: ignore[index]
+    assert body["status"]["phase"] == "Failed"
+    # Events about a cluster-scoped object live in `default`; the Event follows the status write.
+    wait_for(
+        lambda: cluster.kubectl(
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            f"reason=CredentialsSecretMissing,involvedObject.name={name}",
+            "-o",
+            "name",
+        ).stdout.strip(),
+        timeout=10,
+        what="a Warning Event about the missing Secret",
+    )
+
+    password = "s3cr3t-value-never-shown"
+    cluster.kubectl(
+        "create", "secret", "generic", secret, "-n", OPERATOR_NS, "--from-literal=username=robot", f"--from-literal=password={password}"
+    )
+    wait_condition(cluster, name, "Ready", "True")
+    dep = child(cluster, "deployment", name)
+    assert dep is not None
+    env = registry_env(dep)
+    assert env["REGISTRY_PROXY_PASSWORD"] == {"secretKeyRef": {"name": secret, "key": "password"}}
+    first_hash = dep["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/credentials-hash"]
+
+    # Rotation rolls the pods (new hash on the template).
+    rotated = base64.b64encode(b"rotated-password").decode()
+    cluster.kubectl("patch", "secret", secret, "-n", OPERATOR_NS, "-p", f'{{"data":{{"password":"{rotated}"}}}}')
+    wait_for(
+        lambda: (
+            child(cluster, "deployment", name)["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/credentials-hash"]  # type: ignore[index]
+            != first_hash
+        ),
+        timeout=15,
+        what="credentials hash to change",
+    )
+    # Secrets never leak: not in any ConfigMap, status or the operator's log.
+    everything = cluster.kubectl("get", "configmaps,registrymirrors,events", "-A", "-o", "yaml").stdout
+    assert password not in everything and "rotated-password" not in everything
+    assert password not in operator.logs()
+
+    # Removing the Secret again: Ready=False, but the running Deployment keeps its last good configuration.
+    cluster.kubectl("delete", "secret", secret, "-n", OPERATOR_NS)
+    wait_condition(cluster, name, "Ready", "False", reason="CredentialsSecretMissing")
+    dep_after = child(cluster, "deployment", name)
+    assert dep_after is not None and dep_after["status"].get("readyReplicas") == 1
+    assert condition(get_mirror(cluster, name), "Available")["status"] == "True"  # type: ignore[index]
+    delete_mirror(cluster, name)
+
+
+def test_two_mirrors_for_one_host_are_ordered(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    apply(cluster, mirror_body("order-b", upstream={"url": "https://mirror.gcr.io", "hosts": ["docker.io"]}, nodeConfig={"priority": 50}))
+    apply(cluster, mirror_body("order-a", upstream={"url": "https://registry-1.docker.io"}, nodeConfig={"priority": 10}))
+    apply(
+        cluster, mirror_body("order-c", upstream={"url": "https://mirror.example.com", "hosts": ["docker.io"]}, nodeConfig={"priority": 50})
+    )
+    for name in ("order-a", "order-b", "order-c"):
+        wait_condition(cluster, name, "Ready", "True")
+    expected = ["order-b", "order-c", "order-a"]  # priority 50 first (ties by name), then 10
+    positions = []
+    for name in expected:
+        route = next(h for h in get_mirror(cluster, name)["status"]["hosts"] if h["host"] == "docker.io")
+        # Other tests' docker.io mirrors (priority 100) may stand before these: compare among ours.
+        assert [m for m in route["mirrors"] if m.startswith("order-")] == expected
+        assert route["mirrors"][route["position"] - 1] == name
+        positions.append(route["position"])
+    assert positions == sorted(positions) and len(set(positions)) == 3
+    for name in expected:
+        delete_mirror(cluster, name)
+
+
+def test_quiet_period_has_no_writes(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    apply(cluster, mirror_body("quiet"))
+    wait_condition(cluster, "quiet", "Ready", "True")
+    time.sleep(3)  # let the last rollout events settle
+    since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    time.sleep(60)
+    writes = cluster.write_events(OPERATOR_USER, since=since)
+    assert writes == [], [f"{w['verb']} {w['objectRef']}" for w in writes]
+    delete_mirror(cluster, "quiet")
+
+
+def test_restart_resumes_without_duplicates_or_flapping(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    apply(cluster, mirror_body("steady"))
+    before = wait_condition(cluster, "steady", "Ready", "True")
+    ready_since = condition(before, "Ready")["lastTransitionTime"]  # type: ignore[index]
+
+    with MirrorWatch(cluster, "steady") as watch:
+        operator.stop(signal.SIGKILL)
+        apply(cluster, mirror_body("midway"))  # created while the operator is down
+        operator.start()
+        wait_condition(cluster, "midway", "Ready", "True")
+        time.sleep(2)  # let the restarted operator's node rollout for "midway" finish
+    after = get_mirror(cluster, "steady")
+    assert all(ready == "True" for _, ready, _ in watch.seen), watch.seen
+    assert condition(after, "Ready")["lastTransitionTime"] == ready_since  # type: ignore[index]
+    deployments = cluster.kubectl_json("get", "deployments", "-n", OPERATOR_NS, "-l", "regmirror.dev/mirror=midway")["items"]
+    assert len(deployments) == 1
+    for name in ("steady", "midway"):
+        delete_mirror(cluster, name)
+
+
+def test_delete_removes_children_and_keeps_a_retained_claim(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    apply(cluster, mirror_body("gone"))
+    apply(cluster, mirror_body("kept", storage={"size": "1Gi", "deletionPolicy": "Retain"}))
+    wait_condition(cluster, "gone", "Ready", "True")
+    wait_condition(cluster, "kept", "Ready", "True")
+    delete_mirror(cluster, "gone")
+    delete_mirror(cluster, "kept")
+    for kind in ("deployment", "service", "configmap", "persistentvolumeclaim"):
+        wait_for(lambda k=kind: child(cluster, k, "gone") is None, timeout=60, what=f"{kind} of gone to be collected")
+    wait_for(lambda: child(cluster, "deployment", "kept") is None, timeout=60, what="deployment of kept to be collected")
+    pvc = child(cluster, "persistentvolumeclaim", "kept")
+    assert pvc is not None and pvc["status"]["phase"] == "Bound"
+    cluster.kubectl("delete", "pvc", CHILD.format("kept"), "-n", OPERATOR_NS, "--wait=false")
+
+
+def test_metrics_endpoint_reports_reconciles(cluster: LocalCluster, operator: OperatorProcess) -> None:
+    apply(cluster, mirror_body("metrics"))
+    wait_condition(cluster, "metrics", "Ready", "True")
+    text = operator.metrics()
+    assert 'regmirror_reconciles_total{outcome="success"}' in text
+    assert "regmirror_mirrors_ready" in text
+    assert get_mirror(cluster, "metrics")["status"]["phase"] == "Ready"
+    delete_mirror(cluster, "metrics")
