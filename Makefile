@@ -32,6 +32,9 @@ crd: install ## Regenerate crds/ (and its copy in manifests/crd/) from the pydan
 	$(VENV)/bin/regmirror crd > crds/registrymirrors.regmirror.dev.yaml
 	cp crds/registrymirrors.regmirror.dev.yaml manifests/crd/registrymirrors.regmirror.dev.yaml
 
+docs: install ## Regenerate the README's API reference from the models
+	$(PY) -c 'import pathlib, regmirror.offline as o; p = pathlib.Path("README.md"); p.write_text(o.with_api_reference(p.read_text()))'
+
 lint: install ## ruff, mypy (strict) and the import-linter layer contracts
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/ruff format --check operator tests
@@ -70,4 +73,4 @@ undeploy: ## Delete every RegistryMirror (waits until the nodes' files are gone)
 	fi
 	$(KUBECTL) delete -k manifests/ --ignore-not-found --wait=true
 
-.PHONY: help install controlplane crd lint unit integration e2e test dev bench image deploy undeploy
+.PHONY: help install controlplane crd docs lint unit integration e2e test dev bench image deploy undeploy
