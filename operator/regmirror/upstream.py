@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import base64
 import http.client
-import ssl
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from regmirror.lowlevel import http_connection
 
 REASON_AUTHENTICATED = "Authenticated"
 REASON_ANONYMOUS = "Anonymous"
@@ -119,14 +120,7 @@ def _redact(url: str) -> str:
 
 def _get(url: str, authorization: str | None, ca_pem: str | None, timeout: float) -> _Response:
     """One GET, no redirects followed; raises OSError / HTTPException when nothing answers."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
-        conn = http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout, context=context)
-    else:
-        conn = http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+    conn, parts = http_connection(url, timeout, ca_pem)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query

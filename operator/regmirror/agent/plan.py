@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from regmirror.lowlevel import selector_matches
+
 
 class PlanError(ValueError):
     """The plan file is not a valid node plan."""
@@ -35,19 +37,7 @@ class Selector:
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Whether a set of labels satisfies this selector."""
-        if any(labels.get(k) != v for k, v in self.match_labels.items()):
-            return False
-        for req in self.match_expressions:
-            present = req.key in labels
-            if req.operator == "In" and not (present and labels[req.key] in req.values):
-                return False
-            if req.operator == "NotIn" and present and labels[req.key] in req.values:
-                return False
-            if req.operator == "Exists" and not present:
-                return False
-            if req.operator == "DoesNotExist" and present:
-                return False
-        return True
+        return selector_matches(self.match_labels, self.match_expressions, labels)
 
 
 @dataclass(frozen=True)

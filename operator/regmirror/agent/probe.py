@@ -11,12 +11,12 @@ that starts while a mirror is down never routes pulls to it.
 from __future__ import annotations
 
 import http.client
-import ssl
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from regmirror.lowlevel import http_connection
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_INTERVAL = 2.0
@@ -28,14 +28,7 @@ ProbeFn = Callable[[str, float, str | None], str | None]
 
 def http_probe(url: str, timeout: float, ca_pem: str | None = None) -> str | None:
     """GET <url>/v2/: None if any HTTP response came back, else the error."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
-        conn = http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout, context=context)
-    else:
-        conn = http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+    conn, parts = http_connection(url, timeout, ca_pem)
     try:
         conn.request("GET", parts.path.rstrip("/") + "/v2/", headers={"User-Agent": "regmirror-agent"})
         conn.getresponse().read(1024)
