@@ -61,6 +61,9 @@ RENDER_CLUSTER_IP: Final = "10.96.0.10"
 AGENT_NAME: Final = "regmirror-agent"
 NODE_CONFIG_NAME: Final = "regmirror-node-config"
 NODE_CONFIG_KEY: Final = "mirrors.json"
+# Recent plans' per-mirror entry digests, so a restarted operator still knows
+# which mirrors an agent pod carrying an older plan digest has applied.
+NODE_CONFIG_HISTORY_KEY: Final = "history.json"
 CONTAINERD_CONFIG_PATH: Final = "/etc/containerd/certs.d"
 CRIO_DROPIN_DIR: Final = "/etc/containers/registries.conf.d"
 CRIO_DROPIN_FILE: Final = "50-regmirror.conf"

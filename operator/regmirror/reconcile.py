@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -40,7 +41,7 @@ MAX_BACKOFF_SECONDS = 60.0
 # A failed or inconclusive upstream credentials check is repeated this often;
 # a good one only when the credentials change.
 UPSTREAM_RECHECK_SECONDS = 60.0
-PLAN_HISTORY = 64
+PLAN_HISTORY = 8
 
 
 @dataclass
@@ -495,9 +496,15 @@ class Controller:
             live_plan = NodePlan.from_json((live_cm.get("data") or {}).get(c.NODE_CONFIG_KEY, "{}"))
         except ValueError:
             return
+        try:
+            history = json.loads((live_cm.get("data") or {}).get(c.NODE_CONFIG_HISTORY_KEY, "{}"))
+        except ValueError:
+            history = {}
         with self._lock:
             for entry in live_plan.mirrors:
                 self.last_good.setdefault(entry.name, entry)
+            for digest, entries in history.items():
+                self.plan_history.setdefault(digest, dict(entries))
             self._remember_plan(live_plan)
 
     def _remember_plan(self, plan: NodePlan) -> None:
@@ -512,8 +519,11 @@ class Controller:
             self._seed_from_live_plan()
         plan = self.desired_plan()
         uses_crio = any(Runtime.CRIO in e.runtimes for e in plan.mirrors)
+        with self._lock:
+            self._remember_plan(plan)
+            history = dict(self.plan_history)
         objects = [
-            render_node_config_map(plan, self.settings.agent_namespace),
+            render_node_config_map(plan, self.settings.agent_namespace, history),
             render_agent_daemonset(
                 plan,
                 self.settings.agent_namespace,
@@ -544,7 +554,6 @@ class Controller:
                 self.agent_objects[obj["kind"]] = result
         with self._lock:
             self.plan = plan
-            self._remember_plan(plan)
             self.status_dirty.update(self.mirrors)
 
     # ------------------------------------------------------------ status

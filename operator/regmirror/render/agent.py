@@ -7,6 +7,8 @@ progress the operator copies into each mirror's status.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from regmirror import constants as c
@@ -45,13 +47,16 @@ def plan_uses_crio(plan: NodePlan) -> bool:
     return any(Runtime.CRIO in m.runtimes for m in plan.mirrors)
 
 
-def render_node_config_map(plan: NodePlan, namespace: str) -> dict[str, Any]:
-    """The ConfigMap every agent reads its plan from."""
+def render_node_config_map(plan: NodePlan, namespace: str, history: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
+    """The ConfigMap every agent reads its plan from (plus, for the operator, recent plans' entry digests)."""
+    data = {c.NODE_CONFIG_KEY: plan.to_json()}
+    if history is not None:
+        data[c.NODE_CONFIG_HISTORY_KEY] = json.dumps(history, sort_keys=True, separators=(",", ":"))
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": c.NODE_CONFIG_NAME, "namespace": namespace, "labels": naming.labels(None, component="agent")},
-        "data": {c.NODE_CONFIG_KEY: plan.to_json()},
+        "data": data,
     }
 
 
