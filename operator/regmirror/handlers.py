@@ -8,6 +8,7 @@ does the reconciling (see reconcile.py for why). Run with
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -57,6 +58,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=c.ANNOTATION_PREFIX, key="last-handled-configuration")
     # Kopf's own Events would echo handler exceptions; ours are posted deliberately (reconcile._announce).
     settings.posting.enabled = False
+    # One "Handler ... succeeded" line per watch event is most of the log and a real
+    # share of the CPU at scale (thousands of agent-pod events); problems stay visible.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     port = int(os.environ.get("REGMIRROR_METRICS_PORT", "8000"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,7 +32,7 @@ from regmirror import kube, naming
 from regmirror.conditions import condition, merge_conditions
 from regmirror.models import RegistryMirrorSpec, Runtime
 from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, host_order, mirror_entry
-from regmirror.observe import NodeRollout, Observation, drifted, evaluate, status_changed
+from regmirror.observe import NodeRollout, Observation, drifted, evaluate, status_changed, typed_status
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
 from regmirror.render.mirror import render_mirror_children
 from regmirror.upstream import UpstreamCheck, check_upstream
@@ -57,6 +59,9 @@ class Settings:
     workers: int = field(default_factory=lambda: int(os.environ.get("REGMIRROR_WORKERS", "4")))
     # How long the worker waits for more events before acting on a burst.
     coalesce_seconds: float = field(default_factory=lambda: float(os.environ.get("REGMIRROR_COALESCE_SECONDS", "0.2")))
+    # Minimum time between two node-plan versions: every version restarts the agents'
+    # rolling update, so a burst of new mirrors should become one rollout, not dozens.
+    plan_interval_seconds: float = field(default_factory=lambda: float(os.environ.get("REGMIRROR_PLAN_INTERVAL_SECONDS", "1.0")))
 
 
 class ConfigError(Exception):
@@ -105,6 +110,11 @@ class Controller:
         self.agent_pods: dict[str, dict[str, Any]] = {}  # node name -> newest agent pod
         self.node_applied: dict[str, str | None] = {}  # node name -> plan digest of the last Ready agent pod
         self.agent_objects: dict[str, dict[str, Any]] = {}  # kind -> live DaemonSet / ConfigMap
+        self._specs: dict[str, tuple[int | None, RegistryMirrorSpec | ConfigError]] = {}
+        self._host_order: dict[str, list[str]] | None = None  # per-pass cache, reset when mirrors change
+        self._node_index: _NodeIndex | None = None  # per-pass cache, reset when nodes or agent pods change
+        self._last_plan_apply = 0.0
+        self.status_recheck_at: float | None = None
         self.dirty: set[str] = set()
         self.status_dirty: set[str] = set()
         self.plan_dirty = False
@@ -137,8 +147,10 @@ class Controller:
         """A RegistryMirror was added, changed or deleted."""
         name = body["metadata"]["name"]
         with self._lock:
+            self._host_order = None
             if event_type == "DELETED":
                 self.mirrors.pop(name, None)
+                self._specs.pop(name, None)
                 self.errors.pop(name, None)
                 self.last_good.pop(name, None)
                 self.announced.pop(name, None)
@@ -163,7 +175,7 @@ class Controller:
             if event_type == "DELETED":
                 self.children.pop(key, None)
             else:
-                self.children[key] = body
+                self.children[key] = _slim(body)
             if body.get("kind") == "Service":
                 self.plan_dirty = True
         if mirror and mirror in self.mirrors:
@@ -186,6 +198,7 @@ class Controller:
         name = body["metadata"]["name"]
         labels = body["metadata"].get("labels") or {}
         with self._lock:
+            self._node_index = None
             if event_type == "DELETED":
                 changed = self.nodes.pop(name, None) is not None
                 self.node_applied.pop(name, None)
@@ -202,12 +215,13 @@ class Controller:
         if not node:
             return
         with self._lock:
+            self._node_index = None
             current = self.agent_pods.get(node)
             if event_type == "DELETED":
                 if current and current["metadata"]["name"] == body["metadata"]["name"]:
                     self.agent_pods.pop(node, None)
             elif _replaces(body, current):
-                self.agent_pods[node] = body
+                self.agent_pods[node] = _slim_pod(body)
             if event_type != "DELETED" and _pod_ready(body) and not body["metadata"].get("deletionTimestamp"):
                 self.node_applied[node] = _plan_digest(body)
             names = list(self.mirrors)
@@ -219,7 +233,7 @@ class Controller:
             if event_type == "DELETED":
                 self.agent_objects.pop(body.get("kind", ""), None)
             else:
-                self.agent_objects[body.get("kind", "")] = body
+                self.agent_objects[body.get("kind", "")] = _slim(body)
             self.plan_dirty = True
             names = list(self.mirrors)
         self._mark(names, spec=False)
@@ -281,8 +295,12 @@ class Controller:
                 for n in due:
                     self.retry_at.pop(n, None)
                 self.dirty |= due
+                if self.status_recheck_at is not None and self.status_recheck_at <= now:
+                    self.status_recheck_at = None
+                    self._node_index = None
+                    self.status_dirty.update(self.mirrors)
                 if not (self.dirty or self.status_dirty or self.plan_dirty):
-                    next_retry = min(self.retry_at.values(), default=now + 5.0)
+                    next_retry = min([*self.retry_at.values(), self.status_recheck_at or now + 5.0])
                     self._wake.wait(timeout=max(0.05, min(5.0, next_retry - now)))
                     continue
             # Let a burst of events settle so it is handled as one.
@@ -303,7 +321,10 @@ class Controller:
         names = sorted(n for n in dirty if n in self.mirrors)
         list(self._pool.map(self._reconcile_mirror_safely, names))
         with self._lock:
-            plan_dirty, self.plan_dirty = self.plan_dirty, False
+            plan_due = time.monotonic() - self._last_plan_apply >= self.settings.plan_interval_seconds
+            plan_dirty = self.plan_dirty and plan_due
+            if plan_dirty:
+                self.plan_dirty = False
         if plan_dirty:
             try:
                 self.reconcile_node_plan()
@@ -356,13 +377,28 @@ class Controller:
         log.info("mirror %s: %s (%s); retrying in %.0fs", name, err.reason, err.message, delay)
 
     def spec_of(self, body: dict[str, Any]) -> RegistryMirrorSpec:
-        """The typed spec, or a ConfigError naming the invalid field."""
+        """The typed spec, or a ConfigError naming the invalid field.
+
+        Memoized per (name, generation): a status pass over 500 mirrors must not
+        re-validate 500 specs for each of them (the profile showed exactly that).
+        """
+        meta = body.get("metadata") or {}
+        key = (meta.get("name", ""), meta.get("generation"))
+        cached = self._specs.get(key[0])
+        if cached is not None and cached[0] == key[1] and key[1] is not None:
+            if isinstance(cached[1], ConfigError):
+                raise cached[1]
+            return cached[1]
         try:
-            return RegistryMirrorSpec.model_validate(body.get("spec") or {})
+            spec: RegistryMirrorSpec | ConfigError = RegistryMirrorSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ConfigError("InvalidSpec", f"spec.{where}: {first['msg']}") from exc
+            spec = ConfigError("InvalidSpec", f"spec.{where}: {first['msg']}")
+        self._specs[key[0]] = (key[1], spec)
+        if isinstance(spec, ConfigError):
+            raise spec
+        return spec
 
     def credentials_hash(self, spec: RegistryMirrorSpec) -> str | None:
         """Fingerprint of every Secret the mirror's pods use; ConfigError when one is unusable."""
@@ -448,7 +484,7 @@ class Controller:
             result = kube.apply(obj)
             wrote = True
             with self._lock:
-                self.children[key] = result
+                self.children[key] = _slim(result)
                 if obj["kind"] == "Service":
                     self.plan_dirty = True
         return wrote
@@ -551,7 +587,8 @@ class Controller:
             )
             result = kube.apply(obj)
             with self._lock:
-                self.agent_objects[obj["kind"]] = result
+                self.agent_objects[obj["kind"]] = _slim(result)
+                self._last_plan_apply = time.monotonic()
         with self._lock:
             self.plan = plan
             self.status_dirty.update(self.mirrors)
@@ -563,6 +600,27 @@ class Controller:
         known = self.plan_history.get(digest or "")
         return known.get(name) if known is not None else "unknown"
 
+    def _index(self) -> _NodeIndex:
+        """Nodes grouped by what their agents carry; rebuilt only after a node or agent pod changed."""
+        with self._lock:
+            if self._node_index is None:
+                groups: dict[tuple[str | None, str | None, bool], list[str]] = {}
+                problems: dict[str, str] = {}
+                wall = time.time()
+                for node in sorted(self.nodes):
+                    pod = self.agent_pods.get(node)
+                    reason, recheck = _agent_not_ready_reason(pod, wall) if pod is not None else (None, None)
+                    if recheck is not None:
+                        # Look again when the grace period ends: no event will say so.
+                        at = time.monotonic() + (recheck - wall)
+                        self.status_recheck_at = min(self.status_recheck_at or at, at)
+                    if reason:
+                        problems[node] = reason
+                    key = (_plan_digest(pod) if pod is not None else None, self.node_applied.get(node), reason is not None)
+                    groups.setdefault(key, []).append(node)
+                self._node_index = _NodeIndex(labels=dict(self.nodes), groups=groups, problems=problems)
+            return self._node_index
+
     def node_rollout(self, name: str, spec: RegistryMirrorSpec | None, deleting: bool) -> NodeRollout:
         """Desired/updated/ready nodes for one mirror, from the agent pods' plan digests.
 
@@ -570,39 +628,47 @@ class Controller:
         ready: the last agent pod that was Ready on the node applied it, so the files
         are in place. A rollout for another mirror replaces every agent pod, but the
         old pod's files stay until the new one is Ready: that must not flap this
-        mirror's status.
+        mirror's status. Nodes are counted per group of equal plan digests, so 500
+        mirrors on 1,000 nodes cost a few dictionary lookups each, not 1,000.
         """
         if spec is None or not spec.node_config.enabled:
             return NodeRollout(enabled=False)
         selector = spec.node_config.node_selector
+        index = self._index()
         with self._lock:
             plan = self.plan
             current = next((e for e in plan.mirrors if e.name == name), None) if plan else None
             # While deleting, "current" is absent: a plan without the mirror is what we wait for.
             want = None if deleting else (_entry_digest(current) if current else "no entry yet")
-            selected = sorted(n for n, labels in self.nodes.items() if selector.matches(labels))
-            updated = ready = 0
-            not_ready: list[str] = []
+            everyone = not selector.match_labels and not selector.match_expressions
+            chosen = None if everyone else {n for n, labels in index.labels.items() if selector.matches(labels)}
+            desired = updated = ready = 0
+            waiting: list[str] = []
             problems: list[str] = []
-            for node in selected:
-                pod = self.agent_pods.get(node)
-                if pod is not None and self._carries(_plan_digest(pod), name) == want:
-                    updated += 1
-                # A preflight failure means containerd ignores the files, whatever they say.
-                reason = _agent_not_ready_reason(pod) if pod is not None else None
-                if reason:
-                    problems.append(f"{node}: {reason}")
-                elif node in self.node_applied and self._carries(self.node_applied[node], name) == want:
-                    ready += 1
+            for (newest, applied, failing), names in index.groups.items():
+                members = names if chosen is None else [n for n in names if n in chosen]
+                if not members:
                     continue
-                not_ready.append(node)
+                desired += len(members)
+                # Between an old agent pod's deletion and its successor's creation the
+                # node still runs what the old one applied.
+                carried = newest if newest is not None else applied
+                if carried is not None and self._carries(carried, name) == want:
+                    updated += len(members)
+                if failing:
+                    # A preflight failure means containerd ignores the files, whatever they say.
+                    problems += [f"{n}: {index.problems[n]}" for n in members[:5]]
+                elif applied is not None and self._carries(applied, name) == want:
+                    ready += len(members)
+                    continue
+                waiting += members[:10]
         return NodeRollout(
             enabled=True,
-            desired=len(selected),
+            desired=desired,
             updated=updated,
             ready=ready,
-            not_ready=tuple(not_ready[:10]),
-            problems=tuple(problems[:5]),
+            not_ready=tuple(heapq.nsmallest(10, waiting)),
+            problems=tuple(sorted(problems)[:5]),
             removing=deleting,
         )
 
@@ -668,6 +734,8 @@ class Controller:
 
     def _host_order_from_specs(self) -> dict[str, list[str]]:
         with self._lock:
+            if self._host_order is not None:
+                return self._host_order
             bodies = list(self.mirrors.items())
         keyed: dict[str, list[tuple[int, str]]] = {}
         for name, body in bodies:
@@ -679,7 +747,10 @@ class Controller:
                 continue
             for host in spec.upstream.effective_hosts():
                 keyed.setdefault(host, []).append((-spec.node_config.priority, name))
-        return {host: [n for _, n in sorted(items)] for host, items in keyed.items()}
+        order = {host: [n for _, n in sorted(items)] for host, items in keyed.items()}
+        with self._lock:
+            self._host_order = order
+        return order
 
     def _write_status_safely(self, name: str) -> None:
         try:
@@ -710,7 +781,7 @@ class Controller:
         old = body.get("status") or {}
         if not status_changed(old, new):
             return False
-        patch = {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name}, "status": new}
+        patch = {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name}, "status": typed_status(new)}
         result = kube.apply(patch, subresource="status")
         with self._lock:
             if name in self.mirrors:
@@ -738,6 +809,45 @@ class Controller:
             kube.create_event(body, reason=ready["reason"], message=ready.get("message", ""), type_=kind)
 
 
+def _slim(body: dict[str, Any]) -> dict[str, Any]:
+    """A cached copy without managedFields (often the largest part of an object, and never read)."""
+    meta = body.get("metadata") or {}
+    if "managedFields" not in meta:
+        return body
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """Only what rollout accounting reads of an agent pod (there is one per node)."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "creationTimestamp": meta.get("creationTimestamp"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k == c.ANNOTATION_NODE_CONFIG_HASH},
+        },
+        "spec": {"nodeName": (pod.get("spec") or {}).get("nodeName")},
+        "status": {
+            "conditions": [cd for cd in status.get("conditions") or [] if cd.get("type") == "Ready"],
+            "containerStatuses": [
+                {"started": cs.get("started"), "ready": cs.get("ready"), "state": {k: {} for k in cs.get("state") or {}}}
+                for cs in status.get("containerStatuses") or []
+            ],
+        },
+    }
+
+
+@dataclass(frozen=True)
+class _NodeIndex:
+    """Nodes grouped by (newest agent pod's plan digest, last applied digest, agent failing)."""
+
+    labels: dict[str, dict[str, str]]
+    groups: dict[tuple[str | None, str | None, bool], list[str]]
+    problems: dict[str, str]
+
+
 def _plan_digest(pod: dict[str, Any]) -> str | None:
     digest = ((pod.get("metadata") or {}).get("annotations") or {}).get(c.ANNOTATION_NODE_CONFIG_HASH)
     return str(digest) if digest else None
@@ -752,20 +862,39 @@ def _replaces(pod: dict[str, Any], current: dict[str, Any] | None) -> bool:
     return bool(pod["metadata"].get("creationTimestamp", "") >= current["metadata"].get("creationTimestamp", ""))
 
 
-def _agent_not_ready_reason(pod: dict[str, Any]) -> str | None:
-    """Why a running agent is not Ready, or None while it is starting (or Ready).
+AGENT_READY_GRACE_SECONDS = 30.0
+
+
+def _agent_not_ready_reason(pod: dict[str, Any], now: float) -> tuple[str | None, float | None]:
+    """Why a running agent is not Ready (or None), and when to look again if it is still in its grace period.
 
     The agent's readiness is false only when its preflight failed (containerd will
     not read the files) or a foreign file blocks a host; it says which in an Event
-    on the Node. A container that started but is not ready is that case, not a
-    rollout in progress.
+    on the Node. A freshly started agent is not Ready for a moment during every
+    rollout, so only one that stays unready past a grace period counts.
     """
     if _pod_ready(pod) or pod["metadata"].get("deletionTimestamp"):
-        return None
+        return None, None
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("started") and not status.get("ready") and "running" in (status.get("state") or {}):
-            return "the agent runs but is not Ready (preflight failed or a foreign file blocks a host; see the Node's Events)"
-    return None
+        running = (status.get("state") or {}).get("running")
+        if running is None or status.get("ready"):
+            continue
+        started = _epoch(running.get("startedAt"))
+        if started is None:
+            continue
+        if now - started < AGENT_READY_GRACE_SECONDS:
+            return None, started + AGENT_READY_GRACE_SECONDS
+        return "the agent runs but is not Ready (preflight failed or a foreign file blocks a host; see the Node's Events)", None
+    return None, None
+
+
+def _epoch(timestamp: str | None) -> float | None:
+    if not timestamp:
+        return None
+    try:
+        return datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
 
 
 def _invalid_status(body: dict[str, Any], err: ConfigError) -> dict[str, Any]:

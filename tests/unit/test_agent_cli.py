@@ -144,7 +144,12 @@ def test_not_ready_with_the_reason_when_preflight_fails(tmp_path: Path) -> None:
     proc = start_agent(setup_node(tmp_path, UNSET), port)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", 200)
+        # 503 "Starting" comes first, until the first reconcile has run the preflight.
+        deadline = time.monotonic() + 10
         body = wait_http(f"http://127.0.0.1:{port}/readyz", 503)
+        while body.startswith("Starting") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            body = wait_http(f"http://127.0.0.1:{port}/readyz", 503)
         assert body.startswith("PreflightFailed:") and "config_path" in body
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -155,3 +155,18 @@ def test_unreachable_upstream_does_not_block_ready() -> None:
 
 def test_no_credentials_no_upstream_condition() -> None:
     assert all(c["type"] != "UpstreamAuthenticated" for c in evaluate(observe(), [])["conditions"])
+
+
+def test_status_round_trips_through_the_model_unchanged() -> None:
+    """The operator compares the raw status and validates only before writing: both must agree."""
+    from regmirror.observe import typed_status
+
+    for obs in (
+        observe(),
+        observe(nodes=NodeRollout(enabled=True, desired=3, updated=1, ready=0, not_ready=("a", "b"))),
+        observe(error_reason="CredentialsSecretMissing", error_message="x"),
+        observe(upstream_auth=(None, "Unreachable", "refused"), pvc=None, service=None, deployment=None),
+        observe(nodes=NodeRollout(enabled=False)),
+    ):
+        raw = evaluate(obs, [], now="2026-01-01T00:00:00Z")
+        assert typed_status(raw) == raw
