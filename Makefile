@@ -36,8 +36,8 @@ docs: install ## Regenerate the README's API reference from the models
 	$(PY) -c 'import pathlib, regmirror.offline as o; p = pathlib.Path("README.md"); p.write_text(o.with_api_reference(p.read_text()))'
 
 lint: install ## ruff, mypy (strict) and the import-linter layer contracts
-	$(VENV)/bin/ruff check operator tests
-	$(VENV)/bin/ruff format --check operator tests
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
 	$(VENV)/bin/mypy
 	cd operator && ../$(VENV)/bin/lint-imports ../pyproject.toml
 
@@ -58,6 +58,7 @@ dev: install controlplane ## Run the operator on a local control plane (Ctrl-C s
 	$(PY) -m harness.dev
 
 bench: install controlplane ## Benchmarks (SCALE=large for 500 mirrors on 1000 nodes)
+	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) -m bench $(if $(SCALE),--scale $(SCALE),)
 
 image: ## Build the operator and agent image (one image; IMAGE=name:tag to override)

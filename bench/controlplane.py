@@ -1,0 +1,451 @@
+"""Control-plane scenarios: N mirrors at once on M kwok nodes, with and without the operator.
+
+Phases, all on one LocalCluster (so both sides pay the same Kubernetes):
+
+1. M kwok nodes (timed).
+2. Baseline: every mirror's children, rendered by ``render_mirror_children``, plus
+   the node plan ConfigMap and agent DaemonSet, applied directly with server-side
+   apply into namespaces the operator does not watch; per mirror, the time until
+   its Deployment is Available, its PVC Bound and every node runs a Ready agent
+   pod with the plan. Then a bare DaemonSet rollout (a template annotation changed).
+   The baseline namespaces are deleted before the operator starts.
+3. Operator (``regmirror run`` with its own ServiceAccount, as tests/conftest.py
+   starts it): N RegistryMirrors created at once; per mirror apply -> Ready, and
+   how long after its children were ready (by the same definition as the baseline)
+   Ready was reported; API requests from the audit log; RSS and CPU from /proc;
+   one more mirror (node rollout); a quiet period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.kubewatch import Watch
+from bench.measure import ProcSampler, audit_requests, percentiles, proc_status, rfc3339_now, summarize_requests
+from bench.profile import PySpy
+from bench.track import ChildReady, DaemonSetPods, MirrorReady, NodePlans, Sampler
+from harness import LocalCluster
+from harness.operator import (
+    AGENT_NS,
+    OPERATOR_NS,
+    OPERATOR_SA,
+    OPERATOR_USER,
+    REPO,
+    OperatorProcess,
+    install_crd_and_namespaces,
+    mirror_body,
+)
+from regmirror import constants as c
+from regmirror.models import RegistryMirrorSpec
+from regmirror.nodeplan import build_node_plan, mirror_entry
+from regmirror.render.agent import render_agent_daemonset, render_node_config_map
+from regmirror.render.mirror import render_mirror_children
+
+BASE_NS = "bench-baseline"
+BASE_NODE_NS = "bench-baseline-node"
+ROLLOUT_ANNOTATION = "bench.regmirror.dev/rollout"
+AGENT_SELECTOR = f"{c.LABEL_NAME}={c.APP_NAME},{c.LABEL_COMPONENT}=agent"
+MANAGED_SELECTOR = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
+APPLY_THREADS = 16
+EXTRA_MIRROR = "zz-extra"
+
+
+@dataclass
+class Config:
+    mirrors: int
+    nodes: int
+    quiet_seconds: float
+    timeout: float
+    profile: bool
+    out_dir: Path
+    stamp: str
+
+
+def mirror_names(n: int) -> list[str]:
+    return [f"m{i:04d}" for i in range(n)]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def ssa(cluster: LocalCluster, path: str, body: dict[str, Any], manager: str = "bench") -> Any:
+    """Server-side apply one object (as admin)."""
+    return cluster.api("PATCH", f"{path}?fieldManager={manager}&force=true", body, content_type="application/apply-patch+yaml")
+
+
+def object_path(obj: dict[str, Any]) -> str:
+    kind, meta = obj["kind"], obj["metadata"]
+    plural = {
+        "ConfigMap": "configmaps",
+        "Service": "services",
+        "PersistentVolumeClaim": "persistentvolumeclaims",
+        "Deployment": "deployments",
+        "DaemonSet": "daemonsets",
+    }[kind]
+    prefix = "/api/v1" if obj["apiVersion"] == "v1" else f"/apis/{obj['apiVersion']}"
+    return f"{prefix}/namespaces/{meta['namespace']}/{plural}/{meta['name']}"
+
+
+def wait(predicate: Any, timeout: float, what: str, cluster: LocalCluster, every: float = 0.2) -> bool:
+    """Poll until true; False on timeout (a scenario reports how far it got instead of failing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cluster.check_alive()
+        if predicate():
+            return True
+        time.sleep(every)
+    log(f"timed out after {timeout:.0f}s waiting for {what}")
+    return False
+
+
+def namespace(cluster: LocalCluster, name: str, level: str) -> None:
+    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": level}}}
+    ssa(cluster, f"/api/v1/namespaces/{name}", body)
+
+
+def rollout_watches(
+    cluster: LocalCluster, ns: str, node_ns: str, children: ChildReady, pods: list[DaemonSetPods], plans: NodePlans | None
+) -> list[Watch]:
+    def on_pod(type_: str, obj: dict[str, Any], t: float) -> None:
+        for tracker in pods:
+            tracker.on_event(type_, obj, t)
+
+    watches = [
+        Watch(cluster, f"/apis/apps/v1/namespaces/{ns}/deployments", children.on_deployment, label_selector=MANAGED_SELECTOR),
+        Watch(cluster, f"/api/v1/namespaces/{ns}/persistentvolumeclaims", children.on_pvc, label_selector=MANAGED_SELECTOR),
+        Watch(cluster, f"/api/v1/namespaces/{node_ns}/pods", on_pod, label_selector=AGENT_SELECTOR),
+    ]
+    if plans is not None:
+        watches.append(Watch(cluster, f"/api/v1/namespaces/{node_ns}/configmaps", plans.on_event, label_selector=AGENT_SELECTOR))
+    for w in watches:
+        w.start()
+    for w in watches:
+        w.synced.wait(30)
+    return watches
+
+
+# ------------------------------------------------------------------ baseline
+
+
+def run_baseline(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
+    """The same children applied directly, and a bare DaemonSet rollout."""
+    names = mirror_names(cfg.mirrors)
+    namespace(cluster, BASE_NS, "restricted")
+    namespace(cluster, BASE_NODE_NS, "privileged")
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "regmirror-agent", "namespace": BASE_NODE_NS}}
+    ssa(cluster, f"/api/v1/namespaces/{BASE_NODE_NS}/serviceaccounts/regmirror-agent", sa)
+
+    children = ChildReady()
+    plan_pods = DaemonSetPods(c.ANNOTATION_NODE_CONFIG_HASH)
+    bare_pods = DaemonSetPods(ROLLOUT_ANNOTATION)
+    watches = rollout_watches(cluster, BASE_NS, BASE_NODE_NS, children, [plan_pods, bare_pods], None)
+    sampler = Sampler(plan_pods, cfg.nodes)
+    sampler.start()
+    bare_sampler = Sampler(bare_pods, cfg.nodes)
+    bare_sampler.start()
+
+    specs = {n: RegistryMirrorSpec.model_validate(mirror_body(n)["spec"]) for n in names}
+    started: dict[str, float] = {}
+    cluster_ips: dict[str, str] = {}
+
+    def apply_children(name: str) -> None:
+        started[name] = time.monotonic()
+        for obj in render_mirror_children(name, "baseline", specs[name], BASE_NS):
+            obj["metadata"].pop("ownerReferences", None)  # no owner here: the GC would collect them
+            result = ssa(cluster, object_path(obj), obj)
+            if obj["kind"] == "Service":
+                cluster_ips[name] = result["spec"]["clusterIP"]
+
+    log(f"baseline: applying the children of {len(names)} mirrors directly")
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(APPLY_THREADS) as pool:
+        list(pool.map(apply_children, names))
+    applied = time.monotonic() - t0
+    plan = build_node_plan([mirror_entry(n, specs[n], cluster_ips[n]) for n in names])
+    sampler.want_value("plan", {plan.digest()})
+    for obj in (render_node_config_map(plan, BASE_NODE_NS), render_agent_daemonset(plan, BASE_NODE_NS, "regmirror:test")):
+        ssa(cluster, object_path(obj), obj)
+    log(f"baseline: applied in {applied:.1f}s; waiting for Deployments, PVCs and {cfg.nodes} agent pods")
+
+    def converged() -> bool:
+        return children.deployment.done(names) and children.pvc.done(names) and "plan" in sampler.rolled.at
+
+    complete = wait(converged, cfg.timeout, "the baseline to converge", cluster)
+    rolled = sampler.rolled.at.get("plan")
+    per_mirror = {}
+    for n in names:
+        parts = [children.deployment.at.get(n), children.pvc.at.get(n), rolled]
+        if all(p is not None for p in parts):
+            per_mirror[n] = max(p for p in parts if p is not None) - started[n]
+    result: dict[str, Any] = {
+        "complete": complete,
+        "apply_seconds": round(applied, 2),
+        "ready_seconds": percentiles(list(per_mirror.values())),
+        "ready_samples": sorted(round(v, 3) for v in per_mirror.values()),
+        "converged_seconds": round(max(per_mirror.values()) if per_mirror else float("nan"), 2),
+        "deployment_available": percentiles([children.deployment.at[n] - started[n] for n in names if n in children.deployment.at]),
+        "pvc_bound": percentiles([children.pvc.at[n] - started[n] for n in names if n in children.pvc.at]),
+        "daemonset_created_to_all_nodes": round(rolled - t0, 2) if rolled else None,
+    }
+
+    # A bare DaemonSet rollout: the same DaemonSet, only a template annotation changed.
+    if complete:
+        patch = {"spec": {"template": {"metadata": {"annotations": {ROLLOUT_ANNOTATION: "1"}}}}}
+        bare_sampler.want_value("bare", {"1"})
+        t1 = time.monotonic()
+        cluster.api(
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{BASE_NODE_NS}/daemonsets/{c.AGENT_NAME}",
+            patch,
+            content_type="application/merge-patch+json",
+        )
+        done = wait(lambda: "bare" in bare_sampler.rolled.at, cfg.timeout, "the bare DaemonSet rollout", cluster, every=0.1)
+        result["bare_daemonset_rollout_seconds"] = round(bare_sampler.rolled.at["bare"] - t1, 2) if done else None
+        log(f"baseline: bare DaemonSet rollout over {cfg.nodes} nodes took {result['bare_daemonset_rollout_seconds']}s")
+
+    for w in watches:
+        w.stop()
+    sampler.stop()
+    bare_sampler.stop()
+    t2 = time.monotonic()
+    for ns in (BASE_NS, BASE_NODE_NS):
+        cluster.kubectl("delete", "namespace", ns, "--wait=false")
+    gone = wait(
+        lambda: all(cluster.kubectl("get", "namespace", ns, check=False).returncode != 0 for ns in (BASE_NS, BASE_NODE_NS)),
+        max(300.0, cfg.timeout),
+        "the baseline namespaces to be deleted",
+        cluster,
+        every=2.0,
+    )
+    result["cleanup_seconds"] = round(time.monotonic() - t2, 1) if gone else None
+    log(
+        f"baseline: converged={complete} p50={result['ready_seconds']['p50']}s max={result['converged_seconds']}s; cleanup {result['cleanup_seconds']}s"
+    )
+    return result
+
+
+# ------------------------------------------------------------------ operator
+
+
+def metrics_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as rsp:
+            return bool(rsp.status == 200)
+    except OSError:
+        return False
+
+
+def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
+    names = mirror_names(cfg.mirrors)
+    cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
+    kubeconfig = cluster.service_account_kubeconfig(OPERATOR_NS, OPERATOR_SA)
+    log_path = cfg.out_dir / f"{cfg.stamp}-operator.log"
+    proc = OperatorProcess(cluster, kubeconfig, log_path)
+    started_at = time.monotonic()
+    proc.start()
+    assert proc.proc is not None
+    pid = proc.proc.pid
+    sampler_proc = ProcSampler(pid)
+    sampler_proc.start()
+    result: dict[str, Any] = {"log": str(log_path)}
+    try:
+        wait(lambda: metrics_up(proc.metrics_port), 60, "the operator's metrics endpoint", cluster)
+        time.sleep(3)  # let its initial lists and watches settle
+        result["startup_seconds"] = round(time.monotonic() - started_at, 1)
+        idle = proc_status(pid)
+        result["idle_before_mirrors"] = {"rss_mib": round(idle.get("VmRSS", 0), 1), "cpu_seconds": round(idle.get("cpu_seconds", 0), 2)}
+
+        mirrors = MirrorReady()
+        children = ChildReady()
+        pods = DaemonSetPods(c.ANNOTATION_NODE_CONFIG_HASH)
+        plans = NodePlans(c.NODE_CONFIG_KEY)
+        watches = rollout_watches(cluster, OPERATOR_NS, AGENT_NS, children, [pods], plans)
+        mw = Watch(cluster, f"/apis/{c.API_VERSION}/{c.PLURAL}", mirrors.on_event)
+        mw.start()
+        mw.synced.wait(30)
+        watches.append(mw)
+        rollout = Sampler(pods, cfg.nodes, plans)
+        rollout.want_mirrors([*names, EXTRA_MIRROR])
+        rollout.start()
+
+        spy = PySpy(pid, cfg.out_dir / f"{cfg.stamp}-operator-profile.txt") if cfg.profile else None
+        if spy:
+            spy.start()
+        since = rfc3339_now()
+        cpu0 = proc_status(pid).get("cpu_seconds", 0.0)
+        sample0 = len(sampler_proc.samples)
+        applied: dict[str, float] = {}
+
+        def apply_mirror(name: str) -> None:
+            applied[name] = time.monotonic()
+            ssa(cluster, f"/apis/{c.API_VERSION}/{c.PLURAL}/{name}", mirror_body(name), manager="bench-admin")
+
+        log(f"operator: creating {len(names)} RegistryMirrors at once")
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(APPLY_THREADS) as pool:
+            list(pool.map(apply_mirror, names))
+        result["apply_seconds"] = round(time.monotonic() - t0, 2)
+
+        def progress() -> bool:
+            done = mirrors.ready.done(names)
+            if not done and int(time.monotonic() - t0) % 15 == 0:
+                log(f"operator: {mirrors.ready.count(names)}/{len(names)} Ready, plans so far {len(plans.versions)}")
+                time.sleep(1)
+            return done
+
+        complete = wait(progress, cfg.timeout, f"{len(names)} mirrors Ready", cluster)
+        t_conv = time.monotonic()
+        until = rfc3339_now()
+        cpu1 = proc_status(pid).get("cpu_seconds", 0.0)
+        if spy:
+            result["profile"] = spy.stop()
+        ready = {n: mirrors.ready.at[n] - applied[n] for n in names if n in mirrors.ready.at}
+        result.update(
+            complete=complete,
+            ready_count=len(ready),
+            ready_seconds=percentiles(list(ready.values())),
+            ready_samples=sorted(round(v, 3) for v in ready.values()),
+            converged_seconds=round(max(mirrors.ready.at[n] for n in ready) - t0, 2) if ready else None,
+            cpu_seconds_converging=round(cpu1 - cpu0, 2),
+        )
+        # Ready reported how long after the children were ready (Deployment, PVC, every node's agent pod)?
+        lags, child_ready = {}, {}
+        for n in ready:
+            parts = [children.deployment.at.get(n), children.pvc.at.get(n), rollout.rolled.at.get(n)]
+            if all(p is not None for p in parts):
+                child_ready[n] = max(p for p in parts if p is not None)
+                lags[n] = mirrors.ready.at[n] - child_ready[n]
+        result["ready_after_children"] = percentiles(list(lags.values()))
+        result["children_ready_seconds"] = percentiles([child_ready[n] - applied[n] for n in child_ready])
+        result["deployment_available"] = percentiles([children.deployment.at[n] - applied[n] for n in names if n in children.deployment.at])
+        result["pvc_bound"] = percentiles([children.pvc.at[n] - applied[n] for n in names if n in children.pvc.at])
+        result["nodes_rolled"] = percentiles([rollout.rolled.at[n] - applied[n] for n in names if n in rollout.rolled.at])
+        result["plan_versions"] = [{"at": round(t - t0, 2), "digest": d, "mirrors": k} for t, d, k in plans.versions if t >= t0 - 1]
+        requests = audit_requests(cluster.audit_log, OPERATOR_USER, since, until)
+        result["requests_converging"] = summarize_requests(requests, len(names))
+        log(
+            f"operator: {len(ready)}/{len(names)} Ready in {result['converged_seconds']}s; "
+            f"{len(result['plan_versions'])} node plans; {result['requests_converging']['writes']} writes"
+        )
+
+        # Node rollout: one more mirror, to every node.
+        t1 = time.monotonic()
+        since_extra = rfc3339_now()
+        apply_mirror(EXTRA_MIRROR)
+        wait(
+            lambda: EXTRA_MIRROR in mirrors.ready.at and EXTRA_MIRROR in rollout.rolled.at,
+            cfg.timeout,
+            "the extra mirror to reach every node",
+            cluster,
+            every=0.1,
+        )
+        result["extra_mirror"] = {
+            "nodes_rolled_seconds": round(rollout.rolled.at[EXTRA_MIRROR] - t1, 2) if EXTRA_MIRROR in rollout.rolled.at else None,
+            "ready_seconds": round(mirrors.ready.at[EXTRA_MIRROR] - t1, 2) if EXTRA_MIRROR in mirrors.ready.at else None,
+            "deployment_available_seconds": round(children.deployment.at[EXTRA_MIRROR] - t1, 2)
+            if EXTRA_MIRROR in children.deployment.at
+            else None,
+        }
+        time.sleep(3)
+        result["extra_mirror"]["requests"] = summarize_requests(
+            audit_requests(cluster.audit_log, OPERATOR_USER, since_extra, rfc3339_now()), 1
+        )
+        log(f"operator: one more mirror reached all {cfg.nodes} nodes in {result['extra_mirror']['nodes_rolled_seconds']}s")
+
+        # Quiet period: nothing changes; the operator should write nothing.
+        since_quiet = rfc3339_now()
+        cpu_q0 = proc_status(pid).get("cpu_seconds", 0.0)
+        log(f"operator: quiet period of {cfg.quiet_seconds:.0f}s")
+        time.sleep(cfg.quiet_seconds)
+        quiet = audit_requests(cluster.audit_log, OPERATOR_USER, since_quiet, rfc3339_now())
+        result["quiet"] = {
+            "seconds": cfg.quiet_seconds,
+            **summarize_requests(quiet, 1),
+            "write_list": [
+                f"{e.get('verb')} {(e.get('objectRef') or {}).get('resource')}/{(e.get('objectRef') or {}).get('name')}"
+                for e in quiet
+                if e.get("verb") in {"create", "update", "patch", "delete"}
+            ][:20],
+            "cpu_seconds": round(proc_status(pid).get("cpu_seconds", 0.0) - cpu_q0, 2),
+        }
+        final = proc_status(pid)
+        result["footprint"] = {
+            "rss_mib": round(final.get("VmRSS", 0), 1),
+            "hwm_mib": round(final.get("VmHWM", 0), 1),
+            "cpu_seconds_total": round(final.get("cpu_seconds", 0), 2),
+        }
+        with contextlib.suppress(OSError):
+            result["metrics"] = _metric_lines(proc.metrics())
+        result["converging_window"] = [
+            sampler_proc.samples[sample0][0] if len(sampler_proc.samples) > sample0 else 0,
+            t_conv - sampler_proc.t0,
+        ]
+        for w in watches:
+            w.stop()
+        rollout.stop()
+    finally:
+        proc.stop(signal.SIGTERM)
+        sampler_proc.stop()
+    result["rss_samples"] = [(round(t, 1), round(r, 1), round(h, 1), round(cpu, 2)) for t, r, h, cpu in sampler_proc.samples]
+    return result
+
+
+def _metric_lines(text: str) -> dict[str, float]:
+    wanted = ("regmirror_", "process_resident_memory_bytes", "process_cpu_seconds_total")
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(wanted) and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+# ------------------------------------------------------------------ all of it
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {"mirrors": cfg.mirrors, "nodes": cfg.nodes}
+    with LocalCluster(nodes=0) as cluster:
+        out["cluster_start_seconds"] = round(cluster.startup_seconds, 1)
+        log(f"cluster up in {cluster.startup_seconds:.1f}s; adding {cfg.nodes} kwok nodes")
+        t0 = time.monotonic()
+        names = cluster.add_nodes(cfg.nodes, wait=False)
+        created = time.monotonic() - t0
+        cluster.wait_nodes_ready(names, timeout=max(120.0, cfg.nodes * 0.6))
+        out["add_nodes"] = {"create_seconds": round(created, 1), "ready_seconds": round(time.monotonic() - t0, 1)}
+        log(f"{cfg.nodes} nodes created in {created:.1f}s, Ready after {out['add_nodes']['ready_seconds']}s")
+        install_crd_and_namespaces(cluster)
+        out["baseline"] = run_baseline(cluster, cfg)
+        out["operator"] = run_operator(cluster, cfg)
+        comps = {}
+        for name, pid in cluster.component_pids().items():
+            s = proc_status(pid)
+            comps[name] = {"cpu_seconds": round(s.get("cpu_seconds", 0), 1), "rss_mib": round(s.get("VmRSS", 0), 1)}
+        out["components"] = comps
+        out["audit_log_mib"] = round(cluster.audit_log.stat().st_size / 2**20, 1)
+        base, op = out["baseline"], out["operator"]
+        ratios = {}
+        for key in ("p50", "p95", "max"):
+            b, o = (base.get("ready_seconds") or {}).get(key), (op.get("ready_seconds") or {}).get(key)
+            if b and o:
+                ratios[key] = round(o / b, 2)
+        out["overhead_ratio"] = ratios
+        extra = (op.get("extra_mirror") or {}).get("nodes_rolled_seconds")
+        bare = base.get("bare_daemonset_rollout_seconds")
+        out["node_rollout_ratio"] = round(extra / bare, 2) if extra and bare else None
+    return out
+
+
+def json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

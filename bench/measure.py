@@ -1,0 +1,175 @@
+"""Process footprint from /proc, audit-log request counts, percentiles, and the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
+
+
+def proc_status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (MiB) and user+system CPU seconds of one process."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out["cpu_seconds"] = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+class ProcSampler(threading.Thread):
+    """Samples one process every ``interval`` s: (seconds since start, RSS MiB, HWM MiB, CPU s)."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        super().__init__(name=f"proc sampler {pid}", daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.t0 = time.monotonic()
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            s = proc_status(self.pid)
+            if s:
+                self.samples.append((time.monotonic() - self.t0, s.get("VmRSS", 0.0), s.get("VmHWM", 0.0), s.get("cpu_seconds", 0.0)))
+            if self._halt.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def rfc3339_now() -> str:
+    """An audit-log comparable timestamp (the API server writes microseconds, UTC, Z)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def audit_requests(audit_log: Path, user: str, since: str = "", until: str = "\uffff") -> list[dict[str, Any]]:
+    """One record per request (by auditID) of ``user`` received in [since, until).
+
+    Reads the log once, filtering on the user name before parsing JSON (the log
+    of a 1,000-node cluster is hundreds of MB of kwok heartbeats)."""
+    needle = f'"username":"{user}"'
+    seen: dict[str, dict[str, Any]] = {}
+    with open(audit_log, encoding="utf-8") as f:
+        for line in f:
+            if needle not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            received = event.get("requestReceivedTimestamp", "")
+            if not since <= received < until:
+                continue
+            audit_id = event.get("auditID", "")
+            # A watch logs ResponseStarted and ResponseComplete: keep one, the completed one if any.
+            if audit_id not in seen or event.get("stage") == "ResponseComplete":
+                seen[audit_id] = event
+    return list(seen.values())
+
+
+def _resource(event: dict[str, Any]) -> str:
+    ref = event.get("objectRef") or {}
+    resource = ref.get("resource", "?")
+    if ref.get("subresource"):
+        resource += "/" + ref["subresource"]
+    return resource
+
+
+def summarize_requests(events: list[dict[str, Any]], per: int) -> dict[str, Any]:
+    """Requests by verb and writes by verb+resource, in total and per mirror."""
+    by_verb = Counter(e.get("verb", "?") for e in events)
+    writes = [e for e in events if e.get("verb") in WRITE_VERBS]
+    by_write = Counter(f"{e.get('verb')} {_resource(e)}" for e in writes)
+    failed = Counter(
+        f"{e.get('verb')} {_resource(e)} {e.get('responseStatus', {}).get('code')}"
+        for e in events
+        if (e.get("responseStatus") or {}).get("code", 200) >= 400
+    )
+    per = max(per, 1)
+    latency: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("verb") in ("watch",) or e.get("stage") != "ResponseComplete":
+            continue
+        try:
+            took = _seconds(e["stageTimestamp"]) - _seconds(e["requestReceivedTimestamp"])
+        except (KeyError, ValueError):
+            continue
+        latency.setdefault(e.get("verb", "?"), []).append(took)
+    return {
+        "server_latency_by_verb": {verb: percentiles(v) for verb, v in latency.items()},
+        "total": len(events),
+        "writes": len(writes),
+        "by_verb": dict(by_verb.most_common()),
+        "per_mirror_by_verb": {k: round(v / per, 2) for k, v in by_verb.most_common()},
+        "writes_per_mirror": round(len(writes) / per, 2),
+        "writes_by_resource": dict(by_write.most_common()),
+        "failed": dict(failed.most_common()),
+    }
+
+
+def _seconds(stamp: str) -> float:
+    import datetime
+
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p95, max, mean of a sample (None when empty)."""
+    if not values:
+        return {"n": 0, "p50": None, "p95": None, "max": None, "mean": None}
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:
+        # nearest-rank: the smallest value with at least p% of the sample at or below it
+        index = max(0, min(len(ordered) - 1, int(-(-p * len(ordered) // 100)) - 1))
+        return round(ordered[index], 3)
+
+    return {"n": len(ordered), "p50": pct(50), "p95": pct(95), "max": round(ordered[-1], 3), "mean": round(statistics.fmean(ordered), 3)}
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were taken on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+    }
