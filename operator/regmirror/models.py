@@ -284,7 +284,7 @@ class ServiceTLS(Model):
     secret_name: Annotated[
         str,
         Field(
-            description="A kubernetes.io/tls Secret in the operator's namespace (tls.crt, tls.key, and ca.crt if the issuer is private). Its ca.crt (public) is given to the nodes so containerd trusts the mirror.",
+            description="A kubernetes.io/tls Secret in the operator's namespace (tls.crt, tls.key, and ca.crt if the issuer is private). Its ca.crt (or, for a self-signed certificate, tls.crt; both public) is given to the nodes so containerd trusts the mirror. Nodes connect to the ClusterIP, so the certificate must name it as an IP SAN, which is why TLS needs a fixed service.clusterIP.",
             pattern=NAME_PATTERN,
         ),
     ]
@@ -292,6 +292,18 @@ class ServiceTLS(Model):
 
 class ServiceSpec(Model):
     """The Service in front of the mirror, which is what nodes connect to."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.tls) || has(self.clusterIP)",
+                    "service.tls needs a fixed service.clusterIP: nodes connect to the IP, so the certificate must name it",
+                    fieldPath=".tls",
+                )
+            ]
+        }
+    )
 
     port: Annotated[
         int,
@@ -314,6 +326,12 @@ class ServiceSpec(Model):
         ),
     ] = None
     tls: Annotated[ServiceTLS | None, Field(description="Serve HTTPS instead of plain HTTP.")] = None
+
+    @model_validator(mode="after")
+    def _tls_needs_fixed_ip(self) -> ServiceSpec:
+        if self.tls is not None and not self.cluster_ip:
+            raise ValueError("service.tls needs a fixed service.clusterIP: nodes connect to the IP, so the certificate must name it")
+        return self
 
     @field_validator("port")
     @classmethod

@@ -517,11 +517,20 @@ class Controller:
             ip = ((service or {}).get("spec") or {}).get("clusterIP")
             if not ip or ip == "None":
                 continue
-            entry = mirror_entry(name, spec, ip)
+            entry = mirror_entry(name, spec, ip, ca_pem=self._mirror_ca(spec))
             with self._lock:
                 self.last_good[name] = entry
             entries.append(entry)
         return build_node_plan(entries)
+
+    def _mirror_ca(self, spec: RegistryMirrorSpec) -> str | None:
+        """The public CA nodes need to trust a TLS mirror: ca.crt, or tls.crt for a self-signed certificate."""
+        if spec.service.tls is None:
+            return None
+        secret = kube.get("Secret", self.settings.namespace, spec.service.tls.secret_name) or {}
+        data = secret.get("data") or {}
+        encoded = data.get("ca.crt") or data.get("tls.crt")
+        return base64.b64decode(encoded).decode(errors="replace") if encoded else None
 
     def _seed_from_live_plan(self) -> None:
         """After a restart, broken mirrors keep the entry the nodes already have."""

@@ -72,6 +72,8 @@ def test_short_name_and_category(crd: LocalCluster) -> None:
         ({"cache": {"ttl": "a week"}}, "spec.cache.ttl"),
         ({"replicas": 3}, "more than one replica needs storage.ephemeral or the ReadWriteMany access mode"),
         ({"nodeConfig": {"fallback": "Sometimes"}}, "spec.nodeConfig.fallback"),
+        ({"service": {"tls": {"secretName": "mirror-tls"}}}, "service.tls needs a fixed service.clusterIP"),
+        ({"service": {"port": 5001}}, "service.port 5001 is reserved"),
     ],
 )
 def test_invalid_mirror_is_rejected_with_the_schema_message(crd: LocalCluster, spec: dict[str, object], message: str) -> None:

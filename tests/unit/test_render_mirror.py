@@ -177,7 +177,7 @@ def test_strategy_follows_access_mode(modes: list[str], strategy: str) -> None:
 
 
 def test_tls_serves_https() -> None:
-    objs = children(make_spec(service={"tls": {"secretName": "mirror-tls"}}))
+    objs = children(make_spec(service={"tls": {"secretName": "mirror-tls"}, "clusterIP": "10.96.0.50"}))
     assert registry_config(objs)["http"]["tls"] == {"certificate": "/etc/regmirror/tls/tls.crt", "key": "/etc/regmirror/tls/tls.key"}
     ctr = container(objs)
     assert ctr["readinessProbe"]["httpGet"] == {"path": "/v2/", "port": 5000, "scheme": "HTTPS"}
@@ -330,3 +330,12 @@ def test_daemonset_custom_containerd_config_path() -> None:
     assert "/etc/containerd/registries" in host_paths(ds)
     args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--containerd-config-path") + 1] == "/etc/containerd/registries"
+
+
+def test_tls_without_a_fixed_cluster_ip_is_rejected() -> None:
+    """Nodes dial the ClusterIP, so a certificate can only be valid for a fixed one."""
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"service\.tls needs a fixed service\.clusterIP"):
+        make_spec(service={"tls": {"secretName": "mirror-tls"}})
