@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# Where the pod's ServiceAccount token and CA are mounted (overridable for a
+# token projected elsewhere, and so tests can run the agent as its ServiceAccount).
+SA_DIR = Path(os.environ.get("REGMIRROR_SERVICEACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount"))
 COMPONENT = "regmirror-agent"
 
 
