@@ -841,7 +841,11 @@ def _slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
         "status": {
             "conditions": [cd for cd in status.get("conditions") or [] if cd.get("type") == "Ready"],
             "containerStatuses": [
-                {"started": cs.get("started"), "ready": cs.get("ready"), "state": {k: {} for k in cs.get("state") or {}}}
+                {
+                    "started": cs.get("started"),
+                    "ready": cs.get("ready"),
+                    "state": {k: {"startedAt": (v or {}).get("startedAt")} for k, v in (cs.get("state") or {}).items()},
+                }
                 for cs in status.get("containerStatuses") or []
             ],
         },
