@@ -114,6 +114,7 @@ class Controller:
         self._host_order: dict[str, list[str]] | None = None  # per-pass cache, reset when mirrors change
         self._node_index: _NodeIndex | None = None  # per-pass cache, reset when nodes or agent pods change
         self._last_plan_apply = 0.0
+        self._primed = False
         self.status_recheck_at: float | None = None
         self.dirty: set[str] = set()
         self.status_dirty: set[str] = set()
@@ -278,6 +279,8 @@ class Controller:
                     self.on_agent_object("ADDED", {**obj, "kind": kind})
         for obj in kube.list_objects(c.KIND):
             self.on_mirror("ADDED", obj)
+        # From here on the watches keep the caches current: an absent child is absent.
+        self._primed = True
 
     def run(self) -> None:
         """Prime the caches, then drain dirty work until stopped. Runs in its own thread."""
@@ -473,8 +476,8 @@ class Controller:
                 live = self.children.get(key)
             if live is not None and not drifted(obj, live):
                 continue
-            if live is None:
-                # The watch may not have delivered it yet (start-up): look before writing.
+            if live is None and not self._primed:
+                # Before the caches are primed the watch may not have delivered it yet: look before writing.
                 live = kube.get(obj["kind"], self.settings.namespace, obj["metadata"]["name"])
                 if live is not None and not drifted(obj, live):
                     with self._lock:
