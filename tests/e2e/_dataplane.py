@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _images import Descriptor
+
 HERE = Path(__file__).resolve().parent
 APT_PACKAGES = ("containerd", "docker-registry")
 
@@ -127,14 +129,8 @@ def system_containerd(crictl: str | None = None) -> ContainerdBinaries | None:
 # ------------------------------------------------------------------ a tiny image
 
 
-@dataclass(frozen=True)
-class Blob:
-    media_type: str
-    data: bytes
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.data).hexdigest()
+# A blob with its media type and digest: the same record the image builder uses.
+Blob = Descriptor
 
 
 def tiny_image(text: str = "hello from regmirror\n") -> tuple[Blob, Blob, Blob]:
