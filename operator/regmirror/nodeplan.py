@@ -98,12 +98,3 @@ def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: s
 def build_node_plan(entries: list[MirrorEntry]) -> NodePlan:
     """Aggregate entries into the plan, in the deterministic order nodes use."""
     return NodePlan(mirrors=sorted(entries, key=lambda e: mirror_order_key(e.priority, e.name)))
-
-
-def host_order(plan: NodePlan) -> dict[str, list[str]]:
-    """For each registry host: the mirror names in the order nodes try them."""
-    order: dict[str, list[str]] = {}
-    for entry in plan.mirrors:
-        for host in entry.hosts:
-            order.setdefault(host, []).append(entry.name)
-    return order

@@ -31,7 +31,7 @@ from regmirror import constants as c
 from regmirror import kube, naming
 from regmirror.conditions import condition, merge_conditions
 from regmirror.models import RegistryMirrorSpec, Runtime
-from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, host_order, mirror_entry
+from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, mirror_entry, mirror_order_key
 from regmirror.observe import NodeRollout, Observation, drifted, evaluate, status_changed, typed_status
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
 from regmirror.render.mirror import render_mirror_children
@@ -717,17 +717,13 @@ class Controller:
             dep = self.children.get(("Deployment", child))
             svc = self.children.get(("Service", child))
             pvc = self.children.get(("PersistentVolumeClaim", child))
-            order = host_order(self.plan) if self.plan else {}
         try:
             spec = self.spec_of(body)
-        except ConfigError as exc:
-            err = exc
-            spec = None
-        if spec is None:
-            return None
+        except ConfigError:
+            return None  # write_status reports an invalid spec on its own
         deleting = bool(body["metadata"].get("deletionTimestamp"))
         # Host order from every mirror's spec, so a mirror without a ClusterIP yet still sees its place.
-        order = self._host_order_from_specs() or order
+        order = self._host_order_from_specs()
         return Observation(
             name=name,
             generation=body["metadata"].get("generation"),
@@ -758,7 +754,7 @@ class Controller:
             if not spec.node_config.enabled or body["metadata"].get("deletionTimestamp"):
                 continue
             for host in spec.upstream.effective_hosts():
-                keyed.setdefault(host, []).append((-spec.node_config.priority, name))
+                keyed.setdefault(host, []).append(mirror_order_key(spec.node_config.priority, name))
         order = {host: [n for _, n in sorted(items)] for host, items in keyed.items()}
         with self._lock:
             self._host_order = order
