@@ -10,7 +10,6 @@ Secret-backed environment variables, which distribution reads as overrides of
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from typing import Any
 
@@ -282,8 +281,8 @@ def render_deployment(
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.tolerations]
-    if spec.affinity:
-        pod_spec["affinity"] = copy.deepcopy(spec.affinity)
+    if spec.affinity is not None and spec.affinity.to_pod_spec():
+        pod_spec["affinity"] = spec.affinity.to_pod_spec()
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     return {
