@@ -70,3 +70,7 @@ CRIO_DROPIN_FILE: Final = "50-regmirror.conf"
 # Every file the agent writes starts with this line; files without it are
 # foreign and never changed or removed.
 OWNERSHIP_MARKER: Final = "# managed-by: regmirror-agent (do not edit; changes are overwritten)"
+
+# Condition reason for a mirror whose own image comes from a registry that NeverContactUpstream
+# mirrors make strict on nodes (see models.bootstrap_conflicts).
+REASON_IMAGE_BEHIND_STRICT_MIRROR: Final = "ImageBehindStrictMirror"

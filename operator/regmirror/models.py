@@ -96,6 +96,8 @@ class Checked:
         object.__setattr__(self, "rules", rules)
 
     def _enforce(self, value: Any) -> Any:
+        if value is None:  # an optional field left empty: the API server has nothing to evaluate either
+            return value
         for rule in self.rules:
             rule.check(value)
         return value
@@ -112,6 +114,29 @@ class Checked:
 def immutable(what: str) -> Checked:
     """A transition rule: the field cannot change after creation."""
     return Checked(Rule("self == oldSelf", f"{what} is immutable", None))
+
+
+@dataclass(frozen=True)
+class SetList:
+    """Annotated metadata: `x-kubernetes-list-type: set` for the API server, and the same no-duplicates rule in Python."""
+
+    def _enforce(self, value: list[Any] | None) -> list[Any] | None:
+        items = value or []
+        for i, item in enumerate(items):
+            if item in items[:i]:
+                raise ValueError(f"duplicate value {str(item)!r}: each value may appear once")
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(self._enforce, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema["x-kubernetes-list-type"] = "set"
+        return json_schema
+
+
+SET_LIST = SetList()
 
 
 def pattern_rule(pattern: str, message: str, max_length: int | None = None) -> Rule:
@@ -292,8 +317,7 @@ class CredentialsSecretRef(Model):
             description=(
                 "Name of a Secret in the operator's namespace holding the upstream credentials. "
                 "The values reach the registry container only through Secret-backed environment "
-                "variables; no password, token or username is ever copied into a ConfigMap, a log, an Event or status "
-                "(status names only this Secret)."
+                "variables; no password, token or username is ever copied into a ConfigMap, a log, an Event or status."
             ),
             max_length=253,
         ),
@@ -361,8 +385,8 @@ class Upstream(Model):
                 "Each registry may appear once: a second spelling (case, or one of Docker Hub's aliases) is refused."
             ),
             max_length=32,
-            json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
+        SET_LIST,
         Checked(_DISTINCT_HOSTS_RULE),
     ] = None
     credentials_secret_ref: Annotated[
@@ -442,8 +466,8 @@ class Storage(Model):
             ),
             min_length=1,
             max_length=3,
-            json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
+        SET_LIST,
         immutable("storage.accessModes"),
     ] = [AccessMode.READ_WRITE_ONCE]
     ephemeral: Annotated[
@@ -739,8 +763,8 @@ class NodeConfig(Model):
             description="Runtimes to configure: containerd (hosts.toml under its config_path) and crio (a registries.conf.d drop-in).",
             min_length=1,
             max_length=2,
-            json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
+        SET_LIST,
     ] = [Runtime.CONTAINERD]
     priority: Annotated[
         int,
@@ -753,8 +777,8 @@ class NodeConfig(Model):
             description="What containerd may ask this mirror: pull (fetch blobs and manifests by digest) and resolve (turn a tag into a digest). At least one.",
             min_length=1,
             max_length=2,
-            json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
+        SET_LIST,
     ] = [Capability.PULL, Capability.RESOLVE]
     fallback: Annotated[
         FallbackPolicy,
@@ -1228,6 +1252,9 @@ class BootstrapConflict:
     image: str
     host: str
     strict_mirrors: tuple[str, ...]
+
+    #: The condition reason the operator reports it with.
+    REASON: ClassVar[str] = c.REASON_IMAGE_BEHIND_STRICT_MIRROR
 
     @property
     def is_self(self) -> bool:
