@@ -74,3 +74,15 @@ OWNERSHIP_MARKER: Final = "# managed-by: regmirror-agent (do not edit; changes a
 # Condition reason for a mirror whose own image comes from a registry that NeverContactUpstream
 # mirrors make strict on nodes (see models.bootstrap_conflicts).
 REASON_IMAGE_BEHIND_STRICT_MIRROR: Final = "ImageBehindStrictMirror"
+
+# Names of the operator's own namespaced objects (manifests/ and the agent's). A mirror's children
+# are named `regmirror-<mirror>`, so a mirror may not be named after one of these: its Deployment
+# or Service would be the operator's own (a unit test keeps this list in sync with manifests/).
+OPERATOR_OWN_OBJECT_NAMES: Final = (
+    "regmirror-operator",
+    "regmirror-operator-metrics",
+    "regmirror-operator-events",
+    AGENT_NAME,
+    "regmirror-agent-events",
+    NODE_CONFIG_NAME,
+)

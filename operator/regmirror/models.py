@@ -27,6 +27,7 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -395,11 +396,11 @@ class Upstream(Model):
     ] = None
     tls: Annotated[UpstreamTLS | None, Field(description="TLS settings for the connection to the upstream.")] = None
 
-    @model_validator(mode="after")
-    def _drop_trailing_slash(self) -> Self:
-        # A normalisation, not a rule: https://quay.io/ and https://quay.io are the same upstream.
-        object.__setattr__(self, "url", self.url.rstrip("/"))
-        return self
+    @field_validator("url")
+    @classmethod
+    def _drop_trailing_slash(cls, value: str) -> str:
+        # A normalisation, not a rule (it runs after the rules): https://quay.io/ and https://quay.io are the same upstream.
+        return value.rstrip("/")
 
     def effective_hosts(self) -> list[str]:
         """The registry names nodes route here: explicit hosts, or the one derived from the URL."""
@@ -1100,13 +1101,24 @@ _NAME_RULE = Rule(
 )
 
 
+#: Mirror names whose children would carry the name of one of the operator's own objects.
+RESERVED_NAMES = tuple(sorted(n.removeprefix("regmirror-") for n in c.OPERATOR_OWN_OBJECT_NAMES))
+_RESERVED_NAME_RULE = Rule(
+    f"!(self.metadata.name in {list(RESERVED_NAMES)})",
+    f"metadata.name must not be one of {', '.join(RESERVED_NAMES)}: the mirror's children (regmirror-<name>) would "
+    "take the name of the operator's own objects",
+    lambda name: name not in RESERVED_NAMES,
+    field_path=".metadata",
+)
+
+
 class RegistryMirror(Model):
     """A pull-through cache for one upstream registry, and the node configuration that uses it."""
 
     model_config = ConfigDict(extra="ignore")
 
     #: Rules on the whole object, at the root of the CRD's schema (only metadata.name is visible to CEL there).
-    ROOT_RULES: ClassVar[tuple[Rule, ...]] = (_NAME_RULE,)
+    ROOT_RULES: ClassVar[tuple[Rule, ...]] = (_NAME_RULE, _RESERVED_NAME_RULE)
 
     api_version: Annotated[str, Field(description="regmirror.dev/v1alpha1")] = c.API_VERSION
     kind: Annotated[str, Field(description="RegistryMirror")] = c.KIND
@@ -1171,7 +1183,8 @@ def check_metadata(meta: Any) -> None:
     if not name:
         raise AdmissionError("metadata.name is required")
     try:
-        _NAME_RULE.check(name)
+        for rule in RegistryMirror.ROOT_RULES:
+            rule.check(name)
     except ValueError as exc:
         raise AdmissionError(str(exc)) from None
     for key, value in _check_string_map(meta, "labels").items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from regmirror import crd, grammar
 from regmirror.models import (
+    RESERVED_NAMES,
     BootstrapConflict,
     RegistryMirrorSpec,
     Rule,
@@ -52,6 +54,9 @@ REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("49 characters", document("a" * 49), ("metadata.name", "48")),
     ("unicode name", document("hüb"), ("metadata.name",)),
     ("missing name", {**document(), "metadata": {}}, ("metadata.name",)),
+    ("name of the operator's Deployment", document("operator"), ("metadata.name", "operator's own objects")),
+    ("name of the operator's metrics Service", document("operator-metrics"), ("metadata.name",)),
+    ("name of the node plan ConfigMap", document("node-config"), ("metadata.name",)),
     # 1. resources
     ("request above the default limit", document(resources={"requests": {"memory": "1Gi"}}), ("resources.requests", "512Mi")),
     ("request above its limit", document(resources={"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}), ("resources.requests",)),
@@ -346,6 +351,29 @@ def test_admitted(what: str, doc: dict[str, Any]) -> None:
 def test_a_refusal_never_echoes_the_value() -> None:
     message = refused(document(upstream={"url": "https://bob:Planted-Secret-1@quay.io"}))
     assert "Planted-Secret-1" not in message
+
+
+CHILD_KINDS = {"ConfigMap", "PersistentVolumeClaim", "Service", "Deployment", "Secret"}
+
+
+def test_reserved_names_cover_every_operator_object_a_child_could_collide_with() -> None:
+    import yaml
+
+    from regmirror import constants
+    from regmirror.naming import child_name
+
+    root = Path(__file__).resolve().parents[2] / "manifests"
+    own = {
+        doc["metadata"]["name"]
+        for path in root.rglob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict) and doc.get("kind") in CHILD_KINDS
+    }
+    assert own, "no operator objects found in manifests/"
+    assert own <= set(constants.OPERATOR_OWN_OBJECT_NAMES)
+    for name in RESERVED_NAMES:
+        assert child_name(name) in constants.OPERATOR_OWN_OBJECT_NAMES
+        refused(document(name))
 
 
 # ------------------------------------------------------------------ bootstrap dependencies across mirrors
