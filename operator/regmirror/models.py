@@ -409,7 +409,7 @@ class Upstream(Model):
         return [registry_host_from_url(self.url)]
 
 
-_QUANTITY_MESSAGE = "a quantity: digits with an optional fraction and an optional suffix (m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)"
+_QUANTITY_SHAPE = "digits with an optional fraction and an optional suffix: m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei"
 
 
 class Storage(Model):
@@ -433,7 +433,7 @@ class Storage(Model):
         Checked(
             Rule(
                 f"{g.cel_matches('self', g.QUANTITY_PATTERN)} && quantity(self).isGreaterThan(quantity('0'))",
-                f"storage.size must be a positive {_QUANTITY_MESSAGE}",
+                f"storage.size must be a positive quantity ({_QUANTITY_SHAPE}), e.g. 20Gi",
                 lambda v: (g.parse_quantity(v) or 0) > 0,
             ),
             Rule(
@@ -513,7 +513,7 @@ class Cache(Model):
 RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
 _RESOURCE_LIST_RULE = Rule(
     f"self.all(k, k in {list(RESOURCE_NAMES)} && {g.cel_matches('self[k]', g.QUANTITY_PATTERN)})",
-    f"resources: keys must be {', '.join(RESOURCE_NAMES)} and values {_QUANTITY_MESSAGE}",
+    f"resources: keys must be {', '.join(RESOURCE_NAMES)} and values quantities ({_QUANTITY_SHAPE}), e.g. 100m or 256Mi",
     lambda m: all(k in RESOURCE_NAMES and g.parse_quantity(v) is not None for k, v in m.items()),
 )
 ResourceList = Annotated[dict[str, Annotated[str, Field(max_length=64)]], Field(max_length=3), Checked(_RESOURCE_LIST_RULE)]

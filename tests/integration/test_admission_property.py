@@ -8,7 +8,7 @@ validation (what `kubectl create` sends), and through what `regmirror render -f`
 file. Admit or refuse, both must agree. Any disagreement hypothesis ever found is kept below as
 an @example, so it is replayed on every run.
 
-Runtime is bounded by the profile: `ci` (used when CI is set) and `default` run 200 examples
+Runtime is bounded by the profile: `ci` (used when CI is set) and `default` run 500 examples
 with derandomized generation; `thorough` (HYPOTHESIS_PROFILE=thorough) runs 3000 to search.
 """
 
@@ -33,7 +33,7 @@ from regmirror.models import admission_verdict
 from regmirror.offline import load_documents
 
 settings.register_profile(
-    "default", max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    "default", max_examples=500, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.register_profile("ci", parent=settings.get_profile("default"), print_blob=True)
 settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=3000, derandomize=False)

@@ -124,7 +124,7 @@ KNOWN_DISAGREEMENTS: list[tuple[str, dict[str, Any]]] = [
     ("underscore in name", mirror("hub_1")),
     ("leading dash", mirror("-hub")),
     ("dot in name", mirror("hub.example")),
-    ("duplicate hosts", mirror("dup-hosts", upstream={"url": "https://mirror.gcr.io", "hosts": ["registry-1.docker.io", "docker.io"]})),
+    ("the same host twice", mirror("dup-hosts", upstream={"url": "https://mirror.gcr.io", "hosts": ["docker.io", "docker.io"]})),
     ("NEL in the URL", mirror("nel", upstream={"url": "https://quay.io/v2\x85"})),
     ("no-break space in the URL", mirror("nbsp", upstream={"url": "https://quay.io/v2\u00a0"})),
     ("ideographic space in a proxy", mirror("ideo", proxy={"httpProxy": "http://proxy.example:3128/\u3000"})),
