@@ -140,15 +140,9 @@ class SetList:
 SET_LIST = SetList()
 
 
-def pattern_rule(pattern: str, message: str, max_length: int | None = None) -> Rule:
-    """A string rule from a grammar pattern (with its length bound, where RE2 alone cannot count)."""
-    if max_length is None:
-        return Rule(g.cel_matches("self", pattern), message, lambda v: g.matches(pattern, v))
-    return Rule(
-        f"self.size() <= {max_length} && {g.cel_matches('self', pattern)}",
-        message,
-        lambda v: len(v) <= max_length and g.matches(pattern, v),
-    )
+def pattern_rule(pattern: str, message: str) -> Rule:
+    """A string rule from an anchored grammar pattern: CEL `matches()` (RE2) and Python's `re.fullmatch`."""
+    return Rule(g.cel_matches("self", pattern), message, lambda v: g.matches(pattern, v))
 
 
 def _strict_int(value: Any) -> Any:
