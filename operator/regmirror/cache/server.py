@@ -167,19 +167,32 @@ class Cache:
 
     # ------------------------------------------------------------ invalidation
 
-    def ban_tag(self, repository: str, tag: str) -> None:
-        """Make the front forget one tag (every Accept variant); the next pull revalidates it."""
-        if self.front_stats is None:
-            return  # no front: distribution revalidates every tag anyway
-        pattern = f"^/v2/{re.escape(repository)}/manifests/{re.escape(tag)}$"
+    def _ban(self, pattern: str) -> int:
         parts = urllib.parse.urlsplit(self.front)
         conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=5)
         try:
             conn.request("BAN", "/", headers={"x-regmirror-ban": pattern})
-            status = conn.getresponse().status
+            return conn.getresponse().status
         finally:
             conn.close()
+
+    def ban_tag(self, repository: str, tag: str) -> None:
+        """Make the front forget one tag (every Accept variant); the next pull revalidates it."""
+        if self.front_stats is None:
+            return  # no front: distribution revalidates every tag anyway
+        status = self._ban(f"^/v2/{re.escape(repository)}/manifests/{re.escape(tag)}$")
         log("tag.invalidated", repository=repository, tag=tag, status=status)
+
+    def ban_digests(self, digests: list[str]) -> None:
+        """Make the front forget evicted blobs too, so "evicted" means fetched again, not served from the front."""
+        if self.front_stats is None:
+            return
+        for start in range(0, len(digests), 50):
+            batch = "|".join(d.removeprefix(store.DIGEST_PREFIX) for d in digests[start : start + 50])
+            try:
+                self._ban(f"/(blobs|manifests)/sha256:({batch})$")
+            except OSError as exc:
+                log("front.ban_failed", error=str(exc)[:200])
 
     def apply_invalidations(self, wanted: dict[str, str]) -> None:
         """Ban every listed tag whose request id was not applied yet."""
@@ -223,6 +236,8 @@ class Cache:
         freed = 0
         for digest in plan.victims:
             freed += store.evict_blob(self.root, digest)
+        if plan.victims:
+            self.ban_digests(plan.victims)
         with self.lock:
             for digest in plan.victims:
                 self.last_pulled.pop(digest, None)
