@@ -160,7 +160,9 @@ def fan_in(b: Bench, image: BuiltImage, nodes: int, repeats: int) -> dict[str, A
         "pulls_ok": sum(1 for _, rc in results if rc == 0),
         "upstream_gets_per_blob": sorted(per_blob.values()),
         "upstream_manifest_gets": manifests,
-        "upstream_blob_bytes": sum(per_blob[d] * (image.layout / "blobs" / "sha256" / d.removeprefix("sha256:")).stat().st_size for d in per_blob),
+        "upstream_blob_bytes": sum(
+            per_blob[d] * (image.layout / "blobs" / "sha256" / d.removeprefix("sha256:")).stat().st_size for d in per_blob
+        ),
         "slowest": round(max(s for s, _ in results), 3),
     }
     return out
@@ -178,7 +180,10 @@ def warm_and_prewarm(b: Bench, image: BuiltImage, prewarmed: BuiltImage, repeats
         prewarm_seconds = time.monotonic() - started
         before = len(b.upstream.requests_log())
         first = b.one_pull(pod, prewarmed)
-        upstream_requests = len(served_requests(b.upstream.requests_log()[before:]))
+        during = served_requests(b.upstream.requests_log()[before:])
+        # Manifests and blobs only: the sidecar's `GET /v2/` health probe (every 5 s) is not part of a pull.
+        upstream_requests = sum(1 for r in during if "/manifests/" in r.uri or "/blobs/" in r.uri)
+        probes = sum(1 for r in during if r.uri == "/v2/")
         warm_prewarmed = statistics.median(b.one_pull(pod, prewarmed) for _ in range(repeats))
     return {
         "direct": round(direct, 3),
@@ -189,6 +194,7 @@ def warm_and_prewarm(b: Bench, image: BuiltImage, prewarmed: BuiltImage, repeats
         "prewarmed_warm_pull": round(warm_prewarmed, 3),
         "prewarmed_first_over_warm": round(first / warm_prewarmed, 2),
         "prewarmed_upstream_requests": upstream_requests,
+        "upstream_pings_meanwhile": probes,
     }
 
 

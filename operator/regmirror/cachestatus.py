@@ -63,7 +63,9 @@ def parse_report(report: Mapping[str, Any]) -> CacheStatus:
     eviction = report.get("lastEviction")
     last = None
     if isinstance(eviction, Mapping) and isinstance(eviction.get("time"), str) and eviction.get("reason") in ("SizeCap", "TTL"):
-        last = CacheEviction(time=eviction["time"], reason=eviction["reason"], blobs=_count(eviction, "blobs"), bytes=_count(eviction, "bytes"))
+        last = CacheEviction(
+            time=eviction["time"], reason=eviction["reason"], blobs=_count(eviction, "blobs"), bytes=_count(eviction, "bytes")
+        )
     pre = report.get("prewarm")
     prewarm = None
     if isinstance(pre, Mapping):
@@ -87,9 +89,7 @@ def parse_report(report: Mapping[str, Any]) -> CacheStatus:
     )
 
 
-def next_cache_status(
-    report: Mapping[str, Any], previous: CacheStatus | None, last_write: float | None, now: float
-) -> CacheStatus | None:
+def next_cache_status(report: Mapping[str, Any], previous: CacheStatus | None, last_write: float | None, now: float) -> CacheStatus | None:
     """The status.cache to write now, or None."""
     current = parse_report(report)
     if previous is None:

@@ -163,8 +163,11 @@ def test_concurrent_pulls_fetch_each_blob_and_the_manifest_once_and_the_figures_
         manifest_size = len(image.top.data)
         want_from_upstream = image_bytes(image) + manifest_size
         requests_per_pull = len(image.blobs_for_host) + 1  # the manifest and each blob
-        figures = pod.wait_janitor(lambda s: s["bytesFromUpstream"] == want_from_upstream and s["hits"] + s["misses"] >= count * requests_per_pull,
-                                   timeout=30, what="the sidecar's figures")
+        figures = pod.wait_janitor(
+            lambda s: s["bytesFromUpstream"] == want_from_upstream and s["hits"] + s["misses"] >= count * requests_per_pull,
+            timeout=30,
+            what="the sidecar's figures",
+        )
         print(f"sidecar /stats: {figures}")
         assert figures["misses"] == requests_per_pull, "one miss per blob and manifest"
         # The tag HEAD each node sends is a hit too (answered from the front or the volume).

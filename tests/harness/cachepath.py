@@ -214,7 +214,9 @@ class CachePod:
 
     def start_registry(self) -> None:
         registry = self.container("registry")
-        config = map_to_loopback(yaml.safe_load(self._object("ConfigMap", render_mirror.naming.child_name(self.name))["data"]["config.yml"]), self.mapping())
+        config = map_to_loopback(
+            yaml.safe_load(self._object("ConfigMap", render_mirror.naming.child_name(self.name))["data"]["config.yml"]), self.mapping()
+        )
         config_file = Path(self.map_arg(render_mirror.CONFIG_PATH))
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))

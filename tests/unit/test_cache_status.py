@@ -46,7 +46,11 @@ def test_figures_are_read_with_a_hit_ratio() -> None:
 
 
 @settings(deadline=None)  # model construction is slow on a loaded shared machine
-@given(st.dictionaries(st.sampled_from([*REPORT, "prewarm", "junk"]), st.one_of(st.integers(), st.text(), st.none(), st.booleans(), st.lists(st.text()))))
+@given(
+    st.dictionaries(
+        st.sampled_from([*REPORT, "prewarm", "junk"]), st.one_of(st.integers(), st.text(), st.none(), st.booleans(), st.lists(st.text()))
+    )
+)
 def test_untrusted_reports_never_raise_and_never_go_negative(report: dict[str, Any]) -> None:
     status = parse_report(report)
     assert min(status.hits, status.misses, status.bytes_served, status.disk_used) >= 0

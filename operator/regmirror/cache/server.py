@@ -334,6 +334,7 @@ class Cache:
                     with self.lock:
                         self._dirty = True
                     self.wake.set()
+                    log("prewarm.progress", **self.prewarmer.summary())
                 self.stop.wait(0.1 if busy else PREWARM_SECONDS)
 
         threads = [threading.Thread(target=f, name=f.__name__, daemon=True) for f in (janitor, prober, prewarmer)]
@@ -413,7 +414,7 @@ def make_handler(cache: Cache) -> type[BaseHTTPRequestHandler]:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """":5003" or "127.0.0.1:5003" -> (host, port)."""
+    """ ":5003" or "127.0.0.1:5003" -> (host, port)."""
     host, _, port = value.rpartition(":")
     return host or "0.0.0.0", int(port)
 

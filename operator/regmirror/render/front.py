@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 FRONT_CONFIG_KEY = "front.vcl"
 # Ports inside the mirror pod: the front takes the Service's target (5000),
 # distribution moves behind it, the cache sidecar answers next to it.

@@ -21,8 +21,8 @@ from regmirror import constants as c
 from regmirror import naming
 from regmirror.models import AccessMode, DeletionPolicy, RegistryMirrorSpec
 from regmirror.render import cache as render_cache
-from regmirror.units import duration_seconds
 from regmirror.render.front import CACHE_SIDECAR_PORT, FRONT_CONFIG_KEY, REGISTRY_BACKEND_PORT, FrontSettings, render_front_vcl
+from regmirror.units import duration_seconds
 
 CONFIG_KEY = "config.yml"
 CONFIG_DIR = "/etc/distribution"
@@ -229,7 +229,9 @@ def _volumes_and_mounts(name: str, spec: RegistryMirrorSpec) -> tuple[list[dict[
         {"name": "config", "configMap": {"name": child, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
     ]
     if front_enabled(spec):
-        volumes.append({"name": "front-config", "configMap": {"name": child, "items": [{"key": FRONT_CONFIG_KEY, "path": FRONT_CONFIG_KEY}]}})
+        volumes.append(
+            {"name": "front-config", "configMap": {"name": child, "items": [{"key": FRONT_CONFIG_KEY, "path": FRONT_CONFIG_KEY}]}}
+        )
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     if _uses_pvc(spec):
         volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": child}})
