@@ -355,3 +355,39 @@ def test_tls_without_a_fixed_cluster_ip_is_rejected() -> None:
 
     with pytest.raises(ValidationError, match=r"service\.tls needs a fixed service\.clusterIP"):
         make_spec(service={"tls": {"secretName": "mirror-tls"}})
+
+
+def test_the_cache_front_and_sidecar_join_the_registry_in_the_pod() -> None:
+    objs = children(make_spec(storage={"size": "20Gi"}, cache={"maxSize": "15Gi", "tagFreshness": "5m"}))
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    names = [ctr["name"] for ctr in pod["containers"]]
+    assert names == ["registry", "front", "front-stats", "cache"]
+    for ctr in pod["containers"]:
+        assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+        assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    front = pod["containers"][1]
+    assert front["ports"] == [{"name": "registry", "containerPort": 5000, "protocol": "TCP"}], "the Service's target is the front"
+    vcl = objs["ConfigMap"]["data"]["front.vcl"]
+    assert "set beresp.ttl = 300s;" in vcl, "a tag is kept for cache.tagFreshness"
+    assert '.port = "5002"' in vcl and '.port = "5003"' in vcl
+    policy = json.loads(objs["CacheConfigMap"]["data"]["cache.json"])
+    assert policy["capBytes"] == 15 << 30 and policy["upstream"] == "https://quay.io"
+    sidecar = pod["containers"][3]
+    assert sidecar["args"][:2] == ["cache", "serve"]
+    assert {m["name"] for m in sidecar["volumeMounts"]} >= {"storage", "cache-control"}
+
+
+def test_an_https_mirror_is_served_by_distribution_itself_without_a_front() -> None:
+    spec = make_spec(service={"tls": {"secretName": "mirror-tls"}, "clusterIP": "10.96.0.9"})
+    objs = children(spec)
+    names = [ctr["name"] for ctr in objs["Deployment"]["spec"]["template"]["spec"]["containers"]]
+    assert names == ["registry", "cache"], "Varnish speaks no TLS"
+    assert registry_config(objs)["http"]["addr"] == ":5000"
+    assert "front.vcl" not in objs["ConfigMap"]["data"]
+
+
+def test_cache_cap_must_fit_the_volume_and_watermarks_be_ordered() -> None:
+    with pytest.raises(ValueError, match=r"cache\.maxSize must not exceed storage\.size"):
+        make_spec(storage={"size": "10Gi"}, cache={"maxSize": "11Gi"})
+    with pytest.raises(ValueError, match="lowWatermarkPercent must be below"):
+        make_spec(cache={"lowWatermarkPercent": 90, "highWatermarkPercent": 80})

@@ -21,6 +21,8 @@ from regmirror.cache.upstream import MANIFEST_ACCEPT, USER_AGENT, Head, RateLimi
 
 REFRESH_SECONDS = 600.0
 RETRY_SECONDS = 60.0
+# A fetch that failed locally (the front not up yet: its container starts next to this one).
+FETCH_RETRY_SECONDS = 5.0
 RESERVE_PERCENT = 20
 RESERVE_MIN = 5
 MANIFEST_INTERVAL_SECONDS = 1.0
@@ -166,7 +168,7 @@ class Prewarmer:
                 self._fetch(wanted)
             except (OSError, ValueError) as exc:
                 state.status, state.message = PENDING, f"fetch failed: {exc}"[:200]
-                state.next_check = now + RETRY_SECONDS
+                state.next_check = now + FETCH_RETRY_SECONDS
                 return True
             state.status, state.digest, state.message = READY, head.digest, ""
             state.next_check = now + (float("inf") if wanted.is_digest else REFRESH_SECONDS)

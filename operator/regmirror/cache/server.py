@@ -40,6 +40,7 @@ PROBE_SECONDS = 5.0
 PROBE_TIMEOUT = 2.0
 PREWARM_SECONDS = 2.0
 SAVE_SECONDS = 30.0
+EXPECT_SECONDS = 600.0
 STATE_DIR = "regmirror-cache"
 CACHE_CONFIG, PINS, INVALIDATE = "cache.json", "pins.json", "invalidate.json"
 _TAG_REF = re.compile(r"^(?P<repo>[a-z0-9._/-]+):(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$")
@@ -69,6 +70,8 @@ class Cache:
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.last_pulled: dict[str, float] = {}
+        # Blobs a just-pulled manifest references that are not on the volume yet: digest -> (size, since).
+        self.expected: dict[str, tuple[int, float]] = {}
         self.applied_invalidations: dict[str, str] = {}
         self.last_eviction: dict[str, Any] | None = None
         self.upstream_ok: bool | None = None
@@ -216,17 +219,28 @@ class Cache:
     # ------------------------------------------------------------ pulls, janitor
 
     def record(self, pulls: list[events.Pull]) -> None:
-        """Note what the registry served."""
+        """Note what the registry served; make room ahead for what a pulled manifest will bring."""
+        incoming = {}
+        for pull in pulls:
+            if "manifest" in pull.media_type or "index" in pull.media_type:
+                incoming.update(store.missing_references(self.root, pull.digest))
         with self.lock:
             for pull in pulls:
                 self.last_pulled[pull.digest] = max(pull.at, self.last_pulled.get(pull.digest, 0.0))
+            for digest, size in incoming.items():
+                self.expected.setdefault(digest, (size, time.time()))
             self._dirty = True
         self.wake.set()
 
     def janitor_pass(self, now: float) -> None:
         """Scan the volume, evict per policy, refresh the disk figures."""
         blobs = store.scan_blobs(self.root)
-        in_flight = store.uploads_bytes(self.root)
+        with self.lock:
+            # What a pull in progress is about to write counts now, so room is made before it lands
+            # (a manifest is pulled before its layers). Forgotten once stored, or after EXPECT_SECONDS.
+            self.expected = {d: v for d, v in self.expected.items() if d not in blobs and now - v[1] < EXPECT_SECONDS}
+            expected = sum(size for size, _ in self.expected.values())
+        in_flight = max(store.uploads_bytes(self.root), expected)
         pinned: set[str] = set()
         for digest in self.pins:
             pinned |= store.referenced_digests(self.root, digest)

@@ -114,6 +114,26 @@ def referenced_digests(root: Path, digest: str, limit: int = 64) -> set[str]:
     return seen
 
 
+def missing_references(root: Path, digest: str) -> dict[str, int]:
+    """Blobs (with their sizes) a stored manifest references directly that are not on the volume yet."""
+    data = blob_dir(root, digest) / "data"
+    try:
+        if data.stat().st_size > 4 << 20:
+            return {}
+        doc = json.loads(data.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    refs = [doc.get("config"), *(doc.get("layers") or [])]
+    missing = {}
+    for ref in refs:
+        present = isinstance(ref, dict) and isinstance(ref.get("digest"), str) and (blob_dir(root, ref["digest"]) / "data").exists()
+        if isinstance(ref, dict) and isinstance(ref.get("digest"), str) and isinstance(ref.get("size"), int) and not present:
+            missing[ref["digest"]] = max(0, ref["size"])
+    return missing
+
+
 def evict_blob(root: Path, digest: str) -> int:
     """Remove one blob; returns the bytes freed (0 if it was already gone)."""
     source = blob_dir(root, digest)
