@@ -231,6 +231,7 @@ class Cache(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
+                    "!has(self.lowWatermarkPercent) || !has(self.highWatermarkPercent) || "
                     "self.lowWatermarkPercent < self.highWatermarkPercent",
                     "cache.lowWatermarkPercent must be below cache.highWatermarkPercent",
                     fieldPath=".lowWatermarkPercent",
