@@ -19,6 +19,7 @@ from pydantic.alias_generators import to_camel
 
 from regmirror import constants as c
 from regmirror.lowlevel import selector_matches
+from regmirror.units import quantity_bytes
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$"
 DURATION_PATTERN = r"^(0|([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+)$"
@@ -224,15 +225,97 @@ class Storage(Model):
 
 
 class Cache(Model):
-    """Cache behaviour of distribution's proxy mode."""
+    """What the cache keeps, for how long, and how fresh a tag must be."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.lowWatermarkPercent) || !has(self.highWatermarkPercent) || "
+                    "self.lowWatermarkPercent < self.highWatermarkPercent",
+                    "cache.lowWatermarkPercent must be below cache.highWatermarkPercent",
+                    fieldPath=".lowWatermarkPercent",
+                )
+            ]
+        }
+    )
 
     ttl: Annotated[
         str,
         Field(
-            description="How long a proxied blob stays in the cache after its last fetch (a Go duration, e.g. 168h). 0 keeps blobs forever.",
+            description=(
+                "Upper bound on how long an image stays cached after its last pull (a Go duration, e.g. 168h); 0 keeps "
+                "images until the size cap needs their room. Images that running pods use are kept past it."
+            ),
             pattern=DURATION_PATTERN,
         ),
     ] = "168h"
+    max_size: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Size cap of the cached content (a quantity, at most storage.size). Above highWatermarkPercent of it, the "
+                "least recently pulled images that no running pod uses are evicted down to lowWatermarkPercent. "
+                "Default: 90% of storage.size."
+            ),
+            pattern=QUANTITY_PATTERN,
+        ),
+    ] = None
+    high_watermark_percent: Annotated[
+        int, Field(description="Eviction starts when the cache holds more than this percentage of maxSize.", ge=2, le=100)
+    ] = 95
+    low_watermark_percent: Annotated[
+        int, Field(description="Eviction stops once the cache holds at most this percentage of maxSize.", ge=1, le=99)
+    ] = 85
+    tag_freshness: Annotated[
+        str,
+        Field(
+            description=(
+                "How long a pulled tag is served from the cache before it is checked against the upstream again (a Go "
+                "duration). 0 (default) checks on every pull; while the upstream is down or rate-limited, the cached tag "
+                "is served either way. Invalidate one tag early with `regmirror cache invalidate`."
+            ),
+            pattern=DURATION_PATTERN,
+        ),
+    ] = "0"
+
+    @model_validator(mode="after")
+    def _watermarks_ordered(self) -> Cache:
+        if self.low_watermark_percent >= self.high_watermark_percent:
+            raise ValueError("cache.lowWatermarkPercent must be below cache.highWatermarkPercent")
+        return self
+
+
+IMAGE_REF_PATTERN = (
+    r"^([a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
+PLATFORM_PATTERN = r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9.]+)?$"
+
+
+class PrewarmImage(Model):
+    """An image the mirror fetches before any node asks for it."""
+
+    image: Annotated[
+        str,
+        Field(
+            description=(
+                "Image reference on this mirror's upstream: repository[:tag][@digest], e.g. library/nginx:1.27 or "
+                "nginx@sha256:...; a leading registry host of this mirror (docker.io/...) is accepted. A tag is "
+                "fetched again when it moves upstream."
+            ),
+            pattern=IMAGE_REF_PATTERN,
+            max_length=512,
+        ),
+    ]
+    platforms: Annotated[
+        list[Annotated[str, Field(pattern=PLATFORM_PATTERN, max_length=64)]],
+        Field(
+            description="For a multi-platform image, the platforms to fetch (os/arch[/variant], e.g. linux/amd64); empty fetches all.",
+            max_length=16,
+            json_schema_extra={"x-kubernetes-list-type": "set"},
+        ),
+    ] = []
 
 
 class ResourceRequirements(Model):
@@ -414,6 +497,12 @@ class RegistryMirrorSpec(Model):
                     fieldPath=".replicas",
                 ),
                 cel(
+                    "!has(self.cache) || !has(self.cache.maxSize) || !has(self.storage) || !has(self.storage.size) || "
+                    "quantity(self.cache.maxSize).compareTo(quantity(self.storage.size)) <= 0",
+                    "cache.maxSize must not exceed storage.size",
+                    fieldPath=".cache.maxSize",
+                ),
+                cel(
                     "!has(self.nodeConfig) || self.nodeConfig.fallback != 'NeverContactUpstream' || self.replicas >= 1",
                     "NeverContactUpstream with 0 replicas would make every pull of these hosts fail",
                     fieldPath=".replicas",
@@ -424,7 +513,17 @@ class RegistryMirrorSpec(Model):
 
     upstream: Annotated[Upstream, Field(description="The registry to cache.")]
     storage: Annotated[Storage, Field(description="The cache's volume.")] = Storage()
-    cache: Annotated[Cache, Field(description="Cache expiry.")] = Cache()
+    cache: Annotated[Cache, Field(description="Size cap, eviction, expiry and tag freshness of the cache.")] = Cache()
+    prewarm: Annotated[
+        list[PrewarmImage],
+        Field(
+            description=(
+                "Images the mirror fetches ahead of need and again when their tag moves, paced by the upstream's "
+                "rate-limit headers so that prewarming never uses up a pull limit. Progress is in status.cache.prewarm."
+            ),
+            max_length=100,
+        ),
+    ] = []
     replicas: Annotated[
         int, Field(description="Registry pods. 0 stops the cache (nodes fall back to the upstream under AllowUpstream).", ge=0, le=20)
     ] = 1
@@ -454,6 +553,8 @@ class RegistryMirrorSpec(Model):
             raise ValueError("replicas: more than one replica needs storage.ephemeral or the ReadWriteMany access mode")
         if self.node_config.fallback == FallbackPolicy.NEVER_CONTACT_UPSTREAM and self.replicas == 0:
             raise ValueError("replicas: NeverContactUpstream with 0 replicas would make every pull of these hosts fail")
+        if self.cache.max_size is not None and quantity_bytes(self.cache.max_size) > quantity_bytes(self.storage.size):
+            raise ValueError("cache.maxSize must not exceed storage.size")
         return self
 
     @field_validator("storage")
@@ -507,6 +608,43 @@ class HostRoute(Model):
     mirrors: Annotated[list[str], Field(description="All mirrors of this host, in the order nodes try them.")]
 
 
+class CacheEviction(Model):
+    """The cache's most recent eviction."""
+
+    time: Annotated[str, Field(description="When it ran (RFC 3339).", json_schema_extra={"format": "date-time"})]
+    reason: Annotated[str, Field(description="SizeCap (above the high watermark) or TTL (not pulled within cache.ttl).")]
+    blobs: Annotated[int, Field(description="Blobs and manifests removed.")] = 0
+    bytes: Annotated[int, Field(description="Bytes freed.")] = 0
+
+
+class PrewarmStatus(Model):
+    """Progress of spec.prewarm."""
+
+    images: Annotated[int, Field(description="Images listed in spec.prewarm.")] = 0
+    ready: Annotated[int, Field(description="Images whose current content is fully in the cache.")] = 0
+    pending: Annotated[int, Field(description="Images still to fetch (or waiting for the upstream's rate limit).")] = 0
+    failed: Annotated[list[str], Field(description="A few images that could not be fetched, with the reason (at most 10).")] = []
+
+
+class CacheStatus(Model):
+    """What the cache did: figures since the mirror's pod started, taken by the cache sidecar."""
+
+    hits: Annotated[int, Field(description="Manifest and blob requests answered without fetching from the upstream.")] = 0
+    misses: Annotated[int, Field(description="Manifest and blob requests that fetched from the upstream.")] = 0
+    hit_ratio: Annotated[str | None, Field(description="hits / (hits + misses), as a decimal string such as 0.97.")] = None
+    bytes_served: Annotated[int, Field(description="Bytes of manifests and blobs sent to nodes.")] = 0
+    bytes_from_upstream: Annotated[int, Field(description="Bytes of manifests and blobs fetched from the upstream.")] = 0
+    disk_used: Annotated[int, Field(description="Bytes of cached content on the volume.")] = 0
+    disk_cap: Annotated[int, Field(description="The size cap in bytes (cache.maxSize).")] = 0
+    pinned_images: Annotated[int, Field(description="Images kept because running pods use them.")] = 0
+    upstream_reachable: Annotated[bool | None, Field(description="Whether the upstream answered the sidecar's last probe.")] = None
+    last_eviction: Annotated[CacheEviction | None, Field(description="The most recent eviction, if any.")] = None
+    prewarm: Annotated[PrewarmStatus | None, Field(description="Progress of spec.prewarm, when it lists images.")] = None
+    observed_at: Annotated[
+        str | None, Field(description="When these figures were taken (RFC 3339).", json_schema_extra={"format": "date-time"})
+    ] = None
+
+
 class RegistryMirrorStatus(Model):
     """Observed state, following metav1.Condition and kstatus conventions."""
 
@@ -523,6 +661,7 @@ class RegistryMirrorStatus(Model):
     nodes: Annotated[NodesStatus | None, Field(description="Node configuration rollout.")] = None
     nodes_ratio: Annotated[str | None, Field(description="ready/desired nodes, for the printer column.")] = None
     hosts: Annotated[list[HostRoute], Field(description="Order of this mirror among the mirrors of each of its hosts.")] = []
+    cache: Annotated[CacheStatus | None, Field(description="What the cache saved: hits, bytes, disk, evictions, prewarm.")] = None
     conditions: Annotated[
         list[Condition],
         Field(
