@@ -48,13 +48,13 @@ from _dataplane import (  # noqa: E402
 from _images import BuiltImage, multi_layer_image  # noqa: E402
 
 from bench.measure import ProcSampler  # noqa: E402
+from harness.cachepath import distribution_v3, registry_version, varnish_version  # noqa: E402
 from regmirror.models import RegistryMirrorSpec  # noqa: E402
 from regmirror.nodeplan import build_node_plan, mirror_entry  # noqa: E402
 from regmirror.render.mirror import render_mirror_children  # noqa: E402
 
 MIRROR = "bench-hub"
 CLUSTER_IP = "10.96.0.42"  # the Service address the plan names; mapped to loopback per mirror
-DISTRIBUTION_V3 = Path(os.environ.get("REGMIRROR_BENCH_REGISTRY", "/root/.cache/regmirror/distribution-v3/registry"))
 PULL_TIMEOUT = 120.0
 HUNG_PULL_TIMEOUT = 60.0  # a pull that waits on a blackholed or wedged mirror is given up after this
 AGENT_INTERVAL = 2.0  # the agent's default (the DaemonSet does not override it)
@@ -66,13 +66,12 @@ def log(msg: str) -> None:
 
 
 def mirror_binary() -> tuple[str, str]:
-    """(binary, version) of the registry that plays the mirror."""
-    for binary in (str(DISTRIBUTION_V3), "docker-registry"):
-        path = shutil.which(binary) or (binary if Path(binary).exists() else None)
-        if path:
-            out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout.split()
-            return path, (out[-1] if out else "?")
-    raise RuntimeError("no docker-registry")
+    """(binary, version) of distribution 3, the major of the default image, built from the Go module proxy
+    (tests/e2e/build-distribution.sh, cached). No silent fallback to Debian's 2.8: it fetches differently."""
+    binary, why = distribution_v3()
+    if binary is None:
+        raise RuntimeError(f"distribution 3 is needed for the data path: {why}")
+    return binary, registry_version(binary)
 
 
 class Rig:
@@ -86,9 +85,11 @@ class Rig:
         spec = RegistryMirrorSpec.model_validate(
             {"upstream": {"url": upstream.url, "hosts": [upstream.address]}, "storage": {"ephemeral": True, "size": "1Gi"}}
         )
-        children = {o["kind"]: o for o in render_mirror_children(MIRROR, "bench-uid", spec, "regmirror-system")}
-        container = children["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-        self.objects = MirrorObjects(MIRROR, children["ConfigMap"]["data"]["config.yml"], container, {}, CLUSTER_IP, spec.service.port)
+        rendered = render_mirror_children(MIRROR, "bench-uid", spec, "regmirror-system")
+        deployment = next(o for o in rendered if o["kind"] == "Deployment")
+        config_yml = next(o["data"]["config.yml"] for o in rendered if o["kind"] == "ConfigMap" and "config.yml" in o["data"])
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        self.objects = MirrorObjects(MIRROR, config_yml, container, {}, CLUSTER_IP, spec.service.port)
         self.plan_json = build_node_plan([mirror_entry(MIRROR, spec, CLUSTER_IP)]).to_json()
         self._seq = 0
         self.agent_hwm = 0.0
@@ -322,12 +323,21 @@ def fail_open(rig: Rig, image: BuiltImage, kinds: list[str]) -> tuple[dict[str, 
     return out, detect
 
 
-def run(work: Path, repeats: int = 3, fan_nodes: int = 3) -> dict[str, Any]:
+@contextlib.contextmanager
+def bare_mirror(b: Any) -> Iterator[tuple[LoopbackMirror, Registry]]:
+    """distribution 3 alone, as rendered, without the cache front (for the cache benchmark's comparison)."""
+    rig = Rig(b.work, b.binaries, b.upstream, (b.registry_binary, registry_version(b.registry_binary)))
+    mirror = rig.new_mirror()
+    with rig.run_mirror(mirror) as registry:
+        yield mirror, registry
+
+
+def run(work: Path, repeats: int = 3, fan_nodes: int = 3, cache_nodes: int = 10) -> dict[str, Any]:
     if os.geteuid() != 0:
         msg = "the data path runs containerd and registries as daemons and needs root"
         print(f"bench: data path skipped: {msg}", file=sys.stderr)
         return {"skipped": msg}
-    reason = ensure_binaries() or ensure_commands({"skopeo": "skopeo"})
+    reason = ensure_binaries() or ensure_commands({"skopeo": "skopeo", "varnish": "varnishd"})
     if reason:
         print(f"bench: data path skipped: {reason}", file=sys.stderr)
         return {"skipped": reason}
@@ -348,6 +358,7 @@ def run(work: Path, repeats: int = 3, fan_nodes: int = 3) -> dict[str, Any]:
         "containerd": binaries.version,
         "mirror_registry": registry[1],
         "upstream_registry": "Debian docker-registry (2.8)",
+        "front": f"varnish {varnish_version()}",
         "repeats": repeats,
     }
     try:
@@ -371,6 +382,12 @@ def run(work: Path, repeats: int = 3, fan_nodes: int = 3) -> dict[str, Any]:
             result["fail_open"], result["agent_withdraw_seconds"] = fail_open(rig, images[small_label], kinds)
             result["fail_open_image"] = small_label
             result["agent_footprint"] = {"hwm_mib": round(rig.agent_hwm, 1), "note": "regmirror agent loop (python), VmHWM"}
+            if varnish_version() is None:
+                result["cache"] = {"skipped": "varnishd is not installed (Debian package varnish)"}
+            else:
+                from bench import cache
+
+                result["cache"] = cache.run(work / "cache", binaries, upstream, registry[0], repeats, cache_nodes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result

@@ -1,4 +1,4 @@
-"""The `regmirror` command: run | agent | crd | render | version. Thin: each verb delegates."""
+"""The `regmirror` command: run | agent | cache | crd | render | version. Thin: each verb delegates."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the operator (further arguments go to `kopf run`)", add_help=False)
     sub.add_parser("agent", help="run the node agent (see `regmirror agent --help`)", add_help=False)
+    sub.add_parser("cache", help="the cache sidecar and actions on a mirror's cache (see `regmirror cache --help`)", add_help=False)
     sub.add_parser("crd", help="print the RegistryMirror CustomResourceDefinition as YAML")
     rnd = sub.add_parser("render", help="print, offline, every object the operator would create for a RegistryMirror file")
     rnd.add_argument("-f", "--filename", required=True, help="YAML file with one or more RegistryMirrors")
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args_in[1:])
     if args_in[:1] == ["agent"]:
         return _agent(args_in[1:])
+    if args_in[:1] == ["cache"]:
+        from regmirror.cache.cli import main as cache_main
+
+        return cache_main(args_in[1:])
     parser = _parser()
     args = parser.parse_args(args_in)
     if args.command == "crd":

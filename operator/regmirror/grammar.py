@@ -96,6 +96,14 @@ IMAGE_ID_PATTERN = "^[a-f0-9]{64}$"
 #: implicit `library/` (8 characters), so 247 keeps every accepted reference parseable.
 IMAGE_MAX_LENGTH = 247
 
+#: An image to prewarm, on the mirror's own upstream: [host[:port]/]repository[:tag][@sha256:digest], lower case.
+PREWARM_IMAGE_PATTERN = (
+    f"^([a-z0-9]+([._-][a-z0-9]+)*(:{PORT})?/)?[a-z0-9]+([._-]+[a-z0-9]+)*(/[a-z0-9]+([._-]+[a-z0-9]+)*)*"
+    "(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
+#: A platform of a multi-platform image: os/arch[/variant].
+PLATFORM_PATTERN = "^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9.]+)?$"
+
 DNS_LABEL_MAX = 63
 DNS_SUBDOMAIN_MAX = 253
 LABEL_VALUE_MAX = 63

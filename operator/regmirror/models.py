@@ -485,13 +485,30 @@ def _ttl_within_bounds(value: str) -> bool:
     return g.matches(g.DURATION_PATTERN, value) and nanos is not None and limit is not None and nanos <= limit
 
 
+def _go_duration(value: str) -> bool:
+    return g.matches(g.DURATION_PATTERN, value) and g.parse_go_duration(value) is not None
+
+
+_WATERMARKS_RULE = Rule(
+    "!has(self.lowWatermarkPercent) || !has(self.highWatermarkPercent) || self.lowWatermarkPercent < self.highWatermarkPercent",
+    "cache.lowWatermarkPercent must be below cache.highWatermarkPercent",
+    lambda cache: cache.low_watermark_percent < cache.high_watermark_percent,
+    field_path=".lowWatermarkPercent",
+)
+
+
 class Cache(Model):
-    """Cache behaviour of distribution's proxy mode."""
+    """What the cache keeps, for how long, and how fresh a tag must be."""
+
+    RULES = (_WATERMARKS_RULE,)
 
     ttl: Annotated[
         str,
         Field(
-            description=f"How long a proxied blob stays in the cache after its last fetch (a Go duration, e.g. 168h; at most {MAX_CACHE_TTL}). 0 keeps blobs forever.",
+            description=(
+                "Upper bound on how long an image stays cached after its last pull (a Go duration, e.g. 168h; at most "
+                f"{MAX_CACHE_TTL}); 0 keeps images until the size cap needs their room. Images that running pods use are kept past it."
+            ),
             max_length=64,
         ),
         Checked(
@@ -502,6 +519,85 @@ class Cache(Model):
             )
         ),
     ] = "168h"
+    max_size: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Size cap of the cached content (a positive quantity, at most storage.size). Above highWatermarkPercent of it, the "
+                "least recently pulled images that no running pod uses are evicted down to lowWatermarkPercent. "
+                "Default: 90% of storage.size."
+            ),
+            max_length=64,
+        ),
+        Checked(
+            Rule(
+                f"{g.cel_matches('self', g.QUANTITY_PATTERN)} && quantity(self).isGreaterThan(quantity('0'))",
+                f"cache.maxSize must be a positive quantity ({_QUANTITY_SHAPE}), e.g. 18Gi",
+                lambda v: (g.parse_quantity(v) or 0) > 0,
+            )
+        ),
+    ] = None
+    high_watermark_percent: Annotated[
+        int, Field(description="Eviction starts when the cache holds more than this percentage of maxSize.", ge=2, le=100), STRICT_INT
+    ] = 95
+    low_watermark_percent: Annotated[
+        int, Field(description="Eviction stops once the cache holds at most this percentage of maxSize.", ge=1, le=99), STRICT_INT
+    ] = 85
+    tag_freshness: Annotated[
+        str,
+        Field(
+            description=(
+                "How long a pulled tag is served from the cache before it is checked against the upstream again (a Go "
+                "duration). 0 (default) checks on every pull; while the upstream is down or rate-limited, the cached tag "
+                "is served either way. Invalidate one tag early with `regmirror cache invalidate`."
+            ),
+            max_length=64,
+        ),
+        Checked(
+            Rule(
+                f"{g.cel_matches('self', g.DURATION_PATTERN)} && (self == '0' || duration(self) >= duration('0s'))",
+                "cache.tagFreshness must be 0 or a Go duration: numbers with units ns, us, ms, s, m, h (e.g. 10m, 1h30m)",
+                _go_duration,
+            )
+        ),
+    ] = "0"
+
+
+class PrewarmImage(Model):
+    """An image the mirror fetches before any node asks for it."""
+
+    image: Annotated[
+        str,
+        Field(
+            description=(
+                "Image reference on this mirror's upstream: repository[:tag][@digest], e.g. library/nginx:1.27 or "
+                "nginx@sha256:...; a leading registry host of this mirror (docker.io/...) is accepted. A tag is "
+                "fetched again when it moves upstream."
+            ),
+            max_length=512,
+        ),
+        Checked(
+            pattern_rule(
+                g.PREWARM_IMAGE_PATTERN,
+                "prewarm[].image must be [host[:port]/]repository[:tag][@sha256:digest] in lower case (port 1-65535), "
+                "e.g. library/nginx:1.27",
+            )
+        ),
+    ]
+    platforms: Annotated[
+        list[
+            Annotated[
+                str,
+                Field(max_length=64),
+                Checked(pattern_rule(g.PLATFORM_PATTERN, "prewarm[].platforms: each must be os/arch[/variant], e.g. linux/amd64")),
+            ]
+        ],
+        Field(
+            description="For a multi-platform image, the platforms to fetch (os/arch[/variant], e.g. linux/amd64); empty fetches all.",
+            max_length=16,
+        ),
+        SET_LIST,
+    ] = []
 
 
 RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
@@ -945,6 +1041,14 @@ def _self_bootstrap_ok(spec: RegistryMirrorSpec) -> bool:
     return not strict or image_registry_host(spec.image) not in spec.upstream.effective_hosts()
 
 
+def _max_size_fits(spec: RegistryMirrorSpec) -> bool:
+    cap, size = spec.cache.max_size, spec.storage.size
+    if cap is None:
+        return True
+    cap_value, size_value = g.parse_quantity(cap), g.parse_quantity(size)
+    return cap_value is None or size_value is None or cap_value <= size_value
+
+
 class RegistryMirrorSpec(Model):
     """Desired state of a pull-through cache for one upstream registry."""
 
@@ -967,11 +1071,29 @@ class RegistryMirrorSpec(Model):
             _self_bootstrap_ok,
             field_path=".image",
         ),
+        Rule(
+            "!has(self.cache) || !has(self.cache.maxSize) || !has(self.storage) || !has(self.storage.size) || "
+            "!isQuantity(self.cache.maxSize) || !isQuantity(self.storage.size) || "
+            "quantity(self.cache.maxSize).compareTo(quantity(self.storage.size)) <= 0",
+            "cache.maxSize must not exceed storage.size",
+            _max_size_fits,
+            field_path=".cache.maxSize",
+        ),
     )
 
     upstream: Annotated[Upstream, Field(description="The registry to cache.")]
     storage: Annotated[Storage, Field(description="The cache's volume.")] = Storage()
-    cache: Annotated[Cache, Field(description="Cache expiry.")] = Cache()
+    cache: Annotated[Cache, Field(description="Size cap, eviction, expiry and tag freshness of the cache.")] = Cache()
+    prewarm: Annotated[
+        list[PrewarmImage],
+        Field(
+            description=(
+                "Images the mirror fetches ahead of need and again when their tag moves, paced by the upstream's "
+                "rate-limit headers so that prewarming never uses up a pull limit. Progress is in status.cache.prewarm."
+            ),
+            max_length=100,
+        ),
+    ] = []
     replicas: Annotated[
         int,
         Field(description="Registry pods. 0 stops the cache (nodes fall back to the upstream under AllowUpstream).", ge=0, le=20),
@@ -1061,6 +1183,43 @@ class HostRoute(Model):
     mirrors: Annotated[list[str], Field(description="All mirrors of this host, in the order nodes try them.")]
 
 
+class CacheEviction(Model):
+    """The cache's most recent eviction."""
+
+    time: Annotated[str, Field(description="When it ran (RFC 3339).", json_schema_extra={"format": "date-time"})]
+    reason: Annotated[str, Field(description="SizeCap (above the high watermark) or TTL (not pulled within cache.ttl).")]
+    blobs: Annotated[int, Field(description="Blobs and manifests removed.")] = 0
+    bytes: Annotated[int, Field(description="Bytes freed.")] = 0
+
+
+class PrewarmStatus(Model):
+    """Progress of spec.prewarm."""
+
+    images: Annotated[int, Field(description="Images listed in spec.prewarm.")] = 0
+    ready: Annotated[int, Field(description="Images whose current content is fully in the cache.")] = 0
+    pending: Annotated[int, Field(description="Images still to fetch (or waiting for the upstream's rate limit).")] = 0
+    failed: Annotated[list[str], Field(description="A few images that could not be fetched, with the reason (at most 10).")] = []
+
+
+class CacheStatus(Model):
+    """What the cache did: figures since the mirror's pod started, taken by the cache sidecar."""
+
+    hits: Annotated[int, Field(description="Manifest and blob requests answered without fetching from the upstream.")] = 0
+    misses: Annotated[int, Field(description="Manifest and blob requests that fetched from the upstream.")] = 0
+    hit_ratio: Annotated[str | None, Field(description="hits / (hits + misses), as a decimal string such as 0.97.")] = None
+    bytes_served: Annotated[int, Field(description="Bytes of manifests and blobs sent to nodes.")] = 0
+    bytes_from_upstream: Annotated[int, Field(description="Bytes of manifests and blobs fetched from the upstream.")] = 0
+    disk_used: Annotated[int, Field(description="Bytes of cached content on the volume.")] = 0
+    disk_cap: Annotated[int, Field(description="The size cap in bytes (cache.maxSize).")] = 0
+    pinned_images: Annotated[int, Field(description="Images kept because running pods use them.")] = 0
+    upstream_reachable: Annotated[bool | None, Field(description="Whether the upstream answered the sidecar's last probe.")] = None
+    last_eviction: Annotated[CacheEviction | None, Field(description="The most recent eviction, if any.")] = None
+    prewarm: Annotated[PrewarmStatus | None, Field(description="Progress of spec.prewarm, when it lists images.")] = None
+    observed_at: Annotated[
+        str | None, Field(description="When these figures were taken (RFC 3339).", json_schema_extra={"format": "date-time"})
+    ] = None
+
+
 class RegistryMirrorStatus(Model):
     """Observed state, following metav1.Condition and kstatus conventions."""
 
@@ -1077,6 +1236,7 @@ class RegistryMirrorStatus(Model):
     nodes: Annotated[NodesStatus | None, Field(description="Node configuration rollout.")] = None
     nodes_ratio: Annotated[str | None, Field(description="ready/desired nodes, for the printer column.")] = None
     hosts: Annotated[list[HostRoute], Field(description="Order of this mirror among the mirrors of each of its hosts.")] = []
+    cache: Annotated[CacheStatus | None, Field(description="What the cache saved: hits, bytes, disk, evictions, prewarm.")] = None
     conditions: Annotated[
         list[Condition],
         Field(

@@ -28,7 +28,14 @@ def make_spec(**overrides: Any) -> RegistryMirrorSpec:
 
 
 def children(spec: RegistryMirrorSpec, **kw: Any) -> dict[str, dict[str, Any]]:
-    return {obj["kind"]: obj for obj in render_mirror_children("quay", UID, spec, NS, **kw)}
+    """By kind; the registry's ConfigMap is "ConfigMap", the cache sidecar's live inputs "CacheConfigMap"."""
+    out: dict[str, dict[str, Any]] = {}
+    for obj in render_mirror_children("quay", UID, spec, NS, **kw):
+        kind = obj["kind"]
+        if kind == "ConfigMap" and "config.yml" not in obj["data"]:
+            kind = "CacheConfigMap"
+        out[kind] = obj
+    return out
 
 
 def container(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -47,10 +54,10 @@ def registry_config(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def test_children_in_apply_order_with_common_metadata() -> None:
     objs = render_mirror_children("quay", UID, make_spec(), NS)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "PersistentVolumeClaim", "Service", "Deployment"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Service", "Deployment"]
     for obj in objs:
         meta = obj["metadata"]
-        assert meta["name"] == naming.child_name("quay")
+        assert meta["name"] in (naming.child_name("quay"), naming.child_name("quay") + "-cache")
         assert meta["namespace"] == NS
         assert meta["labels"] == naming.labels("quay")
         assert meta["ownerReferences"] == [
@@ -66,10 +73,14 @@ def test_rendering_is_deterministic() -> None:
 def test_registry_config_proxy_mode() -> None:
     config = registry_config(children(make_spec(cache={"ttl": "24h"})))
     assert config["version"] == "0.1"
-    assert config["proxy"] == {"remoteurl": "https://quay.io", "ttl": "24h"}
+    # distribution's own TTL scheduler is off: it would delete what running pods use. The
+    # sidecar enforces cache.ttl (with pins) from the live ConfigMap instead.
+    assert config["proxy"] == {"remoteurl": "https://quay.io", "ttl": "0"}
+    assert json.loads(children(make_spec(cache={"ttl": "24h"}))["CacheConfigMap"]["data"]["cache.json"])["ttlSeconds"] == 86400
+    assert "cache" not in config["storage"], "no blobdescriptor cache: evicted blobs must read as unknown"
     assert config["storage"]["filesystem"]["rootdirectory"] == c.REGISTRY_STORAGE_PATH
     assert config["storage"]["delete"] == {"enabled": True}
-    assert config["http"]["addr"] == ":5000"
+    assert config["http"]["addr"] == ":5002", "behind the cache front"
     assert config["http"]["debug"] == {"addr": ":5001", "prometheus": {"enabled": True, "path": "/metrics"}}
     assert config["log"]["formatter"] == "json"
     assert config["health"]["storagedriver"]["enabled"] is True
@@ -134,12 +145,16 @@ def test_credentials_hash_changes_the_pod_template() -> None:
 
 
 def test_config_hash_follows_the_config() -> None:
-    a, b = children(make_spec(cache={"ttl": "24h"})), children(make_spec(cache={"ttl": "48h"}))
-    hash_a = a["Deployment"]["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
-    hash_b = b["Deployment"]["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
-    assert hash_a != hash_b
-    assert hash_a == config_hash(a["ConfigMap"]["data"]["config.yml"])
-    assert len(hash_a) == 16
+    def template_hash(objs: dict[str, dict[str, Any]]) -> str:
+        return str(objs["Deployment"]["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH])
+
+    a, b = children(make_spec(cache={"tagFreshness": "0"})), children(make_spec(cache={"tagFreshness": "10m"}))
+    assert template_hash(a) != template_hash(b), "the front's VCL changed: the pod rolls"
+    assert template_hash(a) == config_hash(a["ConfigMap"]["data"]["config.yml"] + a["ConfigMap"]["data"]["front.vcl"])
+    assert len(template_hash(a)) == 16
+    # The sidecar's live inputs (cap, TTL, prewarm) change without restarting the cache.
+    live = children(make_spec(cache={"ttl": "1h", "maxSize": "5Gi"}, prewarm=[{"image": "org/app:v1"}]))
+    assert template_hash(live) == template_hash(a)
 
 
 def test_pvc_follows_storage_spec() -> None:
@@ -202,6 +217,7 @@ def test_service_ports_and_fixed_cluster_ip() -> None:
     assert [(p["name"], p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [
         ("registry", 80, "registry"),
         ("metrics", 5001, "metrics"),
+        ("cache", 5003, "cache"),
     ]
     spec = make_spec().model_copy(update={"service": make_spec().service.model_copy(update={"cluster_ip": "10.96.0.50"})})
     assert children(spec)["Service"]["spec"]["clusterIP"] == "10.96.0.50"
@@ -339,3 +355,39 @@ def test_tls_without_a_fixed_cluster_ip_is_rejected() -> None:
 
     with pytest.raises(ValidationError, match=r"service\.tls needs a fixed service\.clusterIP"):
         make_spec(service={"tls": {"secretName": "mirror-tls"}})
+
+
+def test_the_cache_front_and_sidecar_join_the_registry_in_the_pod() -> None:
+    objs = children(make_spec(storage={"size": "20Gi"}, cache={"maxSize": "15Gi", "tagFreshness": "5m"}))
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    names = [ctr["name"] for ctr in pod["containers"]]
+    assert names == ["registry", "front", "front-stats", "cache"]
+    for ctr in pod["containers"]:
+        assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+        assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    front = pod["containers"][1]
+    assert front["ports"] == [{"name": "registry", "containerPort": 5000, "protocol": "TCP"}], "the Service's target is the front"
+    vcl = objs["ConfigMap"]["data"]["front.vcl"]
+    assert "set beresp.ttl = 300s;" in vcl, "a tag is kept for cache.tagFreshness"
+    assert '.port = "5002"' in vcl and '.port = "5003"' in vcl
+    policy = json.loads(objs["CacheConfigMap"]["data"]["cache.json"])
+    assert policy["capBytes"] == 15 << 30 and policy["upstream"] == "https://quay.io"
+    sidecar = pod["containers"][3]
+    assert sidecar["args"][:2] == ["cache", "serve"]
+    assert {m["name"] for m in sidecar["volumeMounts"]} >= {"storage", "cache-control"}
+
+
+def test_an_https_mirror_is_served_by_distribution_itself_without_a_front() -> None:
+    spec = make_spec(service={"tls": {"secretName": "mirror-tls"}, "clusterIP": "10.96.0.9"})
+    objs = children(spec)
+    names = [ctr["name"] for ctr in objs["Deployment"]["spec"]["template"]["spec"]["containers"]]
+    assert names == ["registry", "cache"], "Varnish speaks no TLS"
+    assert registry_config(objs)["http"]["addr"] == ":5000"
+    assert "front.vcl" not in objs["ConfigMap"]["data"]
+
+
+def test_cache_cap_must_fit_the_volume_and_watermarks_be_ordered() -> None:
+    with pytest.raises(ValueError, match=r"cache\.maxSize must not exceed storage\.size"):
+        make_spec(storage={"size": "10Gi"}, cache={"maxSize": "11Gi"})
+    with pytest.raises(ValueError, match="lowWatermarkPercent must be below"):
+        make_spec(cache={"lowWatermarkPercent": 90, "highWatermarkPercent": 80})

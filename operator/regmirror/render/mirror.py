@@ -10,7 +10,9 @@ Secret-backed environment variables, which distribution reads as overrides of
 
 from __future__ import annotations
 
+import copy
 import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import yaml
@@ -18,6 +20,9 @@ import yaml
 from regmirror import constants as c
 from regmirror import naming
 from regmirror.models import AccessMode, DeletionPolicy, RegistryMirrorSpec
+from regmirror.render import cache as render_cache
+from regmirror.render.front import CACHE_SIDECAR_PORT, FRONT_CONFIG_KEY, REGISTRY_BACKEND_PORT, FrontSettings, render_front_vcl
+from regmirror.units import duration_seconds
 
 CONFIG_KEY = "config.yml"
 CONFIG_DIR = "/etc/distribution"
@@ -35,6 +40,8 @@ NONROOT_ID = 65532
 ENV_PROXY_USERNAME = "REGISTRY_PROXY_USERNAME"
 ENV_PROXY_PASSWORD = "REGISTRY_PROXY_PASSWORD"
 PORT_NAME = "registry"
+BACKEND_PORT_NAME = "backend"
+CACHE_PORT_NAME = "cache"
 METRICS_PORT_NAME = "metrics"
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/debug/health"
@@ -73,10 +80,20 @@ def _single_attach(spec: RegistryMirrorSpec) -> bool:
     return _uses_pvc(spec) and AccessMode.READ_WRITE_MANY not in spec.storage.access_modes
 
 
+def front_enabled(spec: RegistryMirrorSpec) -> bool:
+    """Whether Varnish fronts the registry. Varnish speaks no TLS, so an HTTPS mirror is served by distribution itself."""
+    return spec.service.tls is None
+
+
+def registry_listen_port(spec: RegistryMirrorSpec) -> int:
+    """Where distribution listens in the pod: behind the front, or on the Service's target itself."""
+    return REGISTRY_BACKEND_PORT if front_enabled(spec) else c.REGISTRY_PORT
+
+
 def render_registry_config(spec: RegistryMirrorSpec) -> str:
     """distribution's config.yml for proxy mode; never holds credentials."""
     http: dict[str, Any] = {
-        "addr": f":{c.REGISTRY_PORT}",
+        "addr": f":{registry_listen_port(spec)}",
         "headers": {"X-Content-Type-Options": ["nosniff"]},
         "debug": {
             "addr": f":{c.REGISTRY_DEBUG_PORT}",
@@ -92,15 +109,42 @@ def render_registry_config(spec: RegistryMirrorSpec) -> str:
         "storage": {
             "filesystem": {"rootdirectory": c.REGISTRY_STORAGE_PATH},
             "delete": {"enabled": True},
-            "cache": {"blobdescriptor": "inmemory"},
+            # No blobdescriptor cache: the cache sidecar deletes evicted blobs under the running
+            # registry, and a cached descriptor would keep answering "present" for a blob that is
+            # gone (distribution#2367; Gardener's registry cache disables it for the same reason).
         },
         "http": http,
         "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
-        # ttl as a string: Go's YAML decoder parses durations only from strings.
-        "proxy": {"remoteurl": spec.upstream.url, "ttl": spec.cache.ttl},
+        # ttl 0 turns distribution's own expiry off: its scheduler deletes blindly, also what
+        # running pods use. The cache sidecar enforces cache.ttl as an upper bound instead,
+        # keeping pinned images. (A string: Go's YAML decoder parses durations only from strings.)
+        "proxy": {"remoteurl": spec.upstream.url, "ttl": "0"},
+        # Every pull the registry serves is posted to the sidecar, which keeps "last pulled"
+        # per blob for least-recently-pulled eviction.
+        "notifications": {
+            "events": {"includereferences": False},
+            "endpoints": [
+                {
+                    "name": "regmirror-cache",
+                    "url": f"http://127.0.0.1:{CACHE_SIDECAR_PORT}{render_cache.EVENTS_PATH}",
+                    "timeout": "2s",
+                    "threshold": 5,
+                    "backoff": "2s",
+                    "ignore": {"actions": ["push", "delete", "mount"]},
+                }
+            ],
+        },
     }
     text: str = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
     return text
+
+
+def front_settings(spec: RegistryMirrorSpec) -> FrontSettings:
+    """The front's parameters for this mirror."""
+    return FrontSettings(
+        tag_freshness_seconds=int(duration_seconds(spec.cache.tag_freshness)),
+        max_object_bytes=render_cache.front_store_bytes(spec) // 2,
+    )
 
 
 def render_config_map(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any]:
@@ -109,8 +153,15 @@ def render_config_map(name: str, uid: str, spec: RegistryMirrorSpec, namespace: 
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(name, uid, namespace),
-        "data": {CONFIG_KEY: render_registry_config(spec)},
+        "data": _config_data(spec),
     }
+
+
+def _config_data(spec: RegistryMirrorSpec) -> dict[str, str]:
+    data = {CONFIG_KEY: render_registry_config(spec)}
+    if front_enabled(spec):
+        data[FRONT_CONFIG_KEY] = render_front_vcl(front_settings(spec))
+    return data
 
 
 def render_pvc(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any] | None:
@@ -141,6 +192,9 @@ def render_service(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str
     if spec.service.port != c.REGISTRY_DEBUG_PORT:
         # Two Service ports cannot share a number; a mirror served on 5001 gives up the metrics port.
         ports.append({"name": METRICS_PORT_NAME, "protocol": "TCP", "port": c.REGISTRY_DEBUG_PORT, "targetPort": METRICS_PORT_NAME})
+    if spec.service.port != CACHE_SIDECAR_PORT:
+        # The cache sidecar's figures (/stats, /metrics for Prometheus), read-only.
+        ports.append({"name": CACHE_PORT_NAME, "protocol": "TCP", "port": CACHE_SIDECAR_PORT, "targetPort": CACHE_PORT_NAME})
     svc_spec: dict[str, Any] = {"type": "ClusterIP"}
     if spec.service.cluster_ip:
         svc_spec["clusterIP"] = spec.service.cluster_ip
@@ -174,6 +228,10 @@ def _volumes_and_mounts(name: str, spec: RegistryMirrorSpec) -> tuple[list[dict[
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": child, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
     ]
+    if front_enabled(spec):
+        volumes.append(
+            {"name": "front-config", "configMap": {"name": child, "items": [{"key": FRONT_CONFIG_KEY, "path": FRONT_CONFIG_KEY}]}}
+        )
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     if _uses_pvc(spec):
         volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": child}})
@@ -182,6 +240,7 @@ def _volumes_and_mounts(name: str, spec: RegistryMirrorSpec) -> tuple[list[dict[
     mounts.append({"name": "storage", "mountPath": c.REGISTRY_STORAGE_PATH})
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    volumes += render_cache.cache_volumes(name, spec, front_enabled(spec))
     if spec.service.tls is not None:
         volumes.append(
             {
@@ -225,8 +284,10 @@ def render_deployment(
     *,
     config_hash: str,
     credentials_hash: str | None,
+    sidecar_image: str = c.DEFAULT_OPERATOR_IMAGE,
+    front_image: str = render_cache.DEFAULT_FRONT_IMAGE,
 ) -> dict[str, Any]:
-    """distribution in proxy mode, with probes, metrics and a restricted security context.
+    """distribution in proxy mode behind the cache front, with the cache sidecar, probes and metrics.
 
     The config and credentials hashes on the pod template make a changed
     config.yml or a rotated Secret roll the pods (neither is re-read live).
@@ -248,13 +309,17 @@ def render_deployment(
         # an explicit path works for 3.x (/etc/distribution) and 2.x (/etc/docker/registry) images alike.
         "args": ["serve", CONFIG_PATH],
         "ports": [
-            {"name": PORT_NAME, "containerPort": c.REGISTRY_PORT, "protocol": "TCP"},
+            {
+                "name": BACKEND_PORT_NAME if front_enabled(spec) else PORT_NAME,
+                "containerPort": registry_listen_port(spec),
+                "protocol": "TCP",
+            },
             {"name": METRICS_PORT_NAME, "containerPort": c.REGISTRY_DEBUG_PORT, "protocol": "TCP"},
         ],
         "env": _env(spec),
         "resources": resources,
         "volumeMounts": mounts,
-        "readinessProbe": _probe("/v2/", c.REGISTRY_PORT, scheme, period=5, failures=3),
+        "readinessProbe": _probe("/v2/", registry_listen_port(spec), scheme, period=5, failures=3),
         "livenessProbe": _probe(HEALTH_PATH, c.REGISTRY_DEBUG_PORT, "HTTP", period=10, failures=6),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -274,7 +339,7 @@ def render_deployment(
             "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": _containers(spec, container, sidecar_image, front_image),
         "volumes": volumes,
     }
     if spec.node_selector:
@@ -302,6 +367,17 @@ def render_deployment(
     }
 
 
+def _containers(spec: RegistryMirrorSpec, registry: dict[str, Any], sidecar_image: str, front_image: str) -> list[dict[str, Any]]:
+    front = front_enabled(spec)
+    # The sidecar gets the registry's env (proxy, CA, upstream credentials) for its own
+    # upstream probes and rate-limit reads; it never logs them.
+    sidecar = render_cache.sidecar_container(spec, sidecar_image, copy.deepcopy(registry["env"]), front)
+    containers = [registry]
+    if front:
+        containers += render_cache.front_containers(spec, front_image, "front-config")
+    return [*containers, sidecar]
+
+
 def render_mirror_children(
     name: str,
     uid: str,
@@ -309,10 +385,19 @@ def render_mirror_children(
     namespace: str,
     *,
     credentials_hash: str | None = None,
+    sidecar_image: str = c.DEFAULT_OPERATOR_IMAGE,
+    pins: Iterable[str] = (),
+    invalidations: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """ConfigMap, PVC (unless ephemeral), Service and Deployment, in the order to apply them."""
+    """ConfigMaps (registry and front config; the cache's live inputs), PVC (unless ephemeral), Service
+    and Deployment, in the order to apply them.
+
+    `sidecar_image` is the operator's own image (it runs `regmirror cache serve`); `pins` and
+    `invalidations` are the cache sidecar's live inputs (see render/cache.py).
+    """
     config_map = render_config_map(name, uid, spec, namespace)
-    children = [config_map]
+    control = render_cache.render_control_config_map(name, uid, spec, namespace, pins=pins, invalidations=invalidations)
+    children = [config_map, control]
     pvc = render_pvc(name, uid, spec, namespace)
     if pvc is not None:
         children.append(pvc)
@@ -323,8 +408,9 @@ def render_mirror_children(
             uid,
             spec,
             namespace,
-            config_hash=config_hash(config_map["data"][CONFIG_KEY]),
+            config_hash=config_hash("".join(config_map["data"].values())),
             credentials_hash=credentials_hash,
+            sidecar_image=sidecar_image,
         )
     )
     return children
