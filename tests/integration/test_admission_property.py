@@ -307,6 +307,26 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
         },
     ),
     ("spec", "cache", "ttl"): durations,
+    ("spec", "cache"): st.fixed_dictionaries(
+        {},
+        optional={
+            "maxSize": quantities,
+            "highWatermarkPercent": st.one_of(st.integers(0, 101), st.just("95")),
+            "lowWatermarkPercent": st.integers(0, 101),
+            "tagFreshness": durations,
+        },
+    ),
+    ("spec", "prewarm"): st.lists(
+        st.fixed_dictionaries(
+            {"image": images},
+            optional={
+                "platforms": st.lists(
+                    spiced(st.sampled_from(["linux/amd64", "linux/arm64/v8", "Linux/amd64", "linux", "linux/"])), max_size=3
+                )
+            },
+        ),
+        max_size=3,
+    ),
     ("spec", "resources"): st.fixed_dictionaries({}, optional={"requests": resource_maps, "limits": resource_maps}),
     ("spec", "tolerations"): st.lists(tolerations, max_size=3),
     ("spec", "nodeSelector"): st.dictionaries(label_keys, label_values, max_size=3),

@@ -172,6 +172,13 @@ REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("ttl that overflows Go", document(cache={"ttl": "9999999999999h"}), ("cache.ttl",)),
     ("ttl above ten years", document(cache={"ttl": "87601h"}), ("cache.ttl",)),
     ("ttl in days", document(cache={"ttl": "7d"}), ("cache.ttl",)),
+    ("cache cap above the volume", document(storage={"size": "10Gi"}, cache={"maxSize": "11Gi"}), ("cache.maxSize", "storage.size")),
+    ("cache cap of zero", document(cache={"maxSize": "0"}), ("cache.maxSize",)),
+    ("watermarks reversed", document(cache={"lowWatermarkPercent": 95, "highWatermarkPercent": 90}), ("lowWatermarkPercent",)),
+    ("tag freshness that overflows Go", document(cache={"tagFreshness": "9999999999999h"}), ("cache.tagFreshness",)),
+    ("prewarm image port 99999", document(prewarm=[{"image": "r.example:99999/library/nginx:1"}]), ("prewarm",)),
+    ("prewarm image in upper case", document(prewarm=[{"image": "Library/nginx"}]), ("prewarm",)),
+    ("prewarm platform twice", document(prewarm=[{"image": "library/nginx", "platforms": ["linux/amd64", "linux/amd64"]}]), ("platforms",)),
     ("nodeSelector value", document(nodeSelector={"pool": "a b"}), ("nodeSelector",)),
     ("nodeSelector key", document(nodeSelector={"-pool": "a"}), ("nodeSelector",)),
     (
@@ -302,6 +309,8 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("ttl at the limit", document(cache={"ttl": "87600h"})),
     ("ttl with fractions", document(cache={"ttl": "1.5h0.25s"})),
     ("ttl forever", document(cache={"ttl": "0"})),
+    ("cache cap equal to the volume", document(storage={"size": "10Gi"}, cache={"maxSize": "10240Mi", "tagFreshness": "10m"})),
+    ("prewarm", document(prewarm=[{"image": "library/nginx:1.27", "platforms": ["linux/amd64", "linux/arm64/v8"]}])),
     ("RWOP alone", document(storage={"accessModes": ["ReadWriteOncePod"]})),
     ("empty storage class means the default", document(storage={"storageClassName": ""})),
     (
