@@ -28,7 +28,10 @@ ProbeFn = Callable[[str, float, str | None], str | None]
 
 def http_probe(url: str, timeout: float, ca_pem: str | None = None) -> str | None:
     """GET <url>/v2/: None if any HTTP response came back, else the error."""
-    conn, parts = http_connection(url, timeout, ca_pem)
+    try:
+        conn, parts = http_connection(url, timeout, ca_pem)
+    except ValueError as exc:  # bad CA bytes or port: this mirror cannot be reached, nothing else is affected
+        return f"{type(exc).__name__}: {exc}"
     try:
         conn.request("GET", parts.path.rstrip("/") + "/v2/", headers={"User-Agent": "regmirror-agent"})
         conn.getresponse().read(1024)
@@ -91,6 +94,13 @@ class HealthTracker:
         """Names of the mirrors currently withdrawn."""
         return frozenset(name for name, s in self._state.items() if not s.healthy)
 
+    def _probe_one(self, target: Target) -> str | None:
+        """One mirror's probe; whatever it raises is that mirror's failure, never the step's."""
+        try:
+            return self._probe(target.url, self.timeout, target.ca_pem)
+        except Exception as exc:  # isolation: one mirror's data must not stop the others' probes
+            return f"probe failed: {type(exc).__name__}: {exc}"
+
     def update(self, targets: Mapping[str, Target]) -> list[Transition]:
         """Probe the mirrors that are due (all of them in parallel) and return state changes."""
         for gone in set(self._state) - set(targets):
@@ -100,10 +110,10 @@ class HealthTracker:
         if not due:
             return []
         if len(due) == 1:
-            errors = [self._probe(targets[due[0]].url, self.timeout, targets[due[0]].ca_pem)]
+            errors = [self._probe_one(targets[due[0]])]
         else:
             with ThreadPoolExecutor(max_workers=min(len(due), 8)) as pool:
-                errors = list(pool.map(lambda n: self._probe(targets[n].url, self.timeout, targets[n].ca_pem), due))
+                errors = list(pool.map(lambda n: self._probe_one(targets[n]), due))
         now = self._clock()
         transitions = []
         for name, error in zip(due, errors, strict=True):
