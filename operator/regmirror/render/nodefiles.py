@@ -365,6 +365,8 @@ def check_plan(plan: PlanLike) -> CheckedPlan:
             findings.append(
                 Finding("MirrorRejected", f"mirror {mirror.name}: listed twice in the plan; the first entry is used", mirror.name)
             )
+            if mirror.strict:  # its strictness still binds its hosts
+                claim = StrictClaim(mirror.name, mirror.hosts, mirror.runtimes, mirror.node_selector)
             mirror = None
         if mirror is not None:
             names.add(mirror.name)
@@ -863,7 +865,18 @@ def plan_node_files(
     for route in crio_routes:
         out.routes[(route.host, RUNTIME_CRIO)] = route
     if crio_routes:
-        _crio_files(crio_routes, f"{crio_dropin_dir.rstrip('/')}/{c.CRIO_DROPIN_FILE}", out)
+        path = f"{crio_dropin_dir.rstrip('/')}/{c.CRIO_DROPIN_FILE}"
+        try:
+            _crio_files(crio_routes, path, out)
+        except Exception as exc:  # the drop-in's failure must not cost the containerd files theirs
+            out.keep.add(crio_dropin_dir.rstrip("/"))
+            out.findings.append(
+                Finding(
+                    "FileNotVerified",
+                    f"{path}: rendering failed ({type(exc).__name__}: {shown(str(exc), 200)}); file kept",
+                    blocks_node=True,
+                )
+            )
     return out
 
 
