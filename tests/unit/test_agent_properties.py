@@ -411,7 +411,8 @@ def check_crio_file(files: Mapping[str, str], entries: list[Any], labels: Mappin
             assert tried == mirrors, (host, tried, mirrors)
             assert reg.get("blocked") is (True if not endpoints else None)
         else:
-            assert tried[:-1] == mirrors
+            location = "docker.io" if reg["prefix"] == "docker.io" else server.split("://", 1)[1]
+            assert tried == [*mirrors, location], (reg["prefix"], tried, mirrors, location)
 
 
 def run_step(root: Path, plan: str, labels: Mapping[str, str], unhealthy: set[str]) -> Any:
@@ -581,8 +582,10 @@ def test_the_agent_process_survives_any_plan(tmp_path_factory: pytest.TempPathFa
     (tmp / "labels.json").write_text("{}")
     before = tree(tmp)
     proc = subprocess.run(
-        [sys.executable, "-m", "regmirror.agent", "--once", "--plan", str(tmp / "plan.json"), "--host-root", str(root)]
-        + ["--node-labels-file", str(tmp / "labels.json"), "--health-port", "0", "--probe-timeout", "0.1"],
+        [
+            *(sys.executable, "-m", "regmirror.agent", "--once", "--plan", str(tmp / "plan.json"), "--host-root", str(root)),
+            *("--node-labels-file", str(tmp / "labels.json"), "--health-port", "0", "--probe-timeout", "0.1"),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
