@@ -270,15 +270,20 @@ def ssl_context(ca_pem: str | bytes | None = None) -> ssl.SSLContext:
     return context
 
 
-def http_connection(url: str, timeout: float, ca_pem: str | bytes | None = None) -> tuple[http.client.HTTPConnection, SplitResult]:
+def http_connection(
+    url: str, timeout: float, ca_pem: str | bytes | None = None, *, context: ssl.SSLContext | None = None
+) -> tuple[http.client.HTTPConnection, SplitResult]:
     """A connection to the URL's host (TLS with an optional extra CA for https), and the parsed URL.
 
-    Raises ValueError (CAError for CA bytes that hold no certificate, or a bad
-    port) before any connection is made; never a TypeError or an SSLError.
+    `context` (for https) replaces the one built from `ca_pem`, so a caller
+    that probes often can build it once. Raises ValueError (CAError for CA
+    bytes that hold no certificate, or a bad port) before any connection is
+    made; never a TypeError or an SSLError.
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port  # ValueError for a port outside 0-65535 or not a number
     if parts.scheme == "https":
-        return http.client.HTTPSConnection(host, port or 443, timeout=timeout, context=ssl_context(ca_pem)), parts
+        tls = context if context is not None else ssl_context(ca_pem)
+        return http.client.HTTPSConnection(host, port or 443, timeout=timeout, context=tls), parts
     return http.client.HTTPConnection(host, port or 80, timeout=timeout), parts

@@ -18,8 +18,6 @@ here, and a real upstream would hide a leak).
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -43,12 +41,9 @@ from _dataplane import (
     free_port,
     system_containerd,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from regmirror import constants as c
+from unit._agentkit import tls_material
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd: needs root")
 
@@ -362,42 +357,6 @@ def test_a_strict_mirror_that_cannot_be_used_blocks_its_host_without_a_connectio
         rc, events = node.agent_once(hostile)
         assert rc == 0, events
         assert any(e["event"] == "finding" and e["reason"] == "MirrorRejected" for e in events)
-
-
-def tls_material(workdir: Path, ip: str) -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate for `ip` signed by it: (ca.crt, server.crt, server.key)."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "admin's private CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    validity = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(validity[0])
-        .not_valid_after(validity[1])
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = (workdir / "ca.crt", workdir / "server.crt", workdir / "server.key")
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return paths
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ their documentation, independent of the renderer and of render/nodecheck.py.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import tomllib
 from functools import cache
@@ -66,6 +67,42 @@ def client_pair() -> tuple[str, str]:
     )
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+
+
+def tls_material(workdir: Path, ip: str) -> tuple[Path, Path, Path]:
+    """A private CA and a server certificate for `ip` signed by it: (ca.crt, server.crt, server.key)."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "admin's private CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    validity = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (workdir / "ca.crt", workdir / "server.crt", workdir / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
 
 
 def wire_entry(

@@ -15,8 +15,13 @@ commit) and names the class it pins down, not only the example that found it:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import ssl
+import threading
 import tomllib
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +34,16 @@ from _agentkit import (
     endpoint_capabilities,
     node_root,
     plan_json,
+    tls_material,
     tree,
     wire_entry,
 )
+from test_agent_probe import Registry401
 
 from regmirror.agent.files import apply_files
 from regmirror.agent.loop import Agent, AgentConfig, StepResult
 from regmirror.agent.plan import SelectorRequirement
-from regmirror.agent.probe import HealthTracker
+from regmirror.agent.probe import HealthTracker, http_probe
 from regmirror.lowlevel import selector_matches
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeplan import build_node_plan, mirror_entry
@@ -342,3 +349,34 @@ def test_the_shared_selector_matcher_fails_closed_on_an_operator_it_does_not_kno
     assert not selector_matches({}, [requirement], {"pool": "a"})
     assert not selector_matches({}, [requirement], {})
     assert selector_matches({}, [SelectorRequirement(key="pool", operator="NotIn", values=("b",))], {"pool": "a"})
+
+
+# ------------------------------------------------------------------ the probe over TLS, for real
+
+
+@contextlib.contextmanager
+def tls_registry(tmp: Path) -> Iterator[tuple[str, str]]:
+    """An https server on 127.0.0.1 answering /v2/ with 401, its certificate signed by a private CA: (url, CA PEM)."""
+    ca, cert, key = tls_material(tmp, "127.0.0.1")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Registry401)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", ca.read_text()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_the_probe_verifies_a_tls_mirror_against_its_bundle_and_never_raises(tmp_path: Path) -> None:
+    with tls_registry(tmp_path) as (url, ca):
+        assert http_probe(url, 2, ca) is None
+        assert http_probe(url, 2, f"# Zertifikat für den Spiegel\n{ca}") is None, "comments are not certificates, and do not matter"
+        other = ca_cert("another CA")[0]
+        assert "CERTIFICATE_VERIFY_FAILED" in str(http_probe(url, 2, other))
+        assert "CAError" in str(http_probe(url, 2, ca_cert()[1].decode(errors="replace")))
+        assert http_probe(url, 2, None) is not None, "a private CA is not a system root"
