@@ -16,6 +16,7 @@ commit) and names the class it pins down, not only the example that found it:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import ssl
 import threading
@@ -42,6 +43,7 @@ from test_agent_probe import Registry401
 
 from regmirror.agent.files import apply_files
 from regmirror.agent.loop import Agent, AgentConfig, StepResult
+from regmirror.agent.nodeapi import InClusterClient, NodeInfo
 from regmirror.agent.plan import SelectorRequirement
 from regmirror.agent.probe import HealthTracker, http_probe
 from regmirror.lowlevel import selector_matches
@@ -380,3 +382,55 @@ def test_the_probe_verifies_a_tls_mirror_against_its_bundle_and_never_raises(tmp
         assert "CERTIFICATE_VERIFY_FAILED" in str(http_probe(url, 2, other))
         assert "CAError" in str(http_probe(url, 2, ca_cert()[1].decode(errors="replace")))
         assert http_probe(url, 2, None) is not None, "a private CA is not a system root"
+
+
+# ------------------------------------------------------------------ what the agent tells people
+
+
+class RecordingApi:
+    """Stands in for the API server: records the Events the agent posts (the wire body, as nodeapi builds it)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def get_node(self, name: str) -> NodeInfo:
+        return NodeInfo(name, "uid-1", {}, "containerd://1.7.0")
+
+    def post_event(self, node: NodeInfo, reason: str, message: str, *, warning: bool, mirror: str | None = None) -> None:
+        client = InClusterClient.__new__(InClusterClient)
+        client.namespace = "default"
+        client._request = lambda method, path, body=None: self.events.append(body) or {}  # type: ignore[method-assign]
+        InClusterClient.post_event(client, node, reason, message, warning=warning, mirror=mirror)
+
+
+def test_a_broken_mirror_is_named_in_one_event_and_the_report_while_the_node_stays_ready(tmp_path: Path) -> None:
+    root = node_root(tmp_path)
+    plan = plan_json(
+        wire_entry("broken", "https://10.96.0.1:5000", ["quay.io"], ca_pem="not a certificate", fallback=STRICT),
+        wire_entry("fine", "http://10.96.0.2:5000", ["ghcr.io"], fallback=STRICT),
+        wire_entry("bad-selector", "http://10.96.0.3:5000", ["gcr.io"], selector={"matchExpressions": [{"key": "a", "operator": "Gt"}]}),
+    )
+    (tmp_path / "plan.json").write_text(plan)
+    api = RecordingApi()
+    config = AgentConfig(plan_path=tmp_path / "plan.json", host_root=root, node_name="n1", health_port=0)
+    agent = Agent(config, api=api, tracker=HealthTracker(probe=healthy))  # type: ignore[arg-type]
+    for _ in range(3):
+        outcome = agent.step()
+    assert outcome.ready and "broken: Degraded" in outcome.message and "bad-selector: Rejected" in outcome.message
+    posted = {(e["reason"], e.get("related", {}).get("name")): e for e in api.events}
+    assert set(posted) == {("CAUnusable", "broken"), ("MirrorRejected", "bad-selector")}, "each finding once, not once per step"
+    event = posted[("CAUnusable", "broken")]
+    assert event["involvedObject"]["kind"] == "Node" and event["type"] == "Warning"
+    assert event["related"] == {"apiVersion": "regmirror.dev/v1alpha1", "kind": "RegistryMirror", "name": "broken"}
+    report = agent.readiness.get_report()
+    assert report["plan"] == hashlib.sha256(plan.encode()).hexdigest()[:16]
+    assert {n: m["state"] for n, m in report["mirrors"].items()} == {"broken": "Degraded", "fine": "Applied", "bad-selector": "Rejected"}
+    assert report["mirrors"]["broken"]["findings"][0]["reason"] == "CAUnusable"
+    assert report["hosts"]["containerd/ghcr.io"] == {"state": "Routed", "strict": True, "server": "https://ghcr.io", "mirrors": ["fine"]}
+
+    # Fixed, then broken again: the second breakage is news again.
+    (tmp_path / "plan.json").write_text(plan.replace('"not a certificate"', "null"))
+    agent.step()
+    (tmp_path / "plan.json").write_text(plan)
+    agent.step()
+    assert [e["reason"] for e in api.events].count("CAUnusable") == 2
