@@ -36,6 +36,11 @@ DOCKER_HUB_SERVER: Final = "https://registry-1.docker.io"
 SELECTOR_OPERATORS: Final = frozenset({"In", "NotIn", "Exists", "DoesNotExist"})
 
 
+def mirror_order_key(priority: int, name: str) -> tuple[int, str]:
+    """Sort key of mirrors: higher priority first, then name; the one order used everywhere."""
+    return (-priority, name)
+
+
 class Requirement(Protocol):
     """One set-based requirement of a label selector (models' and the agent's both fit)."""
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import Field
 
 from regmirror.lowlevel import canonical_registry_host, default_registry_server
+from regmirror.lowlevel import mirror_order_key as mirror_order_key  # the operator's name for it; defined there for the agent
 from regmirror.models import Capability, FallbackPolicy, LabelSelector, Model, RegistryMirrorSpec, Runtime, registry_host_from_url
 
 
@@ -63,11 +64,6 @@ class NodePlan(Model):
     def from_json(cls, text: str) -> NodePlan:
         """Parse the ConfigMap's JSON."""
         return cls.model_validate_json(text)
-
-
-def mirror_order_key(priority: int, name: str) -> tuple[int, str]:
-    """Sort key: higher priority first, then name; the one order used everywhere."""
-    return (-priority, name)
 
 
 def _canonical(host: str) -> str:

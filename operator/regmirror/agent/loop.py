@@ -36,7 +36,7 @@ from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
 from regmirror.agent.plan import PlanError, parse_plan
 from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, run_preflight
 from regmirror.agent.probe import HealthTracker, Target, Transition
-from regmirror.render import nodefiles
+from regmirror.render import nodefiles, nodeinput
 
 NODE_REFRESH_SECONDS = 30.0
 # Findings that need no action (posted as Normal Events).
@@ -100,7 +100,7 @@ class LoadedPlan:
     text: str
     digest: str
     names: tuple[str, ...]  # every entry's name as listed (shown safely), rejected ones included
-    checked: nodefiles.CheckedPlan
+    checked: nodeinput.CheckedPlan
 
 
 @dataclass
@@ -150,8 +150,8 @@ class Agent:
             except PlanError as exc:
                 log("plan.invalid", "error", path=str(self.config.plan_path), error=str(exc))
                 return self._plan
-            checked = nodefiles.check_plan(plan)
-            names = tuple(dict.fromkeys(nodefiles.mirror_label(m.name) for m in plan.mirrors))
+            checked = nodeinput.check_plan(plan)
+            names = tuple(dict.fromkeys(nodeinput.mirror_label(m.name) for m in plan.mirrors))
             self._plan = LoadedPlan(text=text, digest=report.plan_digest(text), names=names, checked=checked)
             log("plan.loaded", mirrors=[m.name for m in checked.mirrors], rejected=len(names) - len(checked.mirrors))
         return self._plan
@@ -198,7 +198,7 @@ class Agent:
     def _forget(self, reason: str) -> None:
         self._reported = {k for k in self._reported if k[0] != reason}
 
-    def _post_findings(self, findings: list[nodefiles.Finding]) -> None:
+    def _post_findings(self, findings: list[nodeinput.Finding]) -> None:
         """Log and post each finding once while it lasts; one that goes away may be posted again later."""
         current = {report.finding_key(f): f for f in findings}
         for key, finding in current.items():
@@ -211,9 +211,9 @@ class Agent:
         self._reported -= self._findings_posted - set(current)
         self._findings_posted = set(current)
 
-    def _scan_foreign(self, checked: nodefiles.CheckedPlan, labels: dict[str, str]) -> dict[str, nodefiles.ForeignCerts]:
+    def _scan_foreign(self, checked: nodeinput.CheckedPlan, labels: dict[str, str]) -> dict[str, nodefiles.ForeignCerts]:
         """Other people's files where our routes' directories go (I/O, so here and not in the renderer)."""
-        hosts = {h for m in nodefiles.selected_mirrors(checked, labels) if nodefiles.RUNTIME_CONTAINERD in m.runtimes for h in m.hosts}
+        hosts = {h for m in nodeinput.selected_mirrors(checked, labels) if nodeinput.RUNTIME_CONTAINERD in m.runtimes for h in m.hosts}
         hosts |= {h for claim in checked.claims for h in claim.hosts}
         found = {}
         for host in sorted(hosts):
@@ -237,7 +237,7 @@ class Agent:
             return self._finish(StepResult(False, "NodeUnknown", f"cannot read node {self.config.node_name!r}"))
         checked = loaded.checked
 
-        selected = nodefiles.selected_mirrors(checked, node.labels)
+        selected = nodeinput.selected_mirrors(checked, node.labels)
         for t in self.tracker.update({m.name: Target(m.url, m.ca_pem) for m in selected}):
             self._report_transition(t, strict={m.name for m in selected if m.strict})
         unhealthy = self.tracker.unhealthy()
@@ -260,7 +260,7 @@ class Agent:
             log("files.applied", written=result.written, removed=result.removed)
         findings = list(node_files.findings)
         for conflict in result.conflicts:
-            findings.append(nodefiles.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
+            findings.append(nodeinput.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
         for error in result.errors:
             log("files.error", "error", error=error)
         self._post_findings(findings)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regmirror.lowlevel import SELECTOR_OPERATORS, selector_matches
-from regmirror.render.nodefiles import shown
+from regmirror.render.nodeinput import shown
 
 MAX_PLAN_BYTES = 8 * 1024 * 1024  # a ConfigMap holds at most 1 MiB
 

@@ -30,7 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from regmirror.render.nodefiles import CheckedPlan, Finding, NodeFiles, selected_mirrors
+from regmirror.render.nodefiles import NodeFiles
+from regmirror.render.nodeinput import CheckedPlan, Finding, selected_mirrors
 
 
 @dataclass(frozen=True)
