@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from regmirror.agent import files as agentfiles
@@ -48,26 +48,57 @@ def _foreign_entries(directory: Path) -> list[os.DirEntry[str]] | None:
     ]
 
 
-def _ca_problem(path: Path) -> str | None:
+# Verdicts on files, by (path, size, mtime): the scan runs every step, the
+# checks (a TLS load each) only when a file changed.
+_VERDICTS: dict[tuple[str, ...], str | None] = {}
+MAX_VERDICTS = 1024
+
+
+def _stamp(*paths: Path) -> tuple[str, ...] | None:
     try:
-        if path.stat().st_size > MAX_CERT_BYTES:
-            return "larger than 1 MiB"
-        parse_ca_bundle(path.read_bytes())
-    except CAError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}"
-    return None
+        return tuple(f"{p}:{st.st_size}:{st.st_mtime_ns}" for p in paths for st in [p.stat()])
+    except OSError:
+        return None
+
+
+def _remembered(paths: tuple[Path, ...], check: Callable[[], str | None]) -> str | None:
+    key = _stamp(*paths)
+    if key is not None and key in _VERDICTS:
+        return _VERDICTS[key]
+    verdict = check()
+    if key is not None:
+        if len(_VERDICTS) >= MAX_VERDICTS:
+            _VERDICTS.clear()
+        _VERDICTS[key] = verdict
+    return verdict
+
+
+def _ca_problem(path: Path) -> str | None:
+    def check() -> str | None:
+        try:
+            if path.stat().st_size > MAX_CERT_BYTES:
+                return "larger than 1 MiB"
+            parse_ca_bundle(path.read_bytes())
+        except CAError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or exc}"
+        return None
+
+    return _remembered((path,), check)
 
 
 def _client_problem(cert: Path, key: Path | None) -> str | None:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        # An encrypted key fails here, as it does in Go's tls.X509KeyPair.
-        context.load_cert_chain(str(cert), str(key) if key else None, password=lambda: b"")
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        return f"not a certificate and key that load together ({type(exc).__name__})"
-    return None
+    def check() -> str | None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            # An encrypted key fails here, as it does in Go's tls.X509KeyPair.
+            context.load_cert_chain(str(cert), str(key) if key else None, password=lambda: b"")
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return f"not a certificate and key that load together ({type(exc).__name__})"
+        return None
+
+    return _remembered((cert,) if key is None else (cert, key), check)
 
 
 def _certs_in(directory: Path, host_path: str, entries: list[os.DirEntry[str]]) -> ForeignCerts:

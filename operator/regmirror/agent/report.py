@@ -33,6 +33,8 @@ from typing import Any
 from regmirror.render.nodefiles import NodeFiles
 from regmirror.render.nodeinput import CheckedPlan, Finding, selected_mirrors
 
+MAX_NAMED = 10  # mirrors named in the readiness message; /report has them all
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -113,7 +115,8 @@ def verdict(
         return Verdict(False, "ForeignFileSkipped", "; ".join(blocking))
     message = f"{files} file(s) for {mirrors} mirror(s)"
     if degraded:
-        message += "; not as planned: " + "; ".join(degraded)
+        shown = degraded[:MAX_NAMED] + ([f"{len(degraded) - MAX_NAMED} more (see /report)"] if len(degraded) > MAX_NAMED else [])
+        message += "; not as planned: " + "; ".join(shown)
     return Verdict(True, "Applied", message)
 
 
