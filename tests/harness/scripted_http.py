@@ -24,6 +24,7 @@ import select
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -114,6 +115,7 @@ class ScriptedServer(socketserver.ThreadingTCPServer):
         self.tls = tls
         self.received: list[Request] = []
         self.reply: Callable[[Request], Script] = lambda _req: [http_response(404)]
+        self.errors: list[BaseException] = []  # raised by scripts: a broken test, reported by settle()
         self._stopping = threading.Event()
         self._reading = 0  # connections accepted (or being accepted) whose request head is not read yet
         self._cond = threading.Condition()
@@ -146,13 +148,21 @@ class ScriptedServer(socketserver.ThreadingTCPServer):
             self._reading -= 1
             self._cond.notify_all()
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        self.errors.append(sys.exc_info()[1] or RuntimeError("unknown"))
+
     def settle(self, limit: float = 10.0) -> None:
-        """Wait until every connection a client made so far has been accepted and its request recorded."""
+        """Wait until every connection a client made so far has been accepted and its request recorded.
+
+        Raises when a script failed: the client then saw a broken server, not the scripted one.
+        """
         end = time.monotonic() + limit
         while time.monotonic() < end:
             pending, _, _ = select.select([self.socket], [], [], 0)
             with self._cond:
                 if not pending and self._reading == 0:
+                    if self.errors:
+                        raise AssertionError(f"a script raised: {self.errors[0]!r}") from self.errors[0]
                     return
                 self._cond.wait(0.01)
         raise TimeoutError("the scripted server did not settle")
