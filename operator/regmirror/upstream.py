@@ -214,11 +214,13 @@ async def _token(client: _Client, upstream: URL, challenge: Challenge, auth: str
         )
     service = f"the token service {_shown(realm)} of {shown}"
     if auth is not None and not may_carry_credentials(realm, upstream):
+        # Unknown, not False: the mirror may well work; it is the clear text the admin must hear about.
         return UpstreamCheck(
-            False,
+            None,
             REASON_INSECURE_TOKEN_REALM,
-            f"{shown} sends clients to its token service {_shown(realm)} over plain http; the configured credentials were not sent, "
-            "and the mirror would send them in clear text: use an https upstream whose token service is https",
+            f"{shown} sends clients to its token service {_shown(realm)} over plain http, so the check did not send the "
+            "configured credentials there; the mirror does, in clear text. The token service must use https "
+            "(or be the plain-http upstream itself)",
         )
     query = {key: challenge.params[key] for key in ("service", "scope") if challenge.params.get(key)}
     token = await client.get(realm.extend_query(query), service, auth)
@@ -273,7 +275,7 @@ async def _handshake(client: _Client, upstream: URL, auth: str | None) -> Upstre
                 "pulls through the mirror fail for anything not already cached",
             )
         return _unexpected(f"{shown}/v2/ with credentials", second)
-    offered = ", ".join(sorted({_shown(c.scheme) for c in first.challenges})) or "no WWW-Authenticate challenge"
+    offered = ", ".join(sorted({c.scheme for c in first.challenges})) or "no WWW-Authenticate challenge"
     return UpstreamCheck(None, REASON_UNEXPECTED_RESPONSE, f"{shown}/v2/ answered HTTP 401 with {offered}; expected Basic or Bearer")
 
 
@@ -312,8 +314,10 @@ async def check_upstream_async(
     anonymous access works. `ca_pem` is the extra CA bundle (text or bytes).
     Returns within `deadline` seconds, all requests together.
     """
-    encoded = base64.b64encode(f"{username}:{password}".encode(errors="surrogatepass")).decode()
-    auth = f"Basic {encoded}" if username and password is not None else None
+    encoded = ""
+    if username and password is not None:
+        encoded = base64.b64encode(f"{username}:{password}".encode(errors="surrogatepass")).decode()
+    auth = f"Basic {encoded}" if encoded else None
     try:
         result = await _check(url, auth, ca_pem, deadline)
     except Exception as exc:  # the contract is a verdict, whatever happens; the tests search for this branch
@@ -338,6 +342,7 @@ def check_upstream(
             return loop.run_until_complete(check_upstream_async(url, username, password, ca_pem, deadline))
         finally:
             # Not asyncio.run: it waits for the default executor, where a hung DNS lookup may outlive the deadline.
+            loop.run_until_complete(asyncio.sleep(0))  # one more turn: closed connections release their sockets
             loop.close()
     with ThreadPoolExecutor(1) as pool:  # called on an event loop's thread: run on a fresh loop elsewhere
         return pool.submit(check_upstream, url, username, password, ca_pem, deadline).result()

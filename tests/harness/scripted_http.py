@@ -77,30 +77,34 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.settimeout(5)
         try:
-            if self.server.tls is not None:
-                sock = self.server.tls.wrap_socket(sock, server_side=True)
-            head = b""
-            while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                head += chunk
-        except (OSError, ssl.SSLError):
-            head = b""
+            try:
+                if self.server.tls is not None:
+                    sock = self.server.tls.wrap_socket(sock, server_side=True)
+                head = _read_head(sock)
+            finally:
+                self.server.done_reading()
+            if head:
+                request = _parse(head)
+                self.server.received.append(request)
+                for step in self.server.reply(request):
+                    if isinstance(step, bytes):
+                        sock.sendall(step)
+                    elif not self.server.pause(sock, step):
+                        return
+        except OSError:  # ssl.SSLError included: a client that is gone or speaks no TLS
+            pass
         finally:
-            self.server.done_reading()
-        if not head:
-            return
-        request = _parse(head)
-        self.server.received.append(request)
-        try:
-            for step in self.server.reply(request):
-                if isinstance(step, bytes):
-                    sock.sendall(step)
-                elif not self.server.pause(sock, step):
-                    return
-        except OSError:
-            return
+            sock.close()
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 class ScriptedServer(socketserver.ThreadingTCPServer):
