@@ -17,6 +17,7 @@ the client closes its side or the server stops.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import math
@@ -27,9 +28,10 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 MAX_HEAD = 64 * 1024
 
@@ -191,6 +193,27 @@ class ScriptedServer(socketserver.ThreadingTCPServer):
         self._stopping.set()
         self.shutdown()
         self.server_close()
+
+
+LOOPBACK_NAMES = {"127.0.0.1", "::1", "localhost"}
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Name resolution that answers only for loopback, so generated hosts never reach a DNS server or a NIC."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in LOOPBACK_NAMES:
+            raise socket.gaierror(socket.EAI_NONAME, f"{name!r} is not loopback (tests resolve nothing else)")
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

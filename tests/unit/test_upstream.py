@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from harness.scripted_http import Request, Script, ScriptedServer, TLSMaterials, http_response, make_tls
+from harness.scripted_http import Request, Script, ScriptedServer, TLSMaterials, http_response, loopback_only, make_tls
 from regmirror.upstream import UpstreamCheck, check_upstream, check_upstream_async, parse_challenges
 
 USER, PASSWORD = "puller", "s3cret-Pa55"
@@ -36,6 +36,12 @@ class Servers:
     def settle(self) -> None:
         for server in (self.plain, self.secure, self.elsewhere):
             server.settle()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loopback_only() -> Iterator[None]:
+    with loopback_only():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -374,6 +380,38 @@ def test_hanging_upstream_is_bounded_by_one_deadline(servers: Servers, where: st
     assert "within the 1 s" in check.message
     assert ("token service" in check.message) == (where == "token service")
     assert elapsed < 1.0 + 2.0, f"the check took {elapsed:.1f} s with a 1 s deadline"
+
+
+def endless_body(_req: Request) -> Script:
+    """A 401 with its challenge, then a body announced as 10 GB that keeps coming."""
+    yield http_response(401, [("WWW-Authenticate", 'Basic realm="r"')])[: -len(b"\r\n")].replace(
+        b"Content-Length: 0", b"Content-Length: 10000000000"
+    )
+    yield b"\r\n"
+    while True:
+        yield b"x" * 65536
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (endless_body, "CredentialsRejected"),  # decided on the headers; the body is never read
+        (lambda _req: [http_response(401, [("WWW-Authenticate", f"Basic realm={i}") for i in range(5000)])], "UnexpectedResponse"),
+        (lambda _req: [http_response(401, [("WWW-Authenticate", "Bearer realm=" + "a" * 100_000)])], "UnexpectedResponse"),
+        (
+            lambda _req: [http_response(401, [("WWW-Authenticate", 'Bearer realm="https://127.0.0.1:1/' + "\u00fc" * 3000 + '"')])],
+            "Unreachable",
+        ),
+    ],
+    ids=["endless-body", "5000-challenges", "100k-header", "long-unicode-realm"],
+)
+def test_huge_answers_are_bounded(servers: Servers, reply: Callable[[Request], Script], reason: str) -> None:
+    servers.plain.reply = reply
+    started = time.monotonic()
+    check = check_upstream(servers.plain.url, None, None, deadline=2.0)
+    assert check.reason == reason, check
+    assert len(check.message) <= 1024
+    assert time.monotonic() - started < 2.0 + 2.0
 
 
 # --------------------------------------------------------------------------- parse_challenges

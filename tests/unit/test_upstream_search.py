@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from harness.scripted_http import Request, Script, ScriptedServer, TLSMaterials, http_response, make_tls
+from harness.scripted_http import Request, Script, ScriptedServer, TLSMaterials, http_response, loopback_only, make_tls
 from regmirror import upstream
 from regmirror.upstream import UpstreamCheck, check_upstream, parse_challenges, trust_context
 
@@ -101,6 +101,12 @@ class Servers:
         if isinstance(ca, bytes):
             return self.ca_der if ca == b"{ca_der}" else ca.replace(b"{ca_pem}", self.ca_pem)
         return ca.replace("{ca_pem}", self.ca_pem.decode()) if ca is not None else None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loopback_only() -> Iterator[None]:
+    with loopback_only():
+        yield
 
 
 @pytest.fixture(scope="module")
