@@ -147,7 +147,7 @@ def may_carry_credentials(target: URL, upstream: URL) -> bool:
     return upstream.scheme == "http" and (target.host or "").lower() == (upstream.host or "").lower() and target.port == upstream.port
 
 
-def _shown(value: str | URL | None) -> str:
+def _shown(value: str | URL) -> str:
     """An upstream-supplied value for a message: a URL without its userinfo (`_clean` bounds the message)."""
     if isinstance(value, str):
         value = http_url(value) or value
