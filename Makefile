@@ -15,7 +15,7 @@ UNDEPLOY_TIMEOUT ?= 10m
 .DEFAULT_GOAL := help
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 # The venv holds exactly the locked versions (hash-checked), then the package itself.
 $(VENV)/.installed: pyproject.toml requirements-dev.lock
@@ -47,7 +47,10 @@ helm: ## Build helm from the Go module proxy (cached by version, tests/tools/ver
 kind: ## Build kind from the Go module proxy (cached by version, tests/tools/versions.env)
 	tests/tools/build.sh kind >/dev/null
 
-tools: controlplane containerd helm kind ## Every Go-built binary the tests use (under ~/.cache/regmirror)
+distribution: ## Build distribution's registry v3 (what mirrors run) for the metrics e2e (cached by version)
+	tests/tools/build.sh registry >/dev/null
+
+tools: controlplane containerd helm kind distribution ## Every Go-built binary the tests use (under ~/.cache/regmirror)
 
 setup: install system-packages tools ## Everything `make test` needs: venv, Debian packages, Go-built tools
 
@@ -75,7 +78,7 @@ integration: install controlplane helm ## Real control plane (etcd, apiserver, k
 	tests/tools/system-packages.sh prometheus
 	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
 
-e2e: install system-packages containerd ## Data path: real registry, containerd, skopeo, dockerd (root); kind tests skip without privileged Docker
+e2e: install system-packages containerd distribution ## Data path: real registry, containerd, skopeo, dockerd (root); kind tests skip without privileged Docker
 	$(PY) -m pytest tests/e2e -q -rs $(PYTEST_ARGS)
 
 kind-e2e: install controlplane kind ## Only the kind e2e: the built image, `make deploy`, a pod pulling through the mirror (needs privileged Docker)
@@ -104,4 +107,4 @@ undeploy: ## Delete every RegistryMirror (waits until the nodes' files are gone)
 	fi
 	$(KUBECTL) delete -k manifests/ --ignore-not-found --wait=true
 
-.PHONY: help install lock system-packages controlplane containerd helm kind tools setup crd chart-files docs lint unit integration e2e kind-e2e test dev bench image deploy undeploy
+.PHONY: help install lock system-packages controlplane containerd helm kind tools setup crd chart-files docs lint unit integration e2e kind-e2e distribution test dev bench image deploy undeploy

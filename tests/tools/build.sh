@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds one pinned Go tool (helm, kind, or distribution's registry) from its module on the Go module
-# proxy into a cache outside the repository, keyed by version, and prints the
-# binary's path last. Does nothing when that version is already built.
+# Builds one pinned Go tool (helm, kind, or distribution's registry) from its
+# module on the Go module proxy into a cache outside the repository, keyed by
+# version, and prints the binary's path last. Does nothing when that version is
+# already built.
 #   tests/tools/build.sh helm     # -> ~/.cache/regmirror/tools/helm-v4.3.2/bin/helm
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
