@@ -216,7 +216,8 @@ class DeploymentProcess:
         env["KUBECONFIG"] = str(self.cluster.service_account_kubeconfig(deployment["metadata"]["namespace"], pod["serviceAccountName"]))
         for var in container["env"]:
             if "valueFrom" in var:
-                assert var["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}, **var["valueFrom"]}
+                # The only reference the chart uses (the Downward API's namespace); anything else would need the kubelet.
+                assert var["valueFrom"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}, var
                 env[var["name"]] = deployment["metadata"]["namespace"]
             else:
                 env[var["name"]] = var["value"]
