@@ -85,4 +85,5 @@ OPERATOR_OWN_OBJECT_NAMES: Final = (
     AGENT_NAME,
     "regmirror-agent-events",
     NODE_CONFIG_NAME,
+    "regmirror-dashboard",
 )

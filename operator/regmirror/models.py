@@ -27,6 +27,7 @@ from pydantic import (
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -67,6 +68,10 @@ class Rule:
     message: str
     holds: Callable[[Any], bool] | None
     field_path: str | None = None
+    #: Only for new input (the API server, `regmirror render`): the operator still reads an object stored
+    #: before the rule existed, because it handles that case safely and reports it (folded hosts, a
+    #: bootstrap condition) instead of dropping a working mirror as InvalidSpec.
+    admission_only: bool = False
 
     def validation(self) -> dict[str, str]:
         """The `x-kubernetes-validations` entry."""
@@ -75,9 +80,9 @@ class Rule:
             out["fieldPath"] = self.field_path
         return out
 
-    def check(self, value: Any) -> None:
-        """Raise ValueError(message) when the Python twin says no."""
-        if self.holds is None:
+    def check(self, value: Any, admission: bool = True) -> None:
+        """Raise ValueError(message) when the Python twin says no (admission-only rules only for admission)."""
+        if self.holds is None or (self.admission_only and not admission):
             return
         try:
             ok = self.holds(value)
@@ -85,6 +90,15 @@ class Rule:
             ok = False
         if not ok:
             raise ValueError(self.message)
+
+
+#: Validation context key: set by admit_document (new input), absent when the operator reads stored objects.
+ADMISSION = "regmirror.admission"
+
+
+def is_admission(info: ValidationInfo) -> bool:
+    """Whether this validation judges new input (every rule) rather than a stored object."""
+    return bool(isinstance(info.context, dict) and info.context.get(ADMISSION))
 
 
 @dataclass(frozen=True)
@@ -96,15 +110,15 @@ class Checked:
     def __init__(self, *rules: Rule) -> None:
         object.__setattr__(self, "rules", rules)
 
-    def _enforce(self, value: Any) -> Any:
+    def _enforce(self, value: Any, info: ValidationInfo) -> Any:
         if value is None:  # an optional field left empty: the API server has nothing to evaluate either
             return value
         for rule in self.rules:
-            rule.check(value)
+            rule.check(value, is_admission(info))
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        return core_schema.no_info_after_validator_function(self._enforce, handler(source))
+        return core_schema.with_info_after_validator_function(self._enforce, handler(source))
 
     def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         json_schema = handler(schema)
@@ -187,9 +201,9 @@ class Model(BaseModel):
     RULES: ClassVar[tuple[Rule, ...]] = ()
 
     @model_validator(mode="after")
-    def _model_rules(self) -> Self:
+    def _model_rules(self, info: ValidationInfo) -> Self:
         for rule in type(self).RULES:
-            rule.check(self)
+            rule.check(self, is_admission(info))
         return self
 
     @classmethod
@@ -353,6 +367,7 @@ _DISTINCT_HOSTS_RULE = Rule(
     "index.docker.io and docker.io are all docker.io; a duplicate would make the node's hosts.toml invalid, and "
     "containerd would then ignore it and pull from the upstream",
     lambda hosts: len({g.normalize_registry_host(h) for h in hosts}) == len(hosts),
+    admission_only=True,  # the node plan folds a stored duplicate into one entry
 )
 
 
@@ -1070,6 +1085,7 @@ class RegistryMirrorSpec(Model):
             BOOTSTRAP_MESSAGE,
             _self_bootstrap_ok,
             field_path=".image",
+            admission_only=True,  # a stored one is reported by bootstrap_conflicts as a condition
         ),
         Rule(
             "!has(self.cache) || !has(self.cache.maxSize) || !has(self.storage) || !has(self.storage.size) || "
@@ -1388,7 +1404,8 @@ def admit_document(doc: Any) -> RegistryMirror:
     if not isinstance(spec, dict):
         raise AdmissionError("spec is required and must be a map")
     return RegistryMirror.model_validate(
-        {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": doc["metadata"], "spec": prune_nulls(spec)}
+        {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": doc["metadata"], "spec": prune_nulls(spec)},
+        context={ADMISSION: True},
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from regmirror import crd, grammar
 from regmirror.models import (
@@ -365,21 +366,31 @@ def test_a_refusal_never_echoes_the_value() -> None:
 CHILD_KINDS = {"ConfigMap", "PersistentVolumeClaim", "Service", "Deployment", "Secret"}
 
 
-def test_reserved_names_cover_every_operator_object_a_child_could_collide_with() -> None:
-    import yaml
+def _shipped_child_kind_names() -> set[str]:
+    """`regmirror-*` names of ConfigMaps, Services, Deployments... that manifests/ and the Helm chart install.
 
+    Read as text: the chart's templates are not YAML until Helm renders them.
+    """
+    root = Path(__file__).resolve().parents[2] / "manifests"
+    names: set[str] = set()
+    for path in root.rglob("*.yaml"):
+        text = path.read_text()
+        for chunk in re.split(r"^---", text, flags=re.M):
+            kind = re.search(r"^kind: *(\w+)", chunk, flags=re.M)
+            if kind and kind.group(1) in CHILD_KINDS:
+                names.update(re.findall(r"^  name: *(regmirror-[a-z0-9-]+) *$", chunk, flags=re.M))
+        if path.name == "kustomization.yaml":  # configMapGenerator / secretGenerator
+            names.update(re.findall(r"^- name: *(regmirror-[a-z0-9-]+) *$", text, flags=re.M))
+    return names
+
+
+def test_reserved_names_cover_every_operator_object_a_child_could_collide_with() -> None:
     from regmirror import constants
     from regmirror.naming import child_name
 
-    root = Path(__file__).resolve().parents[2] / "manifests"
-    own = {
-        doc["metadata"]["name"]
-        for path in root.rglob("*.yaml")
-        for doc in yaml.safe_load_all(path.read_text())
-        if isinstance(doc, dict) and doc.get("kind") in CHILD_KINDS
-    }
-    assert own, "no operator objects found in manifests/"
-    assert own <= set(constants.OPERATOR_OWN_OBJECT_NAMES)
+    shipped = _shipped_child_kind_names()
+    assert {"regmirror-operator", "regmirror-operator-metrics"} <= shipped, shipped
+    assert shipped <= set(constants.OPERATOR_OWN_OBJECT_NAMES), shipped - set(constants.OPERATOR_OWN_OBJECT_NAMES)
     for name in RESERVED_NAMES:
         assert child_name(name) in constants.OPERATOR_OWN_OBJECT_NAMES
         refused(document(name))
@@ -414,11 +425,21 @@ def test_mutual_strict_mirrors_each_depend_on_the_other() -> None:
 
 
 def test_self_case_stored_before_the_rule_is_reported_too() -> None:
-    # A spec admitted by an older CRD keeps being served; the operator can still flag it.
-    # model_copy skips validation, like reading an object the API server stored under an older CRD.
-    stored = spec().model_copy(update={"node_config": spec(nodeConfig=STRICT, image="quay.io/x:1").node_config})
+    # Admission refuses it; an object stored under an older CRD is still read by the operator
+    # (no admission context), which reports it instead of dropping a serving mirror.
+    assert "bootstrap" in refused(document(nodeConfig=STRICT))
+    stored = spec(nodeConfig=STRICT)
     [conflict] = bootstrap_conflicts({"hub": stored})
     assert conflict.is_self and "never start" in conflict.message()
+
+
+def test_the_operator_still_reads_stored_objects_that_admission_now_refuses_safely() -> None:
+    aliases = {"url": "https://mirror.gcr.io", "hosts": ["registry-1.docker.io", "docker.io", "Index.Docker.io"]}
+    assert "same registry twice" in refused(document(upstream=aliases))
+    assert spec(upstream=aliases).upstream.effective_hosts() == ["docker.io"] * 3  # the node plan folds them
+    # Everything else stays refused on both paths: those specs could never be applied at all.
+    with pytest.raises(ValidationError):
+        spec(upstream={"url": "https://registry.example:99999"})
 
 
 def test_no_conflict_without_strict_mirrors_or_with_node_config_off() -> None:
