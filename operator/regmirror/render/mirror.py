@@ -376,7 +376,9 @@ def render_pdb(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) ->
 
     maxUnavailable 1 (not minAvailable): it holds for any replica count. AlwaysAllow lets a
     drain evict a replica that is not ready anyway (a broken pod must not block node maintenance).
-    One replica gets none: a budget there either blocks every drain or protects nothing.
+    One replica gets none: a budget there either blocks every drain or protects nothing. A
+    budget left behind by a scale-down to one is harmless (maxUnavailable 1 lets the last pod
+    go) and leaves with the mirror (owner reference): the operator never deletes through the API.
     """
     if spec.replicas <= 1:
         return None

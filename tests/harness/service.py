@@ -1,0 +1,108 @@
+"""A Service's ClusterIP on loopback: one address, connections spread over the ready endpoints.
+
+Nodes reach a mirror through ONE ClusterIP; kube-proxy sends each new
+connection to one of the Service's ready endpoints, and an endpoint leaves
+once its pod is not ready (EndpointSlice update). `LoopbackService` does the
+same for the HA tests: each accepted connection goes to the next endpoint in
+turn (kube-proxy's iptables mode picks at random; round robin makes a test
+deterministic, hitting every endpoint), and `remove()` is the EndpointSlice
+update. A connection to an endpoint that refuses is closed at once, as the
+client would see a reset from a dead pod on a live node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LoopbackService:
+    """Round-robin TCP forwarding from one loopback port to a mutable list of endpoints."""
+
+    listener: socket.socket
+    endpoints: list[tuple[str, int]]
+    connections: dict[tuple[str, int], int] = field(default_factory=dict)
+    refused: dict[tuple[str, int], int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _turn: itertools.count[int] = field(default_factory=itertools.count)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        host, port = self.listener.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def remove(self, endpoint: tuple[str, int]) -> None:
+        """The endpoint left the EndpointSlice: no new connection goes there."""
+        with self._lock:
+            self.endpoints = [e for e in self.endpoints if e != endpoint]
+
+    def _pick(self) -> tuple[str, int] | None:
+        with self._lock:
+            if not self.endpoints:
+                return None
+            endpoint = self.endpoints[next(self._turn) % len(self.endpoints)]
+            self.connections[endpoint] = self.connections.get(endpoint, 0) + 1
+            return endpoint
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._forward, args=(client,), daemon=True).start()
+
+    def _forward(self, client: socket.socket) -> None:
+        endpoint = self._pick()
+        if endpoint is None:
+            client.close()
+            return
+        try:
+            upstream = socket.create_connection(endpoint, timeout=5)
+        except OSError:
+            with self._lock:
+                self.refused[endpoint] = self.refused.get(endpoint, 0) + 1
+            client.close()
+            return
+        upstream.settimeout(None)
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while chunk := src.recv(1 << 16):
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+
+        back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        back.start()
+        pipe(client, upstream)
+        back.join()
+        client.close()
+        upstream.close()
+
+    @classmethod
+    @contextlib.contextmanager
+    def run(cls, endpoints: list[tuple[str, int]], host: str = "127.0.0.1") -> Iterator[LoopbackService]:
+        """Listen on a free port of `host` until the block ends."""
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+        listener.listen(128)
+        service = cls(listener, list(endpoints))
+        thread = threading.Thread(target=service._serve, daemon=True)
+        thread.start()
+        try:
+            yield service
+        finally:
+            service._stop.set()
+            listener.close()
+            thread.join(5)
