@@ -14,6 +14,7 @@ the way an EndpointSlice update does.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from _dataplane import (
     Registry,
     blob_gets,
     ensure_binaries,
+    free_port,
     ensure_commands,
     map_to_loopback,
     served_requests,
@@ -36,9 +38,9 @@ from _dataplane import (
 )
 from _images import BuiltImage, multi_layer_image
 
-from harness.cachepath import CLUSTER_IP, CachePod, configured_node, distribution_v3
+from harness.cachepath import CLUSTER_IP, CachePod, configured_node, distribution_v3, iptables_works
 from harness.s3 import S3Server, versitygw_binary
-from harness.service import LoopbackService
+from harness.service import KernelService, LoopbackService, blackholed
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeplan import build_node_plan, mirror_entry
 
@@ -48,6 +50,8 @@ BUCKET = "mirrors"
 MIRROR = "hub"
 KEY_SECRET = "bucket-key"
 LAYERS = (384 << 10, 96 << 10)
+# A loopback address no other test uses: the emulated ClusterIP's DNAT rules match only it.
+VIRTUAL_IP = "127.0.0.77"
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +131,8 @@ def node_behind(binaries: ContainerdBinaries, root: Path, spec: RegistryMirrorSp
     node.write_containerd_config()
     node.certs_dir.mkdir(parents=True, exist_ok=True)
     plan = build_node_plan([mirror_entry(MIRROR, spec, CLUSTER_IP)]).to_json()
-    mapped = map_to_loopback(__import__("json").loads(plan), LoopbackMap({f"{CLUSTER_IP}:{spec.service.port}": address}, {}))
-    rc, events = node.agent_once(__import__("json").dumps(mapped))
+    mapped = map_to_loopback(json.loads(plan), LoopbackMap({f"{CLUSTER_IP}:{spec.service.port}": address}, {}))
+    rc, events = node.agent_once(json.dumps(mapped))
     assert rc == 0, events
     return node
 
@@ -261,3 +265,37 @@ def test_pulls_keep_working_when_one_replica_dies_and_stop_touching_the_upstream
                 f"({len(direct)} of {len(cold_image.blobs_for_host)} blobs fetched by the fallback); "
                 f"warm after the endpoint left {after:.2f}s; the image fetched meanwhile, now warm {cold_after:.2f}s"
             )
+
+
+# ------------------------------------------------------------------ one replica's node goes dark
+
+
+def test_a_blackholed_replica_still_in_the_service_costs_what_the_node_side_allows_and_nothing_once_it_leaves(
+    binaries: ContainerdBinaries, registry_binary: str, s3: S3Server, upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
+) -> None:
+    """The figure for issue 14: until the node controller marks the dead node NotReady (its pods not
+    ready, the endpoint gone), kube-proxy still sends a share of new connections into the void.
+    What a pull pays then is containerd's dial timeout per such connection (the node-side
+    fail-open work lowers it); once the endpoint leaves, nothing."""
+    if not iptables_works():
+        pytest.skip("iptables cannot add rules here, so neither a ClusterIP nor a blackhole can be made")
+    image = images["img1"]
+    spec = ha_spec(upstream, s3)
+    with replicas(spec, s3, tmp_path, registry_binary) as (a, b):
+        fronts = [("127.0.0.1", a.ports["front"]), ("127.0.0.1", b.ports["front"])]
+        with KernelService.run(VIRTUAL_IP, free_port(), fronts) as service:
+            node = node_behind(binaries, tmp_path / "node", spec, f"{VIRTUAL_IP}:{service.port}")
+            pull(binaries, node, ref(upstream, image))
+            healthy = pull(binaries, node, ref(upstream, image, by_digest=True))
+            with blackholed(fronts[0]):
+                since = len(upstream.requests_log())
+                dark = pull(binaries, node, ref(upstream, image, by_digest=True), timeout=300)
+                fallback = data_requests(upstream, since)
+                service.remove(fronts[0])
+                since = len(upstream.requests_log())
+                gone = pull(binaries, node, ref(upstream, image, by_digest=True))
+                assert data_requests(upstream, since) == [], "once the endpoint left, the surviving replica serves it all"
+        print(
+            f"\ncontainerd {binaries.version}: warm pull {healthy:.2f}s with both replicas; {dark:.2f}s with one blackholed "
+            f"but still an endpoint ({len(fallback)} requests fell back to the upstream); {gone:.2f}s once its endpoint left"
+        )

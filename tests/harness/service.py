@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,3 +107,59 @@ class LoopbackService:
             service._stop.set()
             listener.close()
             thread.join(5)
+
+
+@dataclass
+class KernelService:
+    """A ClusterIP the way kube-proxy's iptables mode makes one: DNAT in the kernel, a random endpoint per connection.
+
+    Needed where the user-space `LoopbackService` would lie: a blackholed endpoint (its node
+    gone) must stall the client's own connect, not the forwarder's. Rules match only this
+    virtual address and port, so nothing else on the machine is touched; `close()` removes them.
+    """
+
+    address: str
+    port: int
+    endpoints: list[tuple[str, int]]
+    _rules: list[list[str]] = field(default_factory=list)
+
+    def _apply(self) -> None:
+        for rule in self._rules:
+            subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=False, capture_output=True)
+        self._rules = []
+        for i, (host, port) in enumerate(self.endpoints):
+            rule = ["OUTPUT", "-d", self.address, "-p", "tcp", "--dport", str(self.port)]
+            left = len(self.endpoints) - i
+            if left > 1:
+                rule += ["-m", "statistic", "--mode", "random", "--probability", f"{1 / left:.5f}"]
+            rule += ["-j", "DNAT", "--to-destination", f"{host}:{port}"]
+            subprocess.run(["iptables", "-t", "nat", "-A", *rule], check=True, capture_output=True)
+            self._rules.append(rule)
+
+    def remove(self, endpoint: tuple[str, int]) -> None:
+        """The endpoint left the EndpointSlice."""
+        self.endpoints = [e for e in self.endpoints if e != endpoint]
+        self._apply()
+
+    @classmethod
+    @contextlib.contextmanager
+    def run(cls, address: str, port: int, endpoints: list[tuple[str, int]]) -> Iterator[KernelService]:
+        """Install the DNAT rules until the block ends."""
+        service = cls(address, port, list(endpoints))
+        try:
+            service._apply()
+            yield service
+        finally:
+            service.endpoints = []
+            service._apply()
+
+
+@contextlib.contextmanager
+def blackholed(endpoint: tuple[str, int]) -> Iterator[None]:
+    """Packets to the endpoint are dropped (a node that died without a word) until the block ends."""
+    rule = ["OUTPUT", "-d", endpoint[0], "-p", "tcp", "--dport", str(endpoint[1]), "-j", "DROP"]
+    subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True)
