@@ -212,7 +212,9 @@ class S3Storage(Model):
             max_length=2048,
         ),
     ] = None
-    bucket: Annotated[str, Field(description="Bucket name. The bucket must exist; the mirror never creates or deletes it.", pattern=S3_BUCKET_PATTERN)]
+    bucket: Annotated[
+        str, Field(description="Bucket name. The bucket must exist; the mirror never creates or deletes it.", pattern=S3_BUCKET_PATTERN)
+    ]
     region: Annotated[
         str,
         Field(description="Region of the bucket (any value the endpoint accepts when `endpoint` is set).", pattern=S3_REGION_PATTERN),
@@ -230,7 +232,9 @@ class S3Storage(Model):
     ] = None
     force_path_style: Annotated[
         bool,
-        Field(description="Address the bucket as <endpoint>/<bucket> instead of <bucket>.<endpoint> (what most self-hosted S3 servers need)."),
+        Field(
+            description="Address the bucket as <endpoint>/<bucket> instead of <bucket>.<endpoint> (what most self-hosted S3 servers need)."
+        ),
     ] = True
     credentials_secret_ref: Annotated[
         S3CredentialsSecretRef | None,

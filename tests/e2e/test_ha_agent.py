@@ -61,7 +61,11 @@ def plan(live_port: int, dead_port: int) -> str:
     entries = []
     for i, port in enumerate([live_port, live_port, live_port, dead_port]):
         spec = RegistryMirrorSpec.model_validate(
-            {"upstream": {"url": f"https://reg{i}.example.com"}, "service": {"port": port}, "nodeConfig": {"runtimes": ["containerd", "crio"]}}
+            {
+                "upstream": {"url": f"https://reg{i}.example.com"},
+                "service": {"port": port},
+                "nodeConfig": {"runtimes": ["containerd", "crio"]},
+            }
         )
         entries.append(mirror_entry(f"m{i}", spec, "127.0.0.1"))
     return build_node_plan(entries).to_json()

@@ -16,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,12 @@ from _dataplane import (
     Registry,
     blob_gets,
     ensure_binaries,
-    free_port,
     ensure_commands,
+    free_port,
     map_to_loopback,
     served_requests,
     system_containerd,
+    wait_for,
 )
 from _images import BuiltImage, multi_layer_image
 
@@ -116,7 +120,8 @@ def replicas(spec: RegistryMirrorSpec, s3: S3Server, root: Path, registry_binary
     secrets = {KEY_SECRET: {"accessKey": s3.access_key, "secretKey": s3.secret_key}}
     with contextlib.ExitStack() as stack:
         yield [
-            stack.enter_context(CachePod.run(spec, root / f"replica{i}", registry_binary, name=MIRROR, secrets=secrets)) for i in range(count)
+            stack.enter_context(CachePod.run(spec, root / f"replica{i}", registry_binary, name=MIRROR, secrets=secrets))
+            for i in range(count)
         ]
 
 
@@ -240,7 +245,9 @@ def test_pulls_keep_working_when_one_replica_dies_and_stop_touching_the_upstream
             window = len(upstream.requests_log())
             cold_in_service = pull(binaries, node, ref(upstream, cold_image))
             # Blobs containerd fetched straight from the upstream in this window never entered the cache.
-            direct = {d for d in cold_image.blobs_for_host if any(d in r.uri and not from_mirror(r) for r in data_requests(upstream, window))}
+            direct = {
+                d for d in cold_image.blobs_for_host if any(d in r.uri and not from_mirror(r) for r in data_requests(upstream, window))
+            }
 
             # The EndpointSlice drops A: everything goes to B, and B serves the shared cache.
             service.remove(fronts[0])
@@ -299,3 +306,52 @@ def test_a_blackholed_replica_still_in_the_service_costs_what_the_node_side_allo
             f"\ncontainerd {binaries.version}: warm pull {healthy:.2f}s with both replicas; {dark:.2f}s with one blackholed "
             f"but still an endpoint ({len(fallback)} requests fell back to the upstream); {gone:.2f}s once its endpoint left"
         )
+
+
+# ------------------------------------------------------------------ readiness follows the bucket
+
+
+def test_a_replica_reports_not_ready_while_the_bucket_is_down_stays_alive_and_recovers(
+    binaries: ContainerdBinaries, registry_binary: str, s3: S3Server, upstream: Registry, tmp_path: Path
+) -> None:
+    """What the kubelet's probes would see: readiness (the registry's and the front's /v2/) fails
+    once distribution's storage check has failed `threshold` times, liveness (a TCP connect to the
+    debug port) holds, and both come back with the bucket."""
+    spec = ha_spec(upstream, s3)
+    with replicas(spec, s3, tmp_path, registry_binary, count=1) as (pod,):
+        registry, front = pod.container("registry"), pod.container("front")
+        readiness = [
+            f"http://127.0.0.1:{pod.ports['backend']}{registry['readinessProbe']['httpGet']['path']}",
+            f"http://127.0.0.1:{pod.ports['front']}{front['readinessProbe']['httpGet']['path']}",
+        ]
+        assert registry["livenessProbe"]["tcpSocket"]["port"] == "metrics"
+        assert all(http_status(url) == 200 for url in readiness)
+        s3.stop()
+        down = time.monotonic()
+        try:
+            wait_for(lambda: all(http_status(url) == 503 for url in readiness), 90, "readiness to fail with the bucket down")
+            noticed = time.monotonic() - down
+            assert tcp_connects(pod.ports["debug"]), "liveness holds: a restart would not bring the bucket back"
+        finally:
+            s3.start_process()
+        up = time.monotonic()
+        wait_for(lambda: all(http_status(url) == 200 for url in readiness), 90, "readiness to recover with the bucket")
+        print(f"\nbucket down: /v2/ answered 503 after {noticed:.1f}s; bucket back: 200 again after {time.monotonic() - up:.1f}s")
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def tcp_connects(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False

@@ -156,8 +156,14 @@ class KernelService:
 
 @contextlib.contextmanager
 def blackholed(endpoint: tuple[str, int]) -> Iterator[None]:
-    """Packets to the endpoint are dropped (a node that died without a word) until the block ends."""
-    rule = ["OUTPUT", "-d", endpoint[0], "-p", "tcp", "--dport", str(endpoint[1]), "-j", "DROP"]
+    """Packets to the endpoint are dropped (a node that died without a word) until the block ends.
+
+    Dropped on INPUT, after the connection's NAT decision is confirmed on the way out, as on a
+    real node where the packet leaves for the dead pod and is lost on the network: the client's
+    SYN retries keep going to the same dead endpoint. (Dropped on OUTPUT, the unconfirmed
+    decision would be taken again for every retry, and half of them would reach the live one.)
+    """
+    rule = ["INPUT", "-d", endpoint[0], "-p", "tcp", "--dport", str(endpoint[1]), "-j", "DROP"]
     subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
     try:
         yield

@@ -347,7 +347,9 @@ def _tolerations(spec: RegistryMirrorSpec) -> list[dict[str, Any]]:
     given = {t.key for t in spec.tolerations}
     for key in NODE_FAILURE_TAINTS:
         if key not in given:
-            tolerations.append({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": NODE_FAILURE_TOLERATION_SECONDS})
+            tolerations.append(
+                {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": NODE_FAILURE_TOLERATION_SECONDS}
+            )
     return tolerations
 
 
