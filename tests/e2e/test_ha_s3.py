@@ -32,6 +32,7 @@ from _dataplane import (
     LoopbackMap,
     Registry,
     blob_gets,
+    build_containerd,
     ensure_binaries,
     ensure_commands,
     free_port,
@@ -277,8 +278,22 @@ def test_pulls_keep_working_when_one_replica_dies_and_stop_touching_the_upstream
 # ------------------------------------------------------------------ one replica's node goes dark
 
 
+@pytest.fixture(scope="module")
+def releases(binaries: ContainerdBinaries) -> dict[str, ContainerdBinaries]:
+    """Debian's containerd and the pinned releases tests/e2e/build-containerd.sh builds, by major.minor."""
+    built, _why = build_containerd()
+    return {"system": binaries, **{b.version: b for b in built}}
+
+
+@pytest.mark.parametrize("release", ["system", "1.7", "2.4"])
 def test_a_blackholed_replica_still_in_the_service_costs_what_the_node_side_allows_and_nothing_once_it_leaves(
-    binaries: ContainerdBinaries, registry_binary: str, s3: S3Server, upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
+    release: str,
+    releases: dict[str, ContainerdBinaries],
+    registry_binary: str,
+    s3: S3Server,
+    upstream: Registry,
+    images: dict[str, BuiltImage],
+    tmp_path: Path,
 ) -> None:
     """The figure for issue 14: until the node controller marks the dead node NotReady (its pods not
     ready, the endpoint gone), kube-proxy still sends a share of new connections into the void.
@@ -286,6 +301,9 @@ def test_a_blackholed_replica_still_in_the_service_costs_what_the_node_side_allo
     fail-open work lowers it); once the endpoint leaves, nothing."""
     if not iptables_works():
         pytest.skip("iptables cannot add rules here, so neither a ClusterIP nor a blackhole can be made")
+    if release not in releases:
+        pytest.skip(f"containerd {release} could not be built here (tests/e2e/build-containerd.sh)")
+    binaries = releases[release]
     image = images["img1"]
     spec = ha_spec(upstream, s3)
     with replicas(spec, s3, tmp_path, registry_binary) as (a, b):
