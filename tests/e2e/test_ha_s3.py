@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +49,7 @@ from harness.s3 import S3Server, versitygw_binary
 from harness.service import KernelService, LoopbackService, blackholed
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeplan import build_node_plan, mirror_entry
+from regmirror.render.mirror import render_mirror_children
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd, varnishd, registries and an S3 server as daemons: needs root")
 
@@ -373,3 +375,72 @@ def tcp_connects(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------ a replica deleted mid-pull
+
+
+@pytest.mark.parametrize("how", ["graceful", "killed"])
+def test_a_replica_deleted_during_a_pull(
+    how: str, binaries: ContainerdBinaries, registry_binary: str, s3: S3Server, upstream: Registry, tmp_path: Path
+) -> None:
+    """A rollout, a drain or a scale-down deletes a replica while nodes pull through it.
+
+    graceful: what the kubelet does with the rendered pod: the endpoint leaves the Service,
+    the containers' preStop sleep runs (the test waits for A's connections to close, at most
+    that long, then SIGTERMs, never later than the kubelet would), then distribution drains.
+    The pull in flight must finish with no fallback. killed: the same moment with SIGKILL and the
+    endpoint still routed until a connection is refused there, the case the delay exists for;
+    measured, and a retry (kubelet's back-off) must succeed."""
+    image = multi_layer_image(tmp_path / "big", name="library/habig", layer_sizes=(6 << 20, 4 << 20, 2 << 20))
+    image.push(upstream.address)
+    spec = ha_spec(upstream, s3)
+    pod_template = render_mirror_children(MIRROR, "uid", spec, "ns")[-1]["spec"]["template"]["spec"]
+    registry_container = next(ct for ct in pod_template["containers"] if ct["name"] == "registry")
+    delay = registry_container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    with replicas(spec, s3, tmp_path, registry_binary) as (a, b):
+        pull(binaries, configured_node(binaries, tmp_path / "warm", a), ref(upstream, image))  # in the bucket
+        fronts = [("127.0.0.1", a.ports["front"]), ("127.0.0.1", b.ports["front"])]
+        with LoopbackService.run(fronts, rate=2 << 20) as service:
+            node = node_behind(binaries, tmp_path / "node", spec, service.address)
+            since = len(upstream.requests_log())
+            outcome: dict[str, Any] = {}
+
+            def go() -> None:
+                with Containerd.start(binaries, str(node.certs_dir)) as daemon:
+                    started = time.monotonic()
+                    result = daemon.pull(ref(upstream, image, by_digest=True), hosts_dir=str(node.certs_dir), timeout=180)
+                    outcome.update(rc=result.returncode, took=time.monotonic() - started, err=result.stderr[-600:])
+
+            puller = threading.Thread(target=go)
+            puller.start()
+            # A blob is streaming through A: more than a manifest's worth has gone through it.
+            wait_for(lambda: service.bytes_sent(fronts[0]) > (256 << 10) or "rc" in outcome, 60, "a blob streaming through replica A")
+            assert "rc" not in outcome, "the pull finished before anything happened to A: slow the Service down"
+            deleted = time.monotonic()
+            if how == "graceful":
+                service.remove(fronts[0])
+                with contextlib.suppress(TimeoutError, AssertionError):
+                    wait_for(lambda: service.busy(fronts[0]) == 0, delay, "A's connections to close within the preStop delay")
+                a.stop()
+            else:
+                # Without the delay the containers die while kube-proxy still routes to them: the
+                # endpoint leaves only once a connection has been refused there (or the pull ended).
+                kill(a)
+                with contextlib.suppress(TimeoutError):
+                    wait_for(lambda: service.refused.get(fronts[0], 0) > 0 or "rc" in outcome, 30, "a connection refused by the dead A")
+                service.remove(fronts[0])
+            gone = time.monotonic()
+            puller.join(240)
+            fallback = [r for r in data_requests(upstream, since) if not from_mirror(r)]
+            print(
+                f"\n{how}: pull in flight rc={outcome['rc']} in {outcome['took']:.1f}s ({service.bytes_sent(fronts[0])} bytes "
+                f"through A, {service.bytes_sent(fronts[1])} through B); A gone {gone - deleted:.1f}s after its deletion began; "
+                f"{len(fallback)} requests fell back to the upstream"
+            )
+            if how == "graceful":
+                assert outcome["rc"] == 0, f"the pull in flight failed:\n{outcome['err']}"
+                assert fallback == [], "and it needed no fallback: the deleted replica finished its transfers"
+            else:
+                retry = pull(binaries, node, ref(upstream, image, by_digest=True))
+                print(f"killed: the retry took {retry:.1f}s")

@@ -27,7 +27,12 @@ class LoopbackService:
 
     listener: socket.socket
     endpoints: list[tuple[str, int]]
+    # Bytes per second per connection towards the client (0: unlimited): a network slow
+    # enough that a transfer is still running when a test acts on it.
+    rate: int = 0
     connections: dict[tuple[str, int], int] = field(default_factory=dict)
+    active: dict[tuple[str, int], int] = field(default_factory=dict)
+    sent: dict[tuple[str, int], int] = field(default_factory=dict)
     refused: dict[tuple[str, int], int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _turn: itertools.count[int] = field(default_factory=itertools.count)
@@ -72,33 +77,53 @@ class LoopbackService:
             client.close()
             return
         upstream.settimeout(None)
+        with self._lock:
+            self.active[endpoint] = self.active.get(endpoint, 0) + 1
 
-        def pipe(src: socket.socket, dst: socket.socket) -> None:
+        def pipe(src: socket.socket, dst: socket.socket, rate: int = 0) -> None:
+            chunk_size = min(1 << 16, rate // 20) if rate else 1 << 16
             try:
-                while chunk := src.recv(1 << 16):
+                while chunk := src.recv(chunk_size):
                     dst.sendall(chunk)
+                    if dst is client:
+                        with self._lock:
+                            self.sent[endpoint] = self.sent.get(endpoint, 0) + len(chunk)
+                    if rate:
+                        self._stop.wait(len(chunk) / rate)
             except OSError:
                 pass
             finally:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
 
-        back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        back = threading.Thread(target=pipe, args=(upstream, client, self.rate), daemon=True)
         back.start()
         pipe(client, upstream)
         back.join()
         client.close()
         upstream.close()
+        with self._lock:
+            self.active[endpoint] -= 1
+
+    def bytes_sent(self, endpoint: tuple[str, int]) -> int:
+        """Bytes the endpoint has sent to clients so far."""
+        with self._lock:
+            return self.sent.get(endpoint, 0)
+
+    def busy(self, endpoint: tuple[str, int]) -> int:
+        """Connections to `endpoint` still open (a transfer through it may be running)."""
+        with self._lock:
+            return self.active.get(endpoint, 0)
 
     @classmethod
     @contextlib.contextmanager
-    def run(cls, endpoints: list[tuple[str, int]], host: str = "127.0.0.1") -> Iterator[LoopbackService]:
+    def run(cls, endpoints: list[tuple[str, int]], host: str = "127.0.0.1", *, rate: int = 0) -> Iterator[LoopbackService]:
         """Listen on a free port of `host` until the block ends."""
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, 0))
         listener.listen(128)
-        service = cls(listener, list(endpoints))
+        service = cls(listener, list(endpoints), rate)
         thread = threading.Thread(target=service._serve, daemon=True)
         thread.start()
         try:

@@ -304,3 +304,26 @@ def test_every_valid_storage_and_replica_count_renders_a_consistent_set(replicas
     surge = deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     assert surge == (backend != "pvc")
     assert c.REGISTRY_STORAGE_PATH in json.dumps(deployment)
+
+
+# ------------------------------------------------------------------ a replica being deleted
+
+
+def test_a_deleted_replica_keeps_serving_while_the_service_forgets_it_then_drains() -> None:
+    objs = by_kind(s3_spec())
+    cts = containers(objs)
+    for name in render_mirror.DELAYED_SHUTDOWN_CONTAINERS:
+        assert cts[name]["lifecycle"] == {"preStop": {"sleep": {"seconds": render_mirror.SHUTDOWN_DELAY_SECONDS}}}, name
+    assert "lifecycle" not in cts["front-stats"]
+    config = yaml.safe_load(objs["ConfigMap"]["data"]["config.yml"])
+    assert config["http"]["draintimeout"] == f"{render_mirror.DRAIN_SECONDS}s"
+    grace = pod_spec(objs)["terminationGracePeriodSeconds"]
+    assert grace > render_mirror.SHUTDOWN_DELAY_SECONDS + render_mirror.DRAIN_SECONDS, "the kubelet must not SIGKILL a draining registry"
+
+
+def test_no_shutdown_delay_where_no_other_pod_serves_meanwhile() -> None:
+    # ReadWriteOnce: Recreate. The old pod has left the Service and the new one waits for it.
+    cts = containers(by_kind(make_spec()))
+    assert all("lifecycle" not in ct for ct in cts.values())
+    for storage in ({"ephemeral": True}, {"accessModes": ["ReadWriteMany"]}, {"s3": {"bucket": "mirrors"}}):
+        assert "lifecycle" in containers(by_kind(make_spec(storage=storage)))["registry"], storage

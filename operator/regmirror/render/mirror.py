@@ -54,6 +54,17 @@ S3_SCRATCH_SIZE = "64Mi"
 NODE_FAILURE_TOLERATION_SECONDS = 30
 NODE_FAILURE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 HOSTNAME_TOPOLOGY_KEY = "kubernetes.io/hostname"
+# A replica being deleted (rollout, drain, scale-down) keeps serving this long after it leaves
+# the Service: kube-proxy on every node needs a moment to stop sending it new connections,
+# and transfers already running finish instead of being cut (containerd does not fall back
+# when a blob GET fails mid-way, containerd#9552, so a cut transfer fails the pull).
+SHUTDOWN_DELAY_SECONDS = 15
+# Then distribution stops accepting and lets in-flight requests finish for up to this long
+# (its http.draintimeout; without one, SIGTERM ends it at once).
+DRAIN_SECONDS = 10
+TERMINATION_GRACE_SECONDS = SHUTDOWN_DELAY_SECONDS + DRAIN_SECONDS + 5
+# Containers that serve nodes (or hear from the registry) wait out the delay; the stats loop need not.
+DELAYED_SHUTDOWN_CONTAINERS = ("registry", "front", "cache")
 PORT_NAME = "registry"
 BACKEND_PORT_NAME = "backend"
 CACHE_PORT_NAME = "cache"
@@ -137,6 +148,7 @@ def render_registry_config(spec: RegistryMirrorSpec, name: str = "") -> str:
     """
     http: dict[str, Any] = {
         "addr": f":{registry_listen_port(spec)}",
+        "draintimeout": f"{DRAIN_SECONDS}s",
         "headers": {"X-Content-Type-Options": ["nosniff"]},
         "debug": {
             "addr": f":{c.REGISTRY_DEBUG_PORT}",
@@ -456,6 +468,7 @@ def render_deployment(
         },
     }
     pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "securityContext": {
@@ -504,7 +517,15 @@ def _containers(spec: RegistryMirrorSpec, registry: dict[str, Any], sidecar_imag
     containers = [registry]
     if front:
         containers += render_cache.front_containers(spec, front_image, "front-config")
-    return [*containers, sidecar]
+    containers.append(sidecar)
+    # Only where another pod serves meanwhile: with a single-attach claim (Recreate) the old pod
+    # has left the Service already and the new one cannot start before it is gone, so a delay
+    # would only lengthen every rollout's gap.
+    for container in containers if not _single_attach(spec) else []:
+        if container["name"] in DELAYED_SHUTDOWN_CONTAINERS:
+            # The kubelet's own sleep (no shell needed in the image; GA in Kubernetes 1.34, on by default since 1.30).
+            container["lifecycle"] = {"preStop": {"sleep": {"seconds": SHUTDOWN_DELAY_SECONDS}}}
+    return containers
 
 
 def render_mirror_children(
