@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from regmirror import constants as c
+from regmirror.lowlevel import canonical_registry_host, default_registry_server
+from regmirror.lowlevel import mirror_order_key as mirror_order_key  # the operator's name for it; defined there for the agent
 from regmirror.models import Capability, FallbackPolicy, LabelSelector, Model, RegistryMirrorSpec, Runtime, registry_host_from_url
 
 
@@ -35,6 +36,15 @@ class MirrorEntry(Model):
     runtimes: Annotated[list[Runtime], Field(description="Runtimes to configure.")]
     node_selector: Annotated[LabelSelector, Field(description="Nodes this mirror applies to.")] = LabelSelector()
     ca_pem: Annotated[str | None, Field(description="PEM CA of the mirror's TLS certificate (public).")] = None
+    upstream_host: Annotated[
+        str | None,
+        Field(
+            description=(
+                "The registry host this mirror's upstream URL names: its `servers` entry for that host is the host's "
+                "real registry, which every mirror of the host falls back to. Other hosts fall back to their default registry."
+            )
+        ),
+    ] = None
 
 
 class NodePlan(Model):
@@ -56,9 +66,17 @@ class NodePlan(Model):
         return cls.model_validate_json(text)
 
 
-def mirror_order_key(priority: int, name: str) -> tuple[int, str]:
-    """Sort key: higher priority first, then name; the one order used everywhere."""
-    return (-priority, name)
+def _canonical(host: str) -> str:
+    """The host's canonical spelling, or the host itself when it is not one (the agent rejects and reports it)."""
+    try:
+        return canonical_registry_host(host)
+    except ValueError:
+        return host
+
+
+def upstream_host(spec: RegistryMirrorSpec) -> str:
+    """The registry host the upstream URL names (docker.io for https://registry-1.docker.io)."""
+    return _canonical(registry_host_from_url(spec.upstream.url))
 
 
 def upstream_server(host: str, spec: RegistryMirrorSpec) -> str:
@@ -68,19 +86,28 @@ def upstream_server(host: str, spec: RegistryMirrorSpec) -> str:
     https://registry-1.docker.io serves docker.io); any other host routed here
     falls back to its own registry, as it would without a mirror.
     """
-    if host == registry_host_from_url(spec.upstream.url):
+    if _canonical(host) == upstream_host(spec):
         parts = urlsplit(spec.upstream.url)
-        return f"{parts.scheme}://{parts.netloc}"
-    if host == c.DOCKER_HUB_NAME:
-        return c.DOCKER_HUB_SERVER
-    return f"https://{host}"
+        return f"{parts.scheme}://{parts.netloc}".lower()
+    return default_registry_server(_canonical(host))
+
+
+def entry_hosts(spec: RegistryMirrorSpec) -> list[str]:
+    """The mirror's hosts, each once, in their canonical spelling, in the order given.
+
+    `registry-1.docker.io`, `index.docker.io`, `docker.io` and `DOCKER.IO` are one
+    registry: listed together they must give one route, not four (a host
+    listed twice once made hosts.toml declare one table twice, which
+    containerd refuses, falling back to the upstream).
+    """
+    return list(dict.fromkeys(_canonical(h) for h in spec.upstream.effective_hosts()))
 
 
 def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None) -> MirrorEntry:
     """A mirror's entry in the node plan, once its Service has a ClusterIP."""
     scheme = "https" if spec.service.tls else "http"
     host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
-    hosts = spec.upstream.effective_hosts()
+    hosts = entry_hosts(spec)
     return MirrorEntry(
         name=name,
         hosts=hosts,
@@ -92,6 +119,7 @@ def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: s
         runtimes=list(spec.node_config.runtimes),
         node_selector=spec.node_config.node_selector,
         ca_pem=ca_pem,
+        upstream_host=upstream_host(spec),
     )
 
 

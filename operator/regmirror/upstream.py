@@ -13,32 +13,51 @@ condition:
    (with `service` and `scope` as query parameters) with basic auth; a token
    (200) means the credentials are good, 401/403 means they are not.
 
-Nothing here logs, and no message ever contains the password. Redirects are
-not followed: credentials must not travel to a host the user did not name.
+The contract: whatever the URL, CA bytes, credentials or upstream answers, the
+check returns a verdict (never raises) within `deadline` seconds in total.
+Credentials travel only over https, or over plain http to the very upstream
+the user chose (same scheme, host and port as an http `upstream.url`).
+Redirects are never followed. Nothing here logs, and no message contains the
+password or the username (status is readable by more people than Secrets).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import http.client
+import re
+import ssl
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.request import parse_http_list
 
-from regmirror.lowlevel import http_connection
+import aiohttp
+from yarl import URL
 
 REASON_AUTHENTICATED = "Authenticated"
 REASON_ANONYMOUS = "Anonymous"
 REASON_CREDENTIALS_REJECTED = "CredentialsRejected"
+REASON_INSECURE_TOKEN_REALM = "InsecureTokenRealm"
+REASON_INVALID_URL = "InvalidURL"
+REASON_INVALID_CA = "InvalidCA"
+REASON_INVALID_TOKEN_REALM = "InvalidTokenRealm"
+REASON_TLS_ERROR = "TLSError"
 REASON_UNREACHABLE = "Unreachable"
 REASON_UNEXPECTED_RESPONSE = "UnexpectedResponse"
+# The last guard of the contract; the tests search for inputs that reach it.
+REASON_CHECK_FAILED = "CheckFailed"
 
 USER_AGENT = "regmirror-operator"
-MAX_BODY = 64 * 1024
+DEFAULT_DEADLINE = 10.0
+MAX_CHALLENGE_HEADERS = 32
+MAX_MESSAGE = 1024
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: what an auth scheme is made of
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]*)-----END CERTIFICATE-----")
 
 
 @dataclass(frozen=True)
 class UpstreamCheck:
-    """The verdict: ok None means the check could not tell (unreachable, odd answer)."""
+    """The verdict: ok None means the check could not tell (unreachable, odd answer, unusable input)."""
 
     ok: bool | None
     reason: str
@@ -47,7 +66,7 @@ class UpstreamCheck:
 
 @dataclass(frozen=True)
 class Challenge:
-    """One `WWW-Authenticate` challenge: scheme (lower-case) and its parameters."""
+    """One `WWW-Authenticate` challenge: scheme (lower-case) and its parameters (keys lower-case)."""
 
     scheme: str
     params: dict[str, str]
@@ -61,173 +80,269 @@ class _Response:
 
 
 def parse_challenges(headers: list[str]) -> list[Challenge]:
-    """Parse `WWW-Authenticate` values (RFC 7235 auth-params, quoted strings with commas allowed)."""
+    """Parse `WWW-Authenticate` values, several challenges per value allowed; total: junk is skipped, never raised.
+
+    `parse_http_list` splits at commas outside quoted strings (and unescapes
+    them); an item with a space before its first `=` starts a new challenge.
+    """
     challenges: list[Challenge] = []
     for header in headers:
-        i, n = 0, len(header)
         current: Challenge | None = None
-        while i < n:
-            while i < n and header[i] in " ,\t":
-                i += 1
-            start = i
-            while i < n and header[i] not in " =,\t":
-                i += 1
-            token = header[start:i]
-            if not token:
-                break
-            j = i
-            while j < n and header[j] in " \t":
-                j += 1
-            if j < n and header[j] == "=" and current is not None:
-                # key=value (value a token or a quoted string)
-                i = j + 1
-                while i < n and header[i] in " \t":
-                    i += 1
-                if i < n and header[i] == '"':
-                    i += 1
-                    chars: list[str] = []
-                    while i < n and header[i] != '"':
-                        if header[i] == "\\" and i + 1 < n:
-                            i += 1
-                        chars.append(header[i])
-                        i += 1
-                    i += 1
-                    value = "".join(chars)
-                else:
-                    start = i
-                    while i < n and header[i] not in ",":
-                        i += 1
-                    value = header[start:i].strip()
-                current.params[token.lower()] = value
-            else:
-                current = Challenge(token.lower(), {})
-                challenges.append(current)
+        for item in parse_http_list(header):
+            head, eq, _ = item.partition("=")
+            if not eq or len(head.split()) > 1:  # "Basic" or "Bearer realm=...": a new challenge
+                scheme, item = [*item.split(None, 1), "", ""][:2]
+                current = Challenge(scheme.lower(), {}) if _TOKEN.fullmatch(scheme) else None
+                if current is not None:
+                    challenges.append(current)
+            key, eq, value = item.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if eq and key and current is not None:
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                current.params[key] = value
     return challenges
 
 
-def _basic(username: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+def trust_context(ca_pem: str | bytes | None) -> ssl.SSLContext | None:
+    """The system roots plus the extra CA's certificates; None when an extra CA is given but holds none.
+
+    Like Go's AppendCertsFromPEM (what the mirror itself uses), only PEM
+    CERTIFICATE blocks count and anything around or between them (comments,
+    non-ASCII bytes, broken blocks) is skipped.
+    """
+    context = ssl.create_default_context()
+    if ca_pem is None:
+        return context
+    text = ca_pem.decode("latin-1") if isinstance(ca_pem, bytes) else ca_pem
+    loaded = 0
+    for body in _PEM_CERTIFICATE.findall(text):
+        pem = "-----BEGIN CERTIFICATE-----\n" + "".join(body.split()) + "\n-----END CERTIFICATE-----\n"
+        try:
+            context.load_verify_locations(cadata=pem)
+            loaded += 1
+        except (ssl.SSLError, ValueError):
+            continue
+    return context if loaded else None
 
 
-def _redact(url: str) -> str:
-    """The URL without any userinfo, for messages."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-
-def _get(url: str, authorization: str | None, ca_pem: str | None, timeout: float) -> _Response:
-    """One GET, no redirects followed; raises OSError / HTTPException when nothing answers."""
-    conn, parts = http_connection(url, timeout, ca_pem)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-    if authorization:
-        headers["Authorization"] = authorization
+def http_url(raw: str) -> URL | None:
+    """`raw` as an absolute http(s) URL with a host and a port in 1-65535, without userinfo; None otherwise."""
+    if any(ord(ch) <= 32 or ord(ch) == 127 for ch in raw):
+        return None
     try:
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        resp.read(MAX_BODY)
-        return _Response(resp.status, tuple(parse_challenges(resp.headers.get_all("WWW-Authenticate") or [])), resp.headers.get("Location"))
-    finally:
-        conn.close()
+        url = URL(raw)
+        port = url.port
+        if url.scheme not in ("http", "https") or not url.host or port is None or not 0 < port < 65536:
+            return None
+        return url.with_user(None).with_fragment(None)
+    except ValueError:  # includes UnicodeError (IDNA), bad ports, unbalanced IPv6 brackets
+        return None
+
+
+def may_carry_credentials(target: URL, upstream: URL) -> bool:
+    """Credentials go over https, or over plain http only to the plain-http upstream the user chose."""
+    if target.scheme == "https":
+        return True
+    return upstream.scheme == "http" and (target.host or "").lower() == (upstream.host or "").lower() and target.port == upstream.port
+
+
+def _shown(value: str | URL) -> str:
+    """An upstream-supplied value for a message: a URL without its userinfo (`_clean` bounds the message)."""
+    if isinstance(value, str):
+        value = http_url(value) or value
+    return str(value)
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+def _clean(message: str, secrets: tuple[str, ...]) -> str:
+    """Printable, free of every secret (also in its printable spelling), then bounded.
+
+    Redaction runs to a fixed point (replacing one secret could form another)
+    and before truncation (a cut could otherwise leave a secret's prefix).
+    """
+    message = _printable(message)
+    variants = {_printable(s) for s in secrets if s}
+    mark = "" if any("*" in v for v in variants) else "***"
+    while any(v in message for v in variants):
+        for variant in variants:
+            message = message.replace(variant, mark)
+    return message[:MAX_MESSAGE]
+
+
+class _Client:
+    """GETs without redirects; every failure becomes a verdict naming what was asked (`step`, for the deadline)."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.step = "the upstream"
+
+    async def get(self, url: URL, what: str, authorization: str | None = None) -> _Response | UpstreamCheck:
+        self.step = what
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if authorization:
+            headers["Authorization"] = authorization
+        try:
+            async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
+                values = resp.headers.getall("WWW-Authenticate", [])[:MAX_CHALLENGE_HEADERS]
+                return _Response(resp.status, tuple(parse_challenges(values)), resp.headers.get("Location"))
+        except aiohttp.ClientSSLError as exc:
+            return UpstreamCheck(None, REASON_TLS_ERROR, f"TLS with {what} failed: {exc}")
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            return UpstreamCheck(None, REASON_UNREACHABLE, f"{what} did not answer: {type(exc).__name__}: {exc}")
+        except aiohttp.ClientError as exc:
+            return UpstreamCheck(None, REASON_UNEXPECTED_RESPONSE, f"{what} did not answer valid HTTP: {type(exc).__name__}: {exc}")
 
 
 def _unexpected(what: str, resp: _Response) -> UpstreamCheck:
-    detail = f" (redirects to {_redact(resp.location)}; use the final URL)" if resp.location and 300 <= resp.status < 400 else ""
+    detail = f" (redirects to {_shown(resp.location)}; use the final URL)" if resp.location and 300 <= resp.status < 400 else ""
     return UpstreamCheck(None, REASON_UNEXPECTED_RESPONSE, f"{what} answered HTTP {resp.status}{detail}")
 
 
-def _check(url: str, username: str | None, password: str | None, ca_pem: str | None, timeout: float) -> UpstreamCheck:
-    base = url.rstrip("/")
-    shown = _redact(base)
-    has_creds = bool(username) and password is not None
-    auth = _basic(username or "", password or "") if has_creds else None
-    ping = f"{base}/v2/"
-    try:
-        first = _get(ping, None, ca_pem, timeout)
-    except (OSError, http.client.HTTPException) as exc:
-        return UpstreamCheck(None, REASON_UNREACHABLE, f"{shown}/v2/ did not answer: {type(exc).__name__}: {exc}")
-    if first.status == 200:
-        if has_creds:
-            return UpstreamCheck(True, REASON_ANONYMOUS, f"{shown} answers without authentication; the credentials were not needed")
-        return UpstreamCheck(True, REASON_ANONYMOUS, f"{shown} answers without authentication")
-    if first.status != 401:
-        return _unexpected(f"{shown}/v2/", first)
-
-    schemes = {c.scheme: c for c in first.challenges}
-    if "bearer" in schemes and schemes["bearer"].params.get("realm"):
-        challenge = schemes["bearer"]
-        query = {k: challenge.params[k] for k in ("service", "scope") if challenge.params.get(k)}
-        realm = challenge.params["realm"]
-        token_url = realm + (("&" if "?" in realm else "?") + urlencode(query) if query else "")
-        shown_realm = _redact(realm)
-        try:
-            token = _get(token_url, auth, ca_pem, timeout)
-        except (OSError, http.client.HTTPException) as exc:
-            return UpstreamCheck(
-                None, REASON_UNREACHABLE, f"the token service {shown_realm} of {shown} did not answer: {type(exc).__name__}: {exc}"
-            )
-        if token.status == 200:
-            if has_creds:
-                return UpstreamCheck(True, REASON_AUTHENTICATED, f"the token service {shown_realm} of {shown} accepted user {username!r}")
-            return UpstreamCheck(True, REASON_ANONYMOUS, f"the token service {shown_realm} of {shown} grants anonymous tokens")
-        if token.status in (401, 403):
-            if has_creds:
-                return UpstreamCheck(
-                    False,
-                    REASON_CREDENTIALS_REJECTED,
-                    f"the token service {shown_realm} of {shown} rejected user {username!r} (HTTP {token.status}); "
-                    "pulls through the mirror fail for anything not already cached",
-                )
+async def _token(client: _Client, upstream: URL, challenge: Challenge, auth: str | None) -> UpstreamCheck:
+    """Step 3: ask the Bearer realm for a token, with the credentials only where they may go."""
+    shown = _shown(upstream)
+    realm = http_url(challenge.params["realm"])
+    if realm is None:
+        return UpstreamCheck(
+            None,
+            REASON_INVALID_TOKEN_REALM,
+            f"{shown} names the token service {_shown(challenge.params['realm'])!r}, which is not an http(s) URL with a valid host and port",
+        )
+    service = f"the token service {_shown(realm)} of {shown}"
+    if auth is not None and not may_carry_credentials(realm, upstream):
+        # Unknown, not False: the mirror may well work; it is the clear text the admin must hear about.
+        return UpstreamCheck(
+            None,
+            REASON_INSECURE_TOKEN_REALM,
+            f"{shown} sends clients to its token service {_shown(realm)} over plain http, so the check did not send the "
+            "configured credentials there; the mirror does, in clear text. The token service must use https "
+            "(or be the plain-http upstream itself)",
+        )
+    query = {key: challenge.params[key] for key in ("service", "scope") if challenge.params.get(key)}
+    token = await client.get(realm.extend_query(query), service, auth)
+    if isinstance(token, UpstreamCheck):
+        return token
+    if token.status == 200:
+        if auth is not None:
+            return UpstreamCheck(True, REASON_AUTHENTICATED, f"{service} accepted the configured credentials")
+        return UpstreamCheck(True, REASON_ANONYMOUS, f"{service} grants anonymous tokens")
+    if token.status in (401, 403):
+        if auth is not None:
             return UpstreamCheck(
                 False,
                 REASON_CREDENTIALS_REJECTED,
-                f"{shown} requires credentials (token service HTTP {token.status}) and none are configured",
+                f"{service} rejected the configured credentials (HTTP {token.status}); pulls through the mirror fail for anything not already cached",
             )
-        return _unexpected(f"the token service {shown_realm} of {shown}", token)
+        return UpstreamCheck(
+            False, REASON_CREDENTIALS_REJECTED, f"{shown} requires credentials (token service HTTP {token.status}) and none are configured"
+        )
+    return _unexpected(service, token)
 
-    if "basic" in schemes:
-        if not has_creds:
+
+async def _handshake(client: _Client, upstream: URL, auth: str | None) -> UpstreamCheck:
+    shown = _shown(upstream)
+    ping = upstream.with_path(upstream.path.rstrip("/") + "/v2/").with_query(None)
+    first = await client.get(ping, f"{shown}/v2/")
+    if isinstance(first, UpstreamCheck):
+        return first
+    if first.status == 200:
+        needless = "; the configured credentials were not needed" if auth is not None else ""
+        return UpstreamCheck(True, REASON_ANONYMOUS, f"{shown} answers without authentication{needless}")
+    if first.status != 401:
+        return _unexpected(f"{shown}/v2/", first)
+    bearer = next((c for c in first.challenges if c.scheme == "bearer" and c.params.get("realm")), None)
+    if bearer is not None:
+        return await _token(client, upstream, bearer, auth)
+    if any(c.scheme == "basic" for c in first.challenges):
+        if auth is None:
             return UpstreamCheck(
                 False, REASON_CREDENTIALS_REJECTED, f"{shown} requires basic authentication and no credentials are configured"
             )
-        try:
-            second = _get(ping, auth, ca_pem, timeout)
-        except (OSError, http.client.HTTPException) as exc:
-            return UpstreamCheck(None, REASON_UNREACHABLE, f"{shown}/v2/ did not answer: {type(exc).__name__}: {exc}")
+        second = await client.get(ping, f"{shown}/v2/ with credentials", auth)
+        if isinstance(second, UpstreamCheck):
+            return second
         if second.status == 200:
-            return UpstreamCheck(True, REASON_AUTHENTICATED, f"{shown} accepted user {username!r} (basic authentication)")
+            return UpstreamCheck(True, REASON_AUTHENTICATED, f"{shown} accepted the configured credentials (basic authentication)")
         if second.status in (401, 403):
             return UpstreamCheck(
                 False,
                 REASON_CREDENTIALS_REJECTED,
-                f"{shown} rejected user {username!r} (basic authentication, HTTP {second.status}); "
+                f"{shown} rejected the configured credentials (basic authentication, HTTP {second.status}); "
                 "pulls through the mirror fail for anything not already cached",
             )
         return _unexpected(f"{shown}/v2/ with credentials", second)
-
-    offered = ", ".join(sorted(schemes)) or "no WWW-Authenticate challenge"
+    offered = ", ".join(sorted({c.scheme for c in first.challenges})) or "no WWW-Authenticate challenge"
     return UpstreamCheck(None, REASON_UNEXPECTED_RESPONSE, f"{shown}/v2/ answered HTTP 401 with {offered}; expected Basic or Bearer")
+
+
+async def _check(url: str, auth: str | None, ca_pem: str | bytes | None, deadline: float) -> UpstreamCheck:
+    upstream = http_url(url)
+    if upstream is None:
+        return UpstreamCheck(None, REASON_INVALID_URL, "spec.upstream.url is not an http(s) URL with a valid host and a port in 1-65535")
+    context = trust_context(ca_pem)
+    if context is None:
+        return UpstreamCheck(
+            None,
+            REASON_INVALID_CA,
+            "the upstream CA (spec.upstream.tls.caSecretRef) holds no usable PEM certificate "
+            "(a DER file? convert it: openssl x509 -inform der -in ca.der -out ca.crt)",
+        )
+    connector = aiohttp.TCPConnector(ssl=context, force_close=True)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False) as session:
+        client = _Client(session)
+        try:
+            async with asyncio.timeout(deadline):
+                return await _handshake(client, upstream, auth)
+        except TimeoutError:
+            return UpstreamCheck(None, REASON_UNREACHABLE, f"{client.step} did not answer within the {deadline:g} s the check may take")
+
+
+async def check_upstream_async(
+    url: str,
+    username: str | None,
+    password: str | None,
+    ca_pem: str | bytes | None = None,
+    deadline: float = DEFAULT_DEADLINE,
+) -> UpstreamCheck:
+    """Perform the registry auth handshake against `url` and say whether the credentials work; never raises.
+
+    Without credentials (no username, or password None) it says whether
+    anonymous access works. `ca_pem` is the extra CA bundle (text or bytes).
+    Returns within `deadline` seconds, all requests together.
+    """
+    encoded = ""
+    if username and password is not None:
+        encoded = base64.b64encode(f"{username}:{password}".encode(errors="surrogatepass")).decode()
+    auth = f"Basic {encoded}" if encoded else None
+    try:
+        result = await _check(url, auth, ca_pem, deadline)
+    except Exception as exc:  # the contract is a verdict, whatever happens; the tests search for this branch
+        result = UpstreamCheck(None, REASON_CHECK_FAILED, f"the check failed unexpectedly: {type(exc).__name__}")
+    # A hostile upstream may echo what it received; none of it reaches status, not even base64-encoded.
+    return UpstreamCheck(result.ok, result.reason, _clean(result.message, (password or "", username or "", encoded)))
 
 
 def check_upstream(
     url: str,
     username: str | None,
     password: str | None,
-    ca_pem: str | None = None,
-    timeout: float = 5.0,
+    ca_pem: str | bytes | None = None,
+    deadline: float = DEFAULT_DEADLINE,
 ) -> UpstreamCheck:
-    """Perform the registry auth handshake against `url` and say whether the credentials work.
-
-    Without credentials the check says whether anonymous access works. The
-    returned message never contains the password (it is redacted as a last
-    guard should a server echo it back).
-    """
-    result = _check(url, username, password, ca_pem, timeout)
-    if password and password in result.message:
-        result = UpstreamCheck(result.ok, result.reason, result.message.replace(password, "***"))
-    return result
+    """The blocking form of `check_upstream_async`, for worker threads (it runs its own event loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(check_upstream_async(url, username, password, ca_pem, deadline))
+        finally:
+            # Not asyncio.run: it waits for the default executor, where a hung DNS lookup may outlive the deadline.
+            loop.run_until_complete(asyncio.sleep(0))  # one more turn: closed connections release their sockets
+            loop.close()
+    with ThreadPoolExecutor(1) as pool:  # called on an event loop's thread: run on a fresh loop elsewhere
+        return pool.submit(check_upstream, url, username, password, ca_pem, deadline).result()

@@ -17,8 +17,11 @@ here, and a real upstream would hide a leak).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,6 +43,7 @@ from _dataplane import (
 )
 
 from regmirror import constants as c
+from unit._agentkit import tls_material
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd: needs root")
 
@@ -168,7 +172,8 @@ def test_pulls_go_through_the_mirror_for_docker_hub_and_a_host_with_a_port(
         rc, events = node.agent_once(entry("hub", mirror.url, ["docker.io"]), entry("team", mirror.url, [host]))
         assert rc == 0, events
         written = sorted(p.relative_to(node.certs).as_posix() for p in Path(node.certs).rglob("hosts.toml"))
-        assert written == sorted(["docker.io/hosts.toml", f"127.0.0.2_{upstream.port}_/hosts.toml"])
+        docker_hub = ["docker.io/hosts.toml", "index.docker.io/hosts.toml", "registry-1.docker.io/hosts.toml"]
+        assert written == sorted([*docker_hub, f"127.0.0.2_{upstream.port}_/hosts.toml"])
 
         for ref in ("docker.io/library/hello:v1", f"{host}/team/app:v1"):
             result = daemon.pull(ref, hosts_dir=node.certs)
@@ -254,3 +259,163 @@ def test_preflight_says_ok_exactly_when_containerd_reads_the_agents_files(
     mismatched = [v for v in verdicts if v[1] != v[2]]
     assert not mismatched, f"preflight (ok?) vs containerd (pulled through the mirror?): {verdicts}"
     assert verdicts[0][1:3] == (True, True), verdicts
+
+
+# ------------------------------------------------------------------ issue 11: trust
+
+
+def requests_to(log: str, host: str) -> list[str]:
+    """containerd's own debug lines that resolve at or send a request to `host` (a mirror's ?ns= names do not count)."""
+    pattern = re.compile(rf'(host|url)="?(https?://)?{re.escape(host)}[:/" ]')
+    return [line for line in log.splitlines() if pattern.search(line)]
+
+
+def ctr_debug_pull(daemon: Containerd, ref: str, hosts_dir: str) -> subprocess.CompletedProcess[str]:
+    """`ctr --debug images pull`: the client-side resolver logs the hosts it tries to stderr."""
+    return daemon.ctr("--debug", "images", "pull", "--snapshotter", "native", "--hosts-dir", hosts_dir, ref, timeout=60)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_strict_mirror_listed_under_docker_hubs_aliases_takes_every_docker_hub_pull(
+    containerds: dict[str, ContainerdBinaries | str], version: str, mirror: Registry, tmp_path: Path
+) -> None:
+    """registry-1.docker.io + docker.io + DOCKER.IO + index.docker.io: one route, three directories, no request upstream.
+
+    On main the plan carried docker.io several times, hosts.toml declared one
+    table twice, containerd logged "failed to decode hosts.toml" and went to
+    registry-1.docker.io (a DNS failure here, a Docker Hub pull in real life).
+    """
+    binaries = binaries_for(containerds, version)
+    with Containerd.start(binaries, str(tmp_path / "certs.d")) as daemon:
+        node = Node(tmp_path, daemon)
+        spellings = ["registry-1.docker.io", "docker.io", "DOCKER.IO", "index.docker.io"]
+        # What an older operator wrote for that list (the canonical name repeated), and the raw spellings.
+        for hosts in (["docker.io"] * 4, spellings):
+            rc, events = node.agent_once(entry("vault", mirror.url, hosts, fallback="NeverContactUpstream"))
+            assert rc == 0, events
+            before = len(daemon.log())
+            client_logs = []
+            for ref in ("docker.io/library/hello:v1", "registry-1.docker.io/library/hello:v1", "index.docker.io/library/hello:v1"):
+                daemon.remove_image(ref)
+                result = ctr_debug_pull(daemon, ref, node.certs)
+                assert pulled(result), f"ctr {ref} ({hosts}): {result.stderr[-800:]}"
+                client_logs.append(result.stderr)
+            for ref in ("docker.io/library/hello:v1", "registry-1.docker.io/library/hello:v1"):
+                result = daemon.cri_pull(ref)
+                assert pulled(result), f"CRI {ref} ({hosts}): {result.stderr[-800:]}\n{daemon.log()[-2000:]}"
+            logs = "\n".join([*client_logs, daemon.log()[before:]])
+            assert "failed to decode hosts.toml" not in logs
+            assert requests_to(logs, mirror.address), "containerd's log shows the mirror it used"
+            for upstream_name in ("registry-1.docker.io", "index.docker.io", "docker.io"):
+                assert requests_to(logs, upstream_name) == [], f"containerd contacted {upstream_name}"
+        served = mirror.requests_log()
+        for ns in ("docker.io", "registry-1.docker.io", "index.docker.io"):
+            assert f"/v2/library/hello/manifests/v1?ns={ns}" in served, f"the mirror served the {ns} pull"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_strict_hosts_spellings_never_reach_the_loopback_upstream(
+    containerds: dict[str, ContainerdBinaries | str], version: str, mirror: Registry, tmp_path: Path
+) -> None:
+    """localhost:<port> listed as LOCALHOST:<port> and localhost:<port>: pulls of it go to the mirror, the upstream sees nothing."""
+    binaries = binaries_for(containerds, version)
+    with Containerd.start(binaries, str(tmp_path / "certs.d")) as daemon, ConnectionRecorder.start("127.0.0.1") as upstream:
+        node = Node(tmp_path, daemon)
+        host = f"localhost:{upstream.port}"
+        rc, events = node.agent_once(entry("vault", mirror.url, [host, host.upper(), host], fallback="NeverContactUpstream"))
+        assert rc == 0, events
+        ref = f"{host}/team/app:v1"
+        daemon.pull(ref, hosts_dir=node.certs)
+        daemon.cri_pull(ref, timeout=20)
+        assert upstream.connections == [], "a strict host never reaches its upstream"
+        assert "failed to decode hosts.toml" not in daemon.log()
+        assert sorted(p.name for p in Path(node.certs).iterdir()) == [f"localhost_{upstream.port}_"]
+        daemon.remove_image(ref)
+        assert pulled(daemon.pull(ref, hosts_dir=node.certs))
+        assert pulled(daemon.cri_pull(ref))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_strict_mirror_that_cannot_be_used_blocks_its_host_without_a_connection(
+    containerds: dict[str, ContainerdBinaries | str], version: str, upstream: ConnectionRecorder, tmp_path: Path
+) -> None:
+    """A strict entry that fails its checks (here: a name with a newline) leaves a file in which nothing may pull or resolve.
+
+    On main the newline broke the TOML of the comment it was written into:
+    containerd refused the file and went straight to the upstream.
+    """
+    binaries = binaries_for(containerds, version)
+    with Containerd.start(binaries, str(tmp_path / "certs.d")) as daemon:
+        node = Node(tmp_path, daemon)
+        hostile = entry("vault\nx", f"http://127.0.0.1:{free_port()}", [upstream.address], fallback="NeverContactUpstream")
+        node.agent_once(hostile)
+        ref = f"{upstream.address}/team/app:v1"
+        assert not pulled(daemon.pull(ref, hosts_dir=node.certs))
+        assert not pulled(daemon.cri_pull(ref, timeout=20))
+        assert upstream.connections == []
+        assert "failed to decode hosts.toml" not in daemon.log()
+        rc, events = node.agent_once(hostile)
+        assert rc == 0, events
+        assert any(e["event"] == "finding" and e["reason"] == "MirrorRejected" for e in events)
+
+
+@contextlib.contextmanager
+def tls_upstream(workdir: Path, host: str) -> Iterator[tuple[Registry, Path]]:
+    """A registry over https on `host` with an image, its certificate signed by a private CA; yields it and the CA file."""
+    port = free_port(host)
+    with Registry.start(workdir / "plain", host, port) as plain:
+        plain.push_image("team/app", "v1")
+    ca, cert, key = tls_material(workdir, host)
+    config = workdir / "tls.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {workdir / 'plain' / 'data'}\n"
+        f"http:\n  addr: {host}:{port}\n  debug:\n    addr: ''\n  tls:\n    certificate: {cert}\n    key: {key}\n"
+    )
+    with Registry.launch(workdir / "tls", ["docker-registry", "serve", str(config)], None, host, port) as registry:
+        yield registry, ca
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_admins_docker_style_ca_keeps_working_under_our_hosts_toml(
+    containerds: dict[str, ContainerdBinaries | str], version: str, tmp_path: Path
+) -> None:
+    """certs.d/<host:port>/ca.crt (no hosts.toml) trusts a private upstream; our hosts.toml must not take that away.
+
+    The mirror answers but has not got the image, so containerd falls back to
+    the upstream, over TLS with the admin's CA. On main, our hosts.toml made
+    containerd ignore ca.crt and the fallback failed certificate verification.
+    A control with a different CA in the admin's file shows the CA is what
+    makes the pull work.
+    """
+    binaries = binaries_for(containerds, version)
+    with (
+        Registry.start(tmp_path / "empty-mirror") as empty_mirror,
+        tls_upstream(tmp_path / "upstream", "127.0.0.3") as (upstream, ca),
+        Containerd.start(binaries, str(tmp_path / "certs.d")) as daemon,
+    ):
+        node = Node(tmp_path, daemon)
+        admin_dir = Path(node.certs) / upstream.address  # Docker's layout: host:port
+        admin_dir.mkdir(parents=True)
+        shutil.copy(ca, admin_dir / "ca.crt")
+        ref = f"{upstream.address}/team/app:v1"
+        # (No "before" pull: containerd skips TLS verification for a loopback host it has no hosts.toml for,
+        # so on this machine the admin's CA only matters once a hosts.toml names the server.)
+        rc, events = node.agent_once(entry("cache", empty_mirror.url, [upstream.address]))
+        assert rc == 0, events
+        ours = Path(node.certs) / f"127.0.0.3_{upstream.port}_" / "hosts.toml"
+        assert ours.exists(), "the mirror is applied for the host"
+        for result in (daemon.pull(ref, hosts_dir=node.certs), daemon.cri_pull(ref)):
+            assert pulled(result), f"{result.stderr[-800:]}\n{daemon.log()[-1500:]}"
+        assert any(e["event"] == "finding" and e["reason"] == "ForeignCertsCarried" for e in events)
+        assert "/v2/team/app/manifests/v1" in empty_mirror.requests_log(), "the mirror was asked first"
+        assert "/v2/team/app/manifests/v1" in upstream.requests_log(), "then the upstream, trusted through the admin's CA"
+        assert (admin_dir / "ca.crt").read_bytes() == ca.read_bytes()
+
+        # The control: with another CA in the admin's file, the same pull fails verification.
+        daemon.remove_image(ref)
+        (admin_dir / "ca.crt").write_bytes(tls_material(tmp_path, "127.0.0.3")[0].read_bytes())
+        served = upstream.requests_log().count("/v2/team/app/manifests/v1")
+        result = daemon.pull(ref, hosts_dir=node.certs)
+        assert not pulled(result), result.stderr[-800:]
+        assert upstream.requests_log().count("/v2/team/app/manifests/v1") == served, "TLS verification stopped it before any request"

@@ -225,8 +225,11 @@ def test_upstream_outage_past_the_ttl_the_image_in_use_still_pulls(
     with CachePod.run(spec, tmp_path / "pod", registry_binary, pins=[in_use.top.digest]) as pod:
         for i, image in enumerate((in_use, idle)):
             fresh_pull(binaries, tmp_path / f"warm{i}", pod, ref(upstream, image))
+        # The sidecar records the eviction once its files are gone: wait for both, not for one then the other.
         stats = pod.wait_janitor(
-            lambda s: not any(pod.blob_present(d) for d in idle.blobs_for_host), timeout=30, what="the TTL to evict the idle image"
+            lambda s: s.get("lastEviction") is not None and not any(pod.blob_present(d) for d in idle.blobs_for_host),
+            timeout=30,
+            what="the TTL to evict the idle image",
         )
         assert stats["lastEviction"]["reason"] == "TTL"
         assert all(pod.blob_present(d) for d in in_use.blobs_for_host), "the image in use outlives the TTL"

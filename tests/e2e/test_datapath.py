@@ -261,7 +261,8 @@ def test_three_nodes_pull_through_the_mirror_and_the_upstream_serves_each_blob_o
         nodes = [stack.enter_context(node_with_containerd(containerd_bin, tmp_path / f"node{i}", deployed.plan())) for i in range(3)]
         for node, _ in nodes:
             written = sorted(p.relative_to(node.certs_dir).as_posix() for p in node.certs_dir.rglob("hosts.toml"))
-            assert written == sorted(["docker.io/hosts.toml", f"127.0.0.1_{upstream.port}_/hosts.toml"])
+            hub_dirs = ["docker.io/hosts.toml", "index.docker.io/hosts.toml", "registry-1.docker.io/hosts.toml"]  # Docker Hub's spellings
+            assert written == sorted([*hub_dirs, f"127.0.0.1_{upstream.port}_/hosts.toml"])
             assert (node.certs_dir / "docker.io" / "hosts.toml").read_text().startswith(c.OWNERSHIP_MARKER)
         # The first node pulls cold; the other two pull at the same time, warm.
         for ref in refs:

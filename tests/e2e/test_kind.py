@@ -3,30 +3,36 @@
 The local path (tests/integration) proves the operator's API behaviour on a
 simulated cluster and tests/e2e/test_datapath.py the data path piece by piece;
 this test puts them together the way a user would, on kind nodes whose
-containerd reads /etc/containerd/certs.d. It needs a Docker engine that runs
-privileged containers, `kind` on PATH and Internet access (Docker Hub is the
-upstream); it skips, saying which is missing, everywhere else.
+containerd reads /etc/containerd/certs.d. The cluster comes from pytest-kind
+(the maintained fork, pytest-kind-ng): its `KindCluster`, given the `kind`
+binary that `make kind` builds from the Go module proxy, so nothing is
+downloaded at test time. It needs a Docker engine that runs privileged
+containers (kind nodes are privileged) and Internet access (Docker Hub is the
+upstream); without such an engine it skips, saying so.
 
 The mirror helpers are the same as on the local control plane
 (harness.operator: apply, mirror_body, wait_condition, delete_mirror), driven
 through a `KubeconfigCluster` instead of a `LocalCluster`.
 
-    make image && PYTHONPATH=tests .venv/bin/python -m pytest tests/e2e/test_kind.py -rs
+    make image && make kind-e2e
     REGMIRROR_KIND_KEEP=1 ... keeps the cluster (`kind delete cluster --name regmirror-e2e`)
     REGMIRROR_KIND_REQUIRED=1 ... fails instead of skipping (CI's kind job)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pytest_kind import KindCluster
 
 from harness.operator import (
     OPERATOR_NS,
@@ -38,12 +44,13 @@ from harness.operator import (
     wait_condition,
     wait_for,
 )
+from tools.binaries import go_tool
 
 pytestmark = [pytest.mark.kind, pytest.mark.timeout(1800)]
 
 CLUSTER_NAME = os.environ.get("REGMIRROR_KIND_CLUSTER", "regmirror-e2e")
 IMAGE = os.environ.get("IMAGE", "ghcr.io/regmirror/regmirror:0.1.0")
-# Empty: the node image of the installed kind version.
+# Empty: the node image of the built kind version.
 NODE_IMAGE = os.environ.get("REGMIRROR_KIND_NODE_IMAGE", "")
 CERTS_D = "/etc/containerd/certs.d"
 # Pulled by a pod through the mirror; not preloaded on kind nodes.
@@ -53,7 +60,7 @@ PROBE_IMAGE = PULLED_IMAGE
 MIRROR = "dockerhub"
 
 # containerd must read registry hosts from certs.d. kind has defaulted to this
-# since v0.20; the patch keeps older kind versions (and custom node images) honest.
+# since v0.20; the patch keeps custom node images honest.
 KIND_CONFIG = f"""\
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
@@ -78,12 +85,10 @@ def _run(
 
 @functools.cache
 def why_kind_cannot_run() -> str | None:
-    """None when kind can run here, else the reason (the skip message)."""
-    if shutil.which("kind") is None:
-        return "kind is not on PATH (go install sigs.k8s.io/kind@v0.30.0)"
+    """None when Docker can host kind nodes here, else the reason (the skip message)."""
     docker = shutil.which("docker")
     if docker is None:
-        return "no docker CLI on PATH: kind needs a Docker engine"
+        return "no docker CLI on PATH: kind needs a Docker engine that runs privileged containers"
     info = _run(docker, "info", "--format", "{{.ServerVersion}}", timeout=30)
     if info.returncode != 0:
         last = (info.stderr.strip().splitlines() or [f"exit {info.returncode}"])[-1]
@@ -91,13 +96,22 @@ def why_kind_cannot_run() -> str | None:
     probe = _run(docker, "run", "--rm", "--privileged", "--network", "none", PROBE_IMAGE, "true", timeout=600)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return f"Docker cannot run privileged containers (kind nodes are privileged): {last}"
+        return f"this Docker engine cannot run privileged containers (kind nodes are privileged): {last}"
     return None
 
 
+@dataclass
+class DeployedKind:
+    """A kind cluster (pytest-kind's KindCluster) with regmirror deployed by `make deploy`."""
+
+    kind: KindCluster
+    cluster: KubeconfigCluster
+    nodes: list[str]
+
+
 @pytest.fixture(scope="module")
-def kind_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KubeconfigCluster, list[str]]]:
-    """A two-node kind cluster with the image loaded and `make deploy` applied; yields (cluster, node names)."""
+def deployed_kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeployedKind]:
+    """A two-node kind cluster with the image loaded and `make deploy` applied; `make undeploy` afterwards."""
     reason = why_kind_cannot_run()
     if reason and os.environ.get("REGMIRROR_KIND_REQUIRED"):
         pytest.fail(f"REGMIRROR_KIND_REQUIRED is set but {reason}", pytrace=False)
@@ -106,44 +120,33 @@ def kind_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kub
     work = tmp_path_factory.mktemp("kind")
     config = work / "kind.yaml"
     config.write_text(KIND_CONFIG)
-    kubeconfig = work / "kubeconfig"
-    create = [
-        "kind",
-        "create",
-        "cluster",
-        "--name",
-        CLUSTER_NAME,
-        "--config",
-        str(config),
-        "--kubeconfig",
-        str(kubeconfig),
-        "--wait",
-        "180s",
-    ]
-    if NODE_IMAGE:
-        create += ["--image", NODE_IMAGE]
-    _run(*create, check=True, timeout=900)
+    kubectl = _kubectl()
+    # KindCluster keeps a scratch directory under the working directory: keep it out of the repository.
+    with contextlib.chdir(work):
+        kind = KindCluster(
+            CLUSTER_NAME, work / "kubeconfig", image=NODE_IMAGE or None, kind_path=go_tool("kind"), kubectl_path=Path(kubectl)
+        )
+    kind.create(config_file=config)
     try:
         if _run("docker", "image", "inspect", IMAGE, timeout=30).returncode != 0:
             _run("make", "image", f"IMAGE={IMAGE}", "DOCKER_BUILD_ARGS=--network host", check=True, timeout=1200, cwd=str(REPO))
-        _run("kind", "load", "docker-image", "--name", CLUSTER_NAME, IMAGE, check=True, timeout=600)
-        kubectl = _kubectl()
-        cluster = KubeconfigCluster(kubeconfig, kubectl)
-        deploy_env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        kind.load_docker_image(IMAGE)
+        cluster = KubeconfigCluster(kind.kubeconfig_path, kubectl)
+        deploy_env = {**os.environ, "KUBECONFIG": str(kind.kubeconfig_path)}
         _run("make", "deploy", f"KUBECTL={kubectl}", check=True, timeout=300, cwd=str(REPO), env=deploy_env)
-        cluster.kubectl("-n", OPERATOR_NS, "rollout", "status", "deployment/regmirror-operator", "--timeout=300s", timeout=330)
-        nodes = _run("kind", "get", "nodes", "--name", CLUSTER_NAME, check=True).stdout.split()
-        yield cluster, nodes
+        kind.kubectl("-n", OPERATOR_NS, "rollout", "status", "deployment/regmirror-operator", "--timeout=300s")
+        nodes = _run(str(kind.kind_path), "get", "nodes", "--name", CLUSTER_NAME, check=True).stdout.split()
+        yield DeployedKind(kind, cluster, nodes)
         # Clean uninstall, as a user would do it: mirrors first (finalizers clean the nodes), then the rest.
         _run("make", "undeploy", f"KUBECTL={kubectl}", "UNDEPLOY_TIMEOUT=5m", check=True, timeout=900, cwd=str(REPO), env=deploy_env)
     finally:
         if not os.environ.get("REGMIRROR_KIND_KEEP"):
-            _run("kind", "delete", "cluster", "--name", CLUSTER_NAME, timeout=300)
+            kind.delete()
 
 
 def _kubectl() -> str:
-    """$KUBECTL, else kubectl on PATH, else the control plane bundle's (built on first use)."""
-    explicit = os.environ.get("KUBECTL") or shutil.which("kubectl")
+    """$KUBECTL, else the control plane bundle's kubectl (built on first use)."""
+    explicit = os.environ.get("KUBECTL")
     if explicit:
         return explicit
     from harness.cluster import find_controlplane_dir
@@ -155,15 +158,14 @@ def _node_exec(node: str, *argv: str) -> subprocess.CompletedProcess[str]:
     return _run("docker", "exec", node, *argv, timeout=120)
 
 
-def test_containerd_on_kind_reads_certs_d(kind_cluster: tuple[KubeconfigCluster, list[str]]) -> None:
-    _cluster, nodes = kind_cluster
-    for node in nodes:
+def test_containerd_on_kind_reads_certs_d(deployed_kind: DeployedKind) -> None:
+    for node in deployed_kind.nodes:
         dump = _node_exec(node, "containerd", "config", "dump")
         assert f'config_path = "{CERTS_D}"' in dump.stdout, f"{node}: containerd does not read {CERTS_D}"
 
 
-def test_pod_pulls_through_the_mirror_and_delete_cleans_the_nodes(kind_cluster: tuple[KubeconfigCluster, list[str]]) -> None:
-    cluster, nodes = kind_cluster
+def test_pod_pulls_through_the_mirror_and_delete_cleans_the_nodes(deployed_kind: DeployedKind) -> None:
+    cluster, nodes = deployed_kind.cluster, deployed_kind.nodes
     apply(cluster, mirror_body(MIRROR, storage={"size": "2Gi"}))
     body = wait_condition(cluster, MIRROR, "Ready", "True", timeout=600)
     endpoint = body["status"]["endpoint"]

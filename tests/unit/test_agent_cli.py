@@ -139,6 +139,24 @@ def test_ready_when_applied_and_sigterm_leaves_the_files(tmp_path: Path) -> None
     assert all(set(e) >= {"time", "level", "event"} for e in events)
 
 
+def test_report_names_each_mirrors_state_over_http(tmp_path: Path) -> None:
+    port = free_port()
+    args = setup_node(tmp_path, GOOD)
+    plan = json.loads((tmp_path / "mirrors.json").read_text())
+    plan["mirrors"].append({**plan["mirrors"][0], "name": "evil\n[host]", "hosts": ["../etc"]})
+    (tmp_path / "mirrors.json").write_text(json.dumps(plan))
+    proc = start_agent(args, port)
+    try:
+        assert "evil?[host]: Rejected" in wait_http(f"http://127.0.0.1:{port}/readyz", 200)
+        report = json.loads(wait_http(f"http://127.0.0.1:{port}/report", 200))
+        # hub is strict and its URL answers nothing: kept in the files, reported Unreachable.
+        assert {name: m["state"] for name, m in report["mirrors"].items()} == {"hub": "Unreachable", "evil?[host]": "Rejected"}
+        assert report["ready"] is True and report["hosts"]["containerd/docker.io"]["mirrors"] == ["hub"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+
+
 def test_not_ready_with_the_reason_when_preflight_fails(tmp_path: Path) -> None:
     port = free_port()
     proc = start_agent(setup_node(tmp_path, UNSET), port)

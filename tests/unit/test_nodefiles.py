@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 
 import pytest
+from _agentkit import ca_cert
 
 from regmirror import constants as c
 from regmirror.agent.plan import parse_plan
@@ -19,7 +20,8 @@ from regmirror.render.nodefiles import (
 
 CERTS = c.CONTAINERD_CONFIG_PATH
 CRIO = f"{c.CRIO_DROPIN_DIR}/{c.CRIO_DROPIN_FILE}"
-CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
+CA_PEM = ca_cert()[0]
+DOCKER_HUB_DIRS = {f"{CERTS}/{name}/hosts.toml" for name in ("docker.io", "index.docker.io", "registry-1.docker.io")}
 
 
 def mirror(
@@ -79,7 +81,10 @@ def test_docker_hub_goes_to_the_mirror_then_registry_1() -> None:
     parsed = tomllib.loads(text)
     assert parsed["host"] == {"http://10.96.0.20:5000": {"capabilities": ["pull", "resolve"]}}
     assert "skip_verify" not in text
-    assert set(files) == {f"{CERTS}/docker.io/hosts.toml"}
+    # registry-1.docker.io/... and (for ctr) index.docker.io/... are looked up
+    # under their own names: each gets the same file.
+    assert set(files) == DOCKER_HUB_DIRS
+    assert {files[p] for p in DOCKER_HUB_DIRS} == {text}
 
 
 def test_a_host_with_a_port_lands_in_the_directory_containerd_tries_first() -> None:
@@ -148,7 +153,7 @@ def test_node_selector_picks_the_nodes() -> None:
     gpu = LabelSelector(match_labels={"pool": "gpu"})
     not_edge = LabelSelector(match_expressions=[LabelSelectorRequirement(key="zone", operator="NotIn", values=["edge"])])
     p = plan(mirror("gpu", "10.96.0.1", selector=gpu), mirror("core", "10.96.0.2", hosts=["quay.io"], selector=not_edge))
-    assert set(render_node_files(p, {"pool": "gpu", "zone": "a"})) == {f"{CERTS}/docker.io/hosts.toml", f"{CERTS}/quay.io/hosts.toml"}
+    assert set(render_node_files(p, {"pool": "gpu", "zone": "a"})) == {*DOCKER_HUB_DIRS, f"{CERTS}/quay.io/hosts.toml"}
     assert set(render_node_files(p, {"pool": "cpu", "zone": "a"})) == {f"{CERTS}/quay.io/hosts.toml"}
     assert render_node_files(p, {"pool": "cpu", "zone": "edge"}) == {}
 
@@ -159,7 +164,7 @@ def test_a_tls_mirror_gets_its_ca_as_an_owned_file_and_no_skip_verify() -> None:
     parsed = hosts_toml(files, "docker.io")
     assert parsed["host"] == {"https://10.96.0.7:5000": {"capabilities": ["pull", "resolve"], "ca": ca_path}}
     assert files[ca_path].splitlines()[0] == c.OWNERSHIP_MARKER
-    assert CA_PEM.strip() in files[ca_path]
+    assert files[ca_path] == f"{c.OWNERSHIP_MARKER}\n{CA_PEM.strip()}\n"
     assert all("skip_verify" not in text for text in files.values())
 
 
@@ -173,7 +178,10 @@ def test_crio_drop_in_lists_the_mirrors_for_crio_nodes_only() -> None:
     text = files[CRIO]
     assert text.splitlines()[0] == c.OWNERSHIP_MARKER
     registries = {r["prefix"]: r for r in tomllib.loads(text)["registry"]}
-    assert set(registries) == {"docker.io", "ghcr.io"}
+    # registry-1.docker.io/... is a different prefix to containers/image.
+    assert set(registries) == {"docker.io", "registry-1.docker.io", "ghcr.io"}
+    assert registries["registry-1.docker.io"]["location"] == "registry-1.docker.io"
+    assert registries["registry-1.docker.io"]["mirror"] == registries["docker.io"]["mirror"]
     assert registries["docker.io"]["location"] == "docker.io"
     assert registries["docker.io"]["mirror"] == [{"location": "10.96.0.1:5000", "insecure": True, "pull-from-mirror": "all"}]
     assert registries["ghcr.io"]["mirror"][0]["pull-from-mirror"] == "digest-only"
@@ -185,11 +193,13 @@ def test_crio_strict_host_uses_a_mirror_as_its_location() -> None:
         mirror("a", "10.96.0.1", fallback=FallbackPolicy.NEVER_CONTACT_UPSTREAM, runtimes=[Runtime.CRIO]),
         mirror("b", "10.96.0.2", priority=10, fallback=FallbackPolicy.NEVER_CONTACT_UPSTREAM, runtimes=[Runtime.CRIO]),
     )
-    (reg,) = tomllib.loads(render_node_files(p, {})[CRIO])["registry"]
-    endpoints = [m["location"] for m in reg["mirror"]] + [reg["location"]]
-    assert endpoints == ["10.96.0.1:5000", "10.96.0.2:5000"]
-    assert reg["insecure"] is True
-    assert "blocked" not in reg
+    regs = tomllib.loads(render_node_files(p, {})[CRIO])["registry"]
+    assert [reg["prefix"] for reg in regs] == ["docker.io", "registry-1.docker.io"]
+    for reg in regs:
+        endpoints = [m["location"] for m in reg["mirror"]] + [reg["location"]]
+        assert endpoints == ["10.96.0.1:5000", "10.96.0.2:5000"]
+        assert reg["insecure"] is True
+        assert "blocked" not in reg
 
 
 def test_every_file_is_marked_and_parses() -> None:

@@ -1,181 +1,439 @@
-"""check_upstream against a tiny local registry stand-in (http.server on loopback), one case per answer."""
+"""check_upstream against scripted loopback registries (plain and TLS), one case per answer and per broken input.
+
+The servers record what they received, so the credential rules are asserted
+on the wire: who got an Authorization header, over which scheme.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import math
 import socket
-import threading
+import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from regmirror.upstream import UpstreamCheck, check_upstream, parse_challenges
+from harness.scripted_http import Request, Script, ScriptedServer, TLSMaterials, http_response, loopback_only, make_tls
+from regmirror.upstream import UpstreamCheck, check_upstream, check_upstream_async, parse_challenges
 
 USER, PASSWORD = "puller", "s3cret-Pa55"
+GOOD = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
-Route = Callable[[BaseHTTPRequestHandler], tuple[int, dict[str, str]]]
+
+@dataclass
+class Servers:
+    """`plain` and `secure` can be the upstream or its token service; `elsewhere` is a third, plain host."""
+
+    plain: ScriptedServer
+    secure: ScriptedServer
+    elsewhere: ScriptedServer
+    ca_pem: str
+
+    def settle(self) -> None:
+        for server in (self.plain, self.secure, self.elsewhere):
+            server.settle()
 
 
-def _authorized(req: BaseHTTPRequestHandler) -> bool:
-    return req.headers.get("Authorization") == "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+@pytest.fixture(scope="module", autouse=True)
+def _loopback_only() -> Iterator[None]:
+    with loopback_only():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSMaterials:
+    return make_tls(str(tmp_path_factory.mktemp("tls")))
 
 
 @pytest.fixture
-def server() -> Iterator[Callable[[Route], str]]:
-    """Start a server whose every GET is answered by `route`; returns its base URL."""
-    started: list[ThreadingHTTPServer] = []
-
-    def start(route: Route) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                status, headers = route(self)
-                body = b"{}"
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-        started.append(httpd)
-        return f"http://127.0.0.1:{httpd.server_address[1]}"
-
-    yield start
-    for httpd in started:
-        httpd.shutdown()
-        httpd.server_close()
+def servers(tls: TLSMaterials) -> Iterator[Servers]:
+    with ScriptedServer() as plain, ScriptedServer(tls.server) as secure, ScriptedServer() as elsewhere:
+        yield Servers(plain, secure, elsewhere, tls.ca_pem.decode())
 
 
-def basic_registry(req: BaseHTTPRequestHandler) -> tuple[int, dict[str, str]]:
-    if _authorized(req):
-        return 200, {}
-    return 401, {"WWW-Authenticate": 'Basic realm="Registry Realm"'}
+def registry(
+    challenge: str | None, *, anonymous: bool = False, deny: int = 401, token: Callable[[Request], Script] | None = None
+) -> Callable[[Request], Script]:
+    """/v2/: 200 when open, else 401 with `challenge`; a Basic registry accepts GOOD at /v2/;
+    any other path is the token service: 200 for GOOD (or for no credentials when anonymous), else `deny`."""
+
+    def reply(req: Request) -> Script:
+        if urlsplit(req.target).path == "/v2/":
+            if challenge is None or (challenge.startswith("Basic") and req.authorization == GOOD):
+                return [http_response(200)]
+            return [http_response(401, [("WWW-Authenticate", challenge)])]
+        if token is not None:
+            return token(req)
+        assert parse_qs(urlsplit(req.target).query)["service"] == ["registry.test"]
+        ok = req.authorization == GOOD or (anonymous and req.authorization is None)
+        return [http_response(200 if ok else deny, [("Content-Type", "application/json")], b'{"token":"t"}')]
+
+    return reply
 
 
-def bearer_registry(base: list[str], *, anonymous: bool = False, deny: int = 401) -> Route:
-    """/v2/ asks for a token from /token; the token service wants the right basic auth (or none if anonymous)."""
-
-    def route(req: BaseHTTPRequestHandler) -> tuple[int, dict[str, str]]:
-        parts = urlsplit(req.path)
-        if parts.path == "/v2/":
-            return 401, {"WWW-Authenticate": f'Bearer realm="{base[0]}/token",service="registry.test",scope="repository:a/b:pull"'}
-        if parts.path == "/token":
-            query = parse_qs(parts.query)
-            assert query["service"] == ["registry.test"], query
-            if _authorized(req) or (anonymous and "Authorization" not in req.headers):
-                return 200, {"Content-Type": "application/json"}
-            return deny, {}
-        return 404, {}
-
-    return route
+def bearer(realm: str) -> str:
+    return f'Bearer realm="{realm}",service="registry.test",scope="repository:a/b:pull"'
 
 
-def assert_no_password(check: UpstreamCheck) -> None:
-    assert PASSWORD not in check.message
-    assert "wrong-password" not in check.message
+def assert_discreet(check: UpstreamCheck, *secrets: str) -> None:
+    """No credential value in the message, and none was even produced (the last-guard redaction mark is absent)."""
+    for secret in (USER, PASSWORD, "wrong-password", GOOD.split()[1], *secrets):
+        assert secret not in check.message
+    assert "***" not in check.message
 
 
-def test_open_registry_is_anonymous(server: Callable[[Route], str]) -> None:
-    url = server(lambda _req: (200, {}))
-    check = check_upstream(url, None, None)
+# --------------------------------------------------------------------------- the handshake
+
+
+def test_open_registry_is_anonymous(servers: Servers) -> None:
+    servers.plain.reply = registry(None)
+    check = check_upstream(servers.plain.url, None, None)
     assert (check.ok, check.reason) == (True, "Anonymous")
 
 
-def test_basic_auth_right_credentials(server: Callable[[Route], str]) -> None:
-    check = check_upstream(server(basic_registry), USER, PASSWORD)
+def test_basic_auth_right_credentials(servers: Servers) -> None:
+    servers.plain.reply = registry('Basic realm="Registry Realm"')
+    check = check_upstream(servers.plain.url, USER, PASSWORD)
     assert (check.ok, check.reason) == (True, "Authenticated")
-    assert USER in check.message
-    assert_no_password(check)
+    assert "the configured credentials" in check.message
+    assert_discreet(check)
 
 
-def test_basic_auth_wrong_credentials(server: Callable[[Route], str]) -> None:
-    check = check_upstream(server(basic_registry), USER, "wrong-password")
+def test_basic_auth_wrong_credentials(servers: Servers) -> None:
+    servers.plain.reply = registry('Basic realm="Registry Realm"')
+    check = check_upstream(servers.plain.url, USER, "wrong-password")
     assert (check.ok, check.reason) == (False, "CredentialsRejected")
-    assert "rejected" in check.message
-    assert_no_password(check)
+    assert "rejected the configured credentials" in check.message
+    assert_discreet(check)
 
 
-def test_basic_auth_without_credentials(server: Callable[[Route], str]) -> None:
-    check = check_upstream(server(basic_registry), None, None)
+def test_basic_auth_without_credentials(servers: Servers) -> None:
+    servers.plain.reply = registry('Basic realm="Registry Realm"')
+    check = check_upstream(servers.plain.url, None, None)
     assert (check.ok, check.reason) == (False, "CredentialsRejected")
     assert "no credentials" in check.message
 
 
-def test_bearer_right_credentials(server: Callable[[Route], str]) -> None:
-    base: list[str] = []
-    base.append(server(bearer_registry(base)))
-    check = check_upstream(base[0], USER, PASSWORD)
+def test_bearer_on_the_users_own_http_upstream(servers: Servers) -> None:
+    servers.plain.reply = registry(bearer(f"{servers.plain.url}/token"))
+    check = check_upstream(servers.plain.url, USER, PASSWORD)
     assert (check.ok, check.reason) == (True, "Authenticated")
-    assert_no_password(check)
+    assert_discreet(check)
 
 
 @pytest.mark.parametrize("deny", [401, 403])
-def test_bearer_wrong_credentials(server: Callable[[Route], str], deny: int) -> None:
-    base: list[str] = []
-    base.append(server(bearer_registry(base, deny=deny)))
-    check = check_upstream(base[0], USER, "wrong-password")
+def test_bearer_wrong_credentials(servers: Servers, deny: int) -> None:
+    servers.plain.reply = registry(bearer(f"{servers.plain.url}/token"), deny=deny)
+    check = check_upstream(servers.plain.url, USER, "wrong-password")
     assert (check.ok, check.reason) == (False, "CredentialsRejected")
     assert f"HTTP {deny}" in check.message
-    assert_no_password(check)
+    assert_discreet(check)
 
 
-def test_bearer_anonymous_token(server: Callable[[Route], str]) -> None:
-    base: list[str] = []
-    base.append(server(bearer_registry(base, anonymous=True)))
-    check = check_upstream(base[0], None, None)
+def test_bearer_anonymous_token(servers: Servers) -> None:
+    servers.plain.reply = registry(bearer(f"{servers.plain.url}/token"), anonymous=True)
+    check = check_upstream(servers.plain.url, None, None)
     assert (check.ok, check.reason) == (True, "Anonymous")
+
+
+def test_token_service_on_another_https_host_gets_the_credentials(servers: Servers) -> None:
+    """Docker Hub's shape (registry-1.docker.io sends clients to auth.docker.io), here with a private CA."""
+    servers.plain.reply = registry(bearer(f"https://localhost:{servers.secure.port}/token"))
+    servers.secure.reply = servers.plain.reply
+    check = check_upstream(servers.plain.url, USER, PASSWORD, ca_pem=servers.ca_pem)
+    assert (check.ok, check.reason) == (True, "Authenticated")
+    servers.settle()
+    assert [r.authorization for r in servers.secure.received] == [GOOD]
 
 
 def test_unreachable_cannot_tell() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    check = check_upstream(f"http://127.0.0.1:{port}", USER, PASSWORD, timeout=1)
+    check = check_upstream(f"http://127.0.0.1:{port}", USER, PASSWORD)
     assert (check.ok, check.reason) == (None, "Unreachable")
-    assert_no_password(check)
+    assert_discreet(check)
 
 
-def test_server_error_is_unexpected(server: Callable[[Route], str]) -> None:
-    check = check_upstream(server(lambda _req: (503, {})), USER, PASSWORD)
+def test_server_error_is_unexpected(servers: Servers) -> None:
+    servers.plain.reply = lambda _req: [http_response(503)]
+    check = check_upstream(servers.plain.url, USER, PASSWORD)
     assert (check.ok, check.reason) == (None, "UnexpectedResponse")
     assert "503" in check.message
 
 
-def test_redirect_is_not_followed_with_credentials(server: Callable[[Route], str]) -> None:
-    seen: list[str] = []
+def test_untrusted_certificate_is_a_tls_error(servers: Servers) -> None:
+    servers.secure.reply = registry(None)
+    check = check_upstream(servers.secure.url, USER, PASSWORD)
+    assert (check.ok, check.reason) == (None, "TLSError")
+    assert "certificate" in check.message
 
-    def record(req: BaseHTTPRequestHandler) -> tuple[int, dict[str, str]]:
-        seen.append(req.headers.get("Authorization", ""))
-        return 200, {}
 
-    elsewhere = server(record)
-    check = check_upstream(server(lambda _req: (301, {"Location": f"{elsewhere}/v2/"})), USER, PASSWORD)
+@pytest.mark.parametrize("where", ["upstream", "token service"])
+def test_redirects_are_not_followed(servers: Servers, where: str) -> None:
+    moved = [http_response(307, [("Location", f"{servers.elsewhere.url}/v2/")])]
+    if where == "upstream":
+        servers.secure.reply = lambda _req: moved
+    else:
+        servers.secure.reply = registry(bearer(f"{servers.secure.url}/token"), token=lambda _req: moved)
+    check = check_upstream(servers.secure.url, USER, PASSWORD, ca_pem=servers.ca_pem)
     assert (check.ok, check.reason) == (None, "UnexpectedResponse")
-    assert seen == []
+    assert f"redirects to {servers.elsewhere.url}/v2/" in check.message
+    servers.settle()
+    assert servers.elsewhere.received == []
 
 
-def test_unknown_challenge_is_unexpected(server: Callable[[Route], str]) -> None:
-    check = check_upstream(server(lambda _req: (401, {"WWW-Authenticate": 'Negotiate realm="x"'})), USER, PASSWORD)
+def test_unknown_challenge_is_unexpected(servers: Servers) -> None:
+    servers.plain.reply = lambda _req: [http_response(401, [("WWW-Authenticate", 'Negotiate realm="x"')])]
+    check = check_upstream(servers.plain.url, USER, PASSWORD)
     assert (check.ok, check.reason) == (None, "UnexpectedResponse")
     assert "negotiate" in check.message
 
 
-def test_userinfo_in_url_is_not_echoed(server: Callable[[Route], str]) -> None:
-    url = server(lambda _req: (500, {}))
-    check = check_upstream(url.replace("http://", f"http://{USER}:{PASSWORD}@"), None, None)
-    assert_no_password(check)
+def test_userinfo_in_url_is_neither_used_nor_echoed(servers: Servers) -> None:
+    servers.plain.reply = lambda _req: [http_response(500)]
+    check = check_upstream(servers.plain.url.replace("http://", f"http://{USER}:{PASSWORD}@"), None, None)
+    assert_discreet(check)
+    servers.settle()
+    assert [r.authorization for r in servers.plain.received] == [None]
+
+
+def test_async_form_and_blocking_form_inside_a_running_loop(servers: Servers) -> None:
+    servers.plain.reply = registry('Basic realm="r"')
+
+    async def both() -> tuple[UpstreamCheck, UpstreamCheck]:
+        return await check_upstream_async(servers.plain.url, USER, PASSWORD), check_upstream(servers.plain.url, USER, PASSWORD)
+
+    first, second = asyncio.run(both())
+    assert first == second
+    assert first.reason == "Authenticated"
+
+
+# --------------------------------------------------------------------------- 1. inputs that used to raise
+
+
+NON_ASCII_COMMENT = "# Corporate root CA, Zürich \u2014 ünïcødé\n"
+
+
+@pytest.mark.parametrize(
+    "ca",
+    [
+        NON_ASCII_COMMENT,
+        NON_ASCII_COMMENT + "-----BEGIN CERTIFICATE-----\nnot base64 ü\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        "",
+        b"\x00\xff\xfe garbage",
+        "der",
+    ],
+)
+def test_unusable_ca_is_a_verdict(servers: Servers, tls: TLSMaterials, ca: str | bytes) -> None:
+    servers.secure.reply = registry(None)
+    check = check_upstream(servers.secure.url, USER, PASSWORD, ca_pem=tls.ca_der if ca == "der" else ca)
+    assert (check.ok, check.reason) == (None, "InvalidCA")
+    assert "spec.upstream.tls.caSecretRef" in check.message
+    servers.settle()
+    assert servers.secure.received == []
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_ca_with_non_ascii_comments_trusts_its_certificate(servers: Servers, as_bytes: bool) -> None:
+    servers.secure.reply = registry('Basic realm="r"')
+    ca = NON_ASCII_COMMENT + servers.ca_pem + NON_ASCII_COMMENT
+    check = check_upstream(servers.secure.url, USER, PASSWORD, ca_pem=ca.encode() if as_bytes else ca)
+    assert (check.ok, check.reason) == (True, "Authenticated")
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "http://127.0.0.1:99999/token",
+        "https://[::1/token",
+        "http://[::1]:99999/token",
+        "http://[not-an-ip]/token",
+        "http://xn--zz/token",
+        "http://127.0.0.1:PORT/to ken",
+        "http:///token",
+        "/token",
+        "ftp://127.0.0.1:PORT/token",
+        "file:///etc/passwd",
+        "gopher://127.0.0.1:PORT/token",
+        "data:,token",
+        "javascript:alert(1)",
+    ],
+)
+def test_unusable_token_realm_is_a_verdict(servers: Servers, realm: str) -> None:
+    servers.plain.reply = registry(bearer(realm.replace("PORT", str(servers.plain.port))))
+    check = check_upstream(servers.plain.url, USER, PASSWORD)
+    assert (check.ok, check.reason) == (None, "InvalidTokenRealm")
+    servers.settle()
+    assert [r.authorization for r in servers.plain.received] == [None]
+    assert_discreet(check)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:99999",
+        "https://[::1]:99999",
+        "http://127.0.0.1:0",
+        "http://[::1",
+        "ftp://127.0.0.1",
+        "",
+        "http://",
+        "https://ü\udcff/",
+    ],
+)
+def test_unusable_upstream_url_is_a_verdict(url: str) -> None:
+    check = check_upstream(url, USER, PASSWORD)
+    assert (check.ok, check.reason) == (None, "InvalidURL")
+    assert "spec.upstream.url" in check.message
+
+
+# --------------------------------------------------------------------------- 2. credentials never in clear text
+
+
+def test_https_upstream_with_plain_http_realm_gets_no_credentials(servers: Servers) -> None:
+    servers.secure.reply = registry(bearer(f"{servers.plain.url}/token"))
+    servers.plain.reply = servers.secure.reply
+    check = check_upstream(servers.secure.url, USER, PASSWORD, ca_pem=servers.ca_pem)
+    assert (check.ok, check.reason) == (None, "InsecureTokenRealm")
+    assert "plain http" in check.message
+    servers.settle()
+    assert servers.plain.received == []
+    assert_discreet(check)
+
+
+@pytest.mark.parametrize("realm_host", ["elsewhere", "localhost"])
+def test_http_upstream_gives_credentials_to_no_other_http_host(servers: Servers, realm_host: str) -> None:
+    """Only the very upstream the user chose may get them in clear text: not another port, not another name."""
+    realm = f"{servers.elsewhere.url}/token" if realm_host == "elsewhere" else f"http://localhost:{servers.plain.port}/token"
+    servers.plain.reply = servers.elsewhere.reply = registry(bearer(realm))
+    check = check_upstream(servers.plain.url, USER, PASSWORD)
+    assert (check.ok, check.reason) == (None, "InsecureTokenRealm")
+    servers.settle()
+    assert servers.elsewhere.received == []
+    assert [r.authorization for r in servers.plain.received] == [None]
+
+
+def test_plain_http_realm_is_fine_without_credentials(servers: Servers) -> None:
+    servers.secure.reply = registry(bearer(f"{servers.plain.url}/token"), anonymous=True)
+    servers.plain.reply = servers.secure.reply
+    check = check_upstream(servers.secure.url, None, None, ca_pem=servers.ca_pem)
+    assert (check.ok, check.reason) == (True, "Anonymous")
+
+
+# --------------------------------------------------------------------------- 3. messages name no credential
+
+
+def test_messages_never_name_the_user(servers: Servers) -> None:
+    for challenge, password in [
+        ('Basic realm="r"', PASSWORD),
+        ('Basic realm="r"', "wrong-password"),
+        (bearer(f"{servers.plain.url}/t"), "x"),
+    ]:
+        servers.plain.reply = registry(challenge)
+        check = check_upstream(servers.plain.url, USER, password)
+        assert check.reason in ("Authenticated", "CredentialsRejected")
+        assert_discreet(check, password)
+
+
+def test_echoed_credentials_are_redacted(servers: Servers) -> None:
+    """A hostile upstream reflecting what it received (decoded or not) into a message shown in status."""
+
+    def echo(req: Request) -> Script:
+        if req.authorization is None:
+            return [http_response(401, [("WWW-Authenticate", 'Basic realm="r"')])]
+        decoded = base64.b64decode(req.authorization.split()[1]).decode()
+        return [http_response(302, [("Location", f"https://127.0.0.1/{decoded}/{req.authorization}")])]
+
+    servers.plain.reply = echo
+    check = check_upstream(servers.plain.url, USER, PASSWORD)
+    assert check.reason == "UnexpectedResponse"
+    for secret in (USER, PASSWORD, GOOD.split()[1]):
+        assert secret not in check.message
+
+
+# --------------------------------------------------------------------------- 4. bounded time
+
+
+def trickle(_req: Request) -> Script:
+    """Slow-loris: a valid status line, then one header byte every 50 ms, for ever."""
+    yield b"HTTP/1.1 200 OK\r\n"
+    while True:
+        yield b"X"
+        yield 0.05
+
+
+@pytest.mark.parametrize("where", ["upstream", "token service"])
+@pytest.mark.parametrize("how", ["silent", "trickle"])
+def test_hanging_upstream_is_bounded_by_one_deadline(servers: Servers, where: str, how: str) -> None:
+    hang: Callable[[Request], Script] = trickle if how == "trickle" else (lambda _req: [math.inf])
+    servers.plain.reply = hang if where == "upstream" else registry(bearer(f"{servers.plain.url}/token"), token=hang)
+    started = time.monotonic()
+    check = check_upstream(servers.plain.url, USER, PASSWORD, deadline=1.0)
+    elapsed = time.monotonic() - started
+    assert (check.ok, check.reason) == (None, "Unreachable")
+    assert "within the 1 s" in check.message
+    assert ("token service" in check.message) == (where == "token service")
+    assert elapsed < 1.0 + 2.0, f"the check took {elapsed:.1f} s with a 1 s deadline"
+
+
+def endless_body(_req: Request) -> Script:
+    """A 401 with its challenge, then a body announced as 10 GB that keeps coming."""
+    yield http_response(401, [("WWW-Authenticate", 'Basic realm="r"')])[: -len(b"\r\n")].replace(
+        b"Content-Length: 0", b"Content-Length: 10000000000"
+    )
+    yield b"\r\n"
+    while True:
+        yield b"x" * 65536
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (endless_body, "CredentialsRejected"),  # decided on the headers; the body is never read
+        (lambda _req: [http_response(401, [("WWW-Authenticate", f"Basic realm={i}") for i in range(5000)])], "UnexpectedResponse"),
+        (lambda _req: [http_response(401, [("WWW-Authenticate", "Bearer realm=" + "a" * 100_000)])], "UnexpectedResponse"),
+        (
+            lambda _req: [http_response(401, [("WWW-Authenticate", 'Bearer realm="https://127.0.0.1:1/' + "\u00fc" * 3000 + '"')])],
+            "Unreachable",
+        ),
+    ],
+    ids=["endless-body", "5000-challenges", "100k-header", "long-unicode-realm"],
+)
+def test_huge_answers_are_bounded(servers: Servers, reply: Callable[[Request], Script], reason: str) -> None:
+    servers.plain.reply = reply
+    started = time.monotonic()
+    check = check_upstream(servers.plain.url, None, None, deadline=2.0)
+    assert check.reason == reason, check
+    assert len(check.message) <= 1024
+    assert time.monotonic() - started < 2.0 + 2.0
+
+
+# --------------------------------------------------------------------------- parse_challenges
 
 
 def test_parse_challenges_quoted_commas() -> None:
-    [bearer] = parse_challenges(['Bearer realm="https://auth.example/token",service="a,b",scope="repository:x/y:pull,push"'])
-    assert bearer.scheme == "bearer"
-    assert bearer.params == {"realm": "https://auth.example/token", "service": "a,b", "scope": "repository:x/y:pull,push"}
+    [bearer_ch] = parse_challenges(['Bearer realm="https://auth.example/token",service="a,b",scope="repository:x/y:pull,push"'])
+    assert bearer_ch.scheme == "bearer"
+    assert bearer_ch.params == {"realm": "https://auth.example/token", "service": "a,b", "scope": "repository:x/y:pull,push"}
     [basic] = parse_challenges(['Basic realm="Registry Realm"'])
     assert (basic.scheme, basic.params) == ("basic", {"realm": "Registry Realm"})
+
+
+def test_parse_challenges_several_in_one_header() -> None:
+    parsed = parse_challenges(['Negotiate, Basic realm="a, b", Bearer realm=https://t/x , service = "s \\"q\\""', "Basic"])
+    assert [(c.scheme, c.params) for c in parsed] == [
+        ("negotiate", {}),
+        ("basic", {"realm": "a, b"}),
+        ("bearer", {"realm": "https://t/x", "service": 's "q"'}),
+        ("basic", {}),
+    ]
+
+
+def test_parse_challenges_skips_junk() -> None:
+    assert parse_challenges(["", ",,,", 'realm="orphan"', "=", '"']) == []

@@ -11,13 +11,21 @@ Rules, each for a reason:
 - Equal content is not rewritten (no mtime churn, no needless reloads).
 - Our files that are no longer desired are removed, and so are the
   directories we created for them once empty (we mark those with a marker
-  file, so a directory an admin made is never removed).
+  file, so a directory an admin made is never removed), except in the
+  directories we are told to keep (their new rendering failed its check).
+- Every path stays inside its managed directory: a path with `..`, `.`,
+  `//`, a NUL or anything not under a managed directory is refused, and no
+  write goes through a symlinked directory (a path is resolved after the
+  directories are made, and must still be inside the managed directory).
+  The renderer never produces such paths; this is the last line, because
+  the agent runs as root on every node.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -100,6 +108,33 @@ def atomic_write(path: Path, content: str, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
+def unsafe_path(host_path: str, managed: Iterable[str]) -> str | None:
+    """Why a desired host path must not be written (None: it is a plain path inside a managed directory)."""
+    if not isinstance(host_path, str) or "\0" in host_path or not host_path.startswith("/"):
+        return "not an absolute path"
+    if posixpath.normpath(host_path) != host_path or any(part in (".", "..") for part in host_path.split("/")):
+        return "not a normalised path ('..', '.' or '//')"
+    if not any(host_path.startswith(d.rstrip("/") + "/") and host_path != d for d in managed):
+        return "outside the managed directories"
+    return None
+
+
+def _symlink_on_the_way(target: Path, root: Path) -> Path | None:
+    """The first component between `root` and `target` that is a symlink or not a directory, if any."""
+    current = root
+    for part in target.relative_to(root).parts[:-1]:
+        current = current / part
+        if current.is_symlink() or (current.exists() and not current.is_dir()):
+            return current
+    return None
+
+
+def _inside(directory: Path, root: Path) -> bool:
+    """Whether `directory`, symlinks resolved, is `root` or below it."""
+    real_root, real = os.path.realpath(root), os.path.realpath(directory)
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+
 def _make_dirs(directory: Path, stop: Path) -> None:
     """Create `directory` (and parents below `stop`), marking each one we create as ours."""
     stop.mkdir(parents=True, exist_ok=True)  # the runtime's own directory: never marked, never removed
@@ -170,13 +205,15 @@ def _remove_dir_if_ours_and_empty(directory: Path, stop: Path) -> None:
         directory = directory.parent
 
 
-def apply_files(desired: Mapping[str, str], *, host_root: Path, managed_dirs: Iterable[str]) -> ApplyResult:
+def apply_files(desired: Mapping[str, str], *, host_root: Path, managed_dirs: Iterable[str], keep: Iterable[str] = ()) -> ApplyResult:
     """Make the managed directories hold exactly our desired files, leaving everyone else's alone.
 
     `desired` maps host paths to contents (each starting with the ownership
-    marker); every desired path must lie under one of `managed_dirs`.
+    marker); every desired path must lie under one of `managed_dirs`. Our
+    files in the directories of `keep` (host paths) stay as they are.
     """
     managed = [d.rstrip("/") or "/" for d in managed_dirs]
+    kept = [k.rstrip("/") + "/" for k in keep]
     result = ApplyResult()
     clean_stale_temp_files(host_root, managed)
 
@@ -188,15 +225,20 @@ def apply_files(desired: Mapping[str, str], *, host_root: Path, managed_dirs: It
 
     for host_path in sorted(desired):
         content = desired[host_path]
-        target = on_host(host_root, host_path)
-        root = managed_root_of(host_path)
-        if root is None:
-            result.errors.append(f"{host_path}: outside the managed directories {managed}")
+        unsafe = unsafe_path(host_path, managed)
+        root = managed_root_of(host_path) if unsafe is None else None
+        if unsafe is not None or root is None:
+            result.errors.append(f"{host_path!r}: refused: {unsafe or 'outside the managed directories'}")
             continue
+        target = on_host(host_root, host_path)
         if not content.startswith(MARKER_LINE):
             result.errors.append(f"{host_path}: desired content lacks the ownership marker")
             continue
         try:
+            blocker = _symlink_on_the_way(target, root) if root.exists() else None
+            if blocker is not None:
+                result.conflicts.append(Conflict(host_path, f"{blocker} is a symlink or not a directory; nothing is written through it"))
+                continue
             if target.is_symlink() or (target.exists() and not target.is_file()):
                 result.conflicts.append(Conflict(host_path, "a symlink or directory we do not own is in the way"))
                 continue
@@ -204,17 +246,23 @@ def apply_files(desired: Mapping[str, str], *, host_root: Path, managed_dirs: It
                 if not is_owned(target):
                     result.conflicts.append(Conflict(host_path, "a file without the regmirror ownership marker exists; left untouched"))
                     continue
-                if target.read_text() == content:
+                if target.read_bytes() == content.encode():
                     result.unchanged.append(host_path)
                     continue
             _make_dirs(target.parent, root)
+            if not _inside(target.parent, root):
+                result.errors.append(f"{host_path}: resolves outside {root}; refused")
+                continue
             atomic_write(target, content)
             result.written.append(host_path)
         except OSError as exc:
             result.errors.append(f"{host_path}: {exc.strerror or exc}")
 
     wanted = {on_host(host_root, p) for p in desired}
+    kept_on_host = [str(on_host(host_root, k)).rstrip("/") + "/" for k in kept]
     for path in sorted(owned_files(host_root, managed) - wanted):
+        if any(str(path).startswith(k) for k in kept_on_host):
+            continue
         try:
             path.unlink()
             _fsync_dir(path.parent)

@@ -1,10 +1,14 @@
 """The agent's control loop: plan + node + health -> files, preflight, readiness.
 
-One step reads the plan (only re-parsed when its text changes), refreshes the
-node's labels now and then, probes the mirrors, renders this node's files,
-applies them and runs the preflight. Readiness (/readyz) is true only when
-the current plan is fully applied and the runtime will read it, so the
-DaemonSet's rollout status is the node configuration's rollout status.
+One step reads the plan (only re-parsed and re-checked when its text
+changes), refreshes the node's labels now and then, probes the mirrors, looks
+for other people's files where ours would go, renders this node's files
+(each parsed back and compared with its route), applies them and runs the
+preflight. Readiness (/readyz) is true only when the current plan is applied
+as far as its mirrors' data allows and the runtime will read it, so the
+DaemonSet's rollout status is the node configuration's rollout status; what
+one mirror's data prevents is reported for that mirror (Node Events, /report),
+never by taking the node or the other mirrors down (see agent/report.py).
 
 What the loop never does: remove files because something is missing. A plan
 that cannot be read, or a node whose labels cannot be fetched, leaves the
@@ -27,13 +31,16 @@ from typing import Any
 
 from regmirror import constants as c
 from regmirror.agent import files as agentfiles
+from regmirror.agent import foreign, report
 from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
-from regmirror.agent.plan import Plan, PlanError, parse_plan
+from regmirror.agent.plan import PlanError, parse_plan
 from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, run_preflight
-from regmirror.agent.probe import HealthTracker, Target
-from regmirror.render import nodefiles
+from regmirror.agent.probe import HealthTracker, Target, Transition
+from regmirror.render import nodefiles, nodeinput
 
 NODE_REFRESH_SECONDS = 30.0
+# Findings that need no action (posted as Normal Events).
+INFORMATIONAL = frozenset({"ForeignCertsCarried", "RuntimeIgnored"})
 
 
 def log(event: str, level: str = "info", **fields: Any) -> None:
@@ -66,6 +73,7 @@ class Readiness:
     ready: bool = False
     reason: str = "Starting"
     message: str = "the agent has not applied a plan yet"
+    report: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set(self, ready: bool, reason: str, message: str) -> None:
@@ -76,6 +84,24 @@ class Readiness:
         with self.lock:
             return self.ready, self.reason, self.message
 
+    def set_report(self, value: dict[str, Any]) -> None:
+        with self.lock:
+            self.report = value
+
+    def get_report(self) -> dict[str, Any]:
+        with self.lock:
+            return self.report
+
+
+@dataclass(frozen=True)
+class LoadedPlan:
+    """A plan as read and checked, kept until its text changes."""
+
+    text: str
+    digest: str
+    names: tuple[str, ...]  # every entry's name as listed (shown safely), rejected ones included
+    checked: nodeinput.CheckedPlan
+
 
 @dataclass
 class StepResult:
@@ -84,6 +110,7 @@ class StepResult:
     message: str
     apply: agentfiles.ApplyResult | None = None
     preflight: PreflightReport | None = None
+    files: nodefiles.NodeFiles | None = None
 
 
 class Agent:
@@ -102,29 +129,31 @@ class Agent:
         self.tracker = tracker or HealthTracker(timeout=config.probe_timeout, interval=config.interval)
         self.readiness = Readiness()
         self._clock = clock
-        self._plan_text: str | None = None
-        self._plan: Plan | None = None
+        self._plan: LoadedPlan | None = None
         self._node: NodeInfo | None = None
         self._node_fetched_at = float("-inf")
         self._reported: set[tuple[str, str]] = set()
+        self._findings_posted: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------ inputs
 
-    def _load_plan(self) -> Plan | None:
+    def _load_plan(self) -> LoadedPlan | None:
         try:
-            text = self.config.plan_path.read_text()
+            text = self.config.plan_path.read_text(errors="replace")
         except OSError as exc:
             if self._plan is None:
                 log("plan.unreadable", "warning", path=str(self.config.plan_path), error=str(exc))
             return self._plan
-        if text != self._plan_text:
+        if self._plan is None or text != self._plan.text:
             try:
                 plan = parse_plan(text)
             except PlanError as exc:
                 log("plan.invalid", "error", path=str(self.config.plan_path), error=str(exc))
                 return self._plan
-            self._plan_text, self._plan = text, plan
-            log("plan.loaded", mirrors=[m.name for m in plan.mirrors])
+            checked = nodeinput.check_plan(plan)
+            names = tuple(dict.fromkeys(nodeinput.mirror_label(m.name) for m in plan.mirrors))
+            self._plan = LoadedPlan(text=text, digest=report.plan_digest(text), names=names, checked=checked)
+            log("plan.loaded", mirrors=[m.name for m in checked.mirrors], rejected=len(names) - len(checked.mirrors))
         return self._plan
 
     def _load_node(self) -> NodeInfo | None:
@@ -153,7 +182,7 @@ class Agent:
 
     # ------------------------------------------------------------ outputs
 
-    def _event(self, reason: str, message: str, *, warning: bool, once_key: str | None = None) -> None:
+    def _event(self, reason: str, message: str, *, warning: bool, once_key: str | None = None, mirror: str | None = None) -> None:
         """Post an Event on the Node (best effort), at most once per key until the key is cleared."""
         key = (reason, once_key if once_key is not None else message)
         if key in self._reported:
@@ -162,135 +191,151 @@ class Agent:
         if self.api is None or self._node is None:
             return
         try:
-            self.api.post_event(self._node, reason, message, warning=warning)
-        except (ApiError, OSError) as exc:
+            self.api.post_event(self._node, reason, message, warning=warning, mirror=mirror)
+        except (ApiError, OSError, ValueError) as exc:
             log("event.failed", "warning", reason=reason, error=str(exc))
 
     def _forget(self, reason: str) -> None:
         self._reported = {k for k in self._reported if k[0] != reason}
 
-    def _shadowing_conflicts(self, desired: dict[str, str]) -> list[agentfiles.Conflict]:
-        """A foreign hosts.toml under another name containerd tries for the same host."""
-        conflicts = []
-        root = self.config.containerd_config_path.rstrip("/")
-        for path in list(desired):
-            parent, _, name = path.rpartition("/")
-            if name != nodefiles.HOSTS_TOML or parent.rpartition("/")[0] != root:
+    def _post_findings(self, findings: list[nodeinput.Finding]) -> None:
+        """Log and post each finding once while it lasts; one that goes away may be posted again later."""
+        current = {report.finding_key(f): f for f in findings}
+        for key, finding in current.items():
+            if key in self._findings_posted:
                 continue
-            ours = parent.rpartition("/")[2]
-            for alias in self._aliases(ours):
-                other = agentfiles.on_host(self.config.host_root, f"{root}/{alias}/{nodefiles.HOSTS_TOML}")
-                if other.exists() and not agentfiles.is_owned(other):
-                    conflicts.append(
-                        agentfiles.Conflict(path, f"a foreign {root}/{alias}/hosts.toml configures the same host; left untouched")
-                    )
-                    for p in [p for p in desired if p.startswith(parent + "/")]:
-                        del desired[p]
-                    break
-        return conflicts
+            level = "info" if finding.reason in INFORMATIONAL else "warning"
+            log("finding", level, reason=finding.reason, mirror=finding.mirror, host=finding.host, message=finding.message)
+            self._event(finding.reason, finding.message, warning=level != "info", mirror=finding.mirror)
+        # A finding that went away may come back; then it is news again.
+        self._reported -= self._findings_posted - set(current)
+        self._findings_posted = set(current)
 
-    @staticmethod
-    def _aliases(host_dir: str) -> list[str]:
-        # host_port_ <-> host:port, the two spellings containerd accepts.
-        if host_dir.endswith("_") and "_" in host_dir[:-1]:
-            head, _, port = host_dir[:-1].rpartition("_")
-            if port.isdigit():
-                return [f"{head}:{port}"]
-        return []
+    def _scan_foreign(self, checked: nodeinput.CheckedPlan, labels: dict[str, str]) -> dict[str, nodefiles.ForeignCerts]:
+        """Other people's files where our routes' directories go (I/O, so here and not in the renderer)."""
+        hosts = {h for m in nodeinput.selected_mirrors(checked, labels) if nodeinput.RUNTIME_CONTAINERD in m.runtimes for h in m.hosts}
+        hosts |= {h for claim in checked.claims for h in claim.hosts}
+        found = {}
+        for host in sorted(hosts):
+            try:
+                found.update(foreign.scan(self.config.host_root, self.config.containerd_config_path, [host]))
+            except OSError as exc:  # a directory we cannot read: leave it alone rather than shadow it
+                for dir_name in nodefiles.containerd_route_dirs(host):
+                    path = f"{self.config.containerd_config_path.rstrip('/')}/{dir_name}"
+                    found[path] = nodefiles.ForeignCerts(directory=path, hosts_toml=f"{path} (unreadable: {exc.strerror or exc})")
+        return found
 
     # ------------------------------------------------------------ one step
 
     def step(self) -> StepResult:
         """Reconcile once; updates readiness and returns what happened."""
-        plan = self._load_plan()
-        if plan is None:
+        loaded = self._load_plan()
+        if loaded is None:
             return self._finish(StepResult(False, "PlanUnavailable", f"cannot read a valid plan at {self.config.plan_path}"))
         node = self._load_node()
         if node is None:
             return self._finish(StepResult(False, "NodeUnknown", f"cannot read node {self.config.node_name!r}"))
+        checked = loaded.checked
 
-        selected = nodefiles.selected_mirrors(plan, node.labels)
-        strict = {m.name for m in selected if nodefiles.is_strict(m)}
+        selected = nodeinput.selected_mirrors(checked, node.labels)
         for t in self.tracker.update({m.name: Target(m.url, m.ca_pem) for m in selected}):
-            if t.healthy:
-                log("mirror.restored", mirror=t.name, url=t.url)
-                self._forget("MirrorWithdrawn")
-                self._forget("MirrorUnreachable")
-                self._event(
-                    "MirrorRestored",
-                    f"mirror {t.name} ({t.url}) answers again; it is back in this node's registry configuration",
-                    warning=False,
-                )
-            elif t.name in strict:
-                log("mirror.unreachable", "warning", mirror=t.name, url=t.url, error=t.error, fallback="NeverContactUpstream")
-                self._forget("MirrorRestored")
-                self._event(
-                    "MirrorUnreachable",
-                    f"mirror {t.name} ({t.url}) does not answer ({t.error}); NeverContactUpstream keeps it, so pulls of its hosts fail",
-                    warning=True,
-                    once_key=t.name,
-                )
-            else:
-                log("mirror.withdrawn", "warning", mirror=t.name, url=t.url, error=t.error)
-                self._forget("MirrorRestored")
-                self._event(
-                    "MirrorWithdrawn",
-                    f"mirror {t.name} ({t.url}) does not answer ({t.error}); pulls go to the upstream until it does",
-                    warning=True,
-                    once_key=t.name,
-                )
+            self._report_transition(t, strict={m.name for m in selected if m.strict})
+        unhealthy = self.tracker.unhealthy()
 
-        desired = nodefiles.render_node_files(
-            plan,
+        node_files = nodefiles.plan_node_files(
+            checked,
             node.labels,
-            unhealthy=self.tracker.unhealthy(),
+            unhealthy=unhealthy,
             containerd_config_path=self.config.containerd_config_path,
             crio_dropin_dir=self.config.crio_dropin_dir,
+            foreign=self._scan_foreign(checked, node.labels),
         )
-        shadowed = self._shadowing_conflicts(desired)
         result = agentfiles.apply_files(
-            desired,
+            node_files.files,
             host_root=self.config.host_root,
             managed_dirs=[self.config.containerd_config_path, self.config.crio_dropin_dir],
+            keep=node_files.keep,
         )
-        result.conflicts[:0] = shadowed
         if result.changed:
             log("files.applied", written=result.written, removed=result.removed)
+        findings = list(node_files.findings)
         for conflict in result.conflicts:
-            log("files.conflict", "warning", path=conflict.path, reason=conflict.reason)
-            self._event("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", warning=True)
+            findings.append(nodeinput.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
         for error in result.errors:
             log("files.error", "error", error=error)
+        self._post_findings(findings)
 
-        runtimes = set()
-        if any(p.endswith("/" + nodefiles.HOSTS_TOML) for p in desired) or shadowed:
-            runtimes.add(nodefiles.RUNTIME_CONTAINERD)
-        if any(p.endswith("/" + c.CRIO_DROPIN_FILE) for p in desired):
-            runtimes.add(nodefiles.RUNTIME_CRIO)
-        report = run_preflight(
+        runtimes = {runtime for (_host, runtime) in node_files.routes}
+        preflight = run_preflight(
             self.config.host_root,
             containerd_config_path=self.config.containerd_config_path,
             containerd_config_file=self.config.containerd_config_file,
             runtimes=sorted(runtimes),
             runtime_version=node.runtime_version,
         )
-        if not report.ok:
-            log("preflight.failed", "error", reason=report.reason, message=report.message)
-            self._event("PreflightFailed", report.message, warning=True)
+        if not preflight.ok:
+            log("preflight.failed", "error", reason=preflight.reason, message=preflight.message)
+            self._event("PreflightFailed", preflight.message, warning=True)
         elif any(k[0] == "PreflightFailed" for k in self._reported):
-            log("preflight.ok", message=report.message)
+            log("preflight.ok", message=preflight.message)
             self._forget("PreflightFailed")
 
-        if result.errors:
-            outcome = StepResult(False, "ApplyFailed", "; ".join(result.errors), result, report)
-        elif not report.ok:
-            outcome = StepResult(False, "PreflightFailed", report.message, result, report)
-        elif result.conflicts:
-            msg = "; ".join(f"{x.path}: {x.reason}" for x in result.conflicts)
-            outcome = StepResult(False, "ForeignFileSkipped", msg, result, report)
+        mirrors = report.mirror_states(checked, loaded.names, node.labels, node_files, unhealthy)
+        degraded = [f"{name}: {entry['state']}" for name, entry in mirrors.items() if entry["state"] in ("Rejected", "Degraded")]
+        outcome = report.verdict(
+            errors=result.errors,
+            preflight_ok=preflight.ok,
+            preflight_message=preflight.message,
+            blocking=[f.message for f in findings if f.blocks_node],
+            files=len(node_files.files),
+            mirrors=len(selected),
+            degraded=degraded,
+        )
+        self.readiness.set_report(
+            {
+                "node": node.name,
+                "plan": loaded.digest,
+                "ready": outcome.ready,
+                "reason": outcome.reason,
+                "message": outcome.message,
+                "mirrors": mirrors,
+                "hosts": report.host_states(node_files),
+                "findings": [{"reason": f.reason, "message": f.message, "host": f.host} for f in findings if f.mirror is None],
+            }
+        )
+        return self._finish(StepResult(outcome.ready, outcome.reason, outcome.message, result, preflight, node_files))
+
+    def _report_transition(self, t: Transition, *, strict: set[str]) -> None:
+        if t.healthy:
+            log("mirror.restored", mirror=t.name, url=t.url)
+            self._forget("MirrorWithdrawn")
+            self._forget("MirrorUnreachable")
+            self._event(
+                "MirrorRestored",
+                f"mirror {t.name} ({t.url}) answers again; it is back in this node's registry configuration",
+                warning=False,
+                mirror=t.name,
+            )
+        elif t.name in strict:
+            log("mirror.unreachable", "warning", mirror=t.name, url=t.url, error=t.error, fallback="NeverContactUpstream")
+            self._forget("MirrorRestored")
+            self._event(
+                "MirrorUnreachable",
+                f"mirror {t.name} ({t.url}) does not answer ({t.error}); NeverContactUpstream keeps it, so pulls of its hosts fail",
+                warning=True,
+                once_key=t.name,
+                mirror=t.name,
+            )
         else:
-            outcome = StepResult(True, "Applied", f"{len(desired)} file(s) for {len(selected)} mirror(s)", result, report)
-        return self._finish(outcome)
+            log("mirror.withdrawn", "warning", mirror=t.name, url=t.url, error=t.error)
+            self._forget("MirrorRestored")
+            self._event(
+                "MirrorWithdrawn",
+                f"mirror {t.name} ({t.url}) does not answer ({t.error}); pulls go to the upstream until it does",
+                warning=True,
+                once_key=t.name,
+                mirror=t.name,
+            )
 
     def _finish(self, outcome: StepResult) -> StepResult:
         previous = self.readiness.get()
@@ -316,7 +361,7 @@ class Agent:
 
 
 def serve_health(readiness: Readiness, address: str, port: int) -> ThreadingHTTPServer:
-    """/healthz (alive) and /readyz (plan applied and preflight ok) on a daemon thread."""
+    """/healthz (alive), /readyz (plan applied and preflight ok) and /report (per mirror, JSON) on a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -325,6 +370,8 @@ def serve_health(readiness: Readiness, address: str, port: int) -> ThreadingHTTP
             elif self.path == "/readyz":
                 ready, reason, message = readiness.get()
                 code, body = (200, f"ok: {message}\n") if ready else (503, f"{reason}: {message}\n")
+            elif self.path == "/report":
+                code, body = 200, json.dumps(readiness.get_report(), sort_keys=True) + "\n"
             else:
                 code, body = 404, "not found\n"
             data = body.encode()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from regmirror import constants as c
+
 # Where the pod's ServiceAccount token and CA are mounted (overridable for a
 # token projected elsewhere, and so tests can run the agent as its ServiceAccount).
 SA_DIR = Path(os.environ.get("REGMIRROR_SERVICEACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount"))
@@ -96,8 +98,13 @@ class InClusterClient:
         """GET /api/v1/nodes/<name>."""
         return NodeInfo.from_object(self._request("GET", f"/api/v1/nodes/{name}"))
 
-    def post_event(self, node: NodeInfo, reason: str, message: str, *, warning: bool) -> None:
-        """A core/v1 Event on the Node, in `default` as the API server requires (kubectl describe node shows it)."""
+    def post_event(self, node: NodeInfo, reason: str, message: str, *, warning: bool, mirror: str | None = None) -> None:
+        """A core/v1 Event on the Node, in `default` as the API server requires (kubectl describe node shows it).
+
+        An Event about one mirror names it in `related` (a RegistryMirror
+        reference), so a reader can pick a mirror's Events without parsing
+        the message.
+        """
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         event = {
             "apiVersion": "v1",
@@ -114,4 +121,6 @@ class InClusterClient:
             "lastTimestamp": now,
             "count": 1,
         }
+        if mirror:
+            event["related"] = {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": mirror}
         self._request("POST", f"/api/v1/namespaces/{self.namespace}/events", event)
