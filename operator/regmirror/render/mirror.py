@@ -30,10 +30,9 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 TLS_DIR = "/etc/regmirror/tls"
 UPSTREAM_CA_DIR = "/etc/regmirror/upstream-ca"
 UPSTREAM_CA_FILE = "ca.crt"
-# Go reads every file of every directory listed here; keeping the system
-# directory first means a private CA adds to the public roots instead of
-# replacing them.
-SSL_CERT_DIR = f"/etc/ssl/certs:{UPSTREAM_CA_DIR}"
+# Go reads every file of every directory listed in SSL_CERT_DIR; keeping the system
+# directory first means a private CA adds to the public roots instead of replacing them.
+SYSTEM_CERT_DIR = "/etc/ssl/certs"
 # Distribution 3 and the official image run fine as any user; 65532 is the
 # conventional "nonroot" id, and fsGroup makes the cache volume writable.
 NONROOT_ID = 65532
@@ -55,9 +54,9 @@ NODE_FAILURE_TOLERATION_SECONDS = 30
 NODE_FAILURE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 HOSTNAME_TOPOLOGY_KEY = "kubernetes.io/hostname"
 # A replica being deleted (rollout, drain, scale-down) keeps serving this long after it leaves
-# the Service: kube-proxy on every node needs a moment to stop sending it new connections,
-# and transfers already running finish instead of being cut (containerd does not fall back
-# when a blob GET fails mid-way, containerd#9552, so a cut transfer fails the pull).
+# the Service: kube-proxy on every node needs a moment to stop sending it new connections (a
+# reset one makes containerd fetch that request from the upstream instead), and transfers
+# already running finish instead of relying on containerd to resume them elsewhere.
 SHUTDOWN_DELAY_SECONDS = 15
 # Then distribution stops accepting and lets in-flight requests finish for up to this long
 # (its http.draintimeout; without one, SIGTERM ends it at once).
@@ -272,7 +271,7 @@ def _env(spec: RegistryMirrorSpec) -> list[dict[str, Any]]:
         ref = s3.credentials_secret_ref
         for var, key in ((ENV_S3_ACCESS_KEY, ref.access_key_key), (ENV_S3_SECRET_KEY, ref.secret_key_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
-    cert_dirs = ["/etc/ssl/certs"]
+    cert_dirs = [SYSTEM_CERT_DIR]
     if spec.upstream.tls is not None and spec.upstream.tls.ca_secret_ref is not None:
         cert_dirs.append(UPSTREAM_CA_DIR)
     if s3 is not None and s3.ca_secret_ref is not None:
