@@ -104,6 +104,13 @@ PREWARM_IMAGE_PATTERN = (
 #: A platform of a multi-platform image: os/arch[/variant].
 PLATFORM_PATTERN = "^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9.]+)?$"
 
+#: An S3 bucket name (3-63 characters, lower case).
+S3_BUCKET_PATTERN = "^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+#: A key prefix in the bucket.
+S3_ROOT_PATTERN = "^/?([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]*$"
+#: An S3 region (or what an S3-compatible endpoint accepts).
+S3_REGION_PATTERN = "^[a-z0-9-]{1,32}$"
+
 DNS_LABEL_MAX = 63
 DNS_SUBDOMAIN_MAX = 253
 LABEL_VALUE_MAX = 63

@@ -421,8 +421,99 @@ class Upstream(Model):
 _QUANTITY_SHAPE = "digits with an optional fraction and an optional suffix: m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei"
 
 
+class S3CredentialsSecretRef(Model):
+    """An access key for the bucket, held in a Secret."""
+
+    name: Annotated[
+        str,
+        Field(
+            description=(
+                "Name of a Secret in the operator's namespace holding the access key. The values reach the registry "
+                "only through Secret-backed environment variables (REGISTRY_STORAGE_S3_ACCESSKEY and "
+                "REGISTRY_STORAGE_S3_SECRETKEY); they are never copied into a ConfigMap, a log, an Event or status."
+            ),
+            max_length=253,
+        ),
+        _SECRET_NAME,
+    ]
+    access_key_key: Annotated[
+        str, Field(description="Key of the access key id in the Secret.", min_length=1, max_length=253), _CONFIG_KEY
+    ] = "accessKey"
+    secret_key_key: Annotated[
+        str, Field(description="Key of the secret access key in the Secret.", min_length=1, max_length=253), _CONFIG_KEY
+    ] = "secretKey"
+
+
+class S3Storage(Model):
+    """An S3-compatible bucket that every replica of the mirror shares (distribution's s3 driver)."""
+
+    endpoint: Annotated[
+        str | None,
+        Field(
+            description=(
+                "URL of the S3 API, e.g. https://minio.storage.svc:9000; http:// talks plain HTTP. Empty means AWS S3 "
+                "in `region`. Reached from the mirror's pods (cluster DNS works here, unlike on the nodes)."
+            ),
+            max_length=2048,
+        ),
+        Checked(
+            Rule(
+                _URL_RULE.cel,
+                "storage.s3.endpoint must be http:// or https://, a host name, an optional port 1-65535 and an optional path; "
+                "no user name or password (use credentialsSecretRef), no query, no fragment, no spaces",
+                _URL_RULE.holds,
+            )
+        ),
+    ] = None
+    bucket: Annotated[
+        str,
+        Field(description="Bucket name. The bucket must exist; the mirror never creates or deletes it.", max_length=63),
+        Checked(
+            pattern_rule(
+                g.S3_BUCKET_PATTERN,
+                "storage.s3.bucket must be 3-63 lower-case letters, digits, '.' and '-', starting and ending with a letter or digit",
+            )
+        ),
+    ]
+    region: Annotated[
+        str,
+        Field(description="Region of the bucket (any value the endpoint accepts when `endpoint` is set).", max_length=32),
+        Checked(pattern_rule(g.S3_REGION_PATTERN, "storage.s3.region must be lower-case letters, digits and '-', e.g. eu-west-1")),
+    ] = "us-east-1"
+    root_directory: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Key prefix under which this mirror keeps its objects. Default: regmirror/<mirror name>, so mirrors "
+                "sharing a bucket never share content paths (two upstreams may both have library/nginx)."
+            ),
+            max_length=512,
+        ),
+        Checked(pattern_rule(g.S3_ROOT_PATTERN, "storage.s3.rootDirectory must be a key prefix: letters, digits, '_', '.', '-' and '/'")),
+    ] = None
+    force_path_style: Annotated[
+        Bool,
+        Field(
+            description="Address the bucket as <endpoint>/<bucket> instead of <bucket>.<endpoint> (what most self-hosted S3 servers need)."
+        ),
+    ] = True
+    credentials_secret_ref: Annotated[
+        S3CredentialsSecretRef | None,
+        Field(description="Access key for the bucket. Unset: the SDK's default chain (instance role, web identity / IRSA)."),
+    ] = None
+    ca_secret_ref: Annotated[
+        SecretKeyRef | None,
+        Field(description="A Secret key holding a PEM CA bundle that signs the endpoint's certificate, added to the system roots."),
+    ] = None
+
+    def effective_root(self, mirror: str) -> str:
+        """The key prefix, with the per-mirror default; always absolute (distribution's form)."""
+        root = self.root_directory if self.root_directory is not None else f"regmirror/{mirror}"
+        return "/" + root.strip("/")
+
+
 class Storage(Model):
-    """Where the cache keeps blobs (/var/lib/registry)."""
+    """Where the cache keeps blobs: a PersistentVolumeClaim (default), an emptyDir (ephemeral) or an S3 bucket (s3)."""
 
     RULES = (
         Rule(
@@ -431,12 +522,23 @@ class Storage(Model):
             lambda s: AccessMode.READ_WRITE_ONCE_POD not in s.access_modes or len(s.access_modes) == 1,
             field_path=".accessModes",
         ),
+        Rule(
+            "!has(self.s3) || !has(self.ephemeral) || !self.ephemeral",
+            "storage: choose one back-end: s3 or ephemeral (neither means a PersistentVolumeClaim)",
+            lambda s: s.s3 is None or not s.ephemeral,
+        ),
+        Rule(
+            "!has(self.s3) || !has(self.storageClassName)",
+            "storage.storageClassName is for a PersistentVolumeClaim; with storage.s3 there is none",
+            lambda s: s.s3 is None or s.storage_class_name is None,
+            field_path=".storageClassName",
+        ),
     )
 
     size: Annotated[
         str,
         Field(
-            description="Capacity of the cache volume (a Kubernetes quantity, e.g. 20Gi). Can grow, never shrink.",
+            description="Capacity of the cache volume (a Kubernetes quantity, e.g. 20Gi); with s3, only sizes each pod's front store. Can grow, never shrink.",
             max_length=64,
         ),
         Checked(
@@ -471,8 +573,8 @@ class Storage(Model):
         list[AccessMode],
         Field(
             description=(
-                "Access modes of the PersistentVolumeClaim. More than one replica needs ReadWriteMany (or ephemeral storage); "
-                "ReadWriteOncePod stands alone. Immutable."
+                "Access modes of the PersistentVolumeClaim (ignored with s3). More than one replica on a volume needs "
+                "ReadWriteMany; ReadWriteOncePod stands alone. Immutable."
             ),
             min_length=1,
             max_length=3,
@@ -492,6 +594,17 @@ class Storage(Model):
             description="What happens to the PersistentVolumeClaim when the RegistryMirror is deleted: Delete it with the mirror, or Retain it (and its cached blobs) for a later mirror of the same name."
         ),
     ] = DeletionPolicy.DELETE
+    s3: Annotated[
+        S3Storage | None,
+        Field(
+            description=(
+                "Keep the cache in an S3-compatible bucket instead of a volume: every replica serves what any replica "
+                "fetched, so replicas > 1 need no ReadWriteMany volume. size then only sizes each pod's front store; the "
+                "cache sidecar does not evict from a bucket (bound it with a lifecycle rule on the bucket, see "
+                "docs/deploy.md), so cache.maxSize cannot be set and cache.ttl is not enforced."
+            ),
+        ),
+    ] = None
 
 
 def _ttl_within_bounds(value: str) -> bool:
@@ -1069,9 +1182,12 @@ class RegistryMirrorSpec(Model):
 
     RULES = (
         Rule(
-            "self.replicas <= 1 || (has(self.storage) && (self.storage.ephemeral || self.storage.accessModes.exists(m, m == 'ReadWriteMany')))",
-            "replicas: more than one replica needs storage.ephemeral or the ReadWriteMany access mode",
-            lambda s: s.replicas <= 1 or s.storage.ephemeral or AccessMode.READ_WRITE_MANY in s.storage.access_modes,
+            "self.replicas <= 1 || (has(self.storage) && (has(self.storage.s3) || self.storage.ephemeral || "
+            "self.storage.accessModes.exists(m, m == 'ReadWriteMany')))",
+            "replicas: more than one replica needs storage.s3, storage.ephemeral or the ReadWriteMany access mode",
+            lambda s: (
+                s.replicas <= 1 or s.storage.s3 is not None or s.storage.ephemeral or AccessMode.READ_WRITE_MANY in s.storage.access_modes
+            ),
             field_path=".replicas",
         ),
         Rule(
@@ -1093,6 +1209,13 @@ class RegistryMirrorSpec(Model):
             "quantity(self.cache.maxSize).compareTo(quantity(self.storage.size)) <= 0",
             "cache.maxSize must not exceed storage.size",
             _max_size_fits,
+            field_path=".cache.maxSize",
+        ),
+        Rule(
+            "!has(self.storage) || !has(self.storage.s3) || !has(self.cache) || !has(self.cache.maxSize)",
+            "cache.maxSize cannot be enforced on storage.s3: the cache sidecar does not evict from a bucket; "
+            "bound the bucket with a lifecycle rule instead",
+            lambda s: s.storage.s3 is None or s.cache.max_size is None,
             field_path=".cache.maxSize",
         ),
     )

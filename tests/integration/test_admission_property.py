@@ -306,6 +306,15 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
             "ephemeral": st.sampled_from([True, False, "yes", 1]),
             "accessModes": st.lists(st.sampled_from(["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod", "RWO"]), max_size=3),
             "storageClassName": spiced(st.one_of(st.just(""), dns_label, st.just("Fast SSD"))),
+            "s3": st.fixed_dictionaries(
+                {"bucket": spiced(st.one_of(dns_label, st.sampled_from(["ab", "Cache", "a" * 64, "my.bucket"])))},
+                optional={
+                    "endpoint": urls,
+                    "region": spiced(st.sampled_from(["us-east-1", "EU", "x" * 33])),
+                    "rootDirectory": spiced(st.sampled_from(["", "/", "regmirror/hub", "/a//b", "a b"])),
+                    "credentialsSecretRef": st.fixed_dictionaries({"name": spiced(dns_label)}, optional={"accessKeyKey": secret_keys}),
+                },
+            ),
         },
     ),
     ("spec", "cache", "ttl"): durations,

@@ -179,6 +179,21 @@ REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("tag freshness that overflows Go", document(cache={"tagFreshness": "9999999999999h"}), ("cache.tagFreshness",)),
     ("prewarm image port 99999", document(prewarm=[{"image": "r.example:99999/library/nginx:1"}]), ("prewarm",)),
     ("prewarm image in upper case", document(prewarm=[{"image": "Library/nginx"}]), ("prewarm",)),
+    ("s3 and ephemeral", document(storage={"ephemeral": True, "s3": {"bucket": "cache"}}), ("one back-end",)),
+    ("s3 with a storage class", document(storage={"storageClassName": "fast", "s3": {"bucket": "cache"}}), ("storageClassName",)),
+    ("s3 with a cache cap", document(storage={"s3": {"bucket": "cache"}}, cache={"maxSize": "1Gi"}), ("cache.maxSize",)),
+    ("s3 bucket in upper case", document(storage={"s3": {"bucket": "Cache"}}), ("storage.s3.bucket",)),
+    ("s3 endpoint port 99999", document(storage={"s3": {"bucket": "cache", "endpoint": "https://minio.example:99999"}}), ("endpoint",)),
+    (
+        "s3 endpoint with credentials",
+        document(storage={"s3": {"bucket": "cache", "endpoint": "https://ak:sk@minio.example"}}),
+        ("endpoint",),
+    ),
+    (
+        "s3 access key with a slash",
+        document(storage={"s3": {"bucket": "cache", "credentialsSecretRef": {"name": "s3", "accessKeyKey": "a/b"}}}),
+        ("accessKeyKey",),
+    ),
     ("prewarm platform twice", document(prewarm=[{"image": "library/nginx", "platforms": ["linux/amd64", "linux/amd64"]}]), ("platforms",)),
     ("nodeSelector value", document(nodeSelector={"pool": "a b"}), ("nodeSelector",)),
     ("nodeSelector key", document(nodeSelector={"-pool": "a"}), ("nodeSelector",)),
@@ -311,6 +326,12 @@ ADMITTED: list[tuple[str, dict[str, Any]]] = [
     ("ttl with fractions", document(cache={"ttl": "1.5h0.25s"})),
     ("ttl forever", document(cache={"ttl": "0"})),
     ("cache cap equal to the volume", document(storage={"size": "10Gi"}, cache={"maxSize": "10240Mi", "tagFreshness": "10m"})),
+    (
+        "two replicas on a bucket",
+        document(
+            replicas=2, storage={"s3": {"bucket": "cache", "endpoint": "http://minio.storage.svc:9000", "rootDirectory": "/mirrors/hub"}}
+        ),
+    ),
     ("prewarm", document(prewarm=[{"image": "library/nginx:1.27", "platforms": ["linux/amd64", "linux/arm64/v8"]}])),
     ("RWOP alone", document(storage={"accessModes": ["ReadWriteOncePod"]})),
     ("empty storage class means the default", document(storage={"storageClassName": ""})),
