@@ -36,6 +36,15 @@ class MirrorEntry(Model):
     runtimes: Annotated[list[Runtime], Field(description="Runtimes to configure.")]
     node_selector: Annotated[LabelSelector, Field(description="Nodes this mirror applies to.")] = LabelSelector()
     ca_pem: Annotated[str | None, Field(description="PEM CA of the mirror's TLS certificate (public).")] = None
+    auth_revision: Annotated[
+        int | None,
+        Field(
+            description=(
+                "Revision of the credential nodes send to this mirror (the value is in the agent's Secret "
+                "regmirror-node-auth, never in the plan). None: no credential."
+            )
+        ),
+    ] = None
     upstream_host: Annotated[
         str | None,
         Field(
@@ -103,8 +112,10 @@ def entry_hosts(spec: RegistryMirrorSpec) -> list[str]:
     return list(dict.fromkeys(_canonical(h) for h in spec.upstream.effective_hosts()))
 
 
-def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None) -> MirrorEntry:
-    """A mirror's entry in the node plan, once its Service has a ClusterIP."""
+def mirror_entry(
+    name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None, auth_revision: int | None = None
+) -> MirrorEntry:
+    """A mirror's entry in the node plan, once its Service has a ClusterIP (`auth_revision`: regmirror/access.py's plan_revision)."""
     scheme = "https" if spec.service.tls else "http"
     host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
     hosts = entry_hosts(spec)
@@ -119,6 +130,7 @@ def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: s
         runtimes=list(spec.node_config.runtimes),
         node_selector=spec.node_config.node_selector,
         ca_pem=ca_pem,
+        auth_revision=auth_revision,
         upstream_host=upstream_host(spec),
     )
 

@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="apply once and exit: 0 ok, 1 preflight failed, conflicts or errors")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between reconciles and probes")
     p.add_argument("--probe-timeout", type=float, default=1.0, help="seconds before a mirror probe counts as failed")
+    p.add_argument(
+        "--auth-dir",
+        type=Path,
+        default=Path("/etc/regmirror/node-auth"),
+        help="the mounted regmirror-node-auth Secret (mirror credentials)",
+    )
     return p
 
 
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         once=args.once,
         interval=args.interval,
         probe_timeout=args.probe_timeout,
+        auth_dir=args.auth_dir,
     )
     if not config.node_name and config.node_labels_file is None:
         log("agent.misconfigured", "error", error="--node-name or $NODE_NAME is required (or --node-labels-file)")

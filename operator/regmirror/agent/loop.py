@@ -31,7 +31,7 @@ from typing import Any
 
 from regmirror import constants as c
 from regmirror.agent import files as agentfiles
-from regmirror.agent import foreign, report
+from regmirror.agent import foreign, nodeauth, report
 from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
 from regmirror.agent.plan import PlanError, parse_plan
 from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, run_preflight
@@ -64,6 +64,7 @@ class AgentConfig:
     once: bool = False
     interval: float = 2.0
     probe_timeout: float = 1.0
+    auth_dir: Path | None = nodeauth.DEFAULT_AUTH_DIR
 
 
 @dataclass
@@ -250,15 +251,24 @@ class Agent:
             crio_dropin_dir=self.config.crio_dropin_dir,
             foreign=self._scan_foreign(checked, node.labels),
         )
+        # The mirrors' credentials (the plan names revisions, the mounted Secret holds the values).
+        creds = nodeauth.add_to_files(
+            node_files,
+            loaded.text,
+            self.config.auth_dir,
+            host_root=self.config.host_root,
+            containerd_config_path=self.config.containerd_config_path,
+        )
         result = agentfiles.apply_files(
             node_files.files,
             host_root=self.config.host_root,
             managed_dirs=[self.config.containerd_config_path, self.config.crio_dropin_dir],
             keep=node_files.keep,
+            private=creds.private,
         )
         if result.changed:
             log("files.applied", written=result.written, removed=result.removed)
-        findings = list(node_files.findings)
+        findings = list(node_files.findings) + creds.findings
         for conflict in result.conflicts:
             findings.append(nodeinput.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
         for error in result.errors:
