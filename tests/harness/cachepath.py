@@ -106,6 +106,9 @@ class CachePod:
     registry_binary: str
     secrets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Where the Service's target port listens: 0.0.0.0 lets clients reach the front from an address
+    # that is not the pod's loopback (which the front treats as the pod's own containers).
+    listen_host: str = "127.0.0.1"
 
     # ------------------------------------------------------------ rendered objects
 
@@ -165,7 +168,7 @@ class CachePod:
     def mapping(self) -> LoopbackMap:
         host = "127.0.0.1"
         addresses = {
-            f":{c.REGISTRY_PORT}": f"{host}:{self.ports['front']}",
+            f":{c.REGISTRY_PORT}": f"{self.listen_host}:{self.ports['front']}",
             f":{REGISTRY_BACKEND_PORT}": f"{host}:{self.ports['backend']}",
             f":{c.REGISTRY_DEBUG_PORT}": f"{host}:{self.ports['debug']}",
             f":{CACHE_SIDECAR_PORT}": f"{host}:{self.ports['sidecar']}",
@@ -297,12 +300,13 @@ class CachePod:
         pins: list[str] | None = None,
         access: Mapping[str, str] | None = None,
         access_enforced: bool | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> Iterator[CachePod]:
         """Start registry, sidecar, front and front-stats (in that order: the front probes the sidecar)."""
         workdir.mkdir(parents=True, exist_ok=True)
         children = render_mirror.render_mirror_children(name, "uid", spec, NAMESPACE, access_enforced=access_enforced)
         ports = {k: free_port() for k in ("front", "backend", "debug", "sidecar")}
-        pod = cls(name, spec, workdir, children, ports, registry_binary, secrets or {})
+        pod = cls(name, spec, workdir, children, ports, registry_binary, secrets or {}, listen_host=listen_host)
         try:
             # The access Secret the operator creates before the Deployment (regmirror/access.py).
             pod.write_access(access if access is not None else decide_access(AccessInputs(name, spec, now=0.0)).auth_data)
