@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from _dataplane import (
+    OPERATOR_SRC,
     AgentNode,
     Containerd,
     ContainerdBinaries,
@@ -147,7 +148,7 @@ class Operator:
                 stored_htpasswd=previous.auth_data[acc.HTPASSWD_KEY] if previous else None,
                 node_copy=previous.node_entry if previous else None,
                 published=self.published,
-                fronts_loaded=front_generation(pod) if pod is not None else None,
+                fronts_loaded=front_generation(pod) if pod is not None and pod.has_front else None,
                 rotate_request=self.rotate_request,
                 min_rotation_spacing=0,
             )
@@ -345,3 +346,146 @@ def test_switching_open_restricted_open_never_fails_a_pull_in_a_loop(
         failed = [p for p in pulls if not p[1]]
         assert not failed, f"{len(failed)} of {len(pulls)} pulls failed, first: {failed[0]}"
         assert len({p[0] for p in pulls}) >= 3 and len(pulls) >= 10, pulls
+
+
+def outside_host(tmp: Path, script: str, secret: dict[str, str], front_port: int) -> Path:
+    """Run a `render --client` script as an outside host would: ROOT is its filesystem, kubectl a stub holding the client Secret."""
+    import base64
+
+    root, bin_dir = tmp / "outside", tmp / "outside-bin"
+    root.mkdir(parents=True)
+    bin_dir.mkdir(parents=True)
+    cases = "".join(f'  *"{{.data.{k}}}"*) printf %s {base64.b64encode(v.encode()).decode()} ;;\n' for k, v in secret.items())
+    (bin_dir / "kubectl").write_text(f'#!/bin/sh\ncase "$*" in\n{cases}  *) exit 1 ;;\nesac\n')
+    # podman login is containers/image's login: skopeo's, writing the auth file skopeo reads below.
+    (bin_dir / "podman").write_text(f'#!/bin/sh\nexec skopeo "$@" --authfile {root}/auth.json\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "ROOT": str(root), "ENDPOINT": f"{HOST_IP}:{front_port}"}
+    proc = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def test_outside_hosts_pull_with_the_printed_configuration_and_their_own_credential(
+    binaries: ContainerdBinaries, registry_binary: str, netns: str, upstream: Registry, image: BuiltImage, tmp_path: Path
+) -> None:
+    from regmirror.models import RegistryMirror
+    from regmirror.render.clients import client_config, render_script
+
+    ref = f"{upstream.address}/{image.name}:{image.tag}"
+    spec = RegistryMirrorSpec.model_validate(
+        {**spec_for(upstream).model_dump(by_alias=True, exclude_none=True), "access": {"clients": [{"name": "ci"}]}}
+    )
+    with mirror("acc-outside", spec, tmp_path, registry_binary, binaries) as (op, pod, _node, _daemon):
+        assert op.decision is not None and op.decision.state.enforced
+        secret = op.decision.client_data["ci"]
+        cr = RegistryMirror.model_validate({"metadata": {"name": "acc-outside"}, "spec": spec.model_dump(by_alias=True, exclude_none=True)})
+
+        # containerd on an outside host: the script's hosts.toml, real containerd pulling through the front.
+        root = outside_host(tmp_path / "ctrd", render_script(client_config(cr, "containerd")), secret, pod.ports["front"])
+        certs = root / "etc/containerd/certs.d"
+        with Containerd.start(binaries, str(certs)) as daemon:
+            result = daemon.pull(ref, hosts_dir=str(certs), timeout=120)
+            assert result.returncode == 0, result.stderr[-1500:]
+
+        # podman (containers/image): the drop-in, and `podman login` into the auth file it reads.
+        root = outside_host(tmp_path / "podman", render_script(client_config(cr, "podman")), secret, pod.ports["front"])
+        dropin = next((root / "etc/containers/registries.conf.d").glob("*.conf"))
+        # skopeo 1.9 reads a registries.conf named by its (hidden) --registries-conf, not by CONTAINERS_REGISTRIES_CONF.
+        inspect = subprocess.run(
+            ["skopeo", "--registries-conf", str(dropin), "inspect", "--raw", "--authfile", str(root / "auth.json"), f"docker://{ref}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert inspect.returncode == 0, inspect.stderr[-1500:]
+        assert json.loads(inspect.stdout)["schemaVersion"] == 2
+        without = subprocess.run(
+            ["skopeo", "--registries-conf", str(dropin), "inspect", "--raw", "--authfile", str(tmp_path / "none.json"), f"docker://{ref}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert without.returncode != 0, "without the client's credential neither the mirror nor the private upstream serves it"
+
+
+def test_an_https_mirror_is_restricted_by_the_registry_itself_and_rotates_without_a_restart(
+    binaries: ContainerdBinaries, registry_binary: str, netns: str, upstream: Registry, image: BuiltImage, tmp_path: Path
+) -> None:
+    """No front (Varnish speaks no TLS): distribution's htpasswd from the access Secret, re-read when the file changes."""
+    from unit._agentkit import tls_material
+
+    ref = f"{upstream.address}/{image.name}:{image.tag}"
+    spec = RegistryMirrorSpec.model_validate(
+        {
+            **spec_for(upstream).model_dump(by_alias=True, exclude_none=True),
+            "service": {"clusterIP": "10.96.0.77", "tls": {"secretName": "acc-tls"}},
+        }
+    )
+    tls_dir = tmp_path / "pod" / "tls"
+    tls_dir.mkdir(parents=True)
+    ca, crt, key = tls_material(tls_dir, HOST_IP)
+    crt.rename(tls_dir / "tls.crt")
+    key.rename(tls_dir / "tls.key")
+    # The CA file hosts.toml names is a real path: the agent writes straight into this containerd's config_path.
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    node = AgentNode("acc-tls", tmp_path / "node", {}, runtime_version=f"containerd://{binaries.version}.0")
+    op = Operator("acc-tls", spec, node)
+    first = op.reconcile()
+    secrets = {"up-creds": {"username": UP_USER, "password": UP_PASSWORD}}
+    with (
+        CachePod.run(
+            spec, tmp_path / "pod", registry_binary, name="acc-tls", secrets=secrets, access=first.auth_data, listen_host="0.0.0.0"
+        ) as pod,
+        Containerd.start(binaries, str(certs)) as daemon,
+    ):
+        url = f"https://{HOST_IP}:{pod.ports['front']}/v2/{image.name}/manifests/{image.tag}"
+
+        def get(authorization: str | None = None) -> str:
+            accept = "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+            argv = ["curl", "-sS", "--cacert", str(ca), "-H", accept, "-o", "/dev/null", "-w", "%{http_code}", url]
+            if authorization:
+                argv[1:1] = ["-H", f"Authorization: {authorization}"]
+            return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=True).stdout
+
+        plan = (
+            build_node_plan([mirror_entry("acc-tls", spec, "10.96.0.77", ca_pem=ca.read_text(), auth_revision=first.plan_revision)])
+            .to_json()
+            .replace(f"https://10.96.0.77:{spec.service.port}", f"https://{HOST_IP}:{pod.ports['front']}")
+        )
+
+        def agent_once(plan_json: str) -> None:
+            node.plan_file.write_text(plan_json)
+            argv = [*node.agent_argv(once=True), "--host-root", "/", "--containerd-config-path", str(certs)]
+            argv += ["--containerd-config", str(daemon.config_file)]
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": OPERATOR_SRC}, check=False
+            )
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+        def tls_pull() -> None:
+            daemon.remove_image(ref)
+            result = daemon.pull(ref, hosts_dir=str(certs), timeout=120)
+            assert result.returncode == 0, result.stderr[-1500:]
+
+        agent_once(plan)
+        op.published = acc.Published(first.plan_revision, True)
+        tls_pull()
+        assert get() == "401" and get(first.state.current.authorization) == "200"
+
+        op.rotate_request = "rotate-1"
+        rotated = op.reconcile(pod)
+        op.reconcile(pod)  # nothing new: the htpasswd lines keep their salts, the file is not rewritten
+        assert op.history[-1].auth_data[acc.HTPASSWD_KEY] == rotated.auth_data[acc.HTPASSWD_KEY]
+        agent_once(plan.replace('"authRevision":1', f'"authRevision":{rotated.plan_revision}'))
+        op.published = acc.Published(rotated.plan_revision, True)
+        tls_pull()
+        done = op.reconcile(pod)
+        assert done.state.retired is None
+        wait_for(lambda: get(first.state.current.authorization) == "401", 30, "distribution to re-read its htpasswd")
+        assert get(done.state.current.authorization) == "200"
+        tls_pull()

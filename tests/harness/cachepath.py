@@ -188,6 +188,7 @@ class CachePod:
             render_cache.CONTROL_DIR: str(self.control_dir),
             ACCESS_DIR: str(self.access_dir),
             render_mirror.ACCESS_SECRET_DIR: str(self.access_dir),
+            render_mirror.TLS_DIR: str(self.workdir / "tls"),
         }
         return LoopbackMap(addresses, paths)
 
