@@ -397,7 +397,47 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
         proc.stop(signal.SIGTERM)
         sampler_proc.stop()
     result["rss_samples"] = [(round(t, 1), round(r, 1), round(h, 1), round(cpu, 2)) for t, r, h, cpu in sampler_proc.samples]
+    result["tracemalloc"] = memory_profile(cluster, cfg, kubeconfig)
     return result
+
+
+def memory_profile(cluster: LocalCluster, cfg: Config, kubeconfig: Path) -> dict[str, Any]:
+    """Restart the operator with tracemalloc on the converged cluster: where its memory goes at full size.
+
+    A separate run, because tracing slows every allocation and would distort the
+    convergence figures; the restart lists every collection and reconciles every
+    key (writing nothing), so its store and working set are those of the run above.
+    """
+    import os
+
+    out = cfg.out_dir / f"{cfg.stamp}-tracemalloc.json"
+    os.environ["REGMIRROR_TRACEMALLOC"] = "1"
+    os.environ["REGMIRROR_TRACEMALLOC_OUT"] = str(out)
+    proc = OperatorProcess(cluster, kubeconfig, cfg.out_dir / f"{cfg.stamp}-operator-tracemalloc.log")
+    try:
+        proc.start()
+        assert proc.proc is not None
+        pid = proc.proc.pid
+        wait(lambda: metrics_up(proc.metrics_port), 120, "the traced operator's metrics endpoint", cluster)
+        since = rfc3339_now()
+
+        def idle() -> bool:
+            metrics = _metric_lines(proc.metrics())
+            return metrics.get("regmirror_queue_depth", 1.0) == 0.0 and metrics.get("regmirror_mirrors", 0.0) >= cfg.mirrors
+
+        wait(idle, 300, "the traced operator to go idle", cluster, every=1.0)
+        time.sleep(5)
+        status = proc_status(pid)
+        writes = summarize_requests(audit_requests(cluster.audit_log, OPERATOR_USER, since, rfc3339_now()), 1)["writes"]
+    finally:
+        proc.stop(signal.SIGTERM)
+        os.environ.pop("REGMIRROR_TRACEMALLOC", None)
+        os.environ.pop("REGMIRROR_TRACEMALLOC_OUT", None)
+    summary: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"error": "no tracemalloc summary written"}
+    summary["vmhwm_mib_traced_run"] = round(status.get("VmHWM", 0), 1)
+    summary["writes_after_restart"] = writes
+    log(f"operator memory (tracemalloc): peak {summary.get('peak_mib')} MiB; top {summary.get('by_file', [])[:3]}")
+    return summary
 
 
 def _metric_lines(text: str) -> dict[str, float]:

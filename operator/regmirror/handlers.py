@@ -56,11 +56,11 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     manager: Manager | None = memo.get("manager")
     if manager is not None:
         await manager.stop()
+        if tracemalloc.is_tracing():
+            dump_tracemalloc(os.environ.get("REGMIRROR_TRACEMALLOC_OUT", ""), manager.memory_holders())
     client: HttpKube | None = memo.get("client")
     if client is not None:
         await client.close()
-    if tracemalloc.is_tracing():
-        dump_tracemalloc(os.environ.get("REGMIRROR_TRACEMALLOC_OUT", ""))
 
 
 @kopf.on.probe(id="controller", errors=kopf.ErrorsMode.PERMANENT)

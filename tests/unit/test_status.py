@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from regmirror.conditions import condition, merge_conditions, set_condition
-from regmirror.models import RegistryMirrorSpec
 from regmirror.drift import drifted, status_changed
+from regmirror.models import RegistryMirrorSpec
 from regmirror.observe import Observation, RepairError, evaluate
 from regmirror.rollout import NodeRollout
 

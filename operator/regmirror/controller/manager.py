@@ -260,6 +260,13 @@ class Manager:
         self._tasks.clear()
         await self.checker.stop()
 
+    def memory_holders(self) -> dict[str, Any]:
+        """The controller's large objects by name, for the memory report."""
+        holders: dict[str, Any] = {f"store {kind} ({ns or 'cluster'})": i.items for (kind, ns), i in self.store.informers.items()}
+        holders |= {"mirror records": self.ctx.records, "node plan and history": self.ctx.plan, "node state": self.ctx.nodes}
+        holders |= {"host routes": self.ctx.routes}
+        return holders
+
     def liveness(self) -> dict[str, Any]:
         """What the liveness probe reports; raises when the operator has been unable to watch for too long."""
         blind = self.store.blind_for()
