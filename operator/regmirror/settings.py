@@ -34,7 +34,7 @@ class Settings(BaseModel):
     ] = 4
     backoff_base: Annotated[float, Field(description="First per-key retry delay in seconds; doubles per failure.", gt=0)] = 0.5
     backoff_max: Annotated[float, Field(description="Longest per-key retry delay in seconds.", gt=0)] = 300.0
-    status_coalesce: Annotated[float, Field(description="Seconds a status key waits for more events before it is computed.", ge=0)] = 0.1
+    status_coalesce: Annotated[float, Field(description="Seconds a status key waits for more events before it is computed.", ge=0)] = 0.05
     status_progress_interval: Annotated[
         float,
         Field(

@@ -94,3 +94,18 @@ async def test_a_failing_plan_write_backs_off() -> None:
     kit.kube.fail("apply", api_error(422, "ConfigMap is too long"), kind="ConfigMap")
     assert isinstance(await kit.run("plan"), Transient), "even a rejection is retried with backoff: the plan is ours"
     assert await kit.run("plan") == Done()
+
+
+async def test_no_agent_is_deployed_before_the_first_mirror() -> None:
+    kit = Kit()
+    assert await kit.run("plan") == Done()
+    assert kit.kube.writes() == []
+    kit.kube.put(mirror("a"))
+    await kit.converge("a")
+    assert kit.kube.obj("DaemonSet", AGENT_NS, c.AGENT_NAME) is not None
+    body = kit.kube.obj(c.KIND, None, "a")
+    assert body is not None
+    kit.kube.remove(c.KIND, None, "a")
+    kit.clock.advance(5)
+    assert await kit.run("plan") == Done()
+    assert live_plan(kit).mirrors == [], "once deployed, an empty plan is written so agents remove their files"

@@ -60,7 +60,7 @@ RECONCILERS: dict[str, Reconciler] = {
     HOSTS: hosts.reconcile_hosts,
 }
 # Singletons gather bursts of events into one pass.
-SINGLETON_COALESCE = 0.1
+SINGLETON_COALESCE = 0.05
 
 
 def _without(obj: dict[str, Any] | None, *drop: str) -> dict[str, Any]:

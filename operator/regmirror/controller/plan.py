@@ -122,6 +122,11 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
         return RequeueAfter(ctx.settings.plan_interval - (now - ctx.plan.last_apply))
     ctx.plan.waiting_since = None
     previous = ctx.plan.plan
+    if not plan.mirrors and ctx.store.agent_object("ConfigMap") is None and ctx.store.agent_object("DaemonSet") is None:
+        # Nothing to configure and nothing to clean up: no agent on any node until the first
+        # mirror (whose plan then creates the DaemonSet, which is faster than a rolling update).
+        ctx.plan.plan = plan
+        return Done()
     ctx.plan.history.remember(plan)
     ns = ctx.settings.agent_namespace
     objects = [
