@@ -28,8 +28,8 @@ def _run(extra: list[str]) -> int:
     args = ["run", "-m", "regmirror.handlers"]
     scoped = any(a in ("-A", "--all-namespaces", "-n") or a.startswith("--namespace") for a in extra)
     if not scoped:
-        # Kopf serves no resource itself (the controller watches what it needs), but it
-        # scans namespaces: keep that to ours so the operator's RBAC can stay namespaced.
+        # Kopf serves no resource itself (the controller watches what it needs, and Kopf's
+        # scanning is disabled); naming our namespaces keeps it from assuming cluster-wide.
         for namespace in (settings.namespace, settings.agent_namespace):
             args += ["--namespace", namespace]
     if not any(a.startswith("--log-format") for a in extra):

@@ -31,6 +31,9 @@ from regmirror.settings import Settings
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Read the settings, start the metrics endpoint and the controller (kept in Kopf's memo)."""
     settings.posting.enabled = False  # our Events are posted deliberately (controller/status.py)
+    # Kopf serves no resource here, so it needs no namespace or CRD watches of its own:
+    # without them no Kopf watch can fail during an API outage, and no RBAC is needed for them.
+    settings.scanning.disabled = True
     if os.environ.get("REGMIRROR_TRACEMALLOC"):
         tracemalloc.start(int(os.environ["REGMIRROR_TRACEMALLOC"] or "1"))
     config = Settings.from_env()

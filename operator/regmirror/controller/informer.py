@@ -12,8 +12,9 @@ So here:
 - the first list and every re-list REPLACE the store: an object missing from
   a list is reported as deleted;
 - a watch resumes from the last resourceVersion; "410 Gone" (or any other
-  failure) leads to a re-list; every failure is retried forever with capped,
-  jittered backoff;
+  API error) leads to a re-list; every failure is retried forever with
+  jittered backoff capped at 5 s (a few cheap requests while the API server is
+  away, and the operator sees it again within seconds of its return);
 - a watch that delivers nothing for `inactivity` seconds (a silent partition)
   is dropped and resumed;
 - `healthy_since` tells liveness how long the collection has been unwatchable.
@@ -60,7 +61,7 @@ class Informer:
         *,
         watch_timeout: float = 240.0,
         inactivity: float = 90.0,
-        max_backoff: float = 30.0,
+        max_backoff: float = 5.0,
         on_relist: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
