@@ -45,6 +45,10 @@ class Settings(BaseModel):
             ge=0,
         ),
     ] = 60.0
+    status_progress_rate: Annotated[
+        float,
+        Field(description="Progress-only status writes per second, all mirrors together (a burst of 500 mirrors stays bounded).", gt=0),
+    ] = 5.0
     transient_grace: Annotated[
         float, Field(description="Seconds transient API failures are retried before status reports them under Reconciling.", ge=0)
     ] = 30.0

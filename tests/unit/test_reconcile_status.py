@@ -172,3 +172,13 @@ async def test_hosts_show_the_position_and_the_head_of_the_order_only() -> None:
     assert {k for k in kit.queued() if k[0] == "status"} == {("status", "zz-last")}, (
         "a mirror added behind the head rewrites no other status"
     )
+
+
+def test_the_progress_budget_bounds_writes_of_all_mirrors_together() -> None:
+    from regmirror.controller.state import TokenBucket
+
+    bucket = TokenBucket(rate=5.0, burst=5.0)
+    assert [bucket.take(0.0) for _ in range(5)] == [0.0] * 5
+    wait = bucket.take(0.0)
+    assert 0.19 < wait <= 0.2, "the sixth write in the same instant waits for a token"
+    assert bucket.take(0.2) == 0.0

@@ -137,7 +137,7 @@ def removal_progress(ctx: Context, name: str, rec: MirrorRecord) -> tuple[bool, 
     plan = ctx.plan.plan
     if plan is None:
         return False, "the node plan is not known yet"
-    if any(e.name == name for e in plan.mirrors):
+    if name in ctx.plan.entries:
         return False, "the node plan still lists this mirror"
     rollout = mirror_rollout(ctx, name, rec, deleting=True)
     if not rollout.enabled:

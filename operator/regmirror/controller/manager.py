@@ -41,6 +41,7 @@ from regmirror.controller.state import (
     RequeueAfter,
     Result,
     Terminal,
+    TokenBucket,
     Transient,
     key_priority,
 )
@@ -82,6 +83,7 @@ class Manager:
             base_delay=settings.backoff_base, max_delay=settings.backoff_max, priority=key_priority, clock=clock
         )
         self.ctx = Context(store=self.store, client=client, settings=settings, queue=self.queue, metrics=metrics, clock=clock)
+        self.ctx.progress_budget = TokenBucket(rate=settings.status_progress_rate, burst=settings.status_progress_rate)
         self.checker = UpstreamChecker(self.ctx)
         self.ctx.on_credentials = self.checker.credentials_changed
         for source in sources(settings.namespace, settings.agent_namespace):

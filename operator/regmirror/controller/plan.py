@@ -35,7 +35,6 @@ from regmirror.models import RegistryMirrorSpec, Runtime
 from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, mirror_entry
 from regmirror.observe import cluster_ip
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
-from regmirror.rollout import entry_digest
 
 log = logging.getLogger("regmirror.plan")
 
@@ -104,7 +103,7 @@ def _seed_from_live(ctx: Context) -> None:
         if rec is not None and rec.last_good is None:
             rec.last_good = entry
     ctx.plan.history.remember(plan)
-    ctx.plan.plan = plan
+    ctx.plan.set(plan)
 
 
 async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
@@ -125,7 +124,7 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
     if not plan.mirrors and ctx.store.agent_object("ConfigMap") is None and ctx.store.agent_object("DaemonSet") is None:
         # Nothing to configure and nothing to clean up: no agent on any node until the first
         # mirror (whose plan then creates the DaemonSet, which is faster than a rolling update).
-        ctx.plan.plan = plan
+        ctx.plan.set(plan)
         return Done()
     ctx.plan.history.remember(plan)
     ns = ctx.settings.agent_namespace
@@ -155,10 +154,10 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
             return Transient(str(exc))
         ctx.store.put_agent_object(result)
         ctx.plan.last_apply = ctx.clock()
-    ctx.plan.plan = plan
+    old = dict(ctx.plan.entries) if previous is not None else {}
+    ctx.plan.set(plan)
     if previous is None or previous.digest() != plan.digest():
-        old = {e.name: entry_digest(e) for e in previous.mirrors} if previous is not None else {}
-        new = {e.name: entry_digest(e) for e in plan.mirrors}
+        new = ctx.plan.entries
         for name in set(old) | set(new):
             if old.get(name) != new.get(name) and name in ctx.records:
                 ctx.records[name].progress_scheduled = False

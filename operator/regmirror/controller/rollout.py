@@ -14,7 +14,7 @@ import time
 
 from regmirror.controller.state import CHILDREN, STATUS, ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result
 from regmirror.models import RegistryMirrorSpec
-from regmirror.rollout import Carried, NodeIndex, NodeRollout, entry_digest, newest_pods, node_rollout
+from regmirror.rollout import Carried, NodeIndex, NodeRollout, newest_pods, node_rollout
 
 
 def node_index(ctx: Context) -> NodeIndex:
@@ -31,9 +31,7 @@ def mirror_rollout(ctx: Context, name: str, rec: MirrorRecord, *, deleting: bool
     spec = rec.spec
     if not isinstance(spec, RegistryMirrorSpec) or not spec.node_config.enabled:
         return NodeRollout(enabled=False)
-    plan = ctx.plan.plan
-    current = next((e for e in plan.mirrors if e.name == name), None) if plan is not None else None
-    want: str | Carried | None = None if deleting else (entry_digest(current) if current is not None else Carried.NOT_IN_PLAN)
+    want: str | Carried | None = None if deleting else ctx.plan.entries.get(name, Carried.NOT_IN_PLAN)
     return node_rollout(node_index(ctx), ctx.plan.history, want, name, spec.node_config.node_selector, removing=deleting)
 
 

@@ -22,7 +22,7 @@ from regmirror.metrics import Metrics
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeplan import MirrorEntry, NodePlan
 from regmirror.observe import RepairError
-from regmirror.rollout import NodeIndex, NodeRollout, PlanHistory
+from regmirror.rollout import NodeIndex, NodeRollout, PlanHistory, entry_digest
 from regmirror.settings import Settings
 
 # ------------------------------------------------------------------ results
@@ -132,10 +132,37 @@ class PlanState:
     """The node plan the controller last applied, and what recent plans carried."""
 
     plan: NodePlan | None = None
+    entries: dict[str, str] = field(default_factory=dict)  # mirror -> entry digest in `plan`
     history: PlanHistory = field(default_factory=PlanHistory)
     seeded: bool = False
     last_apply: float = float("-inf")
     waiting_since: float | None = None  # first time a plan waited for Services
+
+    def set(self, plan: NodePlan) -> None:
+        """The plan nodes now get (its entry digests computed once, not per status)."""
+        self.plan = plan
+        self.entries = {e.name: entry_digest(e) for e in plan.mirrors}
+
+
+@dataclass
+class TokenBucket:
+    """At most `rate` events per second on average, `burst` at once (progress-only status writes)."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    stamp: float | None = None
+
+    def take(self, now: float) -> float:
+        """0 if a token was taken now, else the seconds until one is available."""
+        if self.stamp is None:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
 
 
 @dataclass
@@ -160,6 +187,8 @@ class Context:
     nodes: NodeState = field(default_factory=NodeState)
     # host -> (position, head) per mirror, recomputed by the HOSTS key.
     routes: dict[str, dict[str, tuple[int, list[str]]]] = field(default_factory=dict)
+    # Progress-only status writes, all mirrors together (set from the settings by the manager).
+    progress_budget: TokenBucket = field(default_factory=lambda: TokenBucket(rate=5.0, burst=5.0))
     # mirror -> (ok, reason, message) of the upstream credentials check.
     upstream_verdicts: dict[str, tuple[bool | None, str, str]] = field(default_factory=dict)
     # Called when a mirror's credentials change (the upstream check runs off the reconcile path).

@@ -6,7 +6,8 @@ What is written, and when:
   (Ready, Stalled...), a condition reason (a problem appeared or changed), the
   observed generation, the phase, the endpoint or a host position;
 - otherwise (node counts, replica counts, messages) at most once per
-  `status_progress_interval` per mirror; a new mirror that is progressing
+  `status_progress_interval` per mirror, and at most `status_progress_rate`
+  per second for all mirrors together; a new mirror that is progressing
   normally gets its first status when it is Ready, has a problem, or after
   that interval. Rollout progress of 500 mirrors thus costs a bounded number
   of writes, and a mirror that converges quickly is written once.
@@ -136,6 +137,9 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         deferrable = not urgent(old, new)
         last = rec.last_status_write if rec.last_status_write is not None else float("-inf")
     due = last + ctx.settings.status_progress_interval - now
+    if deferrable and due <= 0:
+        # Progress of every mirror together is written at a bounded rate, too.
+        due = ctx.progress_budget.take(now)
     if deferrable and due > 0:
         rec.progress_scheduled = True
         return RequeueAfter(due)
