@@ -14,12 +14,14 @@ reported after a grace period, without touching Ready.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 from typing import Any
 
 from regmirror import constants as c
+from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import (
     STATUS,
     ConfigError,
@@ -31,6 +33,7 @@ from regmirror.controller.state import (
     Terminal,
     Transient,
 )
+from regmirror.drift import drifted
 from regmirror.kube import ApiError
 from regmirror.models import RegistryMirrorSpec
 from regmirror.observe import RepairError
@@ -132,8 +135,6 @@ async def _release(ctx: Context, mirror: dict[str, Any]) -> None:
 
 def removal_progress(ctx: Context, name: str, rec: MirrorRecord) -> tuple[bool, str]:
     """During deletion: whether every node dropped the mirror's files (and what we wait for)."""
-    from regmirror.controller.rollout import mirror_rollout
-
     plan = ctx.plan.plan
     if plan is None:
         return False, "the node plan is not known yet"
@@ -164,7 +165,17 @@ async def reconcile_children(ctx: Context, name: str) -> Result:
             await _release(ctx, mirror)
             log.info("mirror %s: %s; finalizer released", name, why)
             return Done()
-        await _ensure_finalizer(ctx, mirror)
+        if c.FINALIZER not in (mirror["metadata"].get("finalizers") or []):
+            # Independent writes: the finalizer and the first child go out together.
+            _, result = await asyncio.gather(_ensure_finalizer(ctx, mirror), _reconcile_spec(ctx, name, mirror, rec))
+            return result
+        return await _reconcile_spec(ctx, name, mirror, rec)
+    except ApiError as exc:
+        return _failed(ctx, name, rec, exc, mirror)
+
+
+async def _reconcile_spec(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorRecord) -> Result:
+    try:
         spec = rec.spec_of(mirror)
         if isinstance(spec, ConfigError):
             ctx.enqueue(STATUS, name)
@@ -192,8 +203,6 @@ async def _apply_children(
     desired.sort(key=lambda o: APPLY_ORDER.get(o["kind"], 9))
     later: float | None = None
     created_service = False
-    from regmirror.drift import drifted
-
     for obj in desired:
         kind = obj["kind"]
         live = ctx.store.child(kind, name)
