@@ -57,18 +57,21 @@ class UpstreamChecker:
             await cancel_quietly(task)
         self._tasks.clear()
 
-    async def _secret_value(self, name: str, key: str) -> str:
-        secret = await self.ctx.client.get("Secret", self.ctx.settings.namespace, name) or {}
-        encoded = (secret.get("data") or {}).get(key, "")
-        return base64.b64decode(encoded).decode(errors="replace") if encoded else ""
-
     async def _verdict(self, spec: RegistryMirrorSpec) -> UpstreamCheck:
         ref = spec.upstream.credentials_secret_ref
         assert ref is not None
-        username = await self._secret_value(ref.name, ref.username_key)
-        password = await self._secret_value(ref.name, ref.password_key)
         ca_ref = spec.upstream.tls.ca_secret_ref if spec.upstream.tls else None
-        ca_pem = (await self._secret_value(ca_ref.name, ca_ref.key)) or None if ca_ref is not None else None
+        # The values are read for this check only (the store keeps hashes), each Secret once.
+        secrets: dict[str, dict[str, str]] = {}
+        for name in {ref.name, *([ca_ref.name] if ca_ref is not None else [])}:
+            secrets[name] = (await self.ctx.client.get("Secret", self.ctx.settings.namespace, name) or {}).get("data") or {}
+
+        def value(name: str, key: str) -> str:
+            encoded = secrets.get(name, {}).get(key, "")
+            return base64.b64decode(encoded).decode(errors="replace") if encoded else ""
+
+        ca_pem = (value(ca_ref.name, ca_ref.key) or None) if ca_ref is not None else None
+        username, password = value(ref.name, ref.username_key), value(ref.name, ref.password_key)
         return await asyncio.to_thread(check_upstream, spec.upstream.url, username, password, ca_pem=ca_pem)
 
     async def _run(self, name: str, spec: RegistryMirrorSpec) -> None:
