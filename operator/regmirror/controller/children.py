@@ -23,6 +23,7 @@ from typing import Any
 from regmirror import constants as c
 from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import (
+    PLAN,
     STATUS,
     ConfigError,
     Context,
@@ -171,7 +172,7 @@ async def reconcile_children(ctx: Context, name: str) -> Result:
             return result
         return await _reconcile_spec(ctx, name, mirror, rec)
     except ApiError as exc:
-        return _failed(ctx, name, rec, exc, mirror)
+        return _failed(ctx, name, rec, exc)
 
 
 async def _reconcile_spec(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorRecord) -> Result:
@@ -192,7 +193,7 @@ async def _reconcile_spec(ctx: Context, name: str, mirror: dict[str, Any], rec: 
             return Terminal("the API server rejected this spec; waiting for a change")
         return await _apply_children(ctx, name, mirror, spec, creds, rec)
     except ApiError as exc:
-        return _failed(ctx, name, rec, exc, mirror)
+        return _failed(ctx, name, rec, exc)
 
 
 async def _apply_children(
@@ -210,9 +211,10 @@ async def _apply_children(
         if live is not None and not drifted(obj, live):
             rec.drift_repairs.pop(kind, None)
             continue
+        if rec.applied.get(kind) != digest:
+            rec.drift_repairs.pop(kind, None)  # a new rendering is applied at once
         count, last = rec.drift_repairs.get(kind, (0, float("-inf")))
-        repairing = live is not None or kind in rec.applied
-        if repairing and rec.applied.get(kind) == digest and count:
+        if count:
             wait = min(REPAIR_BACKOFF_MAX, REPAIR_BACKOFF_BASE * 2 ** (count - 1)) - (ctx.clock() - last)
             if wait > 0:
                 later = wait if later is None else min(later, wait)
@@ -233,7 +235,7 @@ async def _apply_children(
             rec.drift_repairs[kind] = (count + 1, ctx.clock())
         rec.applied[kind] = digest
         if kind == "Service":
-            ctx.enqueue("plan")
+            ctx.enqueue(PLAN)
             if live is None and len(desired) > 1 and any(ctx.store.child(o["kind"], name) is None for o in desired[1:]):
                 created_service = True
                 break
@@ -246,7 +248,7 @@ async def _apply_children(
     return RequeueAfter(later) if later is not None else Done()
 
 
-def _failed(ctx: Context, name: str, rec: MirrorRecord, exc: ApiError, mirror: dict[str, Any]) -> Result:
+def _failed(ctx: Context, name: str, rec: MirrorRecord, exc: ApiError) -> Result:
     if exc.transient:
         _set_repair(ctx, name, rec, RepairError(True, "APIUnavailable", f"the API server did not take a write: {exc}"))
         log.info("mirror %s: %s; retrying with backoff", name, exc)
