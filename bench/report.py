@@ -86,8 +86,11 @@ def table(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
             _s(extra.get("nodes_rolled_seconds")) + f" (Ready {_s(extra.get('ready_seconds'))})",
         )
         _row(rows, f"  bare DaemonSet rollout over {m} nodes", _s(base.get("bare_daemonset_rollout_seconds")))
-        ratio_nodes = cp.get("node_rollout_ratio")
-        _row(rows, "  ratio", f"{ratio_nodes}x", "<= 1.2x", None if ratio_nodes is None else ratio_nodes <= 1.2)
+        _row(rows, "  ratio", f"{cp.get('node_rollout_ratio')}x")
+        _row(rows, "  bare rollout of the operator's DaemonSet, right after", _s(extra.get("bare_rollout_after_seconds")))
+        ratio_nodes = cp.get("node_rollout_ratio_back_to_back")
+        _row(rows, "  ratio, back to back", f"{ratio_nodes}x", "<= 1.2x", None if ratio_nodes is None else ratio_nodes <= 1.2)
+        _row(rows, "  operator writes during that bare rollout", extra.get("writes_during_bare_rollout", "n/a"), "0")
         prof = op.get("profile") or {}
         if prof.get("threads"):
             _row(rows, "operator busy while converging (py-spy)", f"{prof['busy_cpu_seconds_estimate']}s CPU over {prof['seconds']}s")
