@@ -151,6 +151,9 @@ class FakeKube:
     ) -> tuple[list[dict[str, Any]], str]:
         self._check("list", kind, "")
         items = [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind and (namespace is None or ns == namespace)]
+        for item in items:  # as the API server sends them: list items have no apiVersion and kind
+            item.pop("apiVersion", None)
+            item.pop("kind", None)
         return items, str(next(self._rv))
 
     async def watch(

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from regmirror.kube import ApiError, KubeClient
+from regmirror.kube import RESOURCES, ApiError, KubeClient
 
 log = logging.getLogger("regmirror.informer")
 
@@ -117,6 +117,9 @@ class Informer:
         objects, rv = await self.client.list_objects(s.kind, s.namespace, label_selector=s.label_selector, field_selector=s.field_selector)
         seen = set()
         for obj in objects:
+            # List items carry no apiVersion and kind (watch events do): without them every
+            # listed object would differ from its rendering, and a restart would re-apply all.
+            obj.setdefault("apiVersion", RESOURCES[s.kind].api_version)
             obj.setdefault("kind", s.kind)
             seen.add(obj.get("metadata", {}).get("name", ""))
             self._put(obj)
