@@ -58,10 +58,13 @@ class Settings(BaseModel):
     plan_wait_for_services: Annotated[
         float,
         Field(
-            description="Longest a new node plan waits for mirrors whose Service has no ClusterIP yet, so a burst becomes one rollout.",
+            description=(
+                "Longest a new node plan waits for mirrors whose Service has no ClusterIP yet, so a burst becomes one rollout "
+                "(it stops waiting sooner when no new ClusterIP appeared for 3 s)."
+            ),
             ge=0,
         ),
-    ] = 10.0
+    ] = 60.0
     resync_interval: Annotated[float, Field(description="Seconds between two re-checks of every key from the store.", gt=0)] = 600.0
     watch_timeout: Annotated[float, Field(description="Server-side timeout of one watch request in seconds.", gt=0)] = 240.0
     watch_inactivity: Annotated[

@@ -34,15 +34,20 @@ async def test_a_burst_waits_for_its_services_and_becomes_one_plan() -> None:
     assert ds["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_NODE_CONFIG_HASH] == live_plan(kit).digest()
 
 
-async def test_the_wait_for_services_is_bounded() -> None:
-    kit = Kit(plan_wait_for_services=5)
-    kit.kube.put(mirror("a"))
-    kit.kube.put(mirror("b"))
+async def test_the_wait_for_services_lasts_while_they_keep_coming_and_is_bounded() -> None:
+    kit = Kit(plan_wait_for_services=20)
+    for name in ("a", "b", "c", "d"):
+        kit.kube.put(mirror(name))
     await kit.run("children", "a")
     assert isinstance(await kit.run("plan"), RequeueAfter)
-    kit.clock.advance(6)
+    kit.clock.advance(2.5)
+    await kit.run("children", "b")  # progress: keep waiting past the stall time
+    assert isinstance(await kit.run("plan"), RequeueAfter)
+    kit.clock.advance(2.5)
+    assert isinstance(await kit.run("plan"), RequeueAfter)
+    kit.clock.advance(1)  # c and d never come: 3 s without progress end the wait
     assert await kit.run("plan") == Done()
-    assert [m.name for m in live_plan(kit).mirrors] == ["a"]
+    assert [m.name for m in live_plan(kit).mirrors] == ["a", "b"]
 
 
 async def test_an_unchanged_plan_costs_no_write_and_a_deleted_one_is_restored() -> None:

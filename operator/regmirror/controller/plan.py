@@ -4,9 +4,10 @@ The plan lists every mirror with node configuration whose Service has a
 ClusterIP; a mirror whose spec broke keeps the last entry nodes had, so a
 broken spec never takes a working node configuration down. Each plan version
 rolls the DaemonSet (its digest is on the pod template), so versions are
-rationed: at most one per `plan_interval`, and a new plan waits (up to
-`plan_wait_for_services`) while mirrors that will be in it still lack a
-ClusterIP, which turns a burst of new mirrors into one rollout.
+rationed: at most one per `plan_interval`, and a new plan waits while mirrors
+that will be in it still lack a ClusterIP and their Services keep appearing
+(at most `plan_wait_for_services`), which turns a burst of new mirrors into
+one rollout even when the API server is slow.
 
 After a restart the live ConfigMap seeds the history (which plan digest
 carried which mirror entry) and the last good entries.
@@ -37,6 +38,9 @@ from regmirror.observe import cluster_ip
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
 
 log = logging.getLogger("regmirror.plan")
+
+# A new plan stops waiting for missing ClusterIPs when none appeared for this long.
+PLAN_STALL = 3.0
 
 
 def _mirror_ca(ctx: Context, spec: RegistryMirrorSpec) -> str | None:
@@ -114,8 +118,13 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
     plan, waiting = desired_plan(ctx)
     changed = ctx.plan.plan is None or plan.digest() != ctx.plan.plan.digest()
     if changed and waiting:
+        # Wait while Services keep appearing (a burst under load can take tens of seconds),
+        # but not for one that does not come: no progress for PLAN_STALL seconds ends the wait.
+        if ctx.plan.waiting_since is None or waiting < ctx.plan.waiting:
+            ctx.plan.last_progress = now
         ctx.plan.waiting_since = ctx.plan.waiting_since or now
-        if now - ctx.plan.waiting_since < ctx.settings.plan_wait_for_services:
+        ctx.plan.waiting = waiting
+        if now - ctx.plan.waiting_since < ctx.settings.plan_wait_for_services and now - ctx.plan.last_progress < PLAN_STALL:
             return RequeueAfter(0.2)
     if changed and now - ctx.plan.last_apply < ctx.settings.plan_interval:
         return RequeueAfter(ctx.settings.plan_interval - (now - ctx.plan.last_apply))

@@ -137,6 +137,8 @@ class PlanState:
     seeded: bool = False
     last_apply: float = float("-inf")
     waiting_since: float | None = None  # first time a plan waited for Services
+    waiting: int = 0  # how many Services it waited for at the last look
+    last_progress: float = 0.0  # when that number last went down
 
     def set(self, plan: NodePlan) -> None:
         """The plan nodes now get (its entry digests computed once, not per status)."""
