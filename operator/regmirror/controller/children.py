@@ -3,8 +3,11 @@
 desired = render(spec); apply what drifted (only the fields we render count,
 see drift.py); the store tells what exists, so an unchanged cluster costs no
 API call at all. The Service goes first: it is all the node plan needs, and
-in a burst of new mirrors every Service (so every node-plan entry) comes
-before the remaining children, which makes the burst one agent rollout.
+the plan reconciler waits while new ClusterIPs keep appearing, so a burst of
+new mirrors becomes one agent rollout. (An earlier version applied every
+mirror's Service before any other child; the benchmark showed that this
+starts the agent rollout before the registry pods and their claims, which
+kwok then serves last: all mirrors Ready 2.3x the baseline at 50 mirrors.)
 
 Failures are classified: a spec the API server rejects (422) is the user's to
 fix and is reported verbatim, then left alone until the spec or a Secret
@@ -203,7 +206,6 @@ async def _apply_children(
     desired = render_mirror_children(name, mirror["metadata"]["uid"], spec, ns, credentials_hash=creds)
     desired.sort(key=lambda o: APPLY_ORDER.get(o["kind"], 9))
     later: float | None = None
-    created_service = False
     for obj in desired:
         kind = obj["kind"]
         live = ctx.store.child(kind, name)
@@ -236,15 +238,9 @@ async def _apply_children(
         rec.applied[kind] = digest
         if kind == "Service":
             ctx.enqueue(PLAN)
-            if live is None and len(desired) > 1 and any(ctx.store.child(o["kind"], name) is None for o in desired[1:]):
-                created_service = True
-                break
     rec.rejected = None
     _set_config_error(ctx, name, rec, None)
     _set_repair(ctx, name, rec, None)
-    if created_service:
-        # Back of the queue: every new mirror's Service first, then the rest (see the module docstring).
-        return RequeueAfter(0.0)
     return RequeueAfter(later) if later is not None else Done()
 
 
