@@ -29,7 +29,9 @@ from regmirror.models import LabelSelector
 from regmirror.nodeplan import MirrorEntry, NodePlan
 
 PLAN_HISTORY = 8
-AGENT_READY_GRACE_SECONDS = 30.0
+# A starting agent is not Ready for a moment in every rollout (longer on a loaded cluster):
+# only one that stays unready this long counts as a problem.
+AGENT_READY_GRACE_SECONDS = 120.0
 MAX_NAMES = 10
 
 

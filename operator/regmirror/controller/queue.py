@@ -6,8 +6,8 @@
 - `add_after` delays a key; the earliest pending time wins.
 - `add_rate_limited` delays a key exponentially per failure (base * 2^n, capped)
   until `forget` resets it, so a key that keeps failing never spins.
-- Two priorities: status and node-plan keys overtake a backlog of children
-  applies, so a Ready flip is not stuck behind a burst of new mirrors.
+- Two priorities: the singleton keys (node plan, rollout accounting, host
+  order) overtake a backlog of per-mirror keys.
 
 Everything runs on one event loop: no locks.
 """

@@ -53,7 +53,7 @@ async def reconcile_rollout(ctx: Context, _name: str = "") -> Result:
         rec.rollout = rollout
         if deleting:
             ctx.enqueue(CHILDREN, name)  # the finalizer may be released now
-        significant = before is None or before.configured != rollout.configured or before.problems != rollout.problems
+        significant = before is None or before.configured != rollout.configured
         if significant or not rec.progress_scheduled:
             ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce)
     if index.recheck_at is not None:

@@ -67,8 +67,12 @@ HOSTS = "hosts"  # singleton: each mirror's place among the mirrors of its hosts
 
 
 def key_priority(key: Key) -> int:
-    """Status and the singletons overtake a backlog of children applies."""
-    return NORMAL if key[0] == CHILDREN else HIGH
+    """The singletons (one pass each, for every mirror) overtake the per-mirror keys.
+
+    Status keys share the children's priority: when they overtook children, a storm of
+    status writes starved the children applies (and so the node plan) in a burst.
+    """
+    return NORMAL if key[0] in (CHILDREN, STATUS) else HIGH
 
 
 @dataclass(frozen=True)
