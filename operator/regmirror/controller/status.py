@@ -2,9 +2,9 @@
 
 What is written, and when:
 - nothing, when the evaluated status equals the stored one;
-- at once, when something a reader acts on changed: a condition's status
-  (Ready, Stalled...), a condition reason (a problem appeared or changed), the
-  observed generation, the phase, the endpoint or a host position;
+- at once, when something a reader acts on changed: Ready, Stalled or
+  UpstreamAuthenticated flipped, a problem reason appeared or changed, or the
+  observed generation, the endpoint or a host position changed;
 - otherwise (node counts, replica counts, messages) at most once per
   `status_progress_interval` per mirror, and at most `status_progress_rate`
   per second for all mirrors together; a new mirror that is progressing
@@ -37,7 +37,7 @@ log = logging.getLogger("regmirror.status")
 # rollout on a loaded cluster agents cross the grace period back and forth; treated as a
 # problem, that flapping rewrote 500 statuses per pass (15,751 writes in the large benchmark).
 PROBLEM_SUFFIXES = ("Missing", "Malformed", "Rejected", "Failed", "InvalidSpec", "Forbidden", "ClaimTerminating")
-URGENT_FIELDS = ("observedGeneration", "phase", "endpoint", "hosts", "url")
+URGENT_FIELDS = ("observedGeneration", "endpoint", "hosts", "url")
 
 
 def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorRecord) -> Observation | ConfigError:
@@ -77,14 +77,18 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
 
 
 def _summary(status: dict[str, Any]) -> tuple[Any, ...]:
-    # A reason counts only when it names a problem: progress reasons (NoReadyReplicas,
-    # RolloutInProgress...) change several times while a mirror converges.
-    conds = tuple(sorted((cd.get("type"), cd.get("status"), _problem(str(cd.get("reason", "")))) for cd in status.get("conditions") or []))
-    return (conds, *(repr(status.get(k)) for k in URGENT_FIELDS))
+    # Ready, Stalled and UpstreamAuthenticated flips, and problem reasons, are news; Reconciling
+    # and the phase follow progress (they flip back and forth while agents roll, and writing each
+    # flip of 500 mirrors at once was a storm of thousands of writes in the large benchmark).
+    conds = {cd.get("type"): cd for cd in status.get("conditions") or []}
+    flips = tuple((t, (conds.get(t) or {}).get("status")) for t in ("Ready", "Stalled", "UpstreamAuthenticated"))
+    problems = tuple(sorted(_problem(str(cd.get("reason", ""))) for cd in conds.values()))
+    return (flips, problems, *(repr(status.get(k)) for k in URGENT_FIELDS))
 
 
 def _problem(reason: str) -> str:
-    return reason if reason.endswith(PROBLEM_SUFFIXES) or reason.startswith(("Upstream", "Apply")) else ""
+    # "Retrying": a repair has failed for longer than the grace period; show it now.
+    return reason if reason.endswith(PROBLEM_SUFFIXES) or reason.startswith(("Upstream", "Apply", "Retrying")) else ""
 
 
 def urgent(old: dict[str, Any], new: dict[str, Any]) -> bool:
@@ -133,8 +137,10 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         return Done()
     now = ctx.clock()
     if not old:
-        # A new mirror progressing normally: its first status waits (see the module docstring).
-        deferrable = new.get("phase") in ("Progressing", "Pending") and not _stalled(new)
+        # A new mirror progressing normally (not Ready, no problem): its first status waits.
+        ready = get_condition(new.get("conditions"), "Ready") or {}
+        problems = any(_problem(str(cd.get("reason", ""))) for cd in new.get("conditions") or [])
+        deferrable = ready.get("status") != "True" and not _stalled(new) and not problems
         last = rec.first_seen
     else:
         deferrable = not urgent(old, new)
