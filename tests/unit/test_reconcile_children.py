@@ -166,9 +166,11 @@ async def test_a_missing_secret_is_a_configuration_error_until_it_appears() -> N
     kit.kube.put({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": NS}, "data": data})
     checked = []
     kit.ctx.on_credentials = lambda name, spec, creds: checked.append((name, creds))
+    kit.manager.queue._due.clear()
     await kit.run("children", "hub")
     await kit.run("children", "hub")
     assert kit.ctx.records["hub"].config_error is None
+    assert ("plan", "") in kit.queued(), "the repaired mirror's node-plan entry follows"
     assert checked and checked[0][0] == "hub", "the upstream check is started off the reconcile path"
     dep = child(kit, "Deployment", "hub")
     assert dep is not None and "pw" not in str(dep) and "cm9ib3Q" not in str(dep)

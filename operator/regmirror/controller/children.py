@@ -87,6 +87,8 @@ def _set_config_error(ctx: Context, name: str, rec: MirrorRecord, error: ConfigE
     if rec.config_error != error:
         rec.config_error = error
         ctx.enqueue(STATUS, name)
+        # A broken mirror keeps its last good node-plan entry; a repaired one gets its current one.
+        ctx.enqueue(PLAN)
 
 
 def _set_repair(ctx: Context, name: str, rec: MirrorRecord, repair: RepairError | None) -> None:
