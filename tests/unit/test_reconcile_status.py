@@ -182,3 +182,13 @@ def test_the_progress_budget_bounds_writes_of_all_mirrors_together() -> None:
     wait = bucket.take(0.0)
     assert 0.19 < wait <= 0.2, "the sixth write in the same instant waits for a token"
     assert bucket.take(0.2) == 0.0
+
+
+async def test_a_new_mirror_whose_children_are_still_missing_is_not_a_problem() -> None:
+    kit = Kit()
+    kit.kube.put(mirror("hub", nodeConfig={"enabled": False}))
+    assert isinstance(await kit.run("status", "hub"), RequeueAfter), "no status yet: it is progressing normally"
+    kit.clock.advance(61)  # past the first-status delay: progress, not a Warning
+    assert await kit.run("status", "hub") == Done()
+    assert ready(status_of(kit)) == ("False", "DeploymentMissing")
+    assert kit.kube.events == []
