@@ -50,7 +50,7 @@ FRONT_STORE_MAX = 4 << 30
 
 def control_name(mirror: str) -> str:
     """Name of the sidecar's live-input ConfigMap."""
-    return f"{naming.child_name(mirror)}-cache"
+    return naming.cache_control_name(mirror)
 
 
 def cap_bytes(spec: RegistryMirrorSpec) -> int:
