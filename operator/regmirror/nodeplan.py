@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
+from regmirror import naming
 from regmirror.lowlevel import canonical_registry_host, default_registry_server
 from regmirror.lowlevel import mirror_order_key as mirror_order_key  # the operator's name for it; defined there for the agent
 from regmirror.models import Capability, FallbackPolicy, LabelSelector, Model, RegistryMirrorSpec, Runtime, registry_host_from_url
@@ -42,6 +43,15 @@ class MirrorEntry(Model):
             description=(
                 "The registry host this mirror's upstream URL names: its `servers` entry for that host is the host's "
                 "real registry, which every mirror of the host falls back to. Other hosts fall back to their default registry."
+            )
+        ),
+    ] = None
+    service: Annotated[
+        str | None,
+        Field(
+            description=(
+                "The mirror's Service as `<namespace>/<name>`: agents watch its EndpointSlices, so a mirror whose pods are all "
+                "gone or unready is withdrawn at once (AllowUpstream) instead of after failed probes."
             )
         ),
     ] = None
@@ -103,8 +113,14 @@ def entry_hosts(spec: RegistryMirrorSpec) -> list[str]:
     return list(dict.fromkeys(_canonical(h) for h in spec.upstream.effective_hosts()))
 
 
-def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None) -> MirrorEntry:
-    """A mirror's entry in the node plan, once its Service has a ClusterIP."""
+def mirror_entry(
+    name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None, service_namespace: str | None = None
+) -> MirrorEntry:
+    """A mirror's entry in the node plan, once its Service has a ClusterIP.
+
+    `service_namespace` (the operator's namespace, where the mirror's Service
+    lives) lets agents watch the Service's EndpointSlices.
+    """
     scheme = "https" if spec.service.tls else "http"
     host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
     hosts = entry_hosts(spec)
@@ -120,6 +136,7 @@ def mirror_entry(name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: s
         node_selector=spec.node_config.node_selector,
         ca_pem=ca_pem,
         upstream_host=upstream_host(spec),
+        service=f"{service_namespace}/{naming.child_name(name)}" if service_namespace else None,
     )
 
 

@@ -15,18 +15,15 @@ for v in $CONTAINERD_VERSIONS; do
   [ -x "$out/containerd" ] && [ -x "$out/ctr" ] && continue
   echo ">> building containerd $v" >&2
   mkdir -p "$out"
-  case "$v" in
-    v2.*) GOBIN="$out" go install -tags "$tags" "github.com/containerd/containerd/v2/cmd/containerd@$v" "github.com/containerd/containerd/v2/cmd/ctr@$v" >&2 ;;
-    *)
-      # 1.x's go.mod has exclude directives, which `go install pkg@version` refuses:
-      # build inside a copy of the module instead.
-      src=$(go mod download -json "github.com/containerd/containerd@$v" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
-      work=$(mktemp -d)
-      cp -r "$src/." "$work/" && chmod -R u+w "$work"
-      (cd "$work" && go build -mod=mod -tags "$tags" -o "$out/" ./cmd/containerd ./cmd/ctr) >&2
-      rm -rf "$work"
-      ;;
-  esac
+  module=github.com/containerd/containerd
+  case "$v" in v2.*) module=$module/v2 ;; esac
+  # Some releases' go.mod (all 1.x, 2.1.x) has exclude directives, which
+  # `go install pkg@version` refuses: build inside a copy of the module.
+  src=$(go mod download -json "$module@$v" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+  work=$(mktemp -d)
+  cp -r "$src/." "$work/" && chmod -R u+w "$work"
+  (cd "$work" && go build -mod=mod -tags "$tags" -o "$out/" ./cmd/containerd ./cmd/ctr) >&2
+  rm -rf "$work"
 done
 if [ ! -x "$cache/crictl/bin/crictl" ]; then
   echo ">> building crictl $CRICTL_VERSION" >&2

@@ -71,6 +71,7 @@ class Mirror:
     node_selector: Selector = Selector()
     ca_pem: str | None = None
     upstream_host: str | None = None
+    service: str | None = None
     defects: tuple[str, ...] = ()
 
 
@@ -149,6 +150,10 @@ def _mirror(raw: dict[str, Any]) -> Mirror:
     if upstream_host is not None and not isinstance(upstream_host, str):
         defects.append("upstreamHost must be a string")
         upstream_host = None
+    service = raw.get("service")
+    if service is not None and not isinstance(service, str):
+        defects.append("service must be a string")
+        service = None
     return Mirror(
         name=_str(raw, "name", defects),
         hosts=_strs(raw.get("hosts"), "hosts", defects),
@@ -161,6 +166,7 @@ def _mirror(raw: dict[str, Any]) -> Mirror:
         node_selector=_selector(raw.get("nodeSelector"), defects),
         ca_pem=ca_pem or None,
         upstream_host=upstream_host,
+        service=service,
         defects=tuple(defects),
     )
 

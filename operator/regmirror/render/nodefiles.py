@@ -65,6 +65,9 @@ class HostRoute:
     server: str  # the host's real registry (its fallback)
     mirrors: tuple[Mirror, ...]  # usable, one per endpoint
     strict: bool
+    # containerd's per-host `dial_timeout` for the mirrors (a Go duration), or
+    # None where the node's containerd does not know the field (before 2.0.7 / 2.1.0).
+    dial_timeout: str | None = None
 
     @property
     def blocked(self) -> bool:
@@ -88,6 +91,7 @@ def host_routes(
     runtime: str,
     unhealthy: frozenset[str] = frozenset(),
     findings: list[Finding] | None = None,
+    dial_timeout: str | None = None,
 ) -> list[HostRoute]:
     """Per registry host: the mirrors `runtime` should use on this node.
 
@@ -148,7 +152,8 @@ def host_routes(
             endpoints[mirror.url] = mirror.name
             usable.append(mirror)
         if usable or strict:
-            routes.append(HostRoute(host=host, server=server, mirrors=tuple(usable), strict=strict))
+            timeout = dial_timeout if runtime == RUNTIME_CONTAINERD and usable else None
+            routes.append(HostRoute(host=host, server=server, mirrors=tuple(usable), strict=strict, dial_timeout=timeout))
     return routes
 
 
@@ -216,10 +221,14 @@ def _toml_list(values: Iterable[str]) -> str:
     return "[" + ", ".join(_toml_string(v) for v in values) + "]"
 
 
-def _host_block(mirror: Mirror, host_dir_path: str) -> list[str]:
+def _host_block(mirror: Mirror, host_dir_path: str, dial_timeout: str | None) -> list[str]:
     lines = [f"capabilities = {_toml_list(mirror.capabilities)}"]
     if mirror.ca_pem:
         lines.append(f"ca = {_toml_string(host_dir_path + '/' + ca_file_name(mirror.name))}")
+    if dial_timeout:
+        # A mirror that does not accept the connection in time is skipped for
+        # the next endpoint (containerd 2.0.7+/2.1+), instead of the default 30 s.
+        lines.append(f"dial_timeout = {_toml_string(dial_timeout)}")
     return lines
 
 
@@ -266,14 +275,14 @@ def render_hosts_toml(route: HostRoute, host_dir_path: str, carried: ForeignCert
         lines += [
             f"# {route.host}: NeverContactUpstream. Only the mirrors ({names}) are used, never {route.server}.",
             f"server = {_toml_string(route.mirrors[0].url)}",
-            *_host_block(route.mirrors[0], host_dir_path),
+            *_host_block(route.mirrors[0], host_dir_path, route.dial_timeout),
         ]
     else:
         lines += [f"# {route.host}: mirrors ({names}) first, then the upstream.", f"server = {_toml_string(route.server)}"]
         if carried is not None and (carried.ca or carried.client):
             lines += [f"# TLS files found in {carried.directory} (not ours), kept for the upstream by path:", *_carried_block(carried)]
     for mirror in route.mirrors:
-        lines += ["", f"[host.{_toml_string(mirror.url)}]", *("  " + line for line in _host_block(mirror, host_dir_path))]
+        lines += ["", f"[host.{_toml_string(mirror.url)}]", *("  " + line for line in _host_block(mirror, host_dir_path, route.dial_timeout))]
     return "\n".join(lines) + "\n"
 
 
@@ -482,18 +491,21 @@ def plan_node_files(
     containerd_config_path: str = c.CONTAINERD_CONFIG_PATH,
     crio_dropin_dir: str = c.CRIO_DROPIN_DIR,
     foreign: Mapping[str, ForeignCerts] | None = None,
+    dial_timeout: str | None = None,
 ) -> NodeFiles:
     """Every file this node should have, each parsed back and compared with its route before it is returned.
 
     Paths are host paths (what containerd and CRI-O read), not prefixed with
     the agent's host root. Each file starts with the ownership marker. A file
     that fails its check is not returned: a strict host gets a blocking file
-    instead, any other host keeps the file it has (`keep`).
+    instead, any other host keeps the file it has (`keep`). `dial_timeout` is
+    written for the mirrors only when given: the caller knows whether the
+    node's containerd reads it (agent/preflight.py `dial_timeout_supported`).
     """
     checked = as_checked(plan)
     out = NodeFiles(findings=list(checked.findings))
     root = containerd_config_path.rstrip("/")
-    for route in host_routes(checked, node_labels, RUNTIME_CONTAINERD, unhealthy, out.findings):
+    for route in host_routes(checked, node_labels, RUNTIME_CONTAINERD, unhealthy, out.findings, dial_timeout):
         out.routes[(route.host, RUNTIME_CONTAINERD)] = route
         try:
             _containerd_files(route, root, foreign or {}, out)

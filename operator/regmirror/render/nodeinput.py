@@ -38,6 +38,7 @@ RUNTIMES: Final = frozenset({RUNTIME_CONTAINERD, RUNTIME_CRIO})
 CAPABILITIES: Final = ("pull", "resolve")
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class SelectorLike(Protocol):
@@ -122,6 +123,7 @@ class Mirror:
     node_selector: SelectorLike
     ca_pem: str | None  # canonical PEM of the certificates that load
     upstream_host: str | None  # the host the mirror's upstream URL names (None: an older plan)
+    service: tuple[str, str] | None = None  # (namespace, name) of its Service, whose EndpointSlices the agent watches
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,14 @@ def ca_file_name(name: str) -> str:
 def valid_name(raw: object) -> str | None:
     """The entry's name if it is a DNS subdomain (what files are named after), else None."""
     return raw if isinstance(raw, str) and len(raw) <= 253 and _NAME_RE.fullmatch(raw) else None
+
+
+def service_ref(raw: object) -> tuple[str, str] | None:
+    """`<namespace>/<name>` of a Service (both DNS labels), else None."""
+    if not isinstance(raw, str) or raw.count("/") != 1:
+        return None
+    namespace, name = raw.split("/")
+    return (namespace, name) if _LABEL_RE.fullmatch(namespace) and _LABEL_RE.fullmatch(name) else None
 
 
 def mirror_label(raw: object) -> str:
@@ -275,6 +285,10 @@ def check_mirror(entry: MirrorLike) -> tuple[Mirror | None, StrictClaim | None, 
             upstream_host = canonical_registry_host(raw_upstream)
         except ValueError:
             note("ServerRejected", f"upstreamHost {shown(raw_upstream)} is not a registry host; ignored")
+    raw_service = getattr(entry, "service", None)
+    service = service_ref(raw_service)
+    if raw_service is not None and service is None:
+        note("ServiceRejected", f"service {shown(raw_service)} is not <namespace>/<name>; its endpoints are not watched (probes only)")
     mirror = Mirror(
         name=name,
         hosts=tuple(hosts),
@@ -287,6 +301,7 @@ def check_mirror(entry: MirrorLike) -> tuple[Mirror | None, StrictClaim | None, 
         node_selector=selector,
         ca_pem=ca_pem,
         upstream_host=upstream_host,
+        service=service,
     )
     return mirror, None, findings
 
