@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 
 from pydantic import Field
 
-from regmirror import naming
 from regmirror.lowlevel import canonical_registry_host, default_registry_server
 from regmirror.lowlevel import mirror_order_key as mirror_order_key  # the operator's name for it; defined there for the agent
 from regmirror.models import Capability, FallbackPolicy, LabelSelector, Model, RegistryMirrorSpec, Runtime, registry_host_from_url
@@ -114,12 +113,13 @@ def entry_hosts(spec: RegistryMirrorSpec) -> list[str]:
 
 
 def mirror_entry(
-    name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None, service_namespace: str | None = None
+    name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None, service: str | None = None
 ) -> MirrorEntry:
     """A mirror's entry in the node plan, once its Service has a ClusterIP.
 
-    `service_namespace` (the operator's namespace, where the mirror's Service
-    lives) lets agents watch the Service's EndpointSlices.
+    `service` (`<namespace>/<name>` of the mirror's Service,
+    `naming.child_name(name)` in the operator's namespace) lets agents watch
+    its EndpointSlices.
     """
     scheme = "https" if spec.service.tls else "http"
     host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
@@ -136,7 +136,7 @@ def mirror_entry(
         node_selector=spec.node_config.node_selector,
         ca_pem=ca_pem,
         upstream_host=upstream_host(spec),
-        service=f"{service_namespace}/{naming.child_name(name)}" if service_namespace else None,
+        service=service,
     )
 
 

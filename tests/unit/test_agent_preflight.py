@@ -125,7 +125,9 @@ def test_an_earlier_directory_of_the_list_shadows_ours(tmp_path: Path) -> None:
     assert "/etc/docker/certs.d/registry.example:5000" in result.message
     (tmp_path / "etc/docker/certs.d/registry.example:5000").rmdir()
     (tmp_path / "etc/docker/certs.d/_default").mkdir()  # shadows every host
-    assert check_containerd(tmp_path, CERTS, runtime_version="containerd://1.7.27", host_dirs=[["docker.io"]]).reason == "ConfigPathShadowed"
+    assert (
+        check_containerd(tmp_path, CERTS, runtime_version="containerd://1.7.27", host_dirs=[["docker.io"]]).reason == "ConfigPathShadowed"
+    )
     # Ours first: nothing after it matters.
     containerd_config(tmp_path, f'version = 2\n{V1_TABLE}\n  config_path = "{CERTS}:/etc/docker/certs.d"\n')
     assert check_containerd(tmp_path, CERTS, runtime_version="containerd://1.7.27", host_dirs=hosts).ok

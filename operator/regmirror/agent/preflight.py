@@ -181,7 +181,8 @@ def local_pull_reason(images: dict[str, Any]) -> str | None:
 
     The same list as containerd's CheckLocalImagePullConfigs (internal/cri/config/config.go).
     """
-    registry = images.get("registry") if isinstance(images.get("registry"), dict) else {}
+    raw = images.get("registry")
+    registry: dict[str, Any] = raw if isinstance(raw, dict) else {}
     checks = (
         ("use_local_image_pull = true", images.get("use_local_image_pull") is True),
         ("disable_snapshot_annotations = false", images.get("disable_snapshot_annotations") is False),

@@ -210,7 +210,10 @@ class HealthTracker:
             url = targets[name].url
             if state is None:
                 state = self._state[name] = MirrorHealth(
-                    healthy=error is None, failures=0 if error is None else 1, last_error=error, ready_endpoints=targets[name].ready_endpoints
+                    healthy=error is None,
+                    failures=0 if error is None else 1,
+                    last_error=error,
+                    ready_endpoints=targets[name].ready_endpoints,
                 )
                 if error is not None:
                     transitions.append(Transition(name, url, False, error))

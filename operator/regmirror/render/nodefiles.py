@@ -282,7 +282,11 @@ def render_hosts_toml(route: HostRoute, host_dir_path: str, carried: ForeignCert
         if carried is not None and (carried.ca or carried.client):
             lines += [f"# TLS files found in {carried.directory} (not ours), kept for the upstream by path:", *_carried_block(carried)]
     for mirror in route.mirrors:
-        lines += ["", f"[host.{_toml_string(mirror.url)}]", *("  " + line for line in _host_block(mirror, host_dir_path, route.dial_timeout))]
+        lines += [
+            "",
+            f"[host.{_toml_string(mirror.url)}]",
+            *("  " + line for line in _host_block(mirror, host_dir_path, route.dial_timeout)),
+        ]
     return "\n".join(lines) + "\n"
 
 
