@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dial-timeout",
         type=_duration,
-        default="200ms",
-        help="containerd's dial_timeout for the mirrors, on containerd 2.0.7+/2.1+ (a Go duration such as 200ms; 0 never writes it)",
+        default="100ms",
+        help="containerd's dial_timeout for the mirrors, on containerd 2.0.7+/2.1+ (a Go duration such as 100ms; 0 never writes it)",
     )
     p.add_argument("--no-watch-endpoints", action="store_true", help="do not watch the mirrors' EndpointSlices (probes alone decide)")
     return p

@@ -53,7 +53,7 @@ NODE_REFRESH_SECONDS = 30.0
 # on the node's own network answers a SYN in well under a millisecond, and a
 # pull makes a handful of sequential requests, each paying this once while a
 # dead mirror is still in the file.
-DEFAULT_DIAL_TIMEOUT = "200ms"
+DEFAULT_DIAL_TIMEOUT = "100ms"
 # Findings that need no action (posted as Normal Events).
 INFORMATIONAL = frozenset({"ForeignCertsCarried", "RuntimeIgnored"})
 
