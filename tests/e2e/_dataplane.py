@@ -432,10 +432,13 @@ def registry_table(config_version: int) -> str:
     return CRI_V2_REGISTRY if config_version >= 3 else CRI_V1_REGISTRY
 
 
-def containerd_config(binaries: ContainerdBinaries, workdir: Path, registry_toml: str, *, config_version: int | None = None) -> str:
+def containerd_config(
+    binaries: ContainerdBinaries, workdir: Path, registry_toml: str, *, config_version: int | None = None, images_toml: str = ""
+) -> str:
     """A self-contained config (own root, state, socket; native snapshotter) plus `registry_toml` verbatim.
 
-    `config_version` defaults to the binary's own format (2 for 1.x, 3 for 2.x).
+    `config_version` defaults to the binary's own format (2 for 1.x, 3 for 2.x);
+    `images_toml` are extra lines of 2.x's `[plugins."io.containerd.cri.v1.images"]`.
     """
     version = config_version or (3 if binaries.major >= 2 else 2)
     lines = [
@@ -462,7 +465,7 @@ def containerd_config(binaries: ContainerdBinaries, workdir: Path, registry_toml
     if binaries.major >= 2:
         # Also for a version 2 file: 2.x migrates the old CRI snapshotter
         # setting only when runtimes are configured.
-        lines += ['[plugins."io.containerd.cri.v1.images"]', '  snapshotter = "native"']
+        lines += ['[plugins."io.containerd.cri.v1.images"]', '  snapshotter = "native"', *images_toml.splitlines()]
     if version < 3:
         lines += ['[plugins."io.containerd.grpc.v1.cri".containerd]', '  snapshotter = "native"']
     return "\n".join(lines) + "\n" + registry_toml
@@ -501,6 +504,7 @@ class Containerd:
         *,
         registry_toml: str | None = None,
         config_version: int | None = None,
+        images_toml: str = "",
     ) -> Iterator[Containerd]:
         """Start containerd; CRI reads `config_path`, or whatever `registry_toml` says instead."""
         workdir = short_tmpdir("rm-ctrd-")
@@ -508,7 +512,7 @@ class Containerd:
         if registry_toml is None:
             registry_toml = config_path_toml(version, config_path) if config_path else ""
         config = workdir / "config.toml"
-        config.write_text(containerd_config(binaries, workdir, registry_toml, config_version=version))
+        config.write_text(containerd_config(binaries, workdir, registry_toml, config_version=version, images_toml=images_toml))
         log = (workdir / "containerd.log").open("wb")
         proc = subprocess.Popen(
             [binaries.containerd, "--config", str(config), "--log-level", "debug"], stdout=log, stderr=subprocess.STDOUT
