@@ -23,7 +23,7 @@ tolerates everything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -122,3 +122,43 @@ def timed_out_message(timeout: float) -> str:
         f"{TAINT_KEY} removed after {timeout:.0f}s although the node's registry configuration was not confirmed "
         "(its regmirror agent did not start, or a mirror did not answer): pods may pull without the mirror until it is"
     )
+
+
+def lift_overdue(
+    nodes: Iterable[Mapping[str, Any]],
+    first_seen: dict[str, float],
+    now: float,
+    timeout: float,
+    patch_node: Callable[[str, list[dict[str, Any]]], None],
+    post_event: Callable[[Mapping[str, Any], str, str], None],
+) -> tuple[list[str], float | None]:
+    """The operator's part: remove the taint from every node that kept it past `timeout`, with a Warning Event.
+
+    `first_seen` (node name -> when this operator first saw the taint) is
+    updated in place: the caller keeps it between calls and calls again at the
+    returned wake-up time (or on any node event). `patch_node(name, json_patch)`
+    and `post_event(node, reason, message)` are the API calls (the caller's
+    client, as the operator's ServiceAccount). A patch that fails (the taints
+    changed meanwhile, HTTP 422) is left for the next call. Returns (nodes
+    lifted, next wake-up).
+    """
+    by_name = {str((n.get("metadata") or {}).get("name", "")): n for n in nodes}
+    for name, node in by_name.items():
+        if has_startup_taint(((node.get("spec") or {}).get("taints")) or ()):
+            first_seen.setdefault(name, now)
+        else:
+            first_seen.pop(name, None)
+    for gone in set(first_seen) - set(by_name):
+        del first_seen[gone]
+    overdue, wake = expired(by_name.values(), first_seen, now, timeout)
+    lifted = []
+    for name in overdue:
+        node = by_name[name]
+        try:
+            patch_node(name, removal_patch((node.get("spec") or {}).get("taints")))
+        except Exception:  # the taints changed under us, or the API is away: next call
+            continue
+        lifted.append(name)
+        first_seen.pop(name, None)
+        post_event(node, TIMED_OUT_REASON, timed_out_message(timeout))
+    return lifted, wake
