@@ -163,7 +163,14 @@ def test_the_agent_lifts_its_own_nodes_taint_once_configured_and_can_do_nothing_
         assert taints_of(cluster, other) == [OTHER, TAINT]
         wait_for(
             lambda: cluster.kubectl(
-                "get", "events", "-n", "default", "--field-selector", f"reason={nodetaint.LIFTED_REASON},involvedObject.name={mine}", "-o", "name"
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                f"reason={nodetaint.LIFTED_REASON},involvedObject.name={mine}",
+                "-o",
+                "name",
             ).stdout.strip(),
             timeout=10,
             what="a RegistryConfigured Event on the node",
@@ -192,7 +199,14 @@ def test_the_agent_lifts_its_own_nodes_taint_once_configured_and_can_do_nothing_
         print("agent's node writes:", *summary, sep="\n  ")
         assert summary[0] == ("patch", mine, 200), summary
         assert sorted(summary[1:]) == sorted(
-            [("patch", other, 403), ("patch", mine, 403), ("patch", mine, 403), ("patch", mine, 403), ("delete", mine, 403), ("patch", mine, 403)]
+            [
+                ("patch", other, 403),
+                ("patch", mine, 403),
+                ("patch", mine, 403),
+                ("patch", mine, 403),
+                ("delete", mine, 403),
+                ("patch", mine, 403),
+            ]
         )
     finally:
         cluster.api("DELETE", f"/api/v1/namespaces/{AGENT_NS}/pods/{pod['metadata']['name']}?gracePeriodSeconds=0")
