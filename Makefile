@@ -32,7 +32,7 @@ lock: ## Recompile requirements.lock (the image) and requirements-dev.lock from 
 	@test -x $(VENV)/bin/uv || { python3 -m venv $(VENV) && $(VENV)/bin/pip install -q "$$(grep -oE '^uv==[^ ]+' requirements-dev.lock || echo uv)"; }
 	UV=$(VENV)/bin/uv python3 tests/tools/lock.py compile $(if $(UPGRADE),--upgrade,)
 
-system-packages: ## Debian packages the tests run (registry, containerd, skopeo, dockerd, htpasswd, promtool); root
+system-packages: ## Debian packages the tests run (registry, containerd, skopeo, dockerd, htpasswd, promtool, varnish); root
 	tests/tools/system-packages.sh
 
 controlplane: ## Build etcd, kube-apiserver, controller-manager, scheduler, kubectl and kwok (cached by version)

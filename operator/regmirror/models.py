@@ -174,13 +174,106 @@ def normalize_registry_host(host: str) -> str:
     return c.DOCKER_HUB_NAME if host in c.DOCKER_HUB_HOSTS else host
 
 
+S3_BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+S3_ROOT_PATTERN = r"^/?([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]*$"
+S3_REGION_PATTERN = r"^[a-z0-9-]{1,32}$"
+
+
+class S3CredentialsSecretRef(Model):
+    """An access key for the bucket, held in a Secret."""
+
+    name: Annotated[
+        str,
+        Field(
+            description=(
+                "Name of a Secret in the operator's namespace holding the access key. The values reach the registry "
+                "only through Secret-backed environment variables (REGISTRY_STORAGE_S3_ACCESSKEY and "
+                "REGISTRY_STORAGE_S3_SECRETKEY); they are never copied into a ConfigMap, a log, an Event or status."
+            ),
+            pattern=NAME_PATTERN,
+            max_length=253,
+        ),
+    ]
+    access_key_key: Annotated[str, Field(description="Key of the access key id in the Secret.", min_length=1)] = "accessKey"
+    secret_key_key: Annotated[str, Field(description="Key of the secret access key in the Secret.", min_length=1)] = "secretKey"
+
+
+class S3Storage(Model):
+    """An S3-compatible bucket that every replica of the mirror shares (distribution's s3 driver)."""
+
+    endpoint: Annotated[
+        str | None,
+        Field(
+            description=(
+                "URL of the S3 API, e.g. https://minio.storage.svc:9000; http:// talks plain HTTP. Empty means AWS S3 "
+                "in `region`. Reached from the mirror's pods (cluster DNS works here, unlike on the nodes)."
+            ),
+            pattern=URL_PATTERN,
+            max_length=2048,
+        ),
+    ] = None
+    bucket: Annotated[
+        str, Field(description="Bucket name. The bucket must exist; the mirror never creates or deletes it.", pattern=S3_BUCKET_PATTERN)
+    ]
+    region: Annotated[
+        str,
+        Field(description="Region of the bucket (any value the endpoint accepts when `endpoint` is set).", pattern=S3_REGION_PATTERN),
+    ] = "us-east-1"
+    root_directory: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Key prefix under which this mirror keeps its objects. Default: regmirror/<mirror name>, so mirrors "
+                "sharing a bucket never share content paths (two upstreams may both have library/nginx)."
+            ),
+            pattern=S3_ROOT_PATTERN,
+            max_length=512,
+        ),
+    ] = None
+    force_path_style: Annotated[
+        bool,
+        Field(
+            description="Address the bucket as <endpoint>/<bucket> instead of <bucket>.<endpoint> (what most self-hosted S3 servers need)."
+        ),
+    ] = True
+    credentials_secret_ref: Annotated[
+        S3CredentialsSecretRef | None,
+        Field(description="Access key for the bucket. Unset: the SDK's default chain (instance role, web identity / IRSA)."),
+    ] = None
+    ca_secret_ref: Annotated[
+        SecretKeyRef | None,
+        Field(description="A Secret key holding a PEM CA bundle that signs the endpoint's certificate, added to the system roots."),
+    ] = None
+
+    def effective_root(self, mirror: str) -> str:
+        """The key prefix, with the per-mirror default; always absolute (distribution's form)."""
+        root = self.root_directory if self.root_directory is not None else f"regmirror/{mirror}"
+        return "/" + root.strip("/")
+
+
 class Storage(Model):
-    """Where the cache keeps blobs (/var/lib/registry)."""
+    """Where the cache keeps blobs: a PersistentVolumeClaim (default), an emptyDir (ephemeral) or an S3 bucket (s3)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.s3) || !has(self.ephemeral) || !self.ephemeral",
+                    "storage: choose one back-end: s3 or ephemeral (neither means a PersistentVolumeClaim)",
+                ),
+                cel(
+                    "!has(self.s3) || !has(self.storageClassName)",
+                    "storage.storageClassName is for a PersistentVolumeClaim; with storage.s3 there is none",
+                    fieldPath=".storageClassName",
+                ),
+            ]
+        }
+    )
 
     size: Annotated[
         str,
         Field(
-            description="Capacity of the cache volume (a Kubernetes quantity, e.g. 20Gi). Can grow, never shrink.",
+            description="Capacity of the cache volume (a Kubernetes quantity, e.g. 20Gi); with s3, only sizes each pod's front store. Can grow, never shrink.",
             pattern=QUANTITY_PATTERN,
             json_schema_extra={
                 "x-kubernetes-validations": [
@@ -204,7 +297,7 @@ class Storage(Model):
     access_modes: Annotated[
         list[AccessMode],
         Field(
-            description="Access modes of the PersistentVolumeClaim. More than one replica needs ReadWriteMany (or ephemeral storage). Immutable.",
+            description="Access modes of the PersistentVolumeClaim (ignored with s3). More than one replica on a volume needs ReadWriteMany. Immutable.",
             min_length=1,
             max_length=3,
             json_schema_extra={"x-kubernetes-list-type": "set", **immutable("storage.accessModes")},
@@ -222,6 +315,25 @@ class Storage(Model):
             description="What happens to the PersistentVolumeClaim when the RegistryMirror is deleted: Delete it with the mirror, or Retain it (and its cached blobs) for a later mirror of the same name."
         ),
     ] = DeletionPolicy.DELETE
+    s3: Annotated[
+        S3Storage | None,
+        Field(
+            description=(
+                "Keep the cache in an S3-compatible bucket instead of a volume: every replica serves what any replica "
+                "fetched, so replicas > 1 need no ReadWriteMany volume. size then only sizes each pod's front store; the "
+                "cache sidecar does not evict from a bucket (bound it with a lifecycle rule on the bucket, see "
+                "docs/deploy.md), so cache.maxSize cannot be set and cache.ttl is not enforced."
+            ),
+        ),
+    ] = None
+
+    @model_validator(mode="after")
+    def _one_back_end(self) -> Storage:
+        if self.s3 is not None and self.ephemeral:
+            raise ValueError("storage: choose one back-end: s3 or ephemeral (neither means a PersistentVolumeClaim)")
+        if self.s3 is not None and self.storage_class_name is not None:
+            raise ValueError("storage.storageClassName is for a PersistentVolumeClaim; with storage.s3 there is none")
+        return self
 
 
 class Cache(Model):
@@ -492,14 +604,21 @@ class RegistryMirrorSpec(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "self.replicas <= 1 || (has(self.storage) && (self.storage.ephemeral || self.storage.accessModes.exists(m, m == 'ReadWriteMany')))",
-                    "more than one replica needs storage.ephemeral or the ReadWriteMany access mode",
+                    "self.replicas <= 1 || (has(self.storage) && (has(self.storage.s3) || self.storage.ephemeral || "
+                    "self.storage.accessModes.exists(m, m == 'ReadWriteMany')))",
+                    "more than one replica needs storage.s3, storage.ephemeral or the ReadWriteMany access mode",
                     fieldPath=".replicas",
                 ),
                 cel(
                     "!has(self.cache) || !has(self.cache.maxSize) || !has(self.storage) || !has(self.storage.size) || "
                     "quantity(self.cache.maxSize).compareTo(quantity(self.storage.size)) <= 0",
                     "cache.maxSize must not exceed storage.size",
+                    fieldPath=".cache.maxSize",
+                ),
+                cel(
+                    "!has(self.storage) || !has(self.storage.s3) || !has(self.cache) || !has(self.cache.maxSize)",
+                    "cache.maxSize cannot be enforced on storage.s3: the cache sidecar does not evict from a bucket; "
+                    "bound the bucket with a lifecycle rule instead",
                     fieldPath=".cache.maxSize",
                 ),
                 cel(
@@ -549,8 +668,14 @@ class RegistryMirrorSpec(Model):
 
     @model_validator(mode="after")
     def _replicas_need_shared_storage(self) -> RegistryMirrorSpec:
-        if self.replicas > 1 and not (self.storage.ephemeral or AccessMode.READ_WRITE_MANY in self.storage.access_modes):
-            raise ValueError("replicas: more than one replica needs storage.ephemeral or the ReadWriteMany access mode")
+        shared = self.storage.s3 is not None or self.storage.ephemeral or AccessMode.READ_WRITE_MANY in self.storage.access_modes
+        if self.replicas > 1 and not shared:
+            raise ValueError("replicas: more than one replica needs storage.s3, storage.ephemeral or the ReadWriteMany access mode")
+        if self.storage.s3 is not None and self.cache.max_size is not None:
+            raise ValueError(
+                "cache.maxSize cannot be enforced on storage.s3: the cache sidecar does not evict from a bucket; "
+                "bound the bucket with a lifecycle rule instead"
+            )
         if self.node_config.fallback == FallbackPolicy.NEVER_CONTACT_UPSTREAM and self.replicas == 0:
             raise ValueError("replicas: NeverContactUpstream with 0 replicas would make every pull of these hosts fail")
         if self.cache.max_size is not None and quantity_bytes(self.cache.max_size) > quantity_bytes(self.storage.size):

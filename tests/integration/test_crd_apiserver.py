@@ -70,7 +70,7 @@ def test_short_name_and_category(crd: LocalCluster) -> None:
         ({"storage": {"size": "-5Gi"}}, "spec.storage.size"),
         ({"storage": {"size": "0"}}, "storage.size must be a positive quantity"),
         ({"cache": {"ttl": "a week"}}, "spec.cache.ttl"),
-        ({"replicas": 3}, "more than one replica needs storage.ephemeral or the ReadWriteMany access mode"),
+        ({"replicas": 3}, "more than one replica needs storage.s3, storage.ephemeral or the ReadWriteMany access mode"),
         ({"nodeConfig": {"fallback": "Sometimes"}}, "spec.nodeConfig.fallback"),
         ({"service": {"tls": {"secretName": "mirror-tls"}}}, "service.tls needs a fixed service.clusterIP"),
         ({"service": {"port": 5001}}, "service.port 5001 is reserved"),

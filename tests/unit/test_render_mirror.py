@@ -121,17 +121,27 @@ def test_credentials_only_through_secret_key_refs() -> None:
     assert "username" not in config["proxy"] and "password" not in config["proxy"]
 
 
-def test_planted_credential_never_appears_in_any_rendered_object() -> None:
-    spec = make_spec(upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": "quay-creds"}})
-    # What the operator derives from the Secret: a hash, never the value.
-    creds_hash = hashlib.sha256(PLANTED_PASSWORD.encode()).hexdigest()[:16]
+PLANTED_S3_SECRET_KEY = "wJalrXUtnFEMI/Planted/S3+Secret"
+
+
+@pytest.mark.parametrize("bucket", [False, True], ids=["volume", "s3"])
+def test_planted_credential_never_appears_in_any_rendered_object(bucket: bool) -> None:
+    storage = {"s3": {"bucket": "mirrors", "credentialsSecretRef": {"name": "bucket-key"}}} if bucket else {}
+    spec = make_spec(upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": "quay-creds"}}, storage=storage)
+    # What the operator derives from the Secrets: a hash, never the values.
+    creds_hash = hashlib.sha256((PLANTED_PASSWORD + PLANTED_S3_SECRET_KEY).encode()).hexdigest()[:16]
     objs = render_mirror_children("quay", UID, spec, NS, credentials_hash=creds_hash)
     plan = build_node_plan([mirror_entry("quay", spec, "10.96.0.20")])
     objs += [render_node_config_map(plan, c.AGENT_NAMESPACE), render_agent_daemonset(plan, c.AGENT_NAMESPACE, "img")]
     text = dump_yaml(objs) + json.dumps(objs)
-    for form in (PLANTED_PASSWORD, base64.b64encode(PLANTED_PASSWORD.encode()).decode()):
-        assert form not in text
+    for planted in (PLANTED_PASSWORD, PLANTED_S3_SECRET_KEY):
+        for form in (planted, base64.b64encode(planted.encode()).decode()):
+            assert form not in text
     assert all(obj["kind"] != "Secret" for obj in objs)
+    # No ConfigMap even names a credential: distribution gets them from Secret-backed env vars only.
+    for cm in (o for o in objs if o["kind"] == "ConfigMap"):
+        data = json.dumps(cm["data"]).lower()
+        assert not any(word in data for word in ("password", "accesskey", "secretkey")), cm["metadata"]["name"]
 
 
 def test_credentials_hash_changes_the_pod_template() -> None:
@@ -266,7 +276,8 @@ def test_scheduling_fields_come_from_the_spec() -> None:
     )
     pod = objs["Deployment"]["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"pool": "infra"}
-    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}]
+    # The user's tolerations first; the short node-failure ones follow (tests/unit/test_render_ha.py).
+    assert pod["tolerations"][0] == {"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}
     assert pod["affinity"] == affinity
     assert pod["priorityClassName"] == "high"
     assert container(objs)["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}

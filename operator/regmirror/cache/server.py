@@ -65,6 +65,8 @@ class Cache:
         self.front = args.front.rstrip("/")
         self.registry_metrics = args.registry_metrics
         self.front_stats = Path(args.front_stats) if args.front_stats else None
+        # Off on shared object storage (render/cache.py says why): no scan, no eviction.
+        self.evicts = getattr(args, "eviction", "on") == "on"
         self.state_file = self.root / STATE_DIR / "state.json"
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -304,6 +306,7 @@ class Cache:
                 "diskCap": self.policy.cap_bytes,
                 "pinnedImages": self.pinned_images,
                 "overCap": self.over_cap_pinned,
+                "eviction": "on" if self.evicts else "off",
                 "upstreamReachable": self.upstream_ok,
                 "lastEviction": self.last_eviction,
                 "observedAt": rfc3339(time.time()),
@@ -322,7 +325,8 @@ class Cache:
             while not self.stop.is_set():
                 self.reload_control()
                 try:
-                    self.janitor_pass(time.time())
+                    if self.evicts:
+                        self.janitor_pass(time.time())
                 except OSError as exc:
                     log("janitor.error", error=str(exc)[:300])
                 if time.monotonic() - last_save > SAVE_SECONDS:
@@ -441,6 +445,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry-metrics", required=True, help="distribution's Prometheus endpoint")
     parser.add_argument("--front", required=True, help="URL of the front (or of the registry when there is no front)")
     parser.add_argument("--front-stats", default=None, help="varnishstat -j output the front-stats container writes")
+    parser.add_argument(
+        "--eviction",
+        choices=("on", "off"),
+        default="on",
+        help="off: never scan or evict the storage (object storage shared by several replicas)",
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -458,7 +468,7 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     threads = cache.run_loops()
-    log("cache.serving", listen=f"{host}:{port}", storage=str(cache.root))
+    log("cache.serving", listen=f"{host}:{port}", storage=str(cache.root), eviction="on" if cache.evicts else "off")
     server.serve_forever(poll_interval=0.2)
     for t in threads:
         t.join(5)

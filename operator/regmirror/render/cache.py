@@ -54,7 +54,9 @@ def control_name(mirror: str) -> str:
 
 
 def cap_bytes(spec: RegistryMirrorSpec) -> int:
-    """The size cap: cache.maxSize, or DEFAULT_CAP_PERCENT of storage.size."""
+    """The size cap: cache.maxSize, or DEFAULT_CAP_PERCENT of storage.size; 0 (none) on an s3 bucket."""
+    if spec.storage.s3 is not None:
+        return 0
     if spec.cache.max_size is not None:
         return quantity_bytes(spec.cache.max_size)
     return quantity_bytes(spec.storage.size) * DEFAULT_CAP_PERCENT // 100
@@ -196,6 +198,11 @@ def sidecar_container(spec: RegistryMirrorSpec, image: str, env: list[dict[str, 
     ]
     if front:
         args += ["--front-stats", f"{STATS_DIR}/{VARNISH_STATS_FILE}"]
+    if spec.storage.s3 is not None:
+        # The sidecar evicts from distribution's filesystem layout; on a bucket shared by every
+        # replica it would need every replica's pull record and one evictor among them. It keeps
+        # its other jobs (figures, upstream health, prewarm, invalidation). See docs/deploy.md.
+        args += ["--eviction", "off"]
     mounts = [
         {"name": "storage", "mountPath": c.REGISTRY_STORAGE_PATH},
         {"name": "cache-control", "mountPath": CONTROL_DIR, "readOnly": True},

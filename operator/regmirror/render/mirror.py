@@ -30,15 +30,40 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 TLS_DIR = "/etc/regmirror/tls"
 UPSTREAM_CA_DIR = "/etc/regmirror/upstream-ca"
 UPSTREAM_CA_FILE = "ca.crt"
-# Go reads every file of every directory listed here; keeping the system
-# directory first means a private CA adds to the public roots instead of
-# replacing them.
-SSL_CERT_DIR = f"/etc/ssl/certs:{UPSTREAM_CA_DIR}"
+# Go reads every file of every directory listed in SSL_CERT_DIR; keeping the system
+# directory first means a private CA adds to the public roots instead of replacing them.
+SYSTEM_CERT_DIR = "/etc/ssl/certs"
 # Distribution 3 and the official image run fine as any user; 65532 is the
 # conventional "nonroot" id, and fsGroup makes the cache volume writable.
 NONROOT_ID = 65532
 ENV_PROXY_USERNAME = "REGISTRY_PROXY_USERNAME"
 ENV_PROXY_PASSWORD = "REGISTRY_PROXY_PASSWORD"
+# distribution reads these as overrides of storage.s3.accesskey / secretkey.
+ENV_S3_ACCESS_KEY = "REGISTRY_STORAGE_S3_ACCESSKEY"
+ENV_S3_SECRET_KEY = "REGISTRY_STORAGE_S3_SECRETKEY"
+STORAGE_CA_DIR = "/etc/regmirror/storage-ca"
+STORAGE_CA_FILE = "ca.crt"
+# With s3 the pod keeps no blobs; this emptyDir only holds the cache sidecar's small state file.
+S3_SCRATCH_SIZE = "64Mi"
+# How long a replica stays bound to a node that stopped reporting before it is evicted and
+# replaced elsewhere (the default is 300 s). The Service stops routing to it earlier, as soon
+# as the node controller marks the node NotReady and its pods not ready; this bounds how long
+# the mirror runs one replica short. Not shorter: a kubelet blip would then evict a healthy
+# replica and, on ephemeral storage, drop its whole cache.
+NODE_FAILURE_TOLERATION_SECONDS = 30
+NODE_FAILURE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+HOSTNAME_TOPOLOGY_KEY = "kubernetes.io/hostname"
+# A replica being deleted (rollout, drain, scale-down) keeps serving this long after it leaves
+# the Service: kube-proxy on every node needs a moment to stop sending it new connections (a
+# reset one makes containerd fetch that request from the upstream instead), and transfers
+# already running finish instead of relying on containerd to resume them elsewhere.
+SHUTDOWN_DELAY_SECONDS = 15
+# Then distribution stops accepting and lets in-flight requests finish for up to this long
+# (its http.draintimeout; without one, SIGTERM ends it at once).
+DRAIN_SECONDS = 10
+TERMINATION_GRACE_SECONDS = SHUTDOWN_DELAY_SECONDS + DRAIN_SECONDS + 5
+# Containers that serve nodes (or hear from the registry) wait out the delay; the stats loop need not.
+DELAYED_SHUTDOWN_CONTAINERS = ("registry", "front", "cache")
 PORT_NAME = "registry"
 BACKEND_PORT_NAME = "backend"
 CACHE_PORT_NAME = "cache"
@@ -72,7 +97,12 @@ def config_hash(text: str) -> str:
 
 
 def _uses_pvc(spec: RegistryMirrorSpec) -> bool:
-    return not spec.storage.ephemeral
+    return not spec.storage.ephemeral and spec.storage.s3 is None
+
+
+def uses_s3(spec: RegistryMirrorSpec) -> bool:
+    """Whether the cache lives in an S3 bucket shared by every replica (no volume holds blobs)."""
+    return spec.storage.s3 is not None
 
 
 def _single_attach(spec: RegistryMirrorSpec) -> bool:
@@ -90,10 +120,34 @@ def registry_listen_port(spec: RegistryMirrorSpec) -> int:
     return REGISTRY_BACKEND_PORT if front_enabled(spec) else c.REGISTRY_PORT
 
 
-def render_registry_config(spec: RegistryMirrorSpec) -> str:
-    """distribution's config.yml for proxy mode; never holds credentials."""
+def _storage_config(name: str, spec: RegistryMirrorSpec) -> dict[str, Any]:
+    s3 = spec.storage.s3
+    if s3 is None:
+        return {"filesystem": {"rootdirectory": c.REGISTRY_STORAGE_PATH}}
+    params: dict[str, Any] = {"bucket": s3.bucket, "region": s3.region}
+    if s3.endpoint:
+        params["regionendpoint"] = s3.endpoint
+        # The SDK takes the endpoint's scheme; `secure` says the same for its defaults.
+        params["secure"] = s3.endpoint.startswith("https://")
+    params["forcepathstyle"] = s3.force_path_style
+    params["rootdirectory"] = s3.effective_root(name)
+    # No accesskey/secretkey here: they come from REGISTRY_STORAGE_S3_* Secret-backed env vars.
+    return {
+        "s3": params,
+        # Blobs are served by the registry itself, not by a 307 to a pre-signed bucket URL:
+        # nodes may not reach the bucket, and the front must see (and merge) every blob GET.
+        "redirect": {"disable": True},
+    }
+
+
+def render_registry_config(spec: RegistryMirrorSpec, name: str = "") -> str:
+    """distribution's config.yml for proxy mode; never holds credentials.
+
+    `name` (the mirror's) only matters for s3 storage: the default key prefix.
+    """
     http: dict[str, Any] = {
         "addr": f":{registry_listen_port(spec)}",
+        "draintimeout": f"{DRAIN_SECONDS}s",
         "headers": {"X-Content-Type-Options": ["nosniff"]},
         "debug": {
             "addr": f":{c.REGISTRY_DEBUG_PORT}",
@@ -107,13 +161,16 @@ def render_registry_config(spec: RegistryMirrorSpec) -> str:
         # The access log is Apache-style text; the JSON "response completed" lines already cover each request.
         "log": {"accesslog": {"disabled": True}, "level": "info", "formatter": "json", "fields": {"service": "registry"}},
         "storage": {
-            "filesystem": {"rootdirectory": c.REGISTRY_STORAGE_PATH},
+            **_storage_config(name, spec),
             "delete": {"enabled": True},
             # No blobdescriptor cache: the cache sidecar deletes evicted blobs under the running
             # registry, and a cached descriptor would keep answering "present" for a blob that is
             # gone (distribution#2367; Gardener's registry cache disables it for the same reason).
         },
         "http": http,
+        # A failing check makes distribution answer 503 to every request (health.Handler), /v2/
+        # included: the readiness probes then take the pod out of the Service, which is how an
+        # unreachable bucket or a broken volume shows.
         "health": {"storagedriver": {"enabled": True, "interval": "10s", "threshold": 3}},
         # ttl 0 turns distribution's own expiry off: its scheduler deletes blindly, also what
         # running pods use. The cache sidecar enforces cache.ttl as an upper bound instead,
@@ -153,12 +210,12 @@ def render_config_map(name: str, uid: str, spec: RegistryMirrorSpec, namespace: 
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(name, uid, namespace),
-        "data": _config_data(spec),
+        "data": _config_data(name, spec),
     }
 
 
-def _config_data(spec: RegistryMirrorSpec) -> dict[str, str]:
-    data = {CONFIG_KEY: render_registry_config(spec)}
+def _config_data(name: str, spec: RegistryMirrorSpec) -> dict[str, str]:
+    data = {CONFIG_KEY: render_registry_config(spec, name)}
     if front_enabled(spec):
         data[FRONT_CONFIG_KEY] = render_front_vcl(front_settings(spec))
     return data
@@ -209,8 +266,18 @@ def _env(spec: RegistryMirrorSpec) -> list[dict[str, Any]]:
     if creds is not None:
         for var, key in ((ENV_PROXY_USERNAME, creds.username_key), (ENV_PROXY_PASSWORD, creds.password_key)):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": creds.name, "key": key}}})
+    s3 = spec.storage.s3
+    if s3 is not None and s3.credentials_secret_ref is not None:
+        ref = s3.credentials_secret_ref
+        for var, key in ((ENV_S3_ACCESS_KEY, ref.access_key_key), (ENV_S3_SECRET_KEY, ref.secret_key_key)):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
+    cert_dirs = [SYSTEM_CERT_DIR]
     if spec.upstream.tls is not None and spec.upstream.tls.ca_secret_ref is not None:
-        env.append({"name": "SSL_CERT_DIR", "value": SSL_CERT_DIR})
+        cert_dirs.append(UPSTREAM_CA_DIR)
+    if s3 is not None and s3.ca_secret_ref is not None:
+        cert_dirs.append(STORAGE_CA_DIR)
+    if len(cert_dirs) > 1:
+        env.append({"name": "SSL_CERT_DIR", "value": ":".join(cert_dirs)})
     # distribution 3 exports OpenTelemetry traces to localhost by default and
     # logs every failed export; nothing collects them here.
     env.append({"name": "OTEL_TRACES_EXPORTER", "value": "none"})
@@ -235,6 +302,8 @@ def _volumes_and_mounts(name: str, spec: RegistryMirrorSpec) -> tuple[list[dict[
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     if _uses_pvc(spec):
         volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": child}})
+    elif uses_s3(spec):
+        volumes.append({"name": "storage", "emptyDir": {"sizeLimit": S3_SCRATCH_SIZE}})
     else:
         volumes.append({"name": "storage", "emptyDir": {"sizeLimit": spec.storage.size}})
     mounts.append({"name": "storage", "mountPath": c.REGISTRY_STORAGE_PATH})
@@ -256,6 +325,11 @@ def _volumes_and_mounts(name: str, spec: RegistryMirrorSpec) -> tuple[list[dict[
         ref = spec.upstream.tls.ca_secret_ref
         volumes.append({"name": "upstream-ca", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": UPSTREAM_CA_FILE}]}})
         mounts.append({"name": "upstream-ca", "mountPath": UPSTREAM_CA_DIR, "readOnly": True})
+    s3 = spec.storage.s3
+    if s3 is not None and s3.ca_secret_ref is not None:
+        ref = s3.ca_secret_ref
+        volumes.append({"name": "storage-ca", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": STORAGE_CA_FILE}]}})
+        mounts.append({"name": "storage-ca", "mountPath": STORAGE_CA_DIR, "readOnly": True})
     return volumes, mounts
 
 
@@ -266,6 +340,70 @@ def _probe(path: str, port: int, scheme: str, *, period: int, failures: int) -> 
         "periodSeconds": period,
         "successThreshold": 1,
         "failureThreshold": failures,
+    }
+
+
+def _liveness(spec: RegistryMirrorSpec) -> dict[str, Any]:
+    if uses_s3(spec):
+        # /debug/health fails with the storage check, and a restart cannot bring a remote bucket
+        # back: it would only restart every replica in a loop while readiness already keeps them
+        # out of the Service. Liveness asks whether the process answers at all.
+        return {"tcpSocket": {"port": METRICS_PORT_NAME}, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6}
+    return _probe(HEALTH_PATH, c.REGISTRY_DEBUG_PORT, "HTTP", period=10, failures=6)
+
+
+def _tolerations(spec: RegistryMirrorSpec) -> list[dict[str, Any]]:
+    """The user's tolerations, plus a short stay on a failed node for the taints the user did not set."""
+    tolerations = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.tolerations]
+    given = {t.key for t in spec.tolerations}
+    for key in NODE_FAILURE_TAINTS:
+        if key not in given:
+            tolerations.append(
+                {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": NODE_FAILURE_TOLERATION_SECONDS}
+            )
+    return tolerations
+
+
+def _spread(name: str) -> list[dict[str, Any]]:
+    """One replica per node where the nodes allow it.
+
+    ScheduleAnyway, not DoNotSchedule: a dead node keeps its (NotReady-tainted) domain in the
+    skew count, so DoNotSchedule would leave the replacement replica Pending until the node
+    returns, exactly when it is needed. Rendered for one replica too (a no-op there), so that
+    scaling never changes the pod template and rolls the pods.
+    """
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": HOSTNAME_TOPOLOGY_KEY,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": naming.selector_labels(name)},
+            # Count only this revision's pods: during a rolling update the old ones are leaving.
+            "matchLabelKeys": ["pod-template-hash"],
+        }
+    ]
+
+
+def render_pdb(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any] | None:
+    """A PodDisruptionBudget keeping all but one replica up through drains; None for one replica or none.
+
+    maxUnavailable 1 (not minAvailable): it holds for any replica count. AlwaysAllow lets a
+    drain evict a replica that is not ready anyway (a broken pod must not block node maintenance).
+    One replica gets none: a budget there either blocks every drain or protects nothing. A
+    budget left behind by a scale-down to one is harmless (maxUnavailable 1 lets the last pod
+    go) and leaves with the mirror (owner reference): the operator never deletes through the API.
+    """
+    if spec.replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(name, uid, namespace),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": naming.selector_labels(name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     }
 
 
@@ -320,7 +458,7 @@ def render_deployment(
         "resources": resources,
         "volumeMounts": mounts,
         "readinessProbe": _probe("/v2/", registry_listen_port(spec), scheme, period=5, failures=3),
-        "livenessProbe": _probe(HEALTH_PATH, c.REGISTRY_DEBUG_PORT, "HTTP", period=10, failures=6),
+        "livenessProbe": _liveness(spec),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
@@ -329,6 +467,7 @@ def render_deployment(
         },
     }
     pod_spec: dict[str, Any] = {
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
         "securityContext": {
@@ -344,8 +483,8 @@ def render_deployment(
     }
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.tolerations]
+    pod_spec["tolerations"] = _tolerations(spec)
+    pod_spec["topologySpreadConstraints"] = _spread(name)
     if spec.affinity:
         pod_spec["affinity"] = copy.deepcopy(spec.affinity)
     if spec.priority_class_name:
@@ -370,12 +509,22 @@ def render_deployment(
 def _containers(spec: RegistryMirrorSpec, registry: dict[str, Any], sidecar_image: str, front_image: str) -> list[dict[str, Any]]:
     front = front_enabled(spec)
     # The sidecar gets the registry's env (proxy, CA, upstream credentials) for its own
-    # upstream probes and rate-limit reads; it never logs them.
-    sidecar = render_cache.sidecar_container(spec, sidecar_image, copy.deepcopy(registry["env"]), front)
+    # upstream probes and rate-limit reads; it never logs them. Not the bucket's key: it
+    # never talks to the bucket.
+    env = [e for e in copy.deepcopy(registry["env"]) if e["name"] not in (ENV_S3_ACCESS_KEY, ENV_S3_SECRET_KEY)]
+    sidecar = render_cache.sidecar_container(spec, sidecar_image, env, front)
     containers = [registry]
     if front:
         containers += render_cache.front_containers(spec, front_image, "front-config")
-    return [*containers, sidecar]
+    containers.append(sidecar)
+    # Only where another pod serves meanwhile: with a single-attach claim (Recreate) the old pod
+    # has left the Service already and the new one cannot start before it is gone, so a delay
+    # would only lengthen every rollout's gap.
+    for container in containers if not _single_attach(spec) else []:
+        if container["name"] in DELAYED_SHUTDOWN_CONTAINERS:
+            # The kubelet's own sleep (no shell needed in the image; GA in Kubernetes 1.34, on by default since 1.30).
+            container["lifecycle"] = {"preStop": {"sleep": {"seconds": SHUTDOWN_DELAY_SECONDS}}}
+    return containers
 
 
 def render_mirror_children(
@@ -389,8 +538,8 @@ def render_mirror_children(
     pins: Iterable[str] = (),
     invalidations: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """ConfigMaps (registry and front config; the cache's live inputs), PVC (unless ephemeral), Service
-    and Deployment, in the order to apply them.
+    """ConfigMaps (registry and front config; the cache's live inputs), PVC (unless ephemeral or s3),
+    Service, PodDisruptionBudget (more than one replica) and Deployment, in the order to apply them.
 
     `sidecar_image` is the operator's own image (it runs `regmirror cache serve`); `pins` and
     `invalidations` are the cache sidecar's live inputs (see render/cache.py).
@@ -402,6 +551,9 @@ def render_mirror_children(
     if pvc is not None:
         children.append(pvc)
     children.append(render_service(name, uid, spec, namespace))
+    pdb = render_pdb(name, uid, spec, namespace)
+    if pdb is not None:
+        children.append(pdb)
     children.append(
         render_deployment(
             name,
