@@ -60,6 +60,7 @@ class FallbackPolicy(StrEnum):
 class Runtime(StrEnum):
     CONTAINERD = "containerd"
     CRIO = "crio"
+    DOCKER = "docker"
 
 
 class Capability(StrEnum):
@@ -558,6 +559,19 @@ class LabelSelector(Model):
 class NodeConfig(Model):
     """How nodes' container runtimes are pointed at this mirror."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.runtimes) || !self.runtimes.exists(r, r == 'docker') || !has(self.fallback) "
+                    "|| self.fallback != 'NeverContactUpstream'",
+                    "Docker Engine always falls back to Docker Hub: the docker runtime cannot be NeverContactUpstream",
+                    fieldPath=".runtimes",
+                )
+            ]
+        }
+    )
+
     enabled: Annotated[
         bool,
         Field(description="Write registry configuration on the selected nodes. false runs only the cache (use its endpoint yourself)."),
@@ -568,7 +582,11 @@ class NodeConfig(Model):
     runtimes: Annotated[
         list[Runtime],
         Field(
-            description="Runtimes to configure: containerd (hosts.toml under its config_path) and crio (a registries.conf.d drop-in).",
+            description=(
+                "Runtimes to configure: containerd (hosts.toml under its config_path), crio (a registries.conf.d drop-in) and "
+                "docker (registry-mirrors and insecure-registries merged into /etc/docker/daemon.json; Docker Engine mirrors "
+                "Docker Hub only, and always falls back to it)."
+            ),
             min_length=1,
             json_schema_extra={"x-kubernetes-list-type": "set"},
         ),
@@ -595,6 +613,35 @@ class NodeConfig(Model):
             ),
         ),
     ] = FallbackPolicy.ALLOW_UPSTREAM
+
+
+class NodeSettings(Model):
+    """Cluster-wide registry settings of every node, declared once (operator settings), not per mirror.
+
+    The classic Docker knobs `--add-registry` and `--block-registry`. They are
+    the cluster's, not a mirror's: two mirrors could disagree, and deleting a
+    mirror must not change which registries the cluster may pull from.
+    """
+
+    unqualified_search_registries: Annotated[
+        list[Annotated[str, Field(pattern=HOST_PATTERN, max_length=253)]],
+        Field(
+            description=(
+                "CRI-O nodes: the registries a short image name (`busybox`) is looked up in, in order "
+                "(containers-registries.conf `unqualified-search-registries`). containerd has no such setting: a short name "
+                "always means docker.io/library/<name>."
+            )
+        ),
+    ] = []
+    blocked_registries: Annotated[
+        list[Annotated[str, Field(pattern=HOST_PATTERN, max_length=253)]],
+        Field(
+            description=(
+                "Registries no node may pull from: CRI-O gets `blocked = true`, containerd a hosts.toml in which nothing may "
+                "pull or resolve. A blocked registry's mirrors are not used either."
+            )
+        ),
+    ] = []
 
 
 class RegistryMirrorSpec(Model):

@@ -48,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
         help="containerd's dial_timeout for the mirrors, on containerd 2.0.7+/2.1+ (a Go duration such as 100ms; 0 never writes it)",
     )
     p.add_argument("--no-watch-endpoints", action="store_true", help="do not watch the mirrors' EndpointSlices (probes alone decide)")
+    p.add_argument("--docker-daemon-json", default="/etc/docker/daemon.json", help="Docker Engine's daemon.json on the host")
+    p.add_argument("--docker-pidfile", default="/var/run/docker.pid", help="dockerd's pidfile on the host (to send it SIGHUP)")
+    p.add_argument(
+        "--docker-reload",
+        choices=("signal", "report"),
+        default="signal",
+        help="after changing daemon.json: SIGHUP dockerd (needs the host's PID namespace), or only report that a reload is needed",
+    )
+    p.add_argument("--proc", type=Path, default=Path("/proc"), help="the host's /proc as the agent sees it")
     return p
 
 
@@ -82,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         probe_interval=args.probe_interval,
         dial_timeout=args.dial_timeout,
         watch_endpoints=not args.no_watch_endpoints,
+        docker_daemon_json=args.docker_daemon_json,
+        docker_pidfile=args.docker_pidfile,
+        docker_reload=args.docker_reload == "signal",
+        proc_dir=args.proc,
     )
     if not config.node_name and config.node_labels_file is None:
         log("agent.misconfigured", "error", error="--node-name or $NODE_NAME is required (or --node-labels-file)")

@@ -38,8 +38,8 @@ from typing import Any
 
 from regmirror import constants as c
 from regmirror import nodetaint
+from regmirror.agent import docker, foreign, report
 from regmirror.agent import files as agentfiles
-from regmirror.agent import foreign, report
 from regmirror.agent.endpoints import EndpointWatcher
 from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
 from regmirror.agent.plan import PlanError, parse_plan
@@ -84,6 +84,12 @@ class AgentConfig:
     dial_timeout: str | None = DEFAULT_DIAL_TIMEOUT
     # Watch the mirrors' EndpointSlices (needs the API and RBAC to list/watch them).
     watch_endpoints: bool = True
+    docker_daemon_json: str = docker.DAEMON_JSON
+    docker_pidfile: str = docker.PIDFILE
+    # Signal dockerd to reload daemon.json (False: only report that it must be reloaded).
+    docker_reload: bool = True
+    # The host's /proc as the agent sees it (the pod shares the host's PID namespace when it configures Docker).
+    proc_dir: Path = Path("/proc")
 
 
 @dataclass
@@ -303,6 +309,7 @@ class Agent:
             crio_dropin_dir=self.config.crio_dropin_dir,
             foreign=self._scan_foreign(checked, node.labels),
             dial_timeout=dial_timeout,
+            crio_node=bool(node.runtime_version and node.runtime_version.startswith("cri-o://")),
         )
         result = agentfiles.apply_files(
             node_files.files,
@@ -315,6 +322,9 @@ class Agent:
         findings = list(node_files.findings)
         for conflict in result.conflicts:
             findings.append(nodeinput.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
+        docker_result = self._apply_docker(checked, node, unhealthy)
+        findings += docker_result.findings
+        result.errors += docker_result.errors
         for error in result.errors:
             log("files.error", "error", error=error)
         self._post_findings(findings)
@@ -350,7 +360,7 @@ class Agent:
             mirrors=len(selected),
             degraded=degraded,
         )
-        self._lift_startup_taint(node, outcome.ready, selected, unhealthy)
+        self._lift_startup_taint(node, outcome.ready and not docker_result.reload_pending, selected, unhealthy)
         self.readiness.set_report(
             {
                 "node": node.name,
@@ -362,10 +372,35 @@ class Agent:
                 "hosts": report.host_states(node_files),
                 "findings": [{"reason": f.reason, "message": f.message, "host": f.host} for f in findings if f.mirror is None],
                 "dialTimeout": dial_timeout,
+                "docker": {"present": docker_result.present, "reloadPending": docker_result.reload_pending}
+                if docker_result.present
+                else None,
                 "startupTaint": self._taint_note,
             }
         )
         return self._finish(StepResult(outcome.ready, outcome.reason, outcome.message, result, preflight, node_files))
+
+    def _apply_docker(self, checked: nodeinput.CheckedPlan, node: NodeInfo, unhealthy: frozenset[str]) -> docker.DockerResult:
+        """daemon.json on a Docker Engine node: only when a mirror asks for docker here, or entries of ours are there to remove."""
+        desired, findings = nodefiles.docker_daemon_entries(checked, node.labels, unhealthy)
+        state = agentfiles.on_host(self.config.host_root, self.config.docker_daemon_json).with_name(docker.STATE_NAME)
+        if not any(desired.values()) and not findings and not state.exists():
+            return docker.DockerResult()
+        outcome = docker.apply_docker(
+            self.config.host_root,
+            desired,
+            daemon_json=self.config.docker_daemon_json,
+            pidfile=self.config.docker_pidfile,
+            runtime_version=node.runtime_version,
+            reload=self.config.docker_reload,
+            proc=self.config.proc_dir,
+        )
+        outcome.findings[:0] = findings
+        if outcome.changed:
+            log("docker.applied", path=self.config.docker_daemon_json, mirrors=desired["registry-mirrors"], reloaded=outcome.reloaded)
+        elif outcome.reloaded:
+            log("docker.reloaded", path=self.config.docker_daemon_json)
+        return outcome
 
     def _lift_startup_taint(self, node: NodeInfo, ready: bool, selected: list[nodeinput.Mirror], unhealthy: frozenset[str]) -> None:
         """Remove the startup taint from this node once its configuration is live (nodetaint.py)."""

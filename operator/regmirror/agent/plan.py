@@ -76,10 +76,19 @@ class Mirror:
 
 
 @dataclass(frozen=True)
+class Settings:
+    """The plan's cluster-wide node settings as read (names as models.NodeSettings)."""
+
+    unqualified_search_registries: tuple[str, ...] = ()
+    blocked_registries: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     mirrors: tuple[Mirror, ...] = ()
-    # Entries that were not even objects (nothing to name them by).
+    # Entries that were not even objects (nothing to name them by), and what is wrong with the settings.
     defects: tuple[str, ...] = ()
+    settings: Settings = Settings()
 
 
 def _strs(value: Any, what: str, defects: list[str]) -> tuple[str, ...]:
@@ -182,10 +191,20 @@ def parse_plan(text: str) -> Plan:
     if not isinstance(raw, dict) or not isinstance(raw.get("mirrors", []), list):
         raise PlanError("the plan must be an object with a mirrors list")
     mirrors = []
-    defects = []
+    defects: list[str] = []
     for i, entry in enumerate(raw.get("mirrors", [])):
         if isinstance(entry, dict):
             mirrors.append(_mirror(entry))
         else:
             defects.append(f"mirrors[{i}] is not an object; ignored")
-    return Plan(mirrors=tuple(mirrors), defects=tuple(defects))
+    raw_settings = raw.get("settings") or {}
+    if not isinstance(raw_settings, dict):
+        defects.append("settings must be an object; ignored")
+        raw_settings = {}
+    settings = Settings(
+        unqualified_search_registries=_strs(
+            raw_settings.get("unqualifiedSearchRegistries"), "settings.unqualifiedSearchRegistries", defects
+        ),
+        blocked_registries=_strs(raw_settings.get("blockedRegistries"), "settings.blockedRegistries", defects),
+    )
+    return Plan(mirrors=tuple(mirrors), defects=tuple(defects), settings=settings)

@@ -176,8 +176,8 @@ def check_hosts_toml(files: Mapping[str, str], route: HostRoute, dir_path: str, 
     return problems
 
 
-def check_crio_dropin(text: str, routes: Sequence[HostRoute]) -> list[str]:
-    """Problems of a registries.conf.d drop-in against its routes; empty when it is exactly right."""
+def check_crio_dropin(text: str, routes: Sequence[HostRoute], search: Sequence[str] = ()) -> list[str]:
+    """Problems of a registries.conf.d drop-in against its routes and search order; empty when it is exactly right."""
     from regmirror.render.nodefiles import crio_prefixes  # here: nodefiles imports this module
 
     problems: list[str] = []
@@ -187,9 +187,11 @@ def check_crio_dropin(text: str, routes: Sequence[HostRoute]) -> list[str]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return [*problems, f"not valid TOML ({exc}): CRI-O would refuse its whole registry configuration"]
-    if set(doc) - {"registry"}:
-        problems.append(f"unexpected keys {sorted(set(doc) - {'registry'})}")
-    entries = doc.get("registry")
+    if set(doc) - {"registry", "unqualified-search-registries"}:
+        problems.append(f"unexpected keys {sorted(set(doc) - {'registry', 'unqualified-search-registries'})}")
+    if doc.get("unqualified-search-registries", []) != list(search):
+        problems.append(f"unqualified-search-registries {doc.get('unqualified-search-registries')!r}, not {list(search)}")
+    entries = doc.get("registry", [])
     if not isinstance(entries, list):
         return [*problems, "no [[registry]] list"]
     by_prefix: dict[str, dict[str, Any]] = {}

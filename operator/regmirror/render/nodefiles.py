@@ -33,6 +33,7 @@ from regmirror.render import nodecheck
 from regmirror.render.nodeinput import (
     RUNTIME_CONTAINERD,
     RUNTIME_CRIO,
+    RUNTIME_DOCKER,
     CheckedPlan,
     Finding,
     Mirror,
@@ -92,6 +93,7 @@ def host_routes(
     unhealthy: frozenset[str] = frozenset(),
     findings: list[Finding] | None = None,
     dial_timeout: str | None = None,
+    blocked: Iterable[str] = (),
 ) -> list[HostRoute]:
     """Per registry host: the mirrors `runtime` should use on this node.
 
@@ -101,7 +103,8 @@ def host_routes(
     reach the upstream). Two mirrors with one endpoint give one entry (the
     first one's settings). A host left with no mirror is omitted, so the
     runtime's default (straight to the upstream) applies, unless it is
-    strict: then it is blocked. Findings are appended to `findings`.
+    strict: then it is blocked. A `blocked` host (settings.blockedRegistries)
+    is blocked whatever mirrors it has. Findings are appended to `findings`.
     """
     checked = as_checked(plan)
     labels = dict(node_labels)
@@ -120,6 +123,18 @@ def host_routes(
             strict_hosts.update(claim.hosts)
             for host in claim.hosts:
                 by_host.setdefault(host, [])
+    for host in sorted(set(blocked)):
+        for mirror in by_host.get(host, []):
+            sink.append(
+                Finding(
+                    "MirrorOfBlockedRegistry",
+                    f"mirror {mirror.name}: {host} is a blocked registry (settings.blockedRegistries); its mirrors are not used either",
+                    mirror.name,
+                    host,
+                )
+            )
+        by_host[host] = []
+        strict_hosts.add(host)
     routes = []
     for host in sorted(by_host):
         strict = host in strict_hosts
@@ -346,9 +361,14 @@ def _crio_block(route: HostRoute, prefix: str) -> list[str]:
     return lines
 
 
-def render_crio_dropin(routes: Sequence[HostRoute]) -> str:
-    """A registries.conf.d drop-in (containers-registries.conf(5), v2) for these routes."""
+def render_crio_dropin(routes: Sequence[HostRoute], search: Sequence[str] = ()) -> str:
+    """A registries.conf.d drop-in (containers-registries.conf(5), v2) for these routes and the short-name search order."""
     lines = [c.OWNERSHIP_MARKER, "# Registry mirrors rolled out by the regmirror agent."]
+    if search:
+        lines += [
+            "# The cluster's short-name search order (settings.unqualifiedSearchRegistries).",
+            f"unqualified-search-registries = {_toml_list(search)}",
+        ]
     for route in routes:
         for prefix in crio_prefixes(route.host):
             lines += _crio_block(route, prefix)
@@ -452,7 +472,7 @@ def _containerd_files(route: HostRoute, root: str, foreign: Mapping[str, Foreign
         out.files.update(files)
 
 
-def _crio_files(routes: list[HostRoute], path: str, out: NodeFiles) -> None:
+def _crio_files(routes: list[HostRoute], path: str, out: NodeFiles, search: Sequence[str] = ()) -> None:
     good = []
     for route in routes:
         problems = nodecheck.check_crio_dropin(render_crio_dropin([route]), [route])
@@ -474,10 +494,10 @@ def _crio_files(routes: list[HostRoute], path: str, out: NodeFiles) -> None:
             )
             continue
         good.append(route)
-    if not good:
+    if not good and not search:
         return
-    text = render_crio_dropin(good)
-    problems = nodecheck.check_crio_dropin(text, good)
+    text = render_crio_dropin(good, search)
+    problems = nodecheck.check_crio_dropin(text, good, search)
     if problems:
         out.findings.append(
             Finding("FileNotVerified", f"{path} failed its check ({'; '.join(problems)}); the file already there is kept", blocks_node=True)
@@ -496,6 +516,7 @@ def plan_node_files(
     crio_dropin_dir: str = c.CRIO_DROPIN_DIR,
     foreign: Mapping[str, ForeignCerts] | None = None,
     dial_timeout: str | None = None,
+    crio_node: bool = False,
 ) -> NodeFiles:
     """Every file this node should have, each parsed back and compared with its route before it is returned.
 
@@ -505,11 +526,15 @@ def plan_node_files(
     instead, any other host keeps the file it has (`keep`). `dial_timeout` is
     written for the mirrors only when given: the caller knows whether the
     node's containerd reads it (agent/preflight.py `dial_timeout_supported`).
+    The cluster's settings (blocked registries, the short-name search order)
+    reach CRI-O through the drop-in, which is written where a mirror asks for
+    CRI-O or the node runs it (`crio_node`); blocked registries reach
+    containerd as blocking hosts.toml files on every node.
     """
     checked = as_checked(plan)
     out = NodeFiles(findings=list(checked.findings))
     root = containerd_config_path.rstrip("/")
-    for route in host_routes(checked, node_labels, RUNTIME_CONTAINERD, unhealthy, out.findings, dial_timeout):
+    for route in host_routes(checked, node_labels, RUNTIME_CONTAINERD, unhealthy, out.findings, dial_timeout, checked.blocked):
         out.routes[(route.host, RUNTIME_CONTAINERD)] = route
         try:
             _containerd_files(route, root, foreign or {}, out)
@@ -523,13 +548,18 @@ def plan_node_files(
                     blocks_node=True,
                 )
             )
-    crio_routes = host_routes(checked, node_labels, RUNTIME_CRIO, unhealthy, out.findings)
+    # CRI-O gets a drop-in where a mirror asks for CRI-O on this node, or the node runs CRI-O; then the
+    # cluster's settings go into it too. (The blocked registries' findings came with containerd's routes.)
+    crio_wanted = crio_node or bool(host_routes(checked, node_labels, RUNTIME_CRIO, unhealthy))
+    crio_routes = host_routes(checked, node_labels, RUNTIME_CRIO, unhealthy, out.findings, None, checked.blocked) if crio_wanted else []
+    out.findings = list(dict.fromkeys(out.findings))
     for route in crio_routes:
         out.routes[(route.host, RUNTIME_CRIO)] = route
-    if crio_routes:
+    search = checked.search_registries if crio_wanted else ()
+    if crio_routes or search:
         path = f"{crio_dropin_dir.rstrip('/')}/{c.CRIO_DROPIN_FILE}"
         try:
-            _crio_files(crio_routes, path, out)
+            _crio_files(crio_routes, path, out, search)
         except Exception as exc:  # the drop-in's failure must not cost the containerd files theirs
             out.keep.add(crio_dropin_dir.rstrip("/"))
             out.findings.append(
@@ -571,3 +601,46 @@ def render_docker_daemon_json(
         "registry-mirrors": [m.url for m in mirrors],
         "insecure-registries": [_endpoint_host(m.url) for m in mirrors if m.url.startswith("http://")],
     }
+
+
+def docker_daemon_entries(
+    plan: PlanLike | CheckedPlan,
+    node_labels: Mapping[str, str],
+    unhealthy: frozenset[str] = frozenset(),
+) -> tuple[dict[str, list[str]], list[Finding]]:
+    """What the agent merges into this node's daemon.json: the mirrors that ask for the docker runtime.
+
+    Docker Engine mirrors Docker Hub only and always falls back to it, so a
+    mirror is written only if it routes docker.io and is AllowUpstream (the
+    CRD refuses docker with NeverContactUpstream; a plan that has it anyway is
+    reported, not written). Withdrawn mirrors are left out, as in hosts.toml.
+    """
+    findings = []
+    mirrors = []
+    for mirror in selected_mirrors(plan, node_labels):
+        if RUNTIME_DOCKER not in mirror.runtimes:
+            continue
+        if DOCKER_HUB not in mirror.hosts:
+            findings.append(
+                Finding(
+                    "DockerHubOnly",
+                    f"mirror {mirror.name}: Docker Engine mirrors Docker Hub only; it does not route docker.io",
+                    mirror.name,
+                )
+            )
+            continue
+        if mirror.strict:
+            findings.append(
+                Finding(
+                    "DockerCannotBeStrict",
+                    f"mirror {mirror.name}: Docker Engine always falls back to Docker Hub, so a NeverContactUpstream mirror is not written",
+                    mirror.name,
+                )
+            )
+            continue
+        if mirror.name not in unhealthy:
+            mirrors.append(mirror)
+    return {
+        "registry-mirrors": [m.url for m in mirrors],
+        "insecure-registries": [_endpoint_host(m.url) for m in mirrors if m.url.startswith("http://")],
+    }, findings

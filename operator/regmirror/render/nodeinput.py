@@ -34,7 +34,8 @@ NEVER_CONTACT_UPSTREAM: Final = "NeverContactUpstream"
 ALLOW_UPSTREAM: Final = "AllowUpstream"
 RUNTIME_CONTAINERD: Final = "containerd"
 RUNTIME_CRIO: Final = "crio"
-RUNTIMES: Final = frozenset({RUNTIME_CONTAINERD, RUNTIME_CRIO})
+RUNTIME_DOCKER: Final = "docker"
+RUNTIMES: Final = frozenset({RUNTIME_CONTAINERD, RUNTIME_CRIO, RUNTIME_DOCKER})
 CAPABILITIES: Final = ("pull", "resolve")
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -146,6 +147,9 @@ class CheckedPlan:
     # Each host's fallback server, decided over the whole plan (not per node,
     # not by mirror order): a property of the host.
     servers: Mapping[str, str] = field(default_factory=dict)
+    # The cluster's node settings, canonical and checked.
+    search_registries: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()
 
 
 def _str(value: Any) -> str:
@@ -336,12 +340,29 @@ def host_servers(mirrors: Iterable[Mirror]) -> tuple[dict[str, str], list[Findin
     return servers, findings
 
 
+def _registries(raw: Any, what: str, findings: list[Finding]) -> tuple[str, ...]:
+    """Canonical registry hosts of a settings list, each once; the rest reported and left out."""
+    hosts: list[str] = []
+    for value in raw if isinstance(raw, (list, tuple)) else ():
+        try:
+            host = canonical_registry_host(value)
+        except ValueError as exc:
+            findings.append(Finding("SettingRejected", f"settings.{what}: {shown(str(exc), 160)}; left out"))
+            continue
+        if host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
 def check_plan(plan: PlanLike) -> CheckedPlan:
     """Check every entry on its own; one bad entry never costs another one anything."""
     mirrors: list[Mirror] = []
     claims: list[StrictClaim] = []
     findings: list[Finding] = []
     names: set[str] = set()
+    settings = getattr(plan, "settings", None)
+    search = _registries(getattr(settings, "unqualified_search_registries", ()), "unqualifiedSearchRegistries", findings)
+    blocked = _registries(getattr(settings, "blocked_registries", ()), "blockedRegistries", findings)
     for defect in getattr(plan, "defects", ()):
         findings.append(Finding("MirrorRejected", f"plan: {shown(defect, 200)}"))
     for entry in plan.mirrors:
@@ -361,7 +382,7 @@ def check_plan(plan: PlanLike) -> CheckedPlan:
             claims.append(claim)
     servers, conflicts = host_servers(mirrors)
     mirrors.sort(key=lambda m: mirror_order_key(m.priority, m.name))
-    return CheckedPlan(tuple(mirrors), tuple(claims), tuple(findings + conflicts), servers)
+    return CheckedPlan(tuple(mirrors), tuple(claims), tuple(findings + conflicts), servers, search, blocked)
 
 
 def as_checked(plan: PlanLike | CheckedPlan) -> CheckedPlan:
