@@ -65,7 +65,8 @@ def test_the_admins_entries_and_keys_survive_any_sequence_of_plans(
             assert [v for v in listed if v in admin.get(key, [])] == admin.get(key, []), "the admin's entries, in their order"
             assert set(listed) == set(admin.get(key, [])) | set(plan.get(key, [])), "nothing else, nothing missing"
             assert not set(merged.owned.get(key, [])) & set(admin.get(key, [])), "an entry the admin had is never claimed"
-    assert gone.config == current, "withdrawing everything gives the admin's file back"
+    added = {k: [] for k in KEYS if k not in current and (first.get(k) or second.get(k))}
+    assert gone.config == {**current, **added}, "withdrawing everything gives the admin's file back (keys we added stay empty)"
     again = docker.merge_daemon_json(two.config, two.owned, second, (), two.created)
     assert again == two, "idempotent"
 
@@ -137,7 +138,11 @@ def test_apply_writes_atomically_keeps_the_mode_and_reloads_dockerd_once(tmp_pat
         assert not again.changed and not again.reloaded, "nothing changed: no reload"
         gone = docker.apply_docker(root, {})
         assert gone.changed and gone.reloaded
-        assert json.loads(daemon_json.read_text()) == {"storage-driver": "overlay2", "insecure-registries": ["admin.corp:5000"]}
+        assert json.loads(daemon_json.read_text()) == {
+            "storage-driver": "overlay2",
+            "insecure-registries": ["admin.corp:5000"],
+            "registry-mirrors": [],
+        }
         deadline = time.monotonic() + 5
         while (tmp_path / "hups").read_text().count("hup") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)

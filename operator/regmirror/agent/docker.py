@@ -68,9 +68,9 @@ def merge_daemon_json(
     """PURE: `current` with our entries set to `desired` and the admin's kept; `owned` is what we added before.
 
     An entry present in `current` that we did not add is the admin's: kept,
-    never claimed. A key we created goes away with our last entry; a key the
-    admin had (even empty) stays. Raises DaemonJsonError when `current` is not
-    an object.
+    never claimed. A key whose last entry of ours goes away stays as `[]`
+    (dockerd's SIGHUP reload ignores absent keys; verified on Debian's
+    dockerd). Raises DaemonJsonError when `current` is not an object.
     """
     if not isinstance(current, Mapping):
         raise DaemonJsonError("daemon.json is not a JSON object")
@@ -95,15 +95,14 @@ def merge_daemon_json(
         ours_before = set(owned.get(key, ()))
         admins = [v for v in existing if v not in ours_before]
         ours = [v for v in want if v not in admins]
-        ours_key = key in created or key not in current
         merged = ours + admins
-        if merged or not ours_key:
+        if merged or key in current:
+            # An emptied key stays as []: dockerd's reload only applies keys present in the file,
+            # so a removed key would leave our mirrors in the running daemon until it restarts.
             config[key] = merged
-        else:
-            config.pop(key, None)
         if ours:
             new_owned[key] = ours
-        if ours_key and merged and not admins:
+        if (key in created or key not in current) and not admins and merged:
             new_created.append(key)
     return Merge(config, new_owned, new_created, skipped)
 
