@@ -770,6 +770,24 @@ class NodesStatus(Model):
     updated: Annotated[int, Field(description="Selected nodes whose agent runs the current configuration.")] = 0
     ready: Annotated[int, Field(description="Selected nodes whose agent applied the current configuration and is Ready.")] = 0
     not_ready: Annotated[list[str], Field(description="A few selected nodes that are not yet configured (at most 10).")] = []
+    pulled_recently: Annotated[
+        int | None,
+        Field(
+            description=(
+                "Selected nodes seen pulling through this mirror in the last 24 h (the client addresses of manifest requests at "
+                "its front, mapped to nodes). Absent while unknown (a TLS mirror has no front)."
+            )
+        ),
+    ] = None
+    not_pulled_recently: Annotated[
+        list[str] | None,
+        Field(
+            description=(
+                "A few selected nodes not seen pulling through this mirror in the last 24 h (at most 5): idle, or their runtime "
+                "bypasses the mirror (their agent's preflight says which)."
+            )
+        ),
+    ] = None
 
 
 class HostRoute(Model):

@@ -17,8 +17,8 @@ from regmirror.agent import docker
 from regmirror.agent.plan import parse_plan
 from regmirror.models import Capability, FallbackPolicy, NodeSettings, Runtime
 from regmirror.nodeplan import MirrorEntry, build_node_plan
-from regmirror.render.nodeinput import check_plan
 from regmirror.render.nodefiles import docker_daemon_entries, plan_node_files
+from regmirror.render.nodeinput import check_plan
 
 KEYS = docker.KEYS
 values = st.sampled_from(["http://10.96.0.1:5000", "http://10.96.0.2:5000", "https://mirror.corp", "10.96.0.1:5000", "admin.corp:5000"])
