@@ -38,6 +38,7 @@ from _dataplane import (
     build_containerd,
     dead_mirror,
     ensure_binaries,
+    free_port,
     iptables_usable,
     system_containerd,
 )
@@ -93,8 +94,8 @@ def mirror(tmp_path: Path) -> Iterator[Registry]:
         yield registry
 
 
-def plan(mirror: Registry, upstream: Registry) -> str:
-    """The node plan (wire form) routing the upstream's host to the mirror, AllowUpstream."""
+def plan(mirror: Registry | str, upstream: Registry) -> str:
+    """The node plan (wire form) routing the upstream's host to the mirror (or a mirror URL), AllowUpstream."""
     host = upstream.address
     return json.dumps(
         {
@@ -104,7 +105,7 @@ def plan(mirror: Registry, upstream: Registry) -> str:
                     "hosts": [host],
                     "servers": {host: upstream.url},
                     "upstreamHost": host,
-                    "url": mirror.url,
+                    "url": mirror if isinstance(mirror, str) else mirror.url,
                     "priority": 100,
                     "capabilities": ["pull", "resolve"],
                     "fallback": "AllowUpstream",
@@ -209,3 +210,43 @@ def test_the_agent_withdraws_a_dead_mirror_and_the_next_pull_goes_upstream_at_on
         assert ok, daemon.log()[-2000:]
         # Probes every 2 s (+-25 %), a failure confirmed 0.25 s later, 0.5 s probe timeout: a few seconds at most.
         assert noticed < 6
+
+
+@pytest.mark.parametrize("wanted", ["2.1", "2.4"])
+def test_one_replica_gone_dark_behind_the_cluster_ip_costs_a_dial_timeout_per_request_that_meets_it(
+    releases: dict[str, ContainerdBinaries], wanted: str, upstream: Registry, tmp_path: Path
+) -> None:
+    """Its node died: kube-proxy still sends new connections to it (until the node is NotReady, 40 s and more).
+
+    Two replicas behind a kernel DNAT ClusterIP (as kube-proxy's iptables mode), one blackholed.
+    Each request whose connection lands on the dead one waits one dial_timeout, then goes on
+    to the next host (here the upstream); the pull succeeds. (containerd 1.x waits 30 s per such
+    connection instead: tests/e2e/test_ha_s3.py measures it, make bench too.)
+    """
+    binaries = binaries_for(releases, wanted)
+    if not iptables_usable():
+        pytest.skip("iptables is not usable here")
+    from harness.service import KernelService, blackholed
+
+    with (
+        Registry.start(tmp_path / "a", "127.0.0.3") as a,
+        Registry.start(tmp_path / "b", "127.0.0.4") as b,
+        KernelService.run("127.0.0.77", free_port("127.0.0.1"), [(a.host, a.port), (b.host, b.port)]) as service,
+    ):
+        for replica in (a, b):
+            replica.push_image("team/app", "v1", "from the upstream\n")
+        node = node_for(tmp_path, binaries)
+        with Containerd.start(binaries, str(node.certs_dir)) as daemon:
+            rc, events = node.agent_once(plan(f"http://{service.address}:{service.port}", upstream))
+            assert rc == 0, events
+            with blackholed((a.host, a.port)):
+                timings = []
+                for _ in range(3):
+                    daemon.remove_image(f"{upstream.address}/team/app:v1")
+                    ok, seconds = timed_cri_pull(daemon, f"{upstream.address}/team/app:v1")
+                    assert ok, daemon.log()[-2000:]
+                    timings.append(seconds)
+        print(
+            f"containerd {binaries.release}, one of two replicas blackholed behind the ClusterIP: pulls {[round(t, 2) for t in timings]}s"
+        )
+        assert max(timings) < CONTAINERD_DEFAULT_DIAL / 3
