@@ -67,7 +67,7 @@ def log(msg: str) -> None:
 
 def mirror_binary() -> tuple[str, str]:
     """(binary, version) of distribution 3, the major of the default image, built from the Go module proxy
-    (tests/e2e/build-distribution.sh, cached). No silent fallback to Debian's 2.8: it fetches differently."""
+    (`make distribution`, cached). No silent fallback to Debian's 2.8: it fetches differently."""
     binary, why = distribution_v3()
     if binary is None:
         raise RuntimeError(f"distribution 3 is needed for the data path: {why}")

@@ -13,9 +13,17 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from harness import ControlPlaneError, LocalCluster
 from harness.operator import OPERATOR_NS, OPERATOR_SA, REPO, OperatorProcess, install_crd_and_namespaces
+
+# CI replays a fixed set of examples (derandomized), so a run can never be red by luck; a
+# developer's run draws new ones each time, which is where the search finds new inputs (keep
+# each one it finds as an explicit @example). .ci/run sets CI.
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 def _node_count() -> int:

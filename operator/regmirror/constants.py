@@ -70,3 +70,20 @@ CRIO_DROPIN_FILE: Final = "50-regmirror.conf"
 # Every file the agent writes starts with this line; files without it are
 # foreign and never changed or removed.
 OWNERSHIP_MARKER: Final = "# managed-by: regmirror-agent (do not edit; changes are overwritten)"
+
+# Condition reason for a mirror whose own image comes from a registry that NeverContactUpstream
+# mirrors make strict on nodes (see models.bootstrap_conflicts).
+REASON_IMAGE_BEHIND_STRICT_MIRROR: Final = "ImageBehindStrictMirror"
+
+# Names of the operator's own namespaced objects (manifests/ and the agent's). A mirror's children
+# are named `regmirror-<mirror>`, so a mirror may not be named after one of these: its Deployment
+# or Service would be the operator's own (a unit test keeps this list in sync with manifests/).
+OPERATOR_OWN_OBJECT_NAMES: Final = (
+    "regmirror-operator",
+    "regmirror-operator-metrics",
+    "regmirror-operator-events",
+    AGENT_NAME,
+    "regmirror-agent-events",
+    NODE_CONFIG_NAME,
+    "regmirror-dashboard",
+)

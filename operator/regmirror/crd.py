@@ -13,7 +13,7 @@ import copy
 from typing import Any
 
 from regmirror import constants as c
-from regmirror.models import RegistryMirrorSpec, RegistryMirrorStatus
+from regmirror.models import RegistryMirror, RegistryMirrorSpec, RegistryMirrorStatus
 
 _DROP_KEYS = frozenset({"title", "$defs", "examples"})
 _FORBIDDEN_KEYS = frozenset({"$ref", "anyOf", "oneOf", "const", "uniqueItems", "title", "$defs", "definitions", "allOf"})
@@ -89,12 +89,7 @@ def render_crd() -> dict[str, Any]:
             "spec": spec_schema,
             "status": status_schema,
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": "self.metadata.name.size() <= 48",
-                "message": "metadata.name must be at most 48 characters (child object names add a prefix)",
-            }
-        ],
+        "x-kubernetes-validations": [rule.validation() for rule in RegistryMirror.ROOT_RULES],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -108,6 +108,7 @@ for _group, _version, _plural, _kind in (
     ("", "v1", "services", "Service"),
     ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
     ("", "v1", "configmaps", "ConfigMap"),
+    ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget"),
 ):
     _child_handler(_group, _version, _plural, _kind)
 

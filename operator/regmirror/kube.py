@@ -48,6 +48,7 @@ RESOURCES: dict[str, ResourceType] = {
     "Node": ResourceType("v1", "nodes", False),
     "Deployment": ResourceType("apps/v1", "deployments", True),
     "DaemonSet": ResourceType("apps/v1", "daemonsets", True),
+    "PodDisruptionBudget": ResourceType("policy/v1", "poddisruptionbudgets", True),
     c.KIND: ResourceType(c.API_VERSION, c.PLURAL, False),
 }
 

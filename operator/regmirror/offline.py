@@ -16,13 +16,12 @@ from pydantic import ValidationError
 
 from regmirror import constants as c
 from regmirror import crd
-from regmirror.models import RegistryMirror
+from regmirror.models import AdmissionError, RegistryMirror, admit_document
 from regmirror.nodeplan import build_node_plan, mirror_entry
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
 from regmirror.render.mirror import render_mirror_children
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
-MAX_NAME_LENGTH = 48
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -51,22 +50,34 @@ def print_crd() -> int:
     return 0
 
 
+class _JsonLikeLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it before sending JSON: timestamps stay strings (go-yaml does not turn them into dates)."""
+
+
+_JsonLikeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_documents(text: str) -> list[Any]:
+    """The documents of a YAML stream, parsed as kubectl would parse them (empty documents dropped)."""
+    return [d for d in yaml.load_all(text, Loader=_JsonLikeLoader) if d is not None]
+
+
 def load_mirrors(path: str) -> list[RegistryMirror]:
-    """Every RegistryMirror in a YAML stream (other kinds, e.g. a Secret, are skipped, never printed)."""
+    """Every RegistryMirror in a YAML stream, admitted as the API server would (other kinds, e.g. a Secret, are skipped)."""
     with open(path, encoding="utf-8") as fh:
-        docs = [d for d in yaml.safe_load_all(fh) if isinstance(d, dict)]
+        docs = load_documents(fh.read())
     mirrors = []
     for doc in docs:
-        if doc.get("kind") != c.KIND:
+        if not isinstance(doc, dict) or doc.get("kind") != c.KIND:
             continue
-        if doc.get("apiVersion") != c.API_VERSION:
-            raise ValueError(f"apiVersion: expected {c.API_VERSION}, got {doc.get('apiVersion')!r}")
-        name = str((doc.get("metadata") or {}).get("name", ""))
-        if not name:
-            raise ValueError("metadata.name is required")
-        if len(name) > MAX_NAME_LENGTH:
-            raise ValueError(f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child object names add a prefix)")
-        mirrors.append(RegistryMirror.model_validate(doc))
+        name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
+        try:
+            mirrors.append(admit_document(doc))
+        except (AdmissionError, ValidationError) as exc:
+            raise ValueError(f"{c.KIND} {name or '(unnamed)'}: {exc}") from exc
     if not mirrors:
         raise ValueError(f"no {c.KIND} ({c.API_VERSION}) in {path}")
     return mirrors

@@ -263,7 +263,7 @@ class Controller:
         """
         ns, agent_ns = self.settings.namespace, self.settings.agent_namespace
         managed = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
-        for kind in ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap"):
+        for kind in ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "PodDisruptionBudget"):
             for obj in kube.list_objects(kind, ns, label_selector=managed):
                 self.on_child("ADDED", {**obj, "kind": kind})
         for obj in kube.list_objects("Secret", ns):

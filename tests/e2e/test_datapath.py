@@ -165,6 +165,8 @@ def deployed(
             "dp-strict",
             upstream.url,
             upstream={"url": upstream.url, "hosts": ["docker.io"]},
+            # A strict docker.io mirror cannot run an image from docker.io (admission refuses the bootstrap deadlock).
+            image="registry.corp.example/mirror/registry:3.0.0",
             nodeConfig={"fallback": "NeverContactUpstream", "nodeSelector": {"matchLabels": {STRICT_LABEL: "true"}}},
         ),
         mirror_cr(

@@ -3,7 +3,7 @@
 `CachePod.run(spec, workdir)` renders the children exactly as the operator
 does (`render_mirror_children`) and runs each container of the Deployment with
 its own args, env and config, only addresses and paths mapped:
-- `registry`: distribution v3 (built by tests/e2e/build-distribution.sh), the
+- `registry`: distribution v3 (built by `make distribution`), the
   ConfigMap's config.yml;
 - `front`: Debian's varnishd (7.1) with the ConfigMap's front.vcl;
 - `front-stats`: the container's own shell loop around varnishstat;
@@ -62,7 +62,7 @@ from regmirror.render.front import CACHE_SIDECAR_PORT, REGISTRY_BACKEND_PORT  # 
 NAMESPACE = "regmirror-system"
 CLUSTER_IP = "10.96.0.77"
 OPERATOR_SRC = str(Path(__file__).resolve().parents[2] / "operator")
-BUILD_DISTRIBUTION = E2E / "build-distribution.sh"
+BUILD_TOOL = Path(__file__).resolve().parents[1] / "tools" / "build.sh"
 
 
 def distribution_v3() -> tuple[str | None, str]:
@@ -71,8 +71,8 @@ def distribution_v3() -> tuple[str | None, str]:
     if override and Path(override).exists():
         return override, ""
     if not shutil.which("go"):
-        return None, "no Go toolchain to build distribution 3 (tests/e2e/build-distribution.sh)"
-    proc = subprocess.run(["bash", str(BUILD_DISTRIBUTION)], capture_output=True, text=True, timeout=1800, check=False)
+        return None, "no Go toolchain to build distribution 3 (make distribution)"
+    proc = subprocess.run(["bash", str(BUILD_TOOL), "registry"], capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:
         return None, f"building distribution 3 failed: {proc.stderr.strip()[-600:]}"
     return proc.stdout.strip().splitlines()[-1], ""

@@ -1,6 +1,6 @@
 """A real S3-compatible server on loopback for the HA tests: versitygw with its posix back-end.
 
-`S3Server.start(workdir)` builds versitygw once (tests/e2e/build-versitygw.sh,
+`S3Server.start(workdir)` builds versitygw once (`make versitygw`,
 cached by version under ~/.cache/regmirror), runs it on a free loopback port
 with a root key, and creates a bucket through the S3 API itself. The small
 SigV4 client here (CreateBucket, ListObjectsV2) is only for the tests' own
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUILD_VERSITYGW = Path(__file__).resolve().parents[1] / "e2e" / "build-versitygw.sh"
+BUILD_TOOL = Path(__file__).resolve().parents[1] / "tools" / "build.sh"
 REGION = "us-east-1"
 S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
@@ -37,8 +37,8 @@ def versitygw_binary() -> tuple[str | None, str]:
     if override and Path(override).exists():
         return override, ""
     if not shutil.which("go"):
-        return None, "no Go toolchain to build versitygw (tests/e2e/build-versitygw.sh)"
-    proc = subprocess.run(["bash", str(BUILD_VERSITYGW)], capture_output=True, text=True, timeout=3000, check=False)
+        return None, "no Go toolchain to build versitygw (make versitygw)"
+    proc = subprocess.run(["bash", str(BUILD_TOOL), "versitygw"], capture_output=True, text=True, timeout=3000, check=False)
     if proc.returncode != 0:
         return None, f"building versitygw failed: {proc.stderr.strip()[-600:]}"
     return proc.stdout.strip().splitlines()[-1], ""

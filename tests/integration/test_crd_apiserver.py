@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -74,12 +77,72 @@ def test_short_name_and_category(crd: LocalCluster) -> None:
         ({"nodeConfig": {"fallback": "Sometimes"}}, "spec.nodeConfig.fallback"),
         ({"service": {"tls": {"secretName": "mirror-tls"}}}, "service.tls needs a fixed service.clusterIP"),
         ({"service": {"port": 5001}}, "service.port 5001 is reserved"),
+        # Admitted on main although the cluster could never apply them (issue 11):
+        ({"resources": {"requests": {"memory": "1Gi"}}}, "spec.resources.requests: Invalid value"),
+        ({"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]}, "spec.tolerations[0].tolerationSeconds"),
+        ({"service": {"clusterIP": "999.1.1.1"}}, "spec.service.clusterIP"),
+        ({"service": {"clusterIP": "1:2:3"}}, "spec.service.clusterIP"),
+        ({"upstream": {"url": "https://registry.example:99999"}}, "port 1-65535"),
+        ({"upstream": {"url": "https://r.example", "hosts": ["r.example:99999"]}}, "spec.upstream.hosts[0]"),
+        ({"upstream": {"url": "https://mirror.gcr.io", "hosts": ["registry-1.docker.io", "docker.io"]}}, "same registry twice"),
+        ({"upstream": {"url": "https://mirror.gcr.io", "hosts": ["index.docker.io", "docker.io"]}}, "same registry twice"),
+        ({"upstream": {"url": "https://quay.io", "hosts": ["Quay.io", "quay.io"]}}, "same registry twice"),
+        ({"nodeConfig": {"fallback": "NeverContactUpstream"}}, "bootstrap deadlock"),
+        (
+            {
+                "upstream": {"url": "https://m.example", "hosts": ["docker.io"]},
+                "image": "registry:3",
+                "nodeConfig": {"fallback": "NeverContactUpstream"},
+            },
+            "spec.image",
+        ),
+        ({"image": "registry:3 "}, "spec.image"),
+        ({"priorityClassName": "High"}, "spec.priorityClassName"),
+        ({"proxy": {"httpsProxy": "http://proxy.example:99999"}}, "spec.proxy.httpsProxy"),
+        ({"nodeConfig": {"capabilities": []}}, "spec.nodeConfig.capabilities"),
+        ({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {}}]}}}, "topologyKey"),
+        ({"cache": {"ttl": "9999999999999h"}}, "spec.cache.ttl"),
     ],
 )
 def test_invalid_mirror_is_rejected_with_the_schema_message(crd: LocalCluster, spec: dict[str, object], message: str) -> None:
     body = mirror("crd-invalid")
     body["spec"].update(spec)  # type: ignore[attr-defined]
     assert message in rejected(crd, body)
+
+
+@pytest.mark.parametrize("name", ["hub.example", "a" * 49])
+def test_names_that_cannot_name_the_children_are_rejected(crd: LocalCluster, name: str) -> None:
+    message = rejected(crd, mirror(name))
+    assert "metadata" in message and "DNS label" in message
+
+
+# Documents on which `regmirror render` and the API server disagreed on main (issue 11): the
+# offline tool accepted names the API server refuses, duplicate hosts, and whitespace that RE2's
+# ASCII-only \s lets through while Python's unicode \s does not.
+KNOWN_DISAGREEMENTS: list[tuple[str, dict[str, Any]]] = [
+    ("upper-case name", mirror("Hub")),
+    ("underscore in name", mirror("hub_1")),
+    ("leading dash", mirror("-hub")),
+    ("dot in name", mirror("hub.example")),
+    ("the same host twice", mirror("dup-hosts", upstream={"url": "https://mirror.gcr.io", "hosts": ["docker.io", "docker.io"]})),
+    ("NEL in the URL", mirror("nel", upstream={"url": "https://quay.io/v2\x85"})),
+    ("no-break space in the URL", mirror("nbsp", upstream={"url": "https://quay.io/v2\u00a0"})),
+    ("ideographic space in a proxy", mirror("ideo", proxy={"httpProxy": "http://proxy.example:3128/\u3000"})),
+]
+
+
+def render_admits(doc: dict[str, Any], tmp_path: Path) -> bool:
+    path = tmp_path / "mirror.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = subprocess.run([sys.executable, "-m", "regmirror", "render", "-f", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode == 0
+
+
+@pytest.mark.parametrize(("what", "doc"), KNOWN_DISAGREEMENTS, ids=[k[0] for k in KNOWN_DISAGREEMENTS])
+def test_render_and_the_api_server_agree(crd: LocalCluster, tmp_path: Path, what: str, doc: dict[str, Any]) -> None:
+    server = crd.kubectl("create", "--dry-run=server", "-f", "-", input=doc, check=False)
+    assert render_admits(doc, tmp_path) == (server.returncode == 0), f"{what}: render and the API server disagree ({server.stderr})"
 
 
 def test_immutable_fields_cannot_change(crd: LocalCluster) -> None:

@@ -1,4 +1,4 @@
-"""Go-built tools (helm, kind) from tests/tools/build.sh, cached by version under ~/.cache/regmirror."""
+"""Go-built tools (helm, kind, registry, versitygw) from tests/tools/build.sh, cached by version under ~/.cache/regmirror."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class ToolBuildError(RuntimeError):
 
 @functools.cache
 def go_tool(name: str) -> Path:
-    """Path of `name` (helm or kind), built on first use; later calls return at once."""
+    """Path of `name` (helm, kind, registry or versitygw), built on first use; later calls return at once."""
     # stderr is inherited: a first build takes minutes and says what it does.
     result = subprocess.run(["bash", str(BUILD_SCRIPT), name], stdout=subprocess.PIPE, text=True, check=False)
     lines = result.stdout.strip().splitlines()

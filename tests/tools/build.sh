@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds one pinned Go tool (helm, kind, or distribution's registry) from its
+# Builds one pinned Go tool (helm, kind, distribution's registry or versitygw) from its
 # module on the Go module proxy into a cache outside the repository, keyed by
 # version, and prints the binary's path last. Does nothing when that version is
 # already built.
@@ -8,13 +8,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck disable=SC1091
 source "$here/versions.env"
-tool=${1:?usage: build.sh helm|kind|registry}
+tool=${1:?usage: build.sh helm|kind|registry|versitygw}
 case "$tool" in
   # helm's version string comes from the linker (its Makefile does the same).
   helm) module=$HELM_MODULE/cmd/helm version=$HELM_VERSION ldflags="-X $HELM_MODULE/internal/version.version=$HELM_VERSION" ;;
   kind) module=$KIND_MODULE version=$KIND_VERSION ldflags="" ;;
   registry) module=$DISTRIBUTION_MODULE/cmd/registry version=$DISTRIBUTION_VERSION ldflags="" ;;
-  *) echo "unknown tool $tool (helm, kind or registry)" >&2; exit 2 ;;
+  versitygw) module=$VERSITYGW_MODULE/cmd/versitygw version=$VERSITYGW_VERSION ldflags="" ;;
+  *) echo "unknown tool $tool (helm, kind, registry or versitygw)" >&2; exit 2 ;;
 esac
 out="${REGMIRROR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/regmirror}/tools/$tool-$version/bin"
 if [ ! -x "$out/$tool" ]; then

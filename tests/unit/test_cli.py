@@ -93,6 +93,98 @@ def test_invalid_file_exits_non_zero_naming_the_field(tmp_path: Path, spec: str,
     assert result.stdout == ""
 
 
+# Each class the issue found admitted although the cluster could never apply it: `regmirror render`
+# refuses it with exit 1, names the field, and prints nothing on stdout.
+BROKEN_ON_MAIN = [
+    ("name with a dot", "hub.example", "upstream: {url: 'https://registry-1.docker.io'}", "metadata.name"),
+    ("upper-case name", "Hub", "upstream: {url: 'https://registry-1.docker.io'}", "metadata.name"),
+    ("underscore in name", "hub_1", "upstream: {url: 'https://registry-1.docker.io'}", "metadata.name"),
+    ("leading dash", "-hub", "upstream: {url: 'https://registry-1.docker.io'}", "metadata.name"),
+    (
+        "request above the default limit",
+        "hub",
+        "upstream: {url: 'https://q.example'}\n  resources: {requests: {memory: 1Gi}}",
+        "resources.requests",
+    ),
+    (
+        "tolerationSeconds on NoSchedule",
+        "hub",
+        "upstream: {url: 'https://q.example'}\n  tolerations: [{key: k, effect: NoSchedule, tolerationSeconds: 5}]",
+        "tolerationSeconds",
+    ),
+    ("impossible clusterIP", "hub", "upstream: {url: 'https://q.example'}\n  service: {clusterIP: 999.1.1.1}", "service.clusterIP"),
+    ("IPv6 shape that is no address", "hub", "upstream: {url: 'https://q.example'}\n  service: {clusterIP: '1:2:3'}", "service.clusterIP"),
+    ("URL port 99999", "hub", "upstream: {url: 'https://registry.example:99999'}", "upstream.url"),
+    ("host port 99999", "hub", "upstream: {url: 'https://r.example', hosts: ['r.example:99999']}", "upstream.hosts"),
+    (
+        "docker.io listed twice",
+        "hub",
+        "upstream: {url: 'https://mirror.gcr.io', hosts: [registry-1.docker.io, docker.io]}",
+        "upstream.hosts",
+    ),
+    ("one host in two cases", "hub", "upstream: {url: 'https://quay.io', hosts: [Quay.io, quay.io]}", "upstream.hosts"),
+    (
+        "bootstrap deadlock",
+        "hub",
+        "upstream: {url: 'https://registry-1.docker.io'}\n  nodeConfig: {fallback: NeverContactUpstream}",
+        "image",
+    ),
+    (
+        "bootstrap deadlock, short image name",
+        "hub",
+        "upstream: {url: 'https://m.example', hosts: [docker.io]}\n  image: 'registry:3'\n  nodeConfig: {fallback: NeverContactUpstream}",
+        "image",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "name", "spec", "field"), BROKEN_ON_MAIN, ids=[b[0] for b in BROKEN_ON_MAIN])
+def test_render_refuses_what_the_cluster_could_never_apply(tmp_path: Path, what: str, name: str, spec: str, field: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata: {{name: '{name}'}}\nspec:\n  {spec}\n")
+    result = regmirror("render", "-f", str(path))
+    assert result.returncode == 1, f"{what}: admitted"
+    assert field in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_render_names_the_way_out_of_the_bootstrap_deadlock(tmp_path: Path) -> None:
+    path = tmp_path / "strict.yaml"
+    path.write_text(
+        "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata: {name: hub}\n"
+        "spec: {upstream: {url: 'https://registry-1.docker.io'}, nodeConfig: {fallback: NeverContactUpstream}}\n"
+    )
+    result = regmirror("render", "-f", str(path))
+    assert result.returncode == 1
+    assert "digest" in result.stderr and "AllowUpstream" in result.stderr and "pre-load" in result.stderr
+    pinned = path.read_text().replace("spec: {", "spec: {image: 'registry.corp.example/registry:3.0.0', ")
+    path.write_text(pinned)
+    assert regmirror("render", "-f", str(path)).returncode == 0
+
+
+def test_render_reads_yaml_as_kubectl_does(tmp_path: Path) -> None:
+    # An unquoted date stays a string (go-yaml does not make dates): a valid StorageClass name.
+    path = tmp_path / "date.yaml"
+    path.write_text(
+        "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata: {name: hub}\n"
+        "spec: {upstream: {url: 'https://q.example'}, storage: {storageClassName: 2024-01-01}, replicas: 1.0}\n"
+    )
+    result = regmirror("render", "-f", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "storageClassName: '2024-01-01'" in result.stdout
+
+
+def test_render_never_echoes_a_credential_in_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "userinfo.yaml"
+    path.write_text(
+        "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata: {name: hub}\n"
+        "spec: {upstream: {url: 'https://bob:Planted-Secret-2@quay.io'}}\n"
+    )
+    result = regmirror("render", "-f", str(path))
+    assert result.returncode == 1 and "upstream.url" in result.stderr
+    assert "Planted-Secret-2" not in result.stderr + result.stdout
+
+
 def test_long_name_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "long.yaml"
     path.write_text(

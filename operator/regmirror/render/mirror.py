@@ -485,8 +485,8 @@ def render_deployment(
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     pod_spec["tolerations"] = _tolerations(spec)
     pod_spec["topologySpreadConstraints"] = _spread(name)
-    if spec.affinity:
-        pod_spec["affinity"] = copy.deepcopy(spec.affinity)
+    if spec.affinity is not None and spec.affinity.to_pod_spec():
+        pod_spec["affinity"] = spec.affinity.to_pod_spec()
     if spec.priority_class_name:
         pod_spec["priorityClassName"] = spec.priority_class_name
     return {
