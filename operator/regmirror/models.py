@@ -1049,7 +1049,7 @@ class NodeSettings(Model):
                 "CRI-O nodes: the registries a short image name (`busybox`) is looked up in, in order "
                 "(containers-registries.conf `unqualified-search-registries`). containerd has no such setting: a short name "
                 "always means docker.io/library/<name>."
-            )
+            ),
         ),
     ] = []
     blocked_registries: Annotated[
@@ -1059,7 +1059,7 @@ class NodeSettings(Model):
             description=(
                 "Registries no node may pull from: CRI-O gets `blocked = true`, containerd a hosts.toml in which nothing may "
                 "pull or resolve. A blocked registry's mirrors are not used either."
-            )
+            ),
         ),
     ] = []
 

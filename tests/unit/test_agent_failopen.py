@@ -16,7 +16,7 @@ from regmirror import nodetaint
 from regmirror.agent.endpoints import EndpointCounts, EndpointWatcher, ready_endpoints
 from regmirror.agent.loop import Agent, AgentConfig
 from regmirror.agent.nodeapi import ApiError, NodeInfo
-from regmirror.agent.probe import HealthTracker
+from regmirror.agent.probe import HealthTracker, Target
 from regmirror.models import Capability, FallbackPolicy, Runtime
 from regmirror.nodeplan import MirrorEntry, build_node_plan
 
@@ -28,22 +28,27 @@ OTHER_TAINT = {"key": "example.com/gpu", "value": "true", "effect": "NoSchedule"
 def endpoint_slice(name: str, service: str | None, *ready: bool | None) -> dict[str, Any]:
     labels = {"kubernetes.io/service-name": service} if service else {}
     endpoints = [{"addresses": [f"10.0.0.{i}"], "conditions": {} if r is None else {"ready": r}} for i, r in enumerate(ready)]
-    return {"metadata": {"name": name, "labels": labels, "resourceVersion": "1"}, "endpoints": endpoints}
+    ports = [{"name": "metrics", "port": 5001}, {"name": "registry", "port": 5000}]
+    return {"metadata": {"name": name, "labels": labels, "resourceVersion": "1"}, "endpoints": endpoints, "ports": ports}
 
 
 def test_ready_endpoints_counts_what_kube_proxy_routes_to() -> None:
-    assert ready_endpoints(endpoint_slice("a", "svc", True, None, False)) == ("svc", 2)  # nil means ready
+    # nil means ready; the registry port's number is the pod's
+    assert ready_endpoints(endpoint_slice("a", "svc", True, None, False)) == ("svc", 2, ("10.0.0.0:5000", "10.0.0.1:5000"))
     assert ready_endpoints(endpoint_slice("a", None, True)) is None
-    assert ready_endpoints({"metadata": {"labels": {"kubernetes.io/service-name": "svc"}}, "endpoints": None}) == ("svc", 0)
+    assert ready_endpoints({"metadata": {"labels": {"kubernetes.io/service-name": "svc"}}, "endpoints": None}) == ("svc", 0, ())
     assert ready_endpoints("garbage") is None
     no_address = {"metadata": {"labels": {"kubernetes.io/service-name": "svc"}}, "endpoints": [{"conditions": {"ready": True}}]}
-    assert ready_endpoints(no_address) == ("svc", 0)
+    assert ready_endpoints(no_address) == ("svc", 0, ())
+    v6 = {**endpoint_slice("b", "svc"), "endpoints": [{"addresses": ["fd00::5"]}, {"addresses": ["not-an-ip"]}]}
+    assert ready_endpoints(v6) == ("svc", 2, ("[fd00::5]:5000",))
 
 
 def test_counts_follow_the_watch_and_sum_a_services_slices() -> None:
     counts = EndpointCounts()
     counts.replace([endpoint_slice("hub-a", "hub", True), endpoint_slice("hub-b", "hub", True, False)])
     assert counts.counts() == {"hub": 2}
+    assert counts.addresses() == {"hub": ("10.0.0.0:5000",)}, "the two slices list the same address (10.0.0.0), once"
     assert counts.apply("MODIFIED", endpoint_slice("hub-a", "hub", False)) is True
     assert counts.counts() == {"hub": 1}
     assert counts.apply("MODIFIED", endpoint_slice("hub-a", "hub", False)) is False, "no change, no wake-up"
@@ -121,6 +126,14 @@ def test_the_watcher_wakes_the_agent_and_forgets_what_it_cannot_know() -> None:
         assert watcher.ready("regmirror-hub") == 1 and api.lists == 2
     finally:
         watcher.stop()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # ------------------------------------------------------------------ the startup taint
@@ -245,3 +258,21 @@ def test_the_removal_patch_tests_the_taints_it_read() -> None:
         {"op": "replace", "path": "/spec/taints", "value": [OTHER_TAINT]},
     ]
     assert nodetaint.agent_may_lift(ready=True, selected=["a", "b"], unhealthy={"b", "z"}) == (False, "mirror(s) not answering yet: b")
+
+
+def test_without_dial_timeout_one_dark_endpoint_withdraws_the_mirror_and_its_leaving_restores_it() -> None:
+    """containerd 1.x: a pod whose node died still gets connections (30 s each); the agent probes each endpoint."""
+    dead = {"http://10.0.0.2:5000"}
+    calls: list[str] = []
+
+    def probe(url: str, timeout: float, ca: str | None) -> str | None:
+        calls.append(url)
+        return "TimeoutError: timed out" if url in dead else None
+
+    clock = Clock()
+    tracker = HealthTracker(probe=probe, clock=clock, jitter=0)
+    both = ("http://10.0.0.1:5000", "http://10.0.0.2:5000")
+    assert tracker.update({"hub": Target("http://10.96.0.10:5000", None, 2, both)}) != []
+    assert tracker.unhealthy() == frozenset({"hub"}) and calls == ["http://10.96.0.10:5000", *both]
+    (transition,) = [t for t in tracker.update({"hub": Target("http://10.96.0.10:5000", None, 1, both[:1])})]
+    assert transition.healthy, "the dead endpoint left the Service: probed at once, restored"

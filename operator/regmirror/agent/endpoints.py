@@ -21,12 +21,16 @@ the probes alone decide, as without a watch.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# The mirror Service's port nodes pull from (render/mirror.py PORT_NAME): its number in a slice is the pod's port.
+REGISTRY_PORT_NAME = "registry"
 MAX_BACKOFF = 30.0
+MAX_ADDRESSES = 64  # per slice: more replicas than any mirror runs
 
 
 class WatchApi(Protocol):
@@ -37,11 +41,12 @@ class WatchApi(Protocol):
     def watch_endpointslices(self, namespace: str, resource_version: str) -> Iterator[dict[str, Any]]: ...
 
 
-def ready_endpoints(endpoint_slice: Any) -> tuple[str, int] | None:
-    """(service name, ready endpoints) of one EndpointSlice, or None if it is not a Service's slice.
+def ready_endpoints(endpoint_slice: Any) -> tuple[str, int, tuple[str, ...]] | None:
+    """(service name, ready endpoints, their `address:port` of the registry port) of one EndpointSlice, or None.
 
     An endpoint is ready unless its `conditions.ready` is false (the API: nil
-    means ready); a terminating endpoint is not ready.
+    means ready); a terminating endpoint is not ready. The addresses are what a
+    node without `dial_timeout` probes one by one (a dead pod among live ones).
     """
     if not isinstance(endpoint_slice, dict):
         return None
@@ -49,24 +54,37 @@ def ready_endpoints(endpoint_slice: Any) -> tuple[str, int] | None:
     service = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
     if not isinstance(service, str) or not service:
         return None
+    port = None
+    for entry in endpoint_slice.get("ports") or []:
+        if isinstance(entry, dict) and entry.get("name") == REGISTRY_PORT_NAME and isinstance(entry.get("port"), int):
+            port = entry["port"]
     endpoints = endpoint_slice.get("endpoints") or []
     if not isinstance(endpoints, list):
-        return service, 0
+        return service, 0, ()
     count = 0
+    addresses: list[str] = []
     for endpoint in endpoints:
         if not isinstance(endpoint, dict) or not endpoint.get("addresses"):
             continue
         conditions = endpoint.get("conditions") or {}
-        if isinstance(conditions, dict) and conditions.get("ready") is not False:
-            count += 1
-    return service, count
+        if not isinstance(conditions, dict) or conditions.get("ready") is False:
+            continue
+        count += 1
+        first = endpoint["addresses"][0] if isinstance(endpoint["addresses"], list) else None
+        if port is not None and isinstance(first, str) and len(addresses) < MAX_ADDRESSES:
+            try:
+                ip = ipaddress.ip_address(first)
+            except ValueError:
+                continue
+            addresses.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+    return service, count, tuple(sorted(addresses))
 
 
 class EndpointCounts:
     """Ready endpoints per Service of one namespace, from a list and then a watch."""
 
     def __init__(self) -> None:
-        self._slices: dict[str, tuple[str, int]] = {}
+        self._slices: dict[str, tuple[str, int, tuple[str, ...]]] = {}
         self.synced = False
 
     def replace(self, items: list[dict[str, Any]]) -> None:
@@ -81,7 +99,7 @@ class EndpointCounts:
         name = (obj.get("metadata") or {}).get("name") if isinstance(obj, dict) else None
         if not isinstance(name, str):
             return False
-        before = self.counts()
+        before = (self.counts(), self.addresses())
         if event_type == "DELETED":
             self._slices.pop(name, None)
         elif event_type in ("ADDED", "MODIFIED"):
@@ -90,14 +108,21 @@ class EndpointCounts:
                 self._slices.pop(name, None)
             else:
                 self._slices[name] = found
-        return self.counts() != before
+        return (self.counts(), self.addresses()) != before
 
     def counts(self) -> dict[str, int]:
         """Service name -> ready endpoints over all its slices."""
         out: dict[str, int] = {}
-        for service, count in self._slices.values():
+        for service, count, _ in self._slices.values():
             out[service] = out.get(service, 0) + count
         return out
+
+    def addresses(self) -> dict[str, tuple[str, ...]]:
+        """Service name -> the ready endpoints' `address:port` of the registry port, over all its slices."""
+        out: dict[str, set[str]] = {}
+        for service, _, addresses in self._slices.values():
+            out.setdefault(service, set()).update(addresses)
+        return {service: tuple(sorted(found)) for service, found in out.items()}
 
 
 class EndpointWatcher:
@@ -126,6 +151,11 @@ class EndpointWatcher:
             if not self._counts.synced:
                 return None
             return self._counts.counts().get(service, 0)
+
+    def ready_addresses(self, service: str) -> tuple[str, ...]:
+        """The Service's ready endpoints as `address:port` (empty while not in sync)."""
+        with self._lock:
+            return self._counts.addresses().get(service, ()) if self._counts.synced else ()
 
     def _unsync(self) -> None:
         with self._lock:

@@ -167,6 +167,8 @@ class Agent:
         self._targets: dict[str, Target] = {}
         self._selected: list[nodeinput.Mirror] = []
         self._taint_note: str | None = None
+        # The dial_timeout the node's containerd reads (None: it has none, or none is written).
+        self._dial_timeout: str | None = None
 
     # ------------------------------------------------------------ inputs
 
@@ -274,9 +276,17 @@ class Agent:
             watcher = self._watchers[namespace] = EndpointWatcher(self.api, namespace, self.wake, log).start()
         return watcher.ready(service)
 
+    def _endpoint_urls(self, mirror: nodeinput.Mirror) -> tuple[str, ...]:
+        """The mirror's ready endpoints to probe one by one: only where containerd has no dial_timeout, for plain http, with two or more."""
+        if self._dial_timeout is not None or mirror.service is None or not mirror.url.startswith("http://"):
+            return ()
+        watcher = self._watchers.get(mirror.service[0])
+        found = watcher.ready_addresses(mirror.service[1]) if watcher is not None else ()
+        return tuple(f"http://{address}" for address in found) if len(found) > 1 else ()
+
     def _probe(self) -> bool:
         """Probe what is due among the last step's mirrors; True when one changed state."""
-        targets = {m.name: Target(m.url, m.ca_pem, self._ready_endpoints(m)) for m in self._selected}
+        targets = {m.name: Target(m.url, m.ca_pem, self._ready_endpoints(m), self._endpoint_urls(m)) for m in self._selected}
         strict = {m.name for m in self._selected if m.strict}
         transitions = self.tracker.update(targets)
         for t in transitions:
@@ -297,10 +307,11 @@ class Agent:
 
         selected = nodeinput.selected_mirrors(checked, node.labels)
         self._selected = selected
+        dial_timeout = self.config.dial_timeout if dial_timeout_supported(node.runtime_version) else None
+        self._dial_timeout = dial_timeout
         self._probe()
         unhealthy = self.tracker.unhealthy()
 
-        dial_timeout = self.config.dial_timeout if dial_timeout_supported(node.runtime_version) else None
         node_files = nodefiles.plan_node_files(
             checked,
             node.labels,

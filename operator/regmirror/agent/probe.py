@@ -23,7 +23,13 @@ When the agent watches the mirror's EndpointSlices (`Target.ready_endpoints`
 is not None), a mirror with no ready endpoint is withdrawn at once without a
 probe (its pod was deleted, or its readiness probe failed), and any change in
 the count probes at once, so a mirror coming back is restored without waiting
-for the interval.
+for the interval. On a node whose containerd has no `dial_timeout` (1.x,
+2.0.0-2.0.6) the agent also probes each ready endpoint of a plain-http mirror
+with two or more (`Target.endpoints`): there a pod whose node died, still
+listed for 40 s and more, costs every connection that kube-proxy sends to it
+30 s, so one dark endpoint withdraws the mirror on those nodes until it leaves
+the Service or answers again. That costs one more request per endpoint per
+interval, on those nodes only.
 """
 
 from __future__ import annotations
@@ -107,6 +113,9 @@ class Target:
     # Ready endpoints of the mirror's Service as its EndpointSlices say; None
     # when the agent does not watch them (no API access, or an older plan).
     ready_endpoints: int | None = None
+    # Endpoint URLs probed one by one besides `url` (nodes whose containerd has no
+    # dial_timeout: there a dead pod behind a live ClusterIP costs 30 s per connection).
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass
@@ -116,6 +125,7 @@ class MirrorHealth:
     last_error: str | None = None
     next_probe: float = 0.0
     ready_endpoints: int | None = None
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,9 +178,14 @@ class HealthTracker:
         return self.interval * self._rng.uniform(1 - self.jitter, 1 + self.jitter)
 
     def _probe_one(self, target: Target) -> str | None:
-        """One mirror's probe; whatever it raises is that mirror's failure, never the step's."""
+        """One mirror's probe (its URL, then each endpoint it lists); whatever it raises is that mirror's failure, never the step's."""
         try:
-            return self._probe(target.url, self.timeout, target.ca_pem)
+            error = self._probe(target.url, self.timeout, target.ca_pem)
+            for endpoint in target.endpoints if error is None else ():
+                failed = self._probe(endpoint, self.timeout, target.ca_pem)
+                if failed is not None:
+                    return f"endpoint {endpoint} of its Service: {failed}"
+            return error
         except Exception as exc:  # isolation: one mirror's data must not stop the others' probes
             return f"probe failed: {type(exc).__name__}: {exc}"
 
@@ -192,8 +207,8 @@ class HealthTracker:
                 )
                 self._state[name].ready_endpoints = 0
                 continue
-            if state is not None and state.ready_endpoints != target.ready_endpoints:
-                state.ready_endpoints = target.ready_endpoints
+            if state is not None and (state.ready_endpoints, state.endpoints) != (target.ready_endpoints, target.endpoints):
+                state.ready_endpoints, state.endpoints = target.ready_endpoints, target.endpoints
                 state.next_probe = now  # endpoints changed: look now
             if state is None or state.next_probe <= now:
                 due.append(name)
