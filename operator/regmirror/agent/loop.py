@@ -163,8 +163,7 @@ class Agent:
         # Set by the endpoint watchers (and SIGTERM): the loop wakes up at once.
         self.wake_event = threading.Event()
         self._watchers: dict[str, EndpointWatcher] = {}
-        # What the last step probed, so a probe-only wake-up needs no plan work.
-        self._targets: dict[str, Target] = {}
+        # The last step's selected mirrors, so a probe-only wake-up needs no plan work.
         self._selected: list[nodeinput.Mirror] = []
         self._taint_note: str | None = None
         # The dial_timeout the node's containerd reads (None: it has none, or none is written).
