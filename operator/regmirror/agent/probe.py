@@ -229,6 +229,7 @@ class HealthTracker:
                     failures=0 if error is None else 1,
                     last_error=error,
                     ready_endpoints=targets[name].ready_endpoints,
+                    endpoints=targets[name].endpoints,
                 )
                 if error is not None:
                     transitions.append(Transition(name, url, False, error))
