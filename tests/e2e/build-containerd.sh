@@ -3,8 +3,12 @@
 # crictl from their Go modules into a cache outside the repository, so the e2e
 # tests can check the agent's files against every containerd line we support.
 # Does nothing when the binaries are there. Prints the cache dir last.
+# The releases are those whose behaviour the agent depends on: 1.7 (no default
+# config_path), 2.0.5 (before dial_timeout) and 2.0.7 (the first 2.0 with it),
+# 2.1.5 and 2.2.1 (the transfer service reading config_path as one directory,
+# containerd#12415/#12636), 2.4 (the current line). About 3 minutes each, once.
 set -euo pipefail
-CONTAINERD_VERSIONS="${REGMIRROR_CONTAINERD_VERSIONS:-v1.7.35 v2.4.2}"
+CONTAINERD_VERSIONS="${REGMIRROR_CONTAINERD_VERSIONS:-v1.7.35 v2.0.5 v2.0.7 v2.1.5 v2.2.1 v2.4.2}"
 CRICTL_VERSION="${REGMIRROR_CRICTL_VERSION:-v1.37.0}"
 cache="${REGMIRROR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/regmirror}/containerd"
 tags="no_btrfs no_devmapper no_zfs no_aufs"
