@@ -92,17 +92,27 @@ class ContainerdBinaries:
     containerd: str
     ctr: str
     crictl: str | None = None
+    release: str = ""  # "1.6.20", "2.0.7": what a Node's containerRuntimeVersion would say
 
     @property
     def major(self) -> int:
         return int(self.version.split(".")[0])
 
+    @property
+    def runtime_version(self) -> str:
+        """The Node's status.nodeInfo.containerRuntimeVersion for this release."""
+        return f"containerd://{self.release or self.version + '.0'}"
+
+
+def _release_of(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    # "containerd github.com/containerd/containerd 1.6.20~ds1 ..." -> "1.6.20"
+    token = out.split()[2].lstrip("v")
+    return re.split(r"[~+-]", token)[0]
+
 
 def _version_of(binary: str) -> str:
-    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
-    # "containerd github.com/containerd/containerd 1.6.20~ds1 ..." -> "1.6"
-    token = out.split()[2].lstrip("v")
-    return ".".join(token.split(".")[:2])
+    return ".".join(_release_of(binary).split(".")[:2])
 
 
 def build_containerd() -> tuple[list[ContainerdBinaries], str | None]:
@@ -114,8 +124,14 @@ def build_containerd() -> tuple[list[ContainerdBinaries], str | None]:
     crictl = cache / "crictl" / "bin" / "crictl"
     found = []
     for bindir in sorted(cache.glob("containerd-*/bin")):
+        if not (bindir / "containerd").exists():
+            continue  # a build in progress (or one that failed) elsewhere
         binary = str(bindir / "containerd")
-        found.append(ContainerdBinaries(_version_of(binary), binary, str(bindir / "ctr"), str(crictl) if crictl.exists() else None))
+        found.append(
+            ContainerdBinaries(
+                _version_of(binary), binary, str(bindir / "ctr"), str(crictl) if crictl.exists() else None, _release_of(binary)
+            )
+        )
     return found, None
 
 
@@ -123,7 +139,7 @@ def system_containerd(crictl: str | None = None) -> ContainerdBinaries | None:
     binary, ctr = shutil.which("containerd"), shutil.which("ctr")
     if not binary or not ctr:
         return None
-    return ContainerdBinaries(_version_of(binary), binary, ctr, crictl)
+    return ContainerdBinaries(_version_of(binary), binary, ctr, crictl, _release_of(binary))
 
 
 # ------------------------------------------------------------------ a tiny image
@@ -339,6 +355,71 @@ class ConnectionRecorder:
             conn.close()
 
 
+# ------------------------------------------------------------------ dead mirrors
+
+
+class HangingListener:
+    """A TCP port that accepts connections and never answers (a wedged mirror)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.conns: list[socket.socket] = []
+        self._halt = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._halt.is_set():
+            try:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+            except (TimeoutError, OSError):
+                continue
+
+    def close(self) -> None:
+        self._halt.set()
+        self.thread.join(2)
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()
+
+
+def iptables_usable() -> bool:
+    """Whether this process may add iptables rules (root, and the tool works in this network namespace)."""
+    return bool(shutil.which("iptables")) and subprocess.run(["iptables", "-S", "OUTPUT"], capture_output=True, check=False).returncode == 0
+
+
+@contextlib.contextmanager
+def blackholed(host: str, port: int) -> Iterator[None]:
+    """Drop every packet to host:port (a dead node behind a still-listed endpoint): connects hang until they time out."""
+    rule = ["OUTPUT", "-d", host, "-p", "tcp", "--dport", str(port), "-j", "DROP"]
+    subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def dead_mirror(kind: str, registry: Registry) -> Iterator[None]:
+    """Take a running mirror down: refused (process gone), blackholed (packets dropped), hanging (accepts, never answers)."""
+    registry.stop()
+    listener = HangingListener(registry.host, registry.port) if kind == "hanging" else None
+    try:
+        if kind == "blackholed":
+            with blackholed(registry.host, registry.port):
+                yield
+        else:
+            yield
+    finally:
+        if listener is not None:
+            listener.close()
+
+
 # ------------------------------------------------------------------ containerd
 
 
@@ -351,10 +432,13 @@ def registry_table(config_version: int) -> str:
     return CRI_V2_REGISTRY if config_version >= 3 else CRI_V1_REGISTRY
 
 
-def containerd_config(binaries: ContainerdBinaries, workdir: Path, registry_toml: str, *, config_version: int | None = None) -> str:
+def containerd_config(
+    binaries: ContainerdBinaries, workdir: Path, registry_toml: str, *, config_version: int | None = None, images_toml: str = ""
+) -> str:
     """A self-contained config (own root, state, socket; native snapshotter) plus `registry_toml` verbatim.
 
-    `config_version` defaults to the binary's own format (2 for 1.x, 3 for 2.x).
+    `config_version` defaults to the binary's own format (2 for 1.x, 3 for 2.x);
+    `images_toml` are extra lines of 2.x's `[plugins."io.containerd.cri.v1.images"]`.
     """
     version = config_version or (3 if binaries.major >= 2 else 2)
     lines = [
@@ -381,7 +465,7 @@ def containerd_config(binaries: ContainerdBinaries, workdir: Path, registry_toml
     if binaries.major >= 2:
         # Also for a version 2 file: 2.x migrates the old CRI snapshotter
         # setting only when runtimes are configured.
-        lines += ['[plugins."io.containerd.cri.v1.images"]', '  snapshotter = "native"']
+        lines += ['[plugins."io.containerd.cri.v1.images"]', '  snapshotter = "native"', *images_toml.splitlines()]
     if version < 3:
         lines += ['[plugins."io.containerd.grpc.v1.cri".containerd]', '  snapshotter = "native"']
     return "\n".join(lines) + "\n" + registry_toml
@@ -420,6 +504,7 @@ class Containerd:
         *,
         registry_toml: str | None = None,
         config_version: int | None = None,
+        images_toml: str = "",
     ) -> Iterator[Containerd]:
         """Start containerd; CRI reads `config_path`, or whatever `registry_toml` says instead."""
         workdir = short_tmpdir("rm-ctrd-")
@@ -427,7 +512,7 @@ class Containerd:
         if registry_toml is None:
             registry_toml = config_path_toml(version, config_path) if config_path else ""
         config = workdir / "config.toml"
-        config.write_text(containerd_config(binaries, workdir, registry_toml, config_version=version))
+        config.write_text(containerd_config(binaries, workdir, registry_toml, config_version=version, images_toml=images_toml))
         log = (workdir / "containerd.log").open("wb")
         proc = subprocess.Popen(
             [binaries.containerd, "--config", str(config), "--log-level", "debug"], stdout=log, stderr=subprocess.STDOUT
