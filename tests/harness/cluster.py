@@ -631,6 +631,12 @@ class LocalCluster:
                 f"--secure-port={kcm_port}",
                 f"--cert-dir={self._path('kcm')}",
                 "--cluster-name=regmirror-local",
+                # kwok marks a pod Ready only once, while it is Pending: a pod the node lifecycle
+                # controller marks NotReady (its node's lease went stale for 50 s, e.g. while
+                # kube-apiserver was stopped on purpose or the machine was starved) would stay
+                # NotReady for good. Fake nodes never fail, so give them far longer than any
+                # outage a test makes.
+                "--node-monitor-grace-period=15m",
                 *qps,
             ],
         )

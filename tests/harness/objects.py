@@ -63,6 +63,14 @@ class MirrorFactory:
         apply(self.cluster, body)
         return name
 
+    def apply_all(self, bodies: list[dict[str, Any]]) -> list[str]:
+        """Server-side apply many RegistryMirrors in one request (as one List); returns their names."""
+        names = [str(b["metadata"]["name"]) for b in bodies]
+        for name in names:
+            self.track_mirror(name)
+        apply(self.cluster, {"apiVersion": "v1", "kind": "List", "items": bodies})
+        return names
+
     def create(self, name: str, **spec: Any) -> str:
         """Apply ``mirror_body(name, **spec)``; returns the name."""
         return self.apply(mirror_body(name, **spec))

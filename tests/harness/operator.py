@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ from harness.cluster import LocalCluster
 from harness.proxy import TcpRelay
 from harness.waiting import free_ports, wait_for
 from regmirror import constants as c
-from regmirror import naming
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "registrymirrors.regmirror.dev.yaml"
@@ -24,6 +24,7 @@ OPERATOR_NS = "regmirror-system"
 AGENT_NS = "regmirror-node"
 OPERATOR_SA = "regmirror-operator"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
+ERROR_LEVELS = frozenset({"error", "critical", "fatal"})
 
 
 class OperatorProcess:
@@ -94,6 +95,29 @@ class OperatorProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_size(self) -> int:
+        """Bytes in the log so far: an offset for ``error_lines``."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def error_lines(self, since: int = 0) -> list[str]:
+        """Log lines at severity error or worse written after byte offset ``since``."""
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        found = []
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                level = str(record.get("severity") or record.get("levelname") or record.get("level") or "").lower()
+                if level in ERROR_LEVELS:
+                    found.append(line)
+            elif re.search(r"\b(ERROR|CRITICAL|FATAL)\b", line):
+                found.append(line)
+        return found
+
     def log_tail(self, chars: int = 6000) -> str:
         """The end of the operator's log, for failure messages."""
         return f"operator log (tail):\n{self.logs()[-chars:]}"
@@ -151,12 +175,6 @@ def wait_condition(
     except Exception:
         print(json.dumps(get_mirror(cluster, name).get("status"), indent=1))
         raise
-
-
-def child(cluster: LocalCluster, kind: str, mirror: str) -> dict[str, Any] | None:
-    """A mirror's child object (with managedFields), or None when it does not exist."""
-    result = cluster.kubectl("get", kind, naming.child_name(mirror), "-n", OPERATOR_NS, "-o", "json", "--show-managed-fields", check=False)
-    return dict(json.loads(result.stdout)) if result.returncode == 0 else None
 
 
 def agent_rollout_complete(cluster: LocalCluster) -> bool:

@@ -23,7 +23,7 @@ class WaitTimeout(AssertionError):
 
 
 def wait_for(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = 60.0,
     what: str = "condition",
     *,

@@ -36,7 +36,7 @@ class Seen:
 
 def ready_of(body: dict[str, Any]) -> tuple[str | None, str | None]:
     """(status, reason) of the Ready condition, (None, None) without one."""
-    ready = next((cd for cd in (body.get("status") or {}).get("conditions") or [] if cd.get("type") == "Ready"), {})
+    ready: dict[str, Any] = next((cd for cd in (body.get("status") or {}).get("conditions") or [] if cd.get("type") == "Ready"), {})
     return ready.get("status"), ready.get("reason")
 
 

@@ -15,12 +15,12 @@ import time
 from typing import Any
 
 from harness import LocalCluster
+from harness.children import child
 from harness.objects import MirrorFactory
 from harness.operator import (
     OPERATOR_NS,
     OPERATOR_USER,
     OperatorProcess,
-    child,
     condition,
     get_mirror,
     mirror_body,
