@@ -84,10 +84,11 @@ def test_mirrors_deleted_while_the_operator_is_down_are_released_when_it_returns
     operator.start()
     wait_for(lambda: not present(cluster, c.SINGULAR, names), 90, f"{names} to be released", diagnose=operator.log_tail)
     assert not set(node_plan_mirrors(cluster)) & set(names)
-    assert ownership_problems(cluster, [], kinds_per_mirror=0) == []
+    # The garbage collector removes the children after their owners: no orphan stays.
+    wait_for(lambda: not ownership_problems(cluster, []), 60, "no child of a deleted mirror to remain", interval=1.0)
 
 
-def test_a_restart_posts_no_event_about_a_steady_mirror_and_a_delete_logs_no_error(faults: Faults) -> None:
+def test_a_restart_posts_no_event_about_a_steady_mirror(faults: Faults) -> None:
     cluster, operator = faults.cluster, faults.operator
     names = faults.mirrors.apply_all([mirror_body(f"calm-{x}") for x in "ab"])
     wait_settled(cluster, names)
@@ -100,7 +101,12 @@ def test_a_restart_posts_no_event_about_a_steady_mirror_and_a_delete_logs_no_err
     after = {name: events_about(cluster, name) for name in names}
     assert after == before, f"Events about steady mirrors after a restart: before {before}, after {after}"
 
+
+def test_a_normal_delete_logs_no_error(faults: Faults) -> None:
+    cluster, operator = faults.cluster, faults.operator
+    name = faults.mirrors.create("plain-delete")
+    wait_settled(cluster, [name])
     offset = operator.log_size()
-    faults.mirrors.delete("calm-a")
+    faults.mirrors.delete(name)
     errors = operator.error_lines(offset)
-    assert errors == [], "a normal delete logged at error level:\n" + "\n".join(errors[:10])
+    assert errors == [], f"a normal delete logged {len(errors)} line(s) at error level:\n" + "\n".join(errors[:5])

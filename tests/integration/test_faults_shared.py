@@ -23,10 +23,13 @@ from harness.children import child
 from harness.faults import Faults
 from harness.operator import AGENT_NS, OPERATOR_NS, OPERATOR_USER, condition, get_mirror, wait_settled
 from harness.waiting import wait_for
+from harness.watch import MirrorWatch
 from regmirror import constants as c
 from regmirror.naming import child_name
 
 RESTORE_SECONDS = 30
+#: How long a claim held by pvc-protection is watched: the status must not call it Bound again.
+LOST_CLAIM_SECONDS = 45
 INTRUSION_SECONDS = 60
 INTRUSION_EVERY = 3.0
 #: An operator that backs off a contested field writes a handful of times a minute, not once per intrusion.
@@ -181,20 +184,27 @@ def test_a_claim_deleted_while_in_use_is_not_reported_bound(faults: Faults) -> N
     name = faults.mirrors.create("lostclaim")
     wait_settled(cluster, [name])
     claim = child_name(name)
-    cluster.kubectl("delete", "pvc", claim, "-n", OPERATOR_NS, "--wait=false")
-    pvc = child(cluster, "persistentvolumeclaim", name)
-    assert pvc is not None and pvc["metadata"].get("deletionTimestamp"), "the claim in use should be held by pvc-protection"
+    with MirrorWatch(cluster, name) as watch:
+        cluster.kubectl("delete", "pvc", claim, "-n", OPERATOR_NS, "--wait=false")
+        pvc = child(cluster, "persistentvolumeclaim", name)
+        assert pvc is not None and pvc["metadata"].get("deletionTimestamp"), "the claim in use should be held by pvc-protection"
+        wait_for(
+            lambda: not claims_bound(get_mirror(cluster, name)),
+            RESTORE_SECONDS,
+            f"{name}'s status to stop saying Bound/Ready while its claim is Terminating",
+            diagnose=lambda: json.dumps(get_mirror(cluster, name).get("status"), indent=1)[:3000],
+        )
+        honest_since = time.monotonic()
+        time.sleep(LOST_CLAIM_SECONDS)  # the measurement: the claim stays Terminating all along
+        still_terminating = child(cluster, "persistentvolumeclaim", name)
+    assert still_terminating is not None and still_terminating["metadata"].get("deletionTimestamp")
+    lies = [s.body.get("status") for s in watch.versions(name) if s.at >= honest_since and claims_bound(s.body)]
+    assert not lies, f"{len(lies)} status version(s) said Bound or Ready again while the claim was Terminating: {lies[-1]}"
 
-    def honest() -> dict[str, Any] | None:
-        body = get_mirror(cluster, name)
-        storage = (body.get("status") or {}).get("storage") or {}
-        bound = condition(body, "StorageBound") or {}
-        ready = condition(body, "Ready") or {}
-        return body if storage.get("phase") != "Bound" and bound.get("status") != "True" and ready.get("status") != "True" else None
 
-    wait_for(
-        honest,
-        RESTORE_SECONDS,
-        f"{name}'s status to stop saying Bound/Ready while its claim is Terminating",
-        diagnose=lambda: json.dumps(get_mirror(cluster, name).get("status"), indent=1)[:3000],
-    )
+def claims_bound(body: dict[str, Any]) -> bool:
+    """Whether a mirror's status says its storage is Bound or the mirror Ready."""
+    storage = (body.get("status") or {}).get("storage") or {}
+    bound = condition(body, "StorageBound") or {}
+    ready = condition(body, "Ready") or {}
+    return storage.get("phase") == "Bound" or bound.get("status") == "True" or ready.get("status") == "True"
