@@ -17,7 +17,6 @@ import pytest
 from harness import ControlPlaneError, LocalCluster
 from harness.objects import MirrorFactory
 from harness.operator import OPERATOR_NS, OPERATOR_SA, REPO, OperatorProcess, install_crd_and_namespaces
-from harness.proxy import TcpRelay
 
 
 def _node_count() -> int:
@@ -61,7 +60,7 @@ def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
     install_crd_and_namespaces(cluster)
     # Only the rights manifests/rbac grants: a missing permission fails the tests, as it would in a cluster.
     cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
-    relay = TcpRelay("127.0.0.1", cluster.port)
+    relay = cluster.open_relay()
     kubeconfig = cluster.service_account_kubeconfig(OPERATOR_NS, OPERATOR_SA, server=relay.url)
     proc = OperatorProcess(cluster, kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", relay)
     proc.start()
@@ -69,7 +68,6 @@ def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
         yield proc
     finally:
         proc.stop()
-        relay.stop()
         print(f"operator log: {proc.log_path}")
 
 

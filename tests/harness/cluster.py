@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from harness.proxy import TcpRelay
 from harness.waiting import WaitTimeout, free_ports, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -433,6 +434,7 @@ class LocalCluster:
         self.port = 0
         self._components: list[_Component] = []
         self._paused: dict[str, _Component] = {}  # stopped on purpose by stop_component
+        self._relays: list[TcpRelay] = []
         self._admin_token = ""
         self._ssl: ssl.SSLContext | None = None
         self._connections = threading.local()
@@ -680,6 +682,8 @@ class LocalCluster:
             return
         self._stopped = True
         atexit.unregister(self.stop)
+        for relay in self._relays:
+            relay.stop()
         # Clients first, then the API server, then etcd: an API server whose etcd is
         # already gone spends its whole grace period retrying instead of exiting (~1 s).
         servers = {"kube-apiserver": 1, "etcd": 2}
@@ -760,15 +764,26 @@ class LocalCluster:
         log_file.flush()
         self._launch(name, stopped.argv, stopped.env, stopped.log_path, log_file)
 
+    def open_relay(self) -> TcpRelay:
+        """A TCP relay to the API server for one client (see ``harness.proxy``); stopping
+        and starting the API server closes and reopens it, as it would the API server's port."""
+        relay = TcpRelay("127.0.0.1", self.port)
+        self._relays.append(relay)
+        return relay
+
     def stop_apiserver(self, sig: int = signal.SIGTERM) -> None:
         """Stop kube-apiserver alone (etcd, controllers, scheduler and kwok keep running)."""
         self.stop_component("kube-apiserver", sig)
         self._connections.conn = None
+        for relay in self._relays:
+            relay.upstream_down()
 
     def start_apiserver(self, timeout: float = 60.0) -> None:
         """Start the stopped kube-apiserver on its old port and wait until it is ready."""
         self.start_component("kube-apiserver")
         self._wait("kube-apiserver /readyz after a restart", lambda: self._api_ok("/readyz"), timeout=timeout)
+        for relay in self._relays:
+            relay.upstream_up()
 
     def restart_apiserver(self, sig: int = signal.SIGTERM) -> None:
         """Stop kube-apiserver and start it again at once; returns when it is ready."""

@@ -1,12 +1,19 @@
-"""A TCP relay between one client (the operator) and the API server, that can be cut.
+"""A TCP relay between one client (the operator) and the API server: partitions, and outages as they look.
 
-The operator's kubeconfig points at the relay instead of the API server. ``cut()``
-models a network partition, not a refusing server: connections stay open, bytes in
-either direction are held back, new connections are accepted but never reach the API
-server. Neither side sees a reset or an EOF; requests and watches simply hang, as
-they do when a route or a firewall drops packets. ``heal()`` lets everything held
-flow again (a side that closed meanwhile, e.g. a restarted API server, is then seen
-as closed). ``reset()`` closes every open connection at once.
+The operator's kubeconfig points at the relay instead of the API server, so a test can
+put a network fault between the two without touching anyone else's traffic.
+
+- ``cut()`` models a network partition, not a refusing server: open connections stay
+  open with every byte in either direction held back, and new connections are not
+  accepted (the listen queue shrinks to one, so further SYNs are dropped and
+  ``connect()`` hangs, as behind a firewall that drops packets). Neither side sees a
+  reset or an EOF. ``heal()`` lets everything held flow again.
+- ``upstream_down()`` / ``upstream_up()`` keep the relay faithful while the API server
+  itself is stopped (``LocalCluster`` calls them for the relays it opened): the client
+  sees its connections closed and new ones refused, exactly as without a relay (a relay
+  that accepted and then hung up would be a different fault, and clients handle it
+  differently). During a partition the client sees nothing until it heals.
+- ``reset()`` closes every open connection at once.
 """
 
 from __future__ import annotations
@@ -18,11 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 BUFFER = 65536
+#: Listen queue while traffic flows (the operator opens a dozen watches at once).
+BACKLOG = 128
 
 
 @dataclass
 class _Link:
-    """One client connection and, once flowing, its connection to the target."""
+    """One client connection and, once connected, its connection to the target."""
 
     client: socket.socket
     upstream: socket.socket | None = None
@@ -36,6 +45,12 @@ class _Link:
             done = self.half_closed == 2
         if done:
             self.close()
+
+    def close_upstream(self) -> None:
+        """The target's side died (e.g. the API server stopped); the client learns it when bytes flow."""
+        if self.upstream is not None:
+            with contextlib.suppress(OSError):
+                self.upstream.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self.closed.set()
@@ -52,13 +67,14 @@ class TcpRelay:
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
-        self._listener = socket.create_server((listen_host, 0))
         self.host = listen_host
+        self._listener: socket.socket | None = socket.create_server((listen_host, 0), backlog=BACKLOG)
         self.port = int(self._listener.getsockname()[1])
         self._flowing = threading.Event()
         self._flowing.set()
+        self._upstream_alive = True
         self._stopped = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._links: list[_Link] = []
         self.accepted = 0
         self._thread = threading.Thread(target=self._accept_loop, name=f"relay-{self.port}", daemon=True)
@@ -74,20 +90,22 @@ class TcpRelay:
         """Whether the relay currently holds all traffic back."""
         return not self._flowing.is_set()
 
+    # ------------------------------------------------------------------ faults
+
     def cut(self) -> None:
-        """Start a partition: hold every byte and every new connection until ``heal()``."""
-        self._flowing.clear()
+        """Start a partition: hold every byte, and drop new connection attempts, until ``heal()``."""
+        with self._lock:
+            self._flowing.clear()
+            self._listen(0)
 
     def heal(self) -> None:
-        """End the partition: what was held flows, held connections reach the target."""
-        self._flowing.set()
-
-    def reset(self) -> None:
-        """Close every open connection (the client sees them reset); new ones are relayed as usual."""
+        """End the partition: what was held flows, queued connections are accepted and relayed."""
         with self._lock:
-            links, self._links = self._links, []
-        for link in links:
-            link.close()
+            if not self._upstream_alive:
+                self._refuse()
+            else:
+                self._listen(BACKLOG)
+            self._flowing.set()
 
     @contextlib.contextmanager
     def partition(self) -> Iterator[TcpRelay]:
@@ -98,6 +116,28 @@ class TcpRelay:
         finally:
             self.heal()
 
+    def upstream_down(self) -> None:
+        """The target stopped: its side of every connection is gone; clients see it (unless cut)."""
+        with self._lock:
+            self._upstream_alive = False
+            for link in self._links:
+                link.close_upstream()
+            if not self.is_cut:
+                self._refuse()
+
+    def upstream_up(self) -> None:
+        """The target is back: new connections are relayed again (unless cut)."""
+        with self._lock:
+            self._upstream_alive = True
+            self._listen(0 if self.is_cut else BACKLOG)
+
+    def reset(self) -> None:
+        """Close every open connection (the client sees them reset); new ones are relayed as usual."""
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.close()
+
     def open_connections(self) -> int:
         """How many client connections are open now."""
         with self._lock:
@@ -107,18 +147,52 @@ class TcpRelay:
     def stop(self) -> None:
         """Close the listener and every connection."""
         self._stopped.set()
-        self._flowing.set()  # release threads waiting on a partition
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        self.reset()
+        with self._lock:
+            self._flowing.set()  # release threads waiting on a partition
+            self._refuse()
         self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------ listener state
+
+    def _listen(self, backlog: int) -> None:
+        """Listen on our port with this queue length (reopening it after ``_refuse``)."""
+        if self._listener is None:
+            self._listener = socket.create_server((self.host, self.port), backlog=backlog)
+        else:
+            # Linux updates the backlog of a listening socket in place: with a queue of
+            # (about) one, the kernel drops further SYNs instead of completing handshakes.
+            with contextlib.suppress(OSError):
+                self._listener.listen(backlog)
+
+    def _refuse(self) -> None:
+        """Nothing listens on our port (new connections are refused); open ones are closed."""
+        if self._listener is not None:
+            # shutdown() stops a listening socket at once, even while accept() waits on it.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self._listener.close()
+            self._listener = None
+        links, self._links = self._links, []
+        for link in links:
+            link.close()
+
+    # ------------------------------------------------------------------ relaying
 
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():
+            self._flowing.wait()  # nothing is accepted during a partition
+            with self._lock:
+                listener = self._listener
+            if listener is None:
+                self._stopped.wait(0.05)
+                continue
+            listener.settimeout(0.2)
             try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
+                client, _ = listener.accept()
+            except OSError:  # a timeout to look at the state again, or the listener closed
+                continue
+            client.settimeout(None)
             link = _Link(client)
             with self._lock:
                 self._links.append(link)
@@ -126,19 +200,24 @@ class TcpRelay:
             threading.Thread(target=self._connect, args=(link,), daemon=True).start()
 
     def _connect(self, link: _Link) -> None:
-        # A connection made during a partition is accepted (the SYN is answered by our
-        # kernel) but reaches nothing until the partition heals, as behind a dropped route.
+        # Accepted just before a cut: it waits for the partition to heal like the rest.
         self._flowing.wait()
         if link.closed.is_set() or self._stopped.is_set():
             return
         try:
-            link.upstream = socket.create_connection(self.target, timeout=10)
-            link.upstream.settimeout(None)
+            upstream = socket.create_connection(self.target, timeout=10)
+            upstream.settimeout(None)
         except OSError:
             link.close()
             return
-        threading.Thread(target=self._pump, args=(link, link.client, link.upstream), daemon=True).start()
-        self._pump(link, link.upstream, link.client)
+        with self._lock:
+            link.upstream = upstream
+            gone = link.closed.is_set() or not self._upstream_alive
+        if gone:
+            link.close()
+            return
+        threading.Thread(target=self._pump, args=(link, link.client, upstream), daemon=True).start()
+        self._pump(link, upstream, link.client)
 
     def _pump(self, link: _Link, source: socket.socket, sink: socket.socket) -> None:
         while not link.closed.is_set():
@@ -151,7 +230,7 @@ class TcpRelay:
             self._flowing.wait()
             if link.closed.is_set():
                 return
-            if failed:
+            if failed or (not data and source is link.upstream and not self._upstream_alive):
                 link.close()
                 return
             if not data:
