@@ -25,6 +25,7 @@ AGENT_NS = "regmirror-node"
 OPERATOR_SA = "regmirror-operator"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
 ERROR_LEVELS = frozenset({"error", "critical", "fatal"})
+LIVENESS_STALE_SECONDS = 20
 
 
 class OperatorProcess:
@@ -51,6 +52,9 @@ class OperatorProcess:
             "REGMIRROR_AGENT_NAMESPACE": AGENT_NS,
             "REGMIRROR_AGENT_IMAGE": "regmirror:test",
             "REGMIRROR_METRICS_PORT": str(self.metrics_port),
+            # Liveness fails once the operator has been unable to watch for this long (the
+            # default is minutes); short here, so the fault tests see it within a partition.
+            "REGMIRROR_LIVENESS_STALE": str(LIVENESS_STALE_SECONDS),
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         liveness = f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz"
