@@ -504,7 +504,7 @@ class HostRoute(Model):
 
     host: Annotated[str, Field(description="Registry host, as in image references.")]
     position: Annotated[int, Field(description="1-based position of this mirror among the mirrors of this host (priority, then name).")]
-    mirrors: Annotated[list[str], Field(description="All mirrors of this host, in the order nodes try them.")]
+    mirrors: Annotated[list[str], Field(description="The first mirrors of this host (at most 10), in the order nodes try them.")]
 
 
 class RegistryMirrorStatus(Model):
