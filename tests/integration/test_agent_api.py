@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from harness import LocalCluster
-from harness.operator import AGENT_NS, OperatorProcess, wait_for
+from harness.operator import AGENT_NS, OperatorProcess
+from harness.waiting import wait_for
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeplan import build_node_plan, mirror_entry
 
