@@ -20,6 +20,8 @@ SCALES = {
     # mirrors, nodes, quiet period (s), per-phase timeout (s)
     "default": (50, 100, 60.0, 300.0),
     "large": (500, 1000, 120.0, 600.0),
+    # A realistic large cluster: few mirrors, many nodes (rollouts and node accounting dominate).
+    "nodes": (20, 2000, 60.0, 900.0),
 }
 
 
@@ -44,7 +46,9 @@ def source_state() -> dict[str, Any]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--scale", choices=sorted(SCALES), default="default", help="default: 50 mirrors / 100 nodes; large: 500 / 1,000")
+    p.add_argument(
+        "--scale", choices=sorted(SCALES), default="default", help="default: 50 mirrors / 100 nodes; large: 500 / 1,000; nodes: 20 / 2,000"
+    )
     p.add_argument("--mirrors", type=int, help="override the number of mirrors")
     p.add_argument("--nodes", type=int, help="override the number of kwok nodes")
     p.add_argument("--quiet-seconds", type=float, help="length of the quiet period after convergence (default 60, large 120)")

@@ -25,10 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _dataplane import Containerd, ContainerdBinaries, LoopbackMirror, Registry, blob_gets, served_requests
-from _images import BuiltImage, multi_layer_image
-
 from harness.cachepath import CachePod, configured_node, iptables_works, upstream_fault
+from harness.dataplane import Containerd, ContainerdBinaries, LoopbackMirror, Registry, blob_gets, served_requests
+from harness.dataplane.images import BuiltImage, multi_layer_image
 from regmirror.models import RegistryMirrorSpec
 
 PULL_TIMEOUT = 180.0
@@ -73,8 +72,7 @@ class Bench:
             out = []
             for _ in range(count):
                 if isinstance(pod, LoopbackMirror):
-                    from _dataplane import AgentNode, map_plan
-
+                    from harness.dataplane import AgentNode, map_plan
                     from regmirror.nodeplan import build_node_plan, mirror_entry
 
                     root = self.dir("node")

@@ -19,7 +19,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from _dataplane import (  # noqa: E402
     MirrorObjects,
     Registry,
     blob_gets,
+    dead_mirror,
     ensure_binaries,
     ensure_commands,
     map_plan,
@@ -218,53 +218,11 @@ def fan_in(rig: Rig, image: BuiltImage, k: int, staggered: bool = False) -> dict
     }
 
 
-class HangingListener:
-    """A TCP port that accepts connections and never answers (a wedged mirror)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(64)
-        self.sock.settimeout(0.2)
-        self.conns: list[socket.socket] = []
-        self._halt = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self._halt.is_set():
-            try:
-                conn, _ = self.sock.accept()
-                self.conns.append(conn)
-            except (TimeoutError, OSError):
-                continue
-
-    def close(self) -> None:
-        self._halt.set()
-        self.thread.join(2)
-        for conn in self.conns:
-            conn.close()
-        self.sock.close()
-
-
 @contextlib.contextmanager
 def fault(kind: str, registry: Registry) -> Iterator[None]:
     """Take the mirror down: refused (process gone), blackholed (packets dropped), hanging (never answers)."""
-    registry.stop()
-    rule = ["OUTPUT", "-d", registry.host, "-p", "tcp", "--dport", str(registry.port), "-j", "DROP"]
-    listener = None
-    if kind == "blackholed":
-        subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
-    elif kind == "hanging":
-        listener = HangingListener(registry.host, registry.port)
-    try:
+    with dead_mirror(kind, registry):
         yield
-    finally:
-        if kind == "blackholed":
-            subprocess.run(["iptables", "-D", *rule], check=False, capture_output=True)
-        if listener is not None:
-            listener.close()
 
 
 def fail_open(rig: Rig, image: BuiltImage, kinds: list[str]) -> tuple[dict[str, Any], dict[str, float | None]]:

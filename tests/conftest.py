@@ -16,6 +16,7 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from harness import ControlPlaneError, LocalCluster
+from harness.objects import MirrorFactory
 from harness.operator import OPERATOR_NS, OPERATOR_SA, REPO, OperatorProcess, install_crd_and_namespaces
 
 # CI replays a fixed set of examples (derandomized), so a run can never be red by luck; a
@@ -59,15 +60,30 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """The operator, running with a ServiceAccount of its own (its writes are countable in the audit log)."""
+    """The operator, running with a ServiceAccount of its own (its writes are countable in the audit log).
+
+    It reaches the API server through a TCP relay of its own (``operator.relay``), so a
+    test can partition it from the API server without touching anyone else's traffic.
+    """
     install_crd_and_namespaces(cluster)
     # Only the rights manifests/rbac grants: a missing permission fails the tests, as it would in a cluster.
     cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
-    kubeconfig = cluster.service_account_kubeconfig(OPERATOR_NS, OPERATOR_SA)
-    proc = OperatorProcess(cluster, kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    relay = cluster.open_relay()
+    kubeconfig = cluster.service_account_kubeconfig(OPERATOR_NS, OPERATOR_SA, server=relay.url)
+    proc = OperatorProcess(cluster, kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", relay)
     proc.start()
     try:
         yield proc
     finally:
         proc.stop()
         print(f"operator log: {proc.log_path}")
+
+
+@pytest.fixture
+def mirrors(cluster: LocalCluster) -> Iterator[MirrorFactory]:
+    """RegistryMirrors and Secrets for one test, deleted (and waited for) in its teardown, even after a failure."""
+    factory = MirrorFactory(cluster)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import ipaddress
-import os
 import sys
 from collections.abc import Sequence
 
@@ -16,19 +15,22 @@ from regmirror import constants as c
 
 
 def _run(extra: list[str]) -> int:
-    """The operator: Kopf with our handlers; extra arguments go to `kopf run` as they are."""
+    """The operator: Kopf runs the process (CLI, logs, liveness); extra arguments go to `kopf run` as they are."""
     from kopf.cli import main as kopf_main
 
+    from regmirror.settings import Settings
+
+    try:
+        settings = Settings.from_env()  # validated here so a bad variable fails before anything starts
+    except ValueError as exc:
+        print(f"regmirror run: invalid REGMIRROR_* setting: {exc}", file=sys.stderr)
+        return 2
     args = ["run", "-m", "regmirror.handlers"]
     scoped = any(a in ("-A", "--all-namespaces", "-n") or a.startswith("--namespace") for a in extra)
     if not scoped:
-        # RegistryMirror and Node are cluster-scoped (Kopf watches them cluster-wide regardless);
-        # everything namespaced lives in the operator's and the agent's namespaces, so only
-        # those are watched and the operator's RBAC can stay namespaced.
-        for namespace in (
-            os.environ.get("REGMIRROR_NAMESPACE", c.DEFAULT_NAMESPACE),
-            os.environ.get("REGMIRROR_AGENT_NAMESPACE", c.AGENT_NAMESPACE),
-        ):
+        # Kopf serves no resource itself (the controller watches what it needs, and Kopf's
+        # scanning is disabled); naming our namespaces keeps it from assuming cluster-wide.
+        for namespace in (settings.namespace, settings.agent_namespace):
             args += ["--namespace", namespace]
     if not any(a.startswith("--log-format") for a in extra):
         args.append("--log-format=json")

@@ -1,26 +1,42 @@
-"""The only module that talks to the Kubernetes API.
+"""The only module that talks to the Kubernetes API: one small async client behind a protocol.
 
-Writes are server-side apply under one field manager (`constants.FIELD_MANAGER`):
-the API server merges our fields with everyone else's, so there is no
-read-modify-write race and no fight with GitOps tools that own other fields.
+Reconcilers depend on `KubeClient` (apply, apply status, get, list, watch,
+patch, delete, create an Event), so unit tests hand them a fake. The real
+client is aiohttp on the operator's event loop (Kopf already depends on it,
+so there is one HTTP stack and no thread per request); the kubernetes
+package is used only to read the kubeconfig or the in-cluster credentials.
+
+Every request has its own timeout (shorter than a watch's) and is retried a
+few times on 429 (honouring Retry-After), 5xx, timeouts and dropped
+connections before the caller sees an `ApiError`; callers then back off per
+key. Writes are server-side apply under one field manager
+(`constants.FIELD_MANAGER`): the API server merges our fields with everyone
+else's, so there is no read-modify-write race and no fight with GitOps tools.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
-import threading
-from dataclasses import dataclass
-from typing import Any
+import random
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
+import aiohttp
 
 from regmirror import constants as c
 from regmirror.conditions import now_rfc3339
 
 log = logging.getLogger(__name__)
+
+# Statuses worth another attempt: the server is overloaded, restarting or timed out.
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 30.0
+MAX_MESSAGE = 600
 
 
 @dataclass(frozen=True)
@@ -31,11 +47,15 @@ class ResourceType:
     plural: str
     namespaced: bool
 
-    def base(self, namespace: str | None) -> str:
+    def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+        """The REST path of the collection, or of one object (and its subresource)."""
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        if self.namespaced:
-            return f"{prefix}/namespaces/{namespace}/{self.plural}"
-        return f"{prefix}/{self.plural}"
+        path = f"{prefix}/namespaces/{namespace}/{self.plural}" if self.namespaced else f"{prefix}/{self.plural}"
+        if name:
+            path += f"/{name}"
+        if subresource:
+            path += f"/{subresource}"
+        return path
 
 
 RESOURCES: dict[str, ResourceType] = {
@@ -52,108 +72,341 @@ RESOURCES: dict[str, ResourceType] = {
     c.KIND: ResourceType(c.API_VERSION, c.PLURAL, False),
 }
 
-_client_lock = threading.Lock()
-_api: client.ApiClient | None = None
+
+@dataclass
+class ApiError(Exception):
+    """The API server refused a request, or could not be reached (status 0)."""
+
+    status: int
+    reason: str
+    message: str
+    retry_after: float | None = None
+    causes: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}: {self.message}"[:MAX_MESSAGE]
+
+    @property
+    def transient(self) -> bool:
+        """Whether trying again later may succeed without anyone changing anything."""
+        return self.status == 0 or self.status in TRANSIENT_STATUSES or self.status == 409
+
+    @property
+    def invalid(self) -> bool:
+        """The object itself was rejected (422 Invalid, 400 BadRequest): trying again cannot help."""
+        return self.status in (400, 422)
+
+    def field_error(self) -> str:
+        """The API server's own words about what is wrong, bounded: the fields it names, else its message.
+
+        The message of a 422 names the object and each invalid field with its
+        value; object values we send never contain Secret data (those are
+        referenced, not copied), so the text is safe for status and Events.
+        """
+        text = "; ".join(f"{f}: {m}" if f else m for f, m in self.causes) if self.causes else self.message
+        return text[:MAX_MESSAGE]
+
+    @classmethod
+    def from_response(cls, status: int, body: bytes, retry_after: str | None = None) -> ApiError:
+        """Parse a metav1.Status body (or whatever the server sent)."""
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return cls(status, "Error", body[:300].decode(errors="replace"), _seconds(retry_after))
+        details = data.get("details") or {}
+        causes = [(str(x.get("field", "")), str(x.get("message", ""))) for x in details.get("causes") or [] if isinstance(x, dict)]
+        after = _seconds(retry_after)
+        if after is None and details.get("retryAfterSeconds"):
+            after = _seconds(str(details["retryAfterSeconds"]))
+        return cls(status, str(data.get("reason") or "Error"), str(data.get("message") or ""), after, causes)
 
 
-def api_client() -> client.ApiClient:
-    """A shared ApiClient: in-cluster config when in a pod, else the kubeconfig."""
-    global _api
-    with _client_lock:
-        if _api is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            _api = client.ApiClient()
-        return _api
-
-
-class NotFound(Exception):
-    """The object does not exist."""
-
-
-def _call(method: str, path: str, *, body: Any = None, content_type: str | None = None, query: list[tuple[str, str]] | None = None) -> Any:
-    """One REST call through the client's auth and TLS settings; JSON in, JSON out."""
-    api = api_client()
-    headers = {"Accept": "application/json"}
-    if content_type:
-        headers["Content-Type"] = content_type
-    method, url, headers, serialized, _ = api.param_serialize(  # type: ignore[attr-defined]  # stubs predate v37
-        method=method, resource_path=path, query_params=query or [], header_params=headers, body=body, auth_settings=["BearerToken"]
-    )
-    response = api.call_api(method, url, header_params=headers, body=serialized, _request_timeout=30)  # type: ignore[attr-defined]
-    data = response.read()
-    if response.status == 404:
-        raise NotFound(path)
-    if not 200 <= response.status < 300:
-        raise ApiException(http_resp=response)
-    return json.loads(data) if data else None
-
-
-def _path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
-    path = RESOURCES[kind].base(namespace)
-    if name:
-        path += f"/{name}"
-    if subresource:
-        path += f"/{subresource}"
-    return path
-
-
-def apply(obj: dict[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
-    """Server-side apply `obj` (force: we own the fields we render)."""
-    meta = obj["metadata"]
-    path = _path(obj["kind"], meta.get("namespace"), meta["name"], subresource)
-    result: dict[str, Any] = _call(
-        "PATCH",
-        path,
-        body=obj,
-        content_type="application/apply-patch+yaml",
-        query=[("fieldManager", c.FIELD_MANAGER), ("force", "true")],
-    )
-    return result
-
-
-def get(kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-    """The object, or None when it does not exist."""
+def _seconds(value: str | None) -> float | None:
+    if not value:
+        return None
     try:
-        result: dict[str, Any] = _call("GET", _path(kind, namespace, name))
-        return result
-    except NotFound:
+        return min(MAX_RETRY_AFTER, max(0.0, float(value)))
+    except ValueError:
         return None
 
 
-def list_objects(kind: str, namespace: str | None = None, label_selector: str | None = None) -> list[dict[str, Any]]:
-    """All objects of a kind (optionally filtered by labels)."""
-    query = [("labelSelector", label_selector)] if label_selector else []
-    result = _call("GET", _path(kind, namespace), query=query)
-    items: list[dict[str, Any]] = result.get("items", [])
-    return items
+WatchEvent = tuple[str, dict[str, Any]]
 
 
-def delete(kind: str, namespace: str | None, name: str) -> None:
-    """Delete an object; absent is fine."""
-    with contextlib.suppress(NotFound):
-        _call("DELETE", _path(kind, namespace, name), query=[("propagationPolicy", "Background")])
+class KubeClient(Protocol):
+    """What the controller needs from the API; `HttpKube` is the real one, tests use a fake."""
+
+    async def apply(self, obj: dict[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
+        """Server-side apply `obj` (force: we own the fields we render); returns the object as stored."""
+        ...
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        ...
+
+    async def list_objects(
+        self, kind: str, namespace: str | None = None, *, label_selector: str | None = None, field_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Every object of a kind, and the list's resourceVersion."""
+        ...
+
+    def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        *,
+        resource_version: str,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout_seconds: float,
+        inactivity: float,
+    ) -> AsyncIterator[WatchEvent]:
+        """(type, object) pairs from resource_version on; ends when the server closes the stream."""
+        ...
+
+    async def patch(self, kind: str, namespace: str | None, name: str, patch: list[dict[str, Any]]) -> dict[str, Any]:
+        """A JSON patch (used with `test` operations to change finalizers without a race)."""
+        ...
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        """Delete an object; absent is fine."""
+        ...
+
+    async def create_event(self, involved: dict[str, Any], *, reason: str, message: str, type_: str = "Normal") -> None:
+        """Record an Event about an object (best effort)."""
+        ...
 
 
-def merge_patch(kind: str, namespace: str | None, name: str, patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
-    """A JSON merge patch (used to drop our finalizer)."""
-    result: dict[str, Any] = _call(
-        "PATCH", _path(kind, namespace, name, subresource), body=patch, content_type="application/merge-patch+json"
-    )
-    return result
+@dataclass(frozen=True)
+class Credentials:
+    """Where the API server is and how to authenticate: a base URL, TLS and a (refreshable) token."""
+
+    server: str
+    ssl_context: ssl.SSLContext | bool
+    token: Callable[[], str | None]
 
 
-def create_event(involved: dict[str, Any], *, reason: str, message: str, type_: str = "Normal") -> None:
-    """Record an Event about an object (best effort: a failed Event never fails a reconcile).
+def load_credentials() -> Credentials:
+    """In-cluster credentials in a pod, else the kubeconfig (any auth the kubernetes package understands)."""
+    from kubernetes import client as k8s_client
+    from kubernetes import config as k8s_config
 
-    The API server requires an Event about a cluster-scoped object (a RegistryMirror)
-    to live in the `default` namespace; a namespaced object's Event lives beside it.
-    """
+    cfg = k8s_client.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=cfg)
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(client_configuration=cfg)
+    context: ssl.SSLContext | bool
+    # The stubs lag behind the generated Configuration: read its TLS fields by name.
+    ca_file, cert_file, key_file = (getattr(cfg, a, None) for a in ("ssl_ca_cert", "cert_file", "key_file"))
+    if not cfg.verify_ssl:
+        context = False
+    else:
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+
+    def token() -> str | None:
+        # In a pod the projected token rotates; the loader's hook re-reads it when due.
+        hook = getattr(cfg, "refresh_api_key_hook", None)
+        if hook is not None:
+            hook(cfg)
+        lookup = cfg.get_api_key_with_prefix  # type: ignore[attr-defined]  # stubs predate it
+        value = lookup("authorization") or lookup("BearerToken")
+        return str(value) if value else None
+
+    return Credentials(server=cfg.host.rstrip("/"), ssl_context=context, token=token)
+
+
+class HttpKube:
+    """`KubeClient` over aiohttp, with per-request timeouts and retries with backoff."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        timeout: float = 10.0,
+        attempts: int = 4,
+        on_retry: Callable[[], None] | None = None,
+        on_write: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self._on_retry = on_retry or (lambda: None)
+        self._on_write = on_write or (lambda _kind, _verb: None)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # limit=0: concurrency is bounded by the workers and watches, not by the pool.
+            connector = aiohttp.TCPConnector(limit=0, ssl=self.credentials.ssl_context)
+            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": c.FIELD_MANAGER})
+        return self._session
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self._session is not None:
+            await self._session.close()
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        token = self.credentials.token()
+        if token:
+            headers["Authorization"] = token if token.lower().startswith("bearer ") else f"Bearer {token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def _request(
+        self, method: str, path: str, *, body: Any = None, content_type: str | None = None, params: dict[str, str] | None = None
+    ) -> Any:
+        """One logical request: retried on transient failures with jittered exponential backoff."""
+        data = json.dumps(body).encode() if body is not None else None
+        delay = 0.2
+        for attempt in range(1, self.attempts + 1):
+            try:
+                async with self._client().request(
+                    method,
+                    self.credentials.server + path,
+                    params=params,
+                    data=data,
+                    headers=self._headers(content_type),
+                    timeout=aiohttp.ClientTimeout(total=self.timeout),
+                ) as response:
+                    payload = await response.read()
+                    if response.status < 300:
+                        return json.loads(payload) if payload else None
+                    error = ApiError.from_response(response.status, payload, response.headers.get("Retry-After"))
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                error = ApiError(0, type(exc).__name__, str(exc) or "no answer within the request timeout")
+            if not error.transient or error.status == 409 or attempt == self.attempts:
+                raise error
+            self._on_retry()
+            wait = error.retry_after if error.retry_after is not None else delay * (0.5 + random.random())
+            log.debug("%s %s: %s; attempt %d/%d in %.1fs", method, path, error, attempt + 1, self.attempts, wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    async def apply(self, obj: dict[str, Any], *, subresource: str | None = None) -> dict[str, Any]:
+        """Server-side apply under our field manager, forcing ownership of the fields we render."""
+        meta = obj["metadata"]
+        path = RESOURCES[obj["kind"]].path(meta.get("namespace"), meta["name"], subresource)
+        result: dict[str, Any] = await self._request(
+            "PATCH",
+            path,
+            body=obj,
+            content_type="application/apply-patch+yaml",
+            params={"fieldManager": c.FIELD_MANAGER, "force": "true"},
+        )
+        self._on_write(obj["kind"] + (f"/{subresource}" if subresource else ""), "apply")
+        return result
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            result: dict[str, Any] = await self._request("GET", RESOURCES[kind].path(namespace, name))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    async def list_objects(
+        self, kind: str, namespace: str | None = None, *, label_selector: str | None = None, field_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Every object of a kind (one request; our collections are bounded by the cluster's size)."""
+        params = {k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v}
+        result = await self._request("GET", RESOURCES[kind].path(namespace), params=params)
+        items: list[dict[str, Any]] = result.get("items") or []
+        return items, str((result.get("metadata") or {}).get("resourceVersion", ""))
+
+    async def watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        *,
+        resource_version: str,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout_seconds: float,
+        inactivity: float,
+    ) -> AsyncIterator[WatchEvent]:
+        """One watch request; raises ApiError (410 when resource_version is too old) or ends when the server closes it.
+
+        A stream that sends nothing, not even a bookmark, for `inactivity` seconds
+        counts as dead (a partition leaves the TCP connection open and silent).
+        """
+        params = {
+            "watch": "true",
+            "allowWatchBookmarks": "true",
+            "resourceVersion": resource_version,
+            "timeoutSeconds": str(int(timeout_seconds)),
+        }
+        params |= {k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v}
+        timeout = aiohttp.ClientTimeout(total=timeout_seconds + 30, connect=self.timeout, sock_read=inactivity)
+        try:
+            async with self._client().get(
+                self.credentials.server + RESOURCES[kind].path(namespace), params=params, headers=self._headers(None), timeout=timeout
+            ) as response:
+                if response.status >= 300:
+                    raise ApiError.from_response(response.status, await response.read(), response.headers.get("Retry-After"))
+                buffer = b""
+                async for chunk in response.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        if event.get("type") == "ERROR":
+                            status = event.get("object") or {}
+                            raise ApiError(int(status.get("code") or 500), str(status.get("reason") or "Error"), str(status.get("message")))
+                        yield str(event.get("type")), event.get("object") or {}
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise ApiError(0, type(exc).__name__, str(exc) or "the watch stream stalled") from None
+
+    async def patch(self, kind: str, namespace: str | None, name: str, patch: list[dict[str, Any]]) -> dict[str, Any]:
+        """A JSON patch; a failed `test` operation comes back as 422 (someone changed the object meanwhile)."""
+        result: dict[str, Any] = await self._request(
+            "PATCH", RESOURCES[kind].path(namespace, name), body=patch, content_type="application/json-patch+json"
+        )
+        self._on_write(kind, "patch")
+        return result
+
+    async def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        """Delete an object in the background; absent is fine."""
+        try:
+            await self._request("DELETE", RESOURCES[kind].path(namespace, name), params={"propagationPolicy": "Background"})
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        self._on_write(kind, "delete")
+
+    async def create_event(self, involved: dict[str, Any], *, reason: str, message: str, type_: str = "Normal") -> None:
+        """Record an Event (best effort: a failed Event never fails a reconcile).
+
+        The API server requires an Event about a cluster-scoped object (a RegistryMirror)
+        to live in the `default` namespace; a namespaced object's Event lives beside it.
+        """
+        body = event_body(involved, reason=reason, message=message, type_=type_)
+        namespace = body["metadata"]["namespace"]
+        try:
+            await self._request("POST", RESOURCES["Event"].path(namespace), body=body, content_type="application/json")
+            self._on_write("Event", "create")
+        except ApiError as exc:
+            log.warning("could not record event %s: %s", reason, exc)
+
+
+def event_body(involved: dict[str, Any], *, reason: str, message: str, type_: str) -> dict[str, Any]:
+    """A core/v1 Event about `involved` (`kubectl describe` shows it)."""
     meta = involved.get("metadata", {})
     namespace = meta.get("namespace") or "default"
-    body = {
+    now = now_rfc3339()
+    return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"generateName": f"{meta.get('name', 'regmirror')}.", "namespace": namespace},
@@ -163,18 +416,20 @@ def create_event(involved: dict[str, Any], *, reason: str, message: str, type_: 
             "name": meta.get("name"),
             "namespace": meta.get("namespace"),
             "uid": meta.get("uid"),
-            "resourceVersion": meta.get("resourceVersion"),
         },
         "reason": reason,
         "message": message[:1000],
         "type": type_,
         "source": {"component": c.FIELD_MANAGER},
         "reportingComponent": c.FIELD_MANAGER,
-        "firstTimestamp": now_rfc3339(),
-        "lastTimestamp": now_rfc3339(),
+        "firstTimestamp": now,
+        "lastTimestamp": now,
         "count": 1,
     }
-    try:
-        _call("POST", _path("Event", namespace), body=body, content_type="application/json")
-    except Exception as exc:  # an Event is advisory
-        log.warning("could not record event %s: %s %s", reason, type(exc).__name__, getattr(exc, "status", ""))
+
+
+async def cancel_quietly(task: asyncio.Task[Any]) -> None:
+    """Cancel a task and wait for it, swallowing its cancellation."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task

@@ -266,6 +266,7 @@ class FallbackPolicy(StrEnum):
 class Runtime(StrEnum):
     CONTAINERD = "containerd"
     CRIO = "crio"
+    DOCKER = "docker"
 
 
 class Capability(StrEnum):
@@ -1048,6 +1049,16 @@ class LabelSelector(Model):
 class NodeConfig(Model):
     """How nodes' container runtimes are pointed at this mirror."""
 
+    RULES = (
+        Rule(
+            "!has(self.runtimes) || !self.runtimes.exists(r, r == 'docker') || !has(self.fallback) "
+            f"|| self.fallback != '{FallbackPolicy.NEVER_CONTACT_UPSTREAM}'",
+            "nodeConfig.runtimes: Docker Engine always falls back to Docker Hub, so the docker runtime cannot be NeverContactUpstream",
+            lambda n: Runtime.DOCKER not in n.runtimes or n.fallback != FallbackPolicy.NEVER_CONTACT_UPSTREAM,
+            field_path=".runtimes",
+        ),
+    )
+
     enabled: Annotated[
         Bool,
         Field(description="Write registry configuration on the selected nodes. false runs only the cache (use its endpoint yourself)."),
@@ -1058,9 +1069,13 @@ class NodeConfig(Model):
     runtimes: Annotated[
         list[Runtime],
         Field(
-            description="Runtimes to configure: containerd (hosts.toml under its config_path) and crio (a registries.conf.d drop-in).",
+            description=(
+                "Runtimes to configure: containerd (hosts.toml under its config_path), crio (a registries.conf.d drop-in) and "
+                "docker (registry-mirrors and insecure-registries merged into /etc/docker/daemon.json; Docker Engine mirrors "
+                "Docker Hub only, and always falls back to it)."
+            ),
             min_length=1,
-            max_length=2,
+            max_length=3,
         ),
         SET_LIST,
     ] = [Runtime.CONTAINERD]
@@ -1089,6 +1104,43 @@ class NodeConfig(Model):
             ),
         ),
     ] = FallbackPolicy.ALLOW_UPSTREAM
+
+
+_SETTINGS_HOST_RULE = pattern_rule(
+    g.REGISTRY_HOST_PATTERN,
+    "node settings: each registry must be host or host:port as image references spell it (letters, digits, '-' and '.'; port 1-65535)",
+)
+
+
+class NodeSettings(Model):
+    """Cluster-wide registry settings of every node, declared once (operator settings), not per mirror.
+
+    The classic Docker knobs `--add-registry` and `--block-registry`. They are
+    the cluster's, not a mirror's: two mirrors could disagree, and deleting a
+    mirror must not change which registries the cluster may pull from.
+    """
+
+    unqualified_search_registries: Annotated[
+        list[Annotated[str, Field(max_length=g.REGISTRY_HOST_MAX), Checked(_SETTINGS_HOST_RULE)]],
+        Field(
+            max_length=32,
+            description=(
+                "CRI-O nodes: the registries a short image name (`busybox`) is looked up in, in order "
+                "(containers-registries.conf `unqualified-search-registries`). containerd has no such setting: a short name "
+                "always means docker.io/library/<name>."
+            ),
+        ),
+    ] = []
+    blocked_registries: Annotated[
+        list[Annotated[str, Field(max_length=g.REGISTRY_HOST_MAX), Checked(_SETTINGS_HOST_RULE)]],
+        Field(
+            max_length=64,
+            description=(
+                "Registries no node may pull from: CRI-O gets `blocked = true`, containerd a hosts.toml in which nothing may "
+                "pull or resolve. A blocked registry's mirrors are not used either."
+            ),
+        ),
+    ] = []
 
 
 # ---------------------------------------------------------------- affinity (as in a Pod spec, with the API server's rules)
@@ -1573,6 +1625,24 @@ class NodesStatus(Model):
     updated: Annotated[int, Field(description="Selected nodes whose agent runs the current configuration.")] = 0
     ready: Annotated[int, Field(description="Selected nodes whose agent applied the current configuration and is Ready.")] = 0
     not_ready: Annotated[list[str], Field(description="A few selected nodes that are not yet configured (at most 10).")] = []
+    pulled_recently: Annotated[
+        int | None,
+        Field(
+            description=(
+                "Selected nodes seen pulling through this mirror in the last 24 h (the client addresses of manifest requests at "
+                "its front, mapped to nodes). Absent while unknown (a TLS mirror has no front)."
+            )
+        ),
+    ] = None
+    not_pulled_recently: Annotated[
+        list[str] | None,
+        Field(
+            description=(
+                "A few selected nodes not seen pulling through this mirror in the last 24 h (at most 5): idle, or their runtime "
+                "bypasses the mirror (their agent's preflight says which)."
+            )
+        ),
+    ] = None
 
 
 class HostRoute(Model):
@@ -1580,7 +1650,7 @@ class HostRoute(Model):
 
     host: Annotated[str, Field(description="Registry host, as in image references.")]
     position: Annotated[int, Field(description="1-based position of this mirror among the mirrors of this host (priority, then name).")]
-    mirrors: Annotated[list[str], Field(description="All mirrors of this host, in the order nodes try them.")]
+    mirrors: Annotated[list[str], Field(description="The first mirrors of this host (at most 10), in the order nodes try them.")]
 
 
 class CacheEviction(Model):

@@ -10,6 +10,25 @@ def child_name(mirror: str) -> str:
     return f"regmirror-{mirror}"
 
 
+def cache_control_name(mirror: str) -> str:
+    """Name of the cache sidecar's live-input ConfigMap.
+
+    A dot, which a mirror name (a DNS label) can never contain, keeps it from
+    colliding with another mirror's children: `regmirror-foo-cache` could be the
+    child of a mirror named `foo-cache`, `regmirror-foo.cache` cannot.
+    """
+    return f"{child_name(mirror)}.cache"
+
+
+def mirror_of_child_name(name: str) -> str | None:
+    """The mirror a child is named after (`regmirror-<m>` or `regmirror-<m>.cache`), or None."""
+    prefix = child_name("")
+    if not name.startswith(prefix) or len(name) == len(prefix):
+        return None
+    mirror = name[len(prefix) :]
+    return mirror.removesuffix(".cache") or None
+
+
 def credentials_secret_name(mirror: str) -> str:
     """Not used for user Secrets (those keep their own names); reserved for generated ones."""
     return f"regmirror-{mirror}-auth"

@@ -20,7 +20,16 @@ from pydantic import Field
 
 from regmirror.lowlevel import canonical_registry_host, default_registry_server
 from regmirror.lowlevel import mirror_order_key as mirror_order_key  # the operator's name for it; defined there for the agent
-from regmirror.models import Capability, FallbackPolicy, LabelSelector, Model, RegistryMirrorSpec, Runtime, registry_host_from_url
+from regmirror.models import (
+    Capability,
+    FallbackPolicy,
+    LabelSelector,
+    Model,
+    NodeSettings,
+    RegistryMirrorSpec,
+    Runtime,
+    registry_host_from_url,
+)
 
 
 class MirrorEntry(Model):
@@ -54,16 +63,35 @@ class MirrorEntry(Model):
             )
         ),
     ] = None
+    service: Annotated[
+        str | None,
+        Field(
+            description=(
+                "The mirror's Service as `<namespace>/<name>`: agents watch its EndpointSlices, so a mirror whose pods are all "
+                "gone or unready is withdrawn at once (AllowUpstream) instead of after failed probes."
+            )
+        ),
+    ] = None
 
 
 class NodePlan(Model):
     """Every mirror nodes should use, in the order they are tried."""
 
     mirrors: Annotated[list[MirrorEntry], Field(description="Mirrors, ordered by priority (highest first), then name.")] = []
+    settings: Annotated[NodeSettings, Field(description="Cluster-wide node settings (short-name search order, blocked registries).")] = (
+        NodeSettings()
+    )
 
     def to_json(self) -> str:
-        """Canonical JSON (stable key order), so equal plans hash equally."""
-        return json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (stable key order), so equal plans hash equally.
+
+        Default settings are left out, so a cluster that sets none keeps the
+        plan (and its digest) it had before settings existed.
+        """
+        data = self.model_dump(mode="json", by_alias=True)
+        if self.settings == NodeSettings():
+            del data["settings"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         """Short hash of the plan: it goes on the agent's pod template to roll changes out."""
@@ -113,9 +141,20 @@ def entry_hosts(spec: RegistryMirrorSpec) -> list[str]:
 
 
 def mirror_entry(
-    name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None, auth_revision: int | None = None
+    name: str,
+    spec: RegistryMirrorSpec,
+    cluster_ip: str,
+    ca_pem: str | None = None,
+    service: str | None = None,
+    auth_revision: int | None = None,
 ) -> MirrorEntry:
-    """A mirror's entry in the node plan, once its Service has a ClusterIP (`auth_revision`: regmirror/access.py's plan_revision)."""
+    """A mirror's entry in the node plan, once its Service has a ClusterIP.
+
+    `service` (`<namespace>/<name>` of the mirror's Service,
+    `naming.child_name(name)` in the operator's namespace) lets agents watch
+    its EndpointSlices. `auth_revision` is regmirror/access.py's
+    `plan_revision`: the credential the node must send (never its value).
+    """
     scheme = "https" if spec.service.tls else "http"
     host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
     hosts = entry_hosts(spec)
@@ -132,9 +171,10 @@ def mirror_entry(
         ca_pem=ca_pem,
         auth_revision=auth_revision,
         upstream_host=upstream_host(spec),
+        service=service,
     )
 
 
-def build_node_plan(entries: list[MirrorEntry]) -> NodePlan:
-    """Aggregate entries into the plan, in the deterministic order nodes use."""
-    return NodePlan(mirrors=sorted(entries, key=lambda e: mirror_order_key(e.priority, e.name)))
+def build_node_plan(entries: list[MirrorEntry], settings: NodeSettings | None = None) -> NodePlan:
+    """Aggregate entries into the plan, in the deterministic order nodes use, with the cluster's node settings."""
+    return NodePlan(mirrors=sorted(entries, key=lambda e: mirror_order_key(e.priority, e.name)), settings=settings or NodeSettings())

@@ -1,9 +1,16 @@
 """PURE: what the children report -> the RegistryMirror's status.
 
-Gather (reconcile) -> evaluate (here) -> write (reconcile): nothing here does
-I/O, so every status rule is unit-testable and the status of a mirror is a
-function of its observation alone (which is what makes "no write when nothing
-changed" easy to honour).
+Gather (controller/status.py) -> evaluate (here) -> write (controller/status.py):
+nothing here does I/O, so every status rule is unit-testable and the status
+of a mirror is a function of its observation alone (which is what makes "no
+write when nothing changed" easy to honour).
+
+Ready says whether the mirror serves as its spec asks. A configuration the
+operator cannot realise (invalid spec, missing Secret, a spec the API server
+rejects, credentials the upstream rejects) makes it False and Stalled. A
+failing repair (the API server unreachable, overloaded or forbidding a write)
+does not: the pods still serve, so Ready follows them, and the failure shows
+under Reconciling (while it is retried) or Stalled (when it needs someone).
 """
 
 from __future__ import annotations
@@ -13,39 +20,18 @@ from typing import Any
 
 from regmirror import conditions as cond
 from regmirror.models import RegistryMirrorSpec, RegistryMirrorStatus
+from regmirror.rollout import NodeRollout
 
 MAX_NOT_READY_NAMES = 10
 
 
-def drifted(desired: Any, live: Any) -> bool:
-    """Whether `live` lacks or differs in any field that `desired` sets.
-
-    Fields the server or other managers add are ignored; lists compare element
-    by element (a list of a different length has drifted). This is the test that
-    decides whether an apply is needed, so an unchanged cluster costs no write.
-    """
-    if isinstance(desired, dict):
-        if not isinstance(live, dict):
-            return True
-        return any(drifted(value, live.get(key)) for key, value in desired.items())
-    if isinstance(desired, list):
-        if not isinstance(live, list) or len(live) != len(desired):
-            return True
-        return any(drifted(d, item) for d, item in zip(desired, live, strict=True))
-    return bool(desired != live)
-
-
 @dataclass(frozen=True)
-class NodeRollout:
-    """Where a mirror's node configuration stands."""
+class RepairError:
+    """Applying the children keeps failing for a reason that is not the user's spec."""
 
-    enabled: bool
-    desired: int = 0
-    updated: int = 0
-    ready: int = 0
-    not_ready: tuple[str, ...] = ()
-    problems: tuple[str, ...] = ()  # e.g. preflight failures reported by agents
-    removing: bool = False
+    transient: bool  # retried with backoff (429, 5xx, timeouts); else someone must act (e.g. 403)
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -63,7 +49,9 @@ class Observation:
     deleting: bool = False
     error_reason: str | None = None  # a configuration problem that stops the reconcile
     error_message: str = ""
-    host_order: dict[str, list[str]] = field(default_factory=dict)
+    repair: RepairError | None = None
+    # host -> (1-based position among the mirrors of that host, the first few of them in order)
+    host_routes: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     # (ok, reason, message) of the upstream credentials check; None when no credentials are set.
     upstream_auth: tuple[bool | None, str, str] | None = None
 
@@ -102,6 +90,16 @@ def storage_status(spec: RegistryMirrorSpec, pvc: dict[str, Any] | None) -> tupl
     phase = (pvc.get("status") or {}).get("phase") or "Pending"
     capacity = ((pvc.get("status") or {}).get("capacity") or {}).get("storage")
     out = {"phase": phase, "capacity": capacity} if capacity else {"phase": phase}
+    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
+        # Held by the pvc-protection finalizer while the pod mounts it: still Bound, but
+        # the cache loses its disk as soon as the pod restarts.
+        return (
+            False,
+            "ClaimTerminating",
+            "the PersistentVolumeClaim was deleted and is kept only while the registry pod uses it; "
+            "the cache loses its disk when the pod restarts (the operator creates a new claim once it is gone)",
+            out,
+        )
     if phase == "Bound":
         return True, "Bound", f"bound, capacity {capacity}", out
     return False, f"Claim{phase}", f"the PersistentVolumeClaim is {phase}", out
@@ -123,12 +121,21 @@ def nodes_condition(rollout: NodeRollout) -> tuple[bool, str, str]:
     return False, "RolloutInProgress", f"{rollout.ready}/{rollout.desired} nodes configured; waiting for: {waiting}"
 
 
+def cluster_ip(service: dict[str, Any] | None) -> str | None:
+    """The Service's ClusterIP, or None (not allocated yet, or a headless Service)."""
+    ip = ((service or {}).get("spec") or {}).get("clusterIP")
+    return None if not ip or ip == "None" else str(ip)
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def endpoint_of(service: dict[str, Any] | None, port: int) -> str | None:
     """ClusterIP:port of the mirror's Service, once it has one."""
-    ip = ((service or {}).get("spec") or {}).get("clusterIP")
-    if not ip or ip == "None":
-        return None
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    ip = cluster_ip(service)
+    return host_port(ip, port) if ip else None
 
 
 def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: str | None = None) -> dict[str, Any]:
@@ -140,9 +147,13 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
     rolled_out = deployment_rolled_out(obs.deployment, spec.replicas)
     endpoint = endpoint_of(obs.service, spec.service.port)
     auth_rejected = obs.upstream_auth is not None and obs.upstream_auth[0] is False
-    stalled = obs.error_reason is not None or auth_rejected
+    config_error = obs.error_reason is not None or auth_rejected
     error_reason = obs.error_reason or (f"Upstream{obs.upstream_auth[1]}" if auth_rejected and obs.upstream_auth else None)
     error_message = obs.error_message if obs.error_reason else (obs.upstream_auth[2] if auth_rejected and obs.upstream_auth else "")
+    repair = obs.repair
+    if not config_error and repair is not None and not repair.transient:
+        error_reason, error_message = repair.reason, repair.message
+    stalled = config_error or (repair is not None and not repair.transient)
 
     reconciling_reasons = []
     if not rolled_out:
@@ -151,13 +162,16 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
         reconciling_reasons.append("node configuration is rolling out")
     if not endpoint:
         reconciling_reasons.append("the Service has no ClusterIP yet")
+    if repair is not None and repair.transient:
+        reconciling_reasons.append(f"retrying: {repair.message}")
     if obs.deleting:
         reconciling_reasons = ["removing node configuration before deletion"]
     reconciling = bool(reconciling_reasons) and not stalled
+    serving = available and bound and configured and endpoint is not None
 
     if obs.deleting:
         ready, r_reason, r_msg = False, "Terminating", "waiting for every node to drop this mirror's configuration"
-    elif stalled:
+    elif config_error:
         ready, r_reason, r_msg = False, error_reason or "Error", error_message
     elif not available:
         ready, r_reason, r_msg = False, a_reason, a_msg
@@ -165,7 +179,7 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
         ready, r_reason, r_msg = False, s_reason, s_msg
     elif not configured:
         ready, r_reason, r_msg = False, n_reason, n_msg
-    elif reconciling:
+    elif reconciling and not (repair is not None and serving and rolled_out):
         ready, r_reason, r_msg = False, "Reconciling", "; ".join(reconciling_reasons)
     else:
         ready, r_reason, r_msg = True, "MirrorReady", f"serving at {endpoint}; {n_msg}"
@@ -176,7 +190,10 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
         cond.condition("StorageBound", bound, s_reason, s_msg),
         cond.condition("NodesConfigured", configured, n_reason, n_msg),
         cond.condition(
-            "Reconciling", reconciling, "Progressing" if reconciling else "Idle", "; ".join(reconciling_reasons) if reconciling else ""
+            "Reconciling",
+            reconciling,
+            ("Retrying" if repair is not None else "Progressing") if reconciling else "Idle",
+            "; ".join(reconciling_reasons) if reconciling else "",
         ),
         cond.condition("Stalled", stalled, error_reason or "NoError", error_message if stalled else ""),
     ]
@@ -186,7 +203,7 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
 
     if obs.deleting:
         phase = "Terminating"
-    elif stalled:
+    elif config_error:
         phase = "Failed"
     elif ready:
         phase = "Ready"
@@ -215,26 +232,26 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
             "notReady": list(rollout.not_ready[:MAX_NOT_READY_NAMES]),
         },
         "nodesRatio": f"{rollout.ready}/{rollout.desired}" if rollout.enabled else "disabled",
-        "hosts": [
-            {"host": host, "position": order.index(obs.name) + 1, "mirrors": order}
-            for host, order in sorted(obs.host_order.items())
-            if obs.name in order
-        ],
+        "hosts": [{"host": host, "position": position, "mirrors": head} for host, (position, head) in sorted(obs.host_routes.items())],
         "conditions": cond.merge_conditions(existing_conditions, new_conditions, generation=obs.generation, now=now),
     }
     return {k: v for k, v in status.items() if v is not None}
 
 
+def invalid_status(generation: int | None, existing_conditions: list[dict[str, Any]], reason: str, message: str) -> dict[str, Any]:
+    """The status of a mirror whose spec cannot even be read (nothing else can be said about it)."""
+    conds = cond.merge_conditions(
+        existing_conditions,
+        [cond.condition("Ready", False, reason, message), cond.condition("Stalled", True, reason, message)],
+        generation=generation,
+    )
+    return {"observedGeneration": generation, "phase": "Failed", "conditions": conds}
+
+
 def typed_status(status: dict[str, Any]) -> dict[str, Any]:
     """The status through the pydantic model: a key the CRD does not declare fails here, not in the API server.
 
-    Done only before a write (not on every evaluation: at 500 mirrors that cost
-    dominated the operator's CPU); the unit tests check the round trip is lossless.
+    Done only before a write (not on every evaluation); the unit tests check the round trip is lossless.
     """
     typed = RegistryMirrorStatus.model_validate(status)
     return typed.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    """Whether writing `new` would change anything a reader sees."""
-    return drifted(new, old or {}) or drifted(old or {}, new)

@@ -47,7 +47,9 @@ from unit._agentkit import tls_material
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd: needs root")
 
-VERSIONS = ["1.6", "1.7", "2.4"]
+# 2.0, 2.1 and 2.2 are built when REGMIRROR_CONTAINERD_VERSIONS lists them (the preflight's
+# findings about the transfer service are about 2.1+); missing ones skip with the reason.
+VERSIONS = ["1.6", "1.7", "2.0", "2.1", "2.2", "2.4"]
 OPERATOR_SRC = str(Path(__file__).resolve().parents[2] / "operator")
 
 
@@ -118,7 +120,7 @@ class Node:
             json.dumps(
                 {
                     "metadata": {"name": "n1", "uid": "u1", "labels": {"kubernetes.io/hostname": "n1"}},
-                    "status": {"nodeInfo": {"containerRuntimeVersion": f"containerd://{daemon.binaries.version}.0"}},
+                    "status": {"nodeInfo": {"containerRuntimeVersion": daemon.binaries.runtime_version}},
                 }
             )
         )
@@ -219,21 +221,29 @@ def test_never_contact_upstream_fails_closed_and_allow_upstream_fails_open(
         assert upstream.connections == []
 
 
-def preflight_cases(major: int) -> list[tuple[str, int, str]]:
-    """(case, config version, registry TOML with {certs} for the agent's directory)."""
+def preflight_cases(major: int) -> list[tuple[str, int, str, str]]:
+    """(case, config version, registry TOML, images plugin lines) with {certs} for the agent's directory,
+    {other} for another directory of a config_path list, {host} for the registry host."""
     own = 3 if major >= 2 else 2
     other_table = CRI_V1_REGISTRY if own == 3 else CRI_V2_REGISTRY
     mirrors_table = (CRI_V2_REGISTRY if own == 3 else CRI_V1_REGISTRY)[:-1] + '.mirrors."{host}"]'
     cases = [
-        ("config_path set", own, config_path_toml(own, "{certs}")),
-        ("config_path unset", own, ""),
-        ("config_path in the other version's table", own, f'{other_table}\n  config_path = "{{certs}}"\n'),
-        ("config_path elsewhere", own, config_path_toml(own, "/nonexistent/certs.d")),
-        ("deprecated mirrors only", own, f'{mirrors_table}\n  endpoint = ["http://{{host}}"]\n'),
-        ("mirrors and config_path", own, config_path_toml(own, "{certs}") + f'{mirrors_table}\n  endpoint = ["http://{{host}}"]\n'),
+        ("config_path set", own, config_path_toml(own, "{certs}"), ""),
+        ("config_path unset", own, "", ""),
+        ("config_path in the other version's table", own, f'{other_table}\n  config_path = "{{certs}}"\n', ""),
+        ("config_path elsewhere", own, config_path_toml(own, "/nonexistent/certs.d"), ""),
+        ("deprecated mirrors only", own, f'{mirrors_table}\n  endpoint = ["http://{{host}}"]\n', ""),
+        ("mirrors and config_path", own, config_path_toml(own, "{certs}") + f'{mirrors_table}\n  endpoint = ["http://{{host}}"]\n', ""),
+        # containerd#12415 / #12636: 2.1+ pulls through the transfer service, which takes the list as one directory.
+        ("config_path list, ours first", own, config_path_toml(own, "{certs}:{other}"), ""),
+        # An earlier directory of the list that has the host (Docker's host:port layout) wins over ours.
+        ("config_path list, an earlier directory has the host", own, config_path_toml(own, "{other}:{certs}"), ""),
     ]
     if major >= 2:
-        cases.append(("a version 2 config on containerd 2.x", 2, config_path_toml(2, "{certs}")))
+        cases.append(("a version 2 config on containerd 2.x", 2, config_path_toml(2, "{certs}"), ""))
+        cases.append(
+            ("config_path list with use_local_image_pull", own, config_path_toml(own, "{certs}:{other}"), "  use_local_image_pull = true")
+        )
     return cases
 
 
@@ -243,11 +253,13 @@ def test_preflight_says_ok_exactly_when_containerd_reads_the_agents_files(
 ) -> None:
     binaries = binaries_for(containerds, version)
     verdicts = []
-    for i, (case, config_version, registry_toml) in enumerate(preflight_cases(binaries.major)):
+    for i, (case, config_version, registry_toml, images_toml) in enumerate(preflight_cases(binaries.major)):
         work = tmp_path / f"case{i}"
         work.mkdir()
-        toml = registry_toml.replace("{certs}", str(work / "certs.d")).replace("{host}", upstream.address)
-        with Containerd.start(binaries, registry_toml=toml, config_version=config_version) as daemon:
+        other = work / "docker-certs.d"
+        (other / upstream.address).mkdir(parents=True)  # Docker's layout (host:port), as `docker login` leaves it
+        toml = registry_toml.replace("{certs}", str(work / "certs.d")).replace("{other}", str(other)).replace("{host}", upstream.address)
+        with Containerd.start(binaries, registry_toml=toml, config_version=config_version, images_toml=images_toml) as daemon:
             node = Node(work, daemon)
             rc, events = node.agent_once(entry("team", mirror.url, [upstream.address]))
             failed = [e for e in events if e["event"] == "preflight.failed"]
@@ -255,10 +267,14 @@ def test_preflight_says_ok_exactly_when_containerd_reads_the_agents_files(
             through_mirror = pulled(daemon.cri_pull(ref, timeout=20))
             verdicts.append((case, rc == 0, through_mirror, failed[0]["reason"] if failed else "Ok"))
             daemon.remove_image(ref)
-    print(f"containerd {version}: (case, preflight ok, pulled through the agent files, reason)", *verdicts, sep="\n  ")
+    print(f"containerd {binaries.release}: (case, preflight ok, pulled through the agent files, reason)", *verdicts, sep="\n  ")
     mismatched = [v for v in verdicts if v[1] != v[2]]
     assert not mismatched, f"preflight (ok?) vs containerd (pulled through the mirror?): {verdicts}"
     assert verdicts[0][1:3] == (True, True), verdicts
+    by_case = {v[0]: v[3] for v in verdicts}
+    assert by_case["config_path list, an earlier directory has the host"] in ("ConfigPathShadowed", "ConfigPathListIgnored")
+    if (binaries.major, int(binaries.version.split(".")[1])) >= (2, 1):
+        assert by_case["config_path list, ours first"] == "ConfigPathListIgnored", "containerd#12415/#12636 on this release"
 
 
 # ------------------------------------------------------------------ issue 11: trust

@@ -2,17 +2,18 @@
 
 What runs:
 - two "upstream" registries (Debian's docker-registry, access log on), one
-  open and one behind htpasswd, seeded with images built here (_images.py);
+  open and one behind htpasswd, seeded with images built here (harness.dataplane.images);
 - the operator (`regmirror run`) on the local control plane, given
   RegistryMirrors that point at those upstreams; the tests read back what it
   wrote (config.yml, the Deployment's args and env, the Secret, the node plan)
   and run the real docker-registry from exactly that, with only addresses and
-  paths mapped (`_dataplane.map_to_loopback`, the one mapping);
+  paths mapped (`harness.dataplane.map_to_loopback`, the one mapping);
 - `regmirror agent` against a temporary host root per simulated node, and
   real containerd (one daemon per node) pulling through the files it wrote;
   skopeo with the CRI-O drop-in; dockerd with the daemon.json mirror settings.
 
-Every daemon is stopped at teardown; every port comes from free_port().
+Every daemon is stopped and every mirror and Secret deleted at teardown; every port
+comes from harness.waiting.free_port().
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _dataplane import (
+
+from harness import LocalCluster
+from harness.dataplane import (
     AgentNode,
     Containerd,
     ContainerdBinaries,
@@ -38,7 +41,6 @@ from _dataplane import (
     Registry,
     TokenService,
     blob_gets,
-    delete_mirrors,
     docker_cli,
     ensure_binaries,
     ensure_commands,
@@ -48,12 +50,11 @@ from _dataplane import (
     read_node_plan,
     served_requests,
     system_containerd,
-    wait_for,
 )
-from _images import BuiltImage, multi_layer_image, multi_platform_index
-
-from harness import LocalCluster
-from harness.operator import OPERATOR_NS, OperatorProcess, condition, get_mirror
+from harness.dataplane.images import BuiltImage, multi_layer_image, multi_platform_index
+from harness.objects import MirrorFactory
+from harness.operator import OperatorProcess, condition, get_mirror
+from harness.waiting import wait_for
 from regmirror import constants as c
 from regmirror.agent.plan import parse_plan
 from regmirror.render.nodefiles import render_docker_daemon_json
@@ -141,18 +142,9 @@ def deployed(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployed]:
     names = ["dp-hub", "dp-strict", "dp-auth", "dp-auth-wrong"]
+    made = MirrorFactory(cluster)  # for the whole module; deleted (and waited for) at its end
     for secret, password in (("dp-auth-creds", AUTH_PASSWORD), ("dp-auth-wrong-creds", WRONG_PASSWORD)):
-        cluster.kubectl("delete", "secret", secret, "-n", OPERATOR_NS, "--ignore-not-found")
-        cluster.kubectl(
-            "create",
-            "secret",
-            "generic",
-            secret,
-            "-n",
-            OPERATOR_NS,
-            f"--from-literal=username={AUTH_USER}",
-            f"--from-literal=password={password}",
-        )
+        made.secret(secret, username=AUTH_USER, password=password)
     not_strict = {"matchExpressions": [{"key": STRICT_LABEL, "operator": "DoesNotExist"}]}
     bodies = [
         mirror_cr(
@@ -182,9 +174,10 @@ def deployed(
             nodeConfig={"nodeSelector": {"matchLabels": {CREDS_LABEL: "wrong"}}},
         ),
     ]
-    for body in bodies:
-        cluster.kubectl("apply", "--server-side", "--field-manager=e2e-admin", "-f", "-", input=body)
     try:
+        for body in bodies:
+            made.track_mirror(body["metadata"]["name"])
+            cluster.kubectl("apply", "--server-side", "--field-manager=e2e-admin", "-f", "-", input=body)
         objects = {name: read_mirror_objects(cluster, operator, name) for name in names}
         plan_json = read_node_plan(cluster, operator, names)
         work = tmp_path_factory.mktemp("mirrors")
@@ -196,7 +189,7 @@ def deployed(
             plan_json=plan_json,
         )
     finally:
-        delete_mirrors(cluster, names)
+        made.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -477,14 +470,14 @@ def test_wrong_credentials_are_reported_not_silently_bypassed(
     print(f"the upstream saw the node itself (fallback): {[(r.method, r.uri, r.status) for r in fallback][:4]}")
     assert fallback, "under AllowUpstream the node falls back to the upstream: only a condition tells the admin why"
 
-    # What the admin sees: the UpstreamAuthenticated condition, once the operator runs check_upstream.
-    deadline = time.monotonic() + 20
-    cond = None
-    while time.monotonic() < deadline and cond is None:
-        cond = condition(get_mirror(cluster, "dp-auth-wrong"), "UpstreamAuthenticated")
-        time.sleep(0.5)
-    if cond is None:
-        pytest.skip("the operator does not set the UpstreamAuthenticated condition yet (regmirror.upstream is not wired in)")
+    # What the admin sees: the UpstreamAuthenticated condition, once the operator ran its check.
+    # Its absence is a regression (the operator stopped checking), never a reason to skip.
+    cond = wait_for(
+        lambda: condition(get_mirror(cluster, "dp-auth-wrong"), "UpstreamAuthenticated"),
+        20,
+        "the operator to set UpstreamAuthenticated on dp-auth-wrong",
+        diagnose=lambda: json.dumps(get_mirror(cluster, "dp-auth-wrong").get("status"), indent=1),
+    )
     assert (cond["status"], cond["reason"]) == ("False", "CredentialsRejected"), cond
     assert WRONG_PASSWORD not in json.dumps(get_mirror(cluster, "dp-auth-wrong"))
     good = condition(get_mirror(cluster, "dp-auth"), "UpstreamAuthenticated")

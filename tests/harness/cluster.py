@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -44,6 +43,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from harness.proxy import TcpRelay
+from harness.waiting import WaitTimeout, free_ports, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTROLPLANE_SRC = REPO_ROOT / "tests" / "controlplane"
@@ -284,20 +286,6 @@ def _generate_pki(directory: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- processes
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all held open together, so none repeats)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _die_with_parent_hook() -> Callable[[], None] | None:
     """preexec_fn asking Linux to SIGKILL the child when the starting thread dies."""
     if not sys.platform.startswith("linux"):
@@ -323,6 +311,8 @@ class _Component:
     popen: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
+    argv: list[str]
+    env: dict[str, str]
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -337,6 +327,18 @@ class _Component:
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
+
+    def reap(self, deadline: float) -> None:
+        """Wait (until ``deadline``) for the exit a signal asked for, then SIGKILL the group and close the log."""
+        try:
+            self.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _log.warning("%s ignored SIGTERM; killing it", self.name)
+        # The whole group, in case a component ever forks helpers.
+        self.signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=5)
+        self.log_file.close()
 
 
 def _kubeconfig_yaml(server: str, ca_pem: bytes, user: str, token: str) -> str:
@@ -431,6 +433,8 @@ class LocalCluster:
         self.server = ""
         self.port = 0
         self._components: list[_Component] = []
+        self._paused: dict[str, _Component] = {}  # stopped on purpose by stop_component
+        self._relays: list[TcpRelay] = []
         self._admin_token = ""
         self._ssl: ssl.SSLContext | None = None
         self._connections = threading.local()
@@ -530,7 +534,7 @@ class LocalCluster:
         for sub in ("pki", "logs", "etcd", "apiserver", "kcm", "scheduler", "kwok-home"):
             self._path(sub).mkdir()
         pki = _generate_pki(self._path("pki"))
-        etcd_port, etcd_peer_port, api_port, kcm_port, sched_port = _free_ports(5)
+        etcd_port, etcd_peer_port, api_port, kcm_port, sched_port = free_ports(5)
         self.port = api_port
         self.server = f"https://127.0.0.1:{api_port}"
         ca_pem = pki["ca.crt"].read_bytes()
@@ -629,6 +633,12 @@ class LocalCluster:
                 f"--secure-port={kcm_port}",
                 f"--cert-dir={self._path('kcm')}",
                 "--cluster-name=regmirror-local",
+                # kwok marks a pod Ready only once, while it is Pending: a pod the node lifecycle
+                # controller marks NotReady (its node's lease went stale for 50 s, e.g. while
+                # kube-apiserver was stopped on purpose or the machine was starved) would stay
+                # NotReady for good. Fake nodes never fail, so give them far longer than any
+                # outage a test makes.
+                "--node-monitor-grace-period=15m",
                 *qps,
             ],
         )
@@ -672,6 +682,8 @@ class LocalCluster:
             return
         self._stopped = True
         atexit.unregister(self.stop)
+        for relay in self._relays:
+            relay.stop()
         # Clients first, then the API server, then etcd: an API server whose etcd is
         # already gone spends its whole grace period retrying instead of exiting (~1 s).
         servers = {"kube-apiserver": 1, "etcd": 2}
@@ -681,15 +693,7 @@ class LocalCluster:
                 component.signal_group(signal.SIGTERM)
             deadline = time.monotonic() + self.stop_grace
             for component in batch:
-                try:
-                    component.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    _log.warning("%s ignored SIGTERM; killing it", component.name)
-                # The whole group, in case a component ever forks helpers.
-                component.signal_group(signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    component.popen.wait(timeout=5)
-                component.log_file.close()
+                component.reap(deadline)
         if self.dir is not None:
             if self.keep:
                 self._path(KEPT_FILE).touch()
@@ -719,6 +723,9 @@ class LocalCluster:
         log_file.flush()
         proc_env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
         proc_env.update(env or {})
+        self._launch(name, argv, proc_env, log_path, log_file)
+
+    def _launch(self, name: str, argv: list[str], proc_env: dict[str, str], log_path: Path, log_file: IO[bytes]) -> None:
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -729,7 +736,64 @@ class LocalCluster:
             start_new_session=True,
             preexec_fn=_DIE_WITH_PARENT,
         )
-        self._components.append(_Component(name, popen, log_path, log_file))
+        self._components.append(_Component(name, popen, log_path, log_file, argv, proc_env))
+
+    # ----------------------------------------------------------------- faults
+
+    def _component(self, name: str) -> _Component:
+        for component in self._components:
+            if component.name == name:
+                return component
+        raise ControlPlaneError(f"no running component {name!r}")
+
+    def stop_component(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop one component (``sig``, then SIGKILL after the grace period); ``start_component`` brings it back."""
+        component = self._component(name)
+        self._components.remove(component)
+        self._paused[name] = component
+        component.signal_group(sig)
+        component.reap(time.monotonic() + self.stop_grace)
+
+    def start_component(self, name: str) -> None:
+        """Start a component stopped by ``stop_component`` again, with the same command line and ports."""
+        stopped = self._paused.pop(name, None)
+        if stopped is None:
+            raise ControlPlaneError(f"{name} was not stopped by stop_component")
+        log_file = open(stopped.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        log_file.write(f"$ restarted at {time.strftime('%H:%M:%S')}\n".encode())
+        log_file.flush()
+        self._launch(name, stopped.argv, stopped.env, stopped.log_path, log_file)
+
+    def open_relay(self) -> TcpRelay:
+        """A TCP relay to the API server for one client (see ``harness.proxy``); stopping
+        and starting the API server closes and reopens it, as it would the API server's port."""
+        relay = TcpRelay("127.0.0.1", self.port)
+        self._relays.append(relay)
+        return relay
+
+    def stop_apiserver(self, sig: int = signal.SIGTERM) -> None:
+        """Stop kube-apiserver alone (etcd, controllers, scheduler and kwok keep running)."""
+        self.stop_component("kube-apiserver", sig)
+        self._connections.conn = None
+        for relay in self._relays:
+            relay.upstream_down()
+
+    def start_apiserver(self, timeout: float = 60.0) -> None:
+        """Start the stopped kube-apiserver on its old port and wait until it is ready."""
+        self.start_component("kube-apiserver")
+        self._wait("kube-apiserver /readyz after a restart", lambda: self._api_ok("/readyz"), timeout=timeout)
+        for relay in self._relays:
+            relay.upstream_up()
+
+    def restart_apiserver(self, sig: int = signal.SIGTERM) -> None:
+        """Stop kube-apiserver and start it again at once; returns when it is ready."""
+        self.stop_apiserver(sig)
+        self.start_apiserver()
+
+    @property
+    def apiserver_running(self) -> bool:
+        """Whether kube-apiserver runs (False between ``stop_apiserver`` and ``start_apiserver``)."""
+        return "kube-apiserver" not in self._paused
 
     def check_alive(self) -> None:
         """Raise ``ControlPlaneError`` (with its log tail) if any component has exited."""
@@ -741,32 +805,25 @@ class LocalCluster:
                 )
 
     def _wait(self, what: str, ready: Callable[[], bool], timeout: float | None = None) -> None:
-        """Poll ``ready`` until true, failing fast if any component dies."""
-        deadline = time.monotonic() + (timeout or self.start_timeout)
-        delay = 0.02
-        while True:
-            self.check_alive()
-            if ready():
-                return
-            if time.monotonic() > deadline:
-                tails = "\n".join(f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}" for c in self._components)
-                raise ControlPlaneError(f"timed out waiting for {what}\n{tails}")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+        """Poll ``ready`` until true, failing fast (``ControlPlaneError``) if any component dies."""
+        try:
+            self.wait_until(ready, timeout=timeout or self.start_timeout, what=what)
+        except WaitTimeout as exc:
+            raise ControlPlaneError(str(exc)) from None
+
+    def _log_tails(self) -> str:
+        return "\n".join(f"--- {c.name} ({c.log_path}):\n{c.log_tail(15)}" for c in self._components)
 
     def wait_until(self, predicate: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition") -> Any:
         """Poll ``predicate`` until it returns something truthy, and return that; raise
-        ``ControlPlaneError`` on timeout or if a component dies meanwhile."""
-        result: list[Any] = []
+        ``WaitTimeout`` (with every component's log tail) on timeout, or
+        ``ControlPlaneError`` as soon as a component dies."""
 
-        def check() -> bool:
-            value = predicate()
-            if value:
-                result.append(value)
-            return bool(value)
+        def alive_and(predicate: Callable[[], Any]) -> Any:
+            self.check_alive()
+            return predicate()
 
-        self._wait(what, check, timeout=timeout)
-        return result[0]
+        return wait_for(lambda: alive_and(predicate), timeout, what, diagnose=self._log_tails)
 
     def component_pids(self) -> dict[str, int]:
         """PID of every running component, by name (for RSS measurements)."""
@@ -866,6 +923,23 @@ class LocalCluster:
             return json.loads(text)
         except ValueError:
             return text
+
+    def stream(self, path: str, *, timeout: float = 330.0) -> Iterator[bytes]:
+        """Lines of a streaming GET as admin (a watch: ``...?watch=1``), on a connection of its own.
+
+        Ends when the server ends the response; raises ``ApiError`` for an error status and
+        ``OSError`` when the connection fails (e.g. the API server is down).
+        """
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self._ssl, timeout=timeout)
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {self._admin_token}", "Accept": "application/json"})
+            response = conn.getresponse()
+            if response.status >= 400:
+                raise ApiError("GET", path, response.status, response.read().decode(errors="replace"))
+            while line := response.readline():
+                yield line
+        finally:
+            conn.close()
 
     def api_client(self) -> Any:
         """An admin ``kubernetes.client.ApiClient`` (needs the ``kubernetes`` package)."""
@@ -975,6 +1049,27 @@ class LocalCluster:
             },
         }
 
+    def delete_nodes(self, names: Iterable[str], timeout: float = 120.0) -> None:
+        """Delete fake nodes and wait until they and the pods bound to them are gone."""
+        wanted = set(names)
+        for name in wanted:
+            with contextlib.suppress(ApiError):
+                self.api("DELETE", f"/api/v1/nodes/{name}")
+        # No kubelet will confirm these pods are gone, and the pod GC waits 40 s before it
+        # collects a deleted node's pods: remove them at once, as an admin would.
+        for pod in self.api("GET", "/api/v1/pods")["items"]:
+            if pod.get("spec", {}).get("nodeName") in wanted:
+                meta = pod["metadata"]
+                with contextlib.suppress(ApiError):
+                    self.api("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}?gracePeriodSeconds=0")
+
+        def gone() -> bool:
+            nodes = {n["metadata"]["name"] for n in self.api("GET", "/api/v1/nodes")["items"]}
+            pods = self.api("GET", "/api/v1/pods")["items"]
+            return not (wanted & nodes) and not any(p.get("spec", {}).get("nodeName") in wanted for p in pods)
+
+        self._wait(f"{len(wanted)} node(s) and their pods to be gone", gone, timeout=timeout)
+
     def fake_nodes(self) -> list[dict[str, Any]]:
         """All nodes kwok manages."""
         items = self.api("GET", "/api/v1/nodes")["items"]
@@ -994,9 +1089,10 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- identities
 
-    def service_account_kubeconfig(self, namespace: str, name: str, *, expiration_seconds: int = 86400) -> Path:
+    def service_account_kubeconfig(self, namespace: str, name: str, *, expiration_seconds: int = 86400, server: str | None = None) -> Path:
         """A kubeconfig acting as ServiceAccount ``namespace/name`` (token from the
-        TokenRequest API), to run code with exactly that account's RBAC rights."""
+        TokenRequest API), to run code with exactly that account's RBAC rights.
+        ``server`` replaces the API server's URL (e.g. a relay in between)."""
         request = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenRequest",
@@ -1004,9 +1100,9 @@ class LocalCluster:
         }
         path = f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
         token = self.api("POST", path, request)["status"]["token"]
-        out = self._path(f"kubeconfig-{namespace}-{name}")
+        out = self._path(f"kubeconfig-{namespace}-{name}" + ("-relayed" if server else ""))
         user = f"system:serviceaccount:{namespace}:{name}"
-        out.write_text(_kubeconfig_yaml(self.server, self.ca_cert.read_bytes(), user, token))
+        out.write_text(_kubeconfig_yaml(server or self.server, self.ca_cert.read_bytes(), user, token))
         out.chmod(0o600)
         return out
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
-import socket
 import subprocess
 import sys
-import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from harness.cluster import LocalCluster
+from harness.proxy import TcpRelay
+from harness.waiting import free_ports, wait_for
+from regmirror import constants as c
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "registrymirrors.regmirror.dev.yaml"
@@ -20,22 +24,24 @@ OPERATOR_NS = "regmirror-system"
 AGENT_NS = "regmirror-node"
 OPERATOR_SA = "regmirror-operator"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ERROR_LEVELS = frozenset({"error", "critical", "fatal"})
+LIVENESS_STALE_SECONDS = 20
 
 
 class OperatorProcess:
-    """`regmirror run` as a subprocess with its own ServiceAccount's token."""
+    """`regmirror run` as a subprocess with its own ServiceAccount's token.
 
-    def __init__(self, cluster: LocalCluster, kubeconfig: Path, log_path: Path) -> None:
+    ``relay`` is the TCP relay its kubeconfig points at (the fault tests cut it to
+    partition the operator from the API server); Kopf's liveness endpoint is served
+    on ``liveness_port``.
+    """
+
+    def __init__(self, cluster: LocalCluster, kubeconfig: Path, log_path: Path, relay: TcpRelay | None = None) -> None:
         self.cluster = cluster
         self.kubeconfig = kubeconfig
         self.log_path = log_path
-        self.metrics_port = _free_port()
+        self.relay = relay
+        self.metrics_port, self.liveness_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -46,10 +52,14 @@ class OperatorProcess:
             "REGMIRROR_AGENT_NAMESPACE": AGENT_NS,
             "REGMIRROR_AGENT_IMAGE": "regmirror:test",
             "REGMIRROR_METRICS_PORT": str(self.metrics_port),
+            # Liveness fails once the operator has been unable to watch for this long (the
+            # default is minutes); short here, so the fault tests see it within a partition.
+            "REGMIRROR_LIVENESS_STALE": str(LIVENESS_STALE_SECONDS),
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
+        liveness = f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "regmirror", "run", "--standalone"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "regmirror", "run", "--standalone", liveness], env=env, stdout=log, stderr=subprocess.STDOUT
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -67,12 +77,57 @@ class OperatorProcess:
         self.stop(sig)
         self.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the process is running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def liveness(self) -> int | None:
+        """HTTP status of Kopf's liveness endpoint (200: alive), None when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=15) as rsp:
+                return int(rsp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return None
+
+    def wait_live(self, timeout: float = 60.0) -> None:
+        """Wait until the liveness endpoint answers 200 (the operator has started)."""
+        wait_for(lambda: self.liveness() == 200, timeout, "the operator's liveness endpoint to answer 200", diagnose=self.log_tail)
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def metrics(self) -> str:
-        import urllib.request
+    def log_size(self) -> int:
+        """Bytes in the log so far: an offset for ``error_lines``."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
 
+    def error_lines(self, since: int = 0) -> list[str]:
+        """Log lines at severity error or worse written after byte offset ``since``."""
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        found = []
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                level = str(record.get("severity") or record.get("levelname") or record.get("level") or "").lower()
+                if level in ERROR_LEVELS:
+                    found.append(line)
+            elif re.search(r"\b(ERROR|CRITICAL|FATAL)\b", line):
+                found.append(line)
+        return found
+
+    def log_tail(self, chars: int = 6000) -> str:
+        """The end of the operator's log, for failure messages."""
+        return f"operator log (tail):\n{self.logs()[-chars:]}"
+
+    def metrics(self) -> str:
+        """The operator's Prometheus metrics page."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as rsp:
             return str(rsp.read().decode())
 
@@ -106,7 +161,7 @@ def get_mirror(cluster: LocalCluster, name: str) -> dict[str, Any]:
 
 
 def condition(body: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    return next((c for c in (body.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+    return next((cd for cd in (body.get("status") or {}).get("conditions") or [] if cd["type"] == type_), None)
 
 
 def wait_condition(
@@ -126,15 +181,45 @@ def wait_condition(
         raise
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
+def agent_rollout_complete(cluster: LocalCluster) -> bool:
+    """Whether the agent DaemonSet carries the current node plan on every node, all pods Ready."""
+    result = cluster.kubectl("get", "daemonset", c.AGENT_NAME, "-n", AGENT_NS, "-o", "json", check=False)
+    if result.returncode != 0:
+        return False
+    ds = json.loads(result.stdout)
+    st = ds.get("status") or {}
+    desired = st.get("desiredNumberScheduled")
+    return bool(
+        st.get("observedGeneration") == ds["metadata"]["generation"]
+        and desired
+        and st.get("updatedNumberScheduled") == desired
+        and st.get("numberReady") == desired
+        and st.get("currentNumberScheduled") == desired
+        and not st.get("numberUnavailable")
+    )
+
+
+def settled(cluster: LocalCluster, names: list[str]) -> bool:
+    """Whether the named mirrors converged: Ready, current generation observed, every selected
+    node carries them, and the agent rollout is over (nothing is left for the operator to do)."""
+    for name in names:
+        body = get_mirror(cluster, name)
+        status = body.get("status") or {}
+        nodes = status.get("nodes") or {}
+        ready = condition(body, "Ready")
+        if not (
+            ready
+            and ready["status"] == "True"
+            and status.get("observedGeneration") == body["metadata"].get("generation")
+            and nodes.get("ready") == nodes.get("desired") == nodes.get("updated")
+        ):
+            return False
+    return agent_rollout_complete(cluster)
+
+
+def wait_settled(cluster: LocalCluster, names: list[str], timeout: float = 120.0) -> None:
+    """Wait until ``settled(cluster, names)``."""
+    wait_for(lambda: settled(cluster, names), timeout, f"mirrors {names} to settle (Ready, every node, rollout over)", interval=0.5)
 
 
 def apply(cluster: LocalCluster, body: dict[str, Any]) -> None:
@@ -178,49 +263,3 @@ class KubeconfigCluster:
 
     def wait_until(self, predicate: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition") -> Any:
         return wait_for(predicate, timeout=timeout, what=what)
-
-
-class MirrorWatch:
-    """Every status a RegistryMirror shows, from `kubectl get --watch` (no update is missed, unlike polling).
-
-    Use as a context manager; `seen` holds (phase, Ready status, Ready reason) per update.
-    """
-
-    def __init__(self, cluster: LocalCluster, name: str) -> None:
-        self.cluster = cluster
-        self.name = name
-        self.seen: list[tuple[str, str | None, str | None]] = []
-        self._proc: subprocess.Popen[str] | None = None
-
-    def __enter__(self) -> MirrorWatch:
-        import threading
-
-        self._proc = subprocess.Popen(
-            [str(self.cluster.kubectl_path), "get", "registrymirror", self.name, "--watch", "-o", "json", "--output-watch-events"],
-            env=self.cluster.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        return self
-
-    def _read(self) -> None:
-        decoder = json.JSONDecoder()
-        buffer = ""
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            buffer += line
-            try:
-                event, _ = decoder.raw_decode(buffer.strip())
-            except ValueError:
-                continue
-            buffer = ""
-            status = event.get("object", {}).get("status") or {}
-            ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
-            self.seen.append((status.get("phase", ""), ready.get("status"), ready.get("reason")))
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)

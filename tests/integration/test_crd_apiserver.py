@@ -12,6 +12,7 @@ import yaml
 
 from harness import LocalCluster
 from harness.cluster import KubectlError
+from harness.objects import MirrorFactory
 
 CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "registrymirrors.regmirror.dev.yaml"
 
@@ -48,16 +49,14 @@ def test_explain_reads_the_field_descriptions(crd: LocalCluster) -> None:
     assert "NeverContactUpstream" in fallback and "fail-open" in fallback
 
 
-def test_defaults_are_applied_by_the_api_server(crd: LocalCluster) -> None:
+def test_defaults_are_applied_by_the_api_server(crd: LocalCluster, mirrors: MirrorFactory) -> None:
+    mirrors.track_mirror("crd-defaults")
     crd.kubectl("create", "-f", "-", input=mirror("crd-defaults"))
-    try:
-        spec = crd.kubectl_json("get", "registrymirror", "crd-defaults")["spec"]
-        assert spec["storage"]["size"] == "10Gi"
-        assert spec["cache"]["ttl"] == "168h"
-        assert spec["nodeConfig"]["fallback"] == "AllowUpstream"
-        assert spec["service"]["port"] == 5000
-    finally:
-        crd.kubectl("delete", "registrymirror", "crd-defaults", "--wait=false", check=False)
+    spec = crd.kubectl_json("get", "registrymirror", "crd-defaults")["spec"]
+    assert spec["storage"]["size"] == "10Gi"
+    assert spec["cache"]["ttl"] == "168h"
+    assert spec["nodeConfig"]["fallback"] == "AllowUpstream"
+    assert spec["service"]["port"] == 5000
 
 
 def test_short_name_and_category(crd: LocalCluster) -> None:
@@ -104,7 +103,10 @@ def test_short_name_and_category(crd: LocalCluster) -> None:
         ({"cache": {"ttl": "9999999999999h"}}, "spec.cache.ttl"),
     ],
 )
-def test_invalid_mirror_is_rejected_with_the_schema_message(crd: LocalCluster, spec: dict[str, object], message: str) -> None:
+def test_invalid_mirror_is_rejected_with_the_schema_message(
+    crd: LocalCluster, mirrors: MirrorFactory, spec: dict[str, object], message: str
+) -> None:
+    mirrors.track_mirror("crd-invalid")  # should it ever be admitted, it is not left behind
     body = mirror("crd-invalid")
     body["spec"].update(spec)  # type: ignore[attr-defined]
     assert message in rejected(crd, body)
@@ -145,23 +147,21 @@ def test_render_and_the_api_server_agree(crd: LocalCluster, tmp_path: Path, what
     assert render_admits(doc, tmp_path) == (server.returncode == 0), f"{what}: render and the API server disagree ({server.stderr})"
 
 
-def test_immutable_fields_cannot_change(crd: LocalCluster) -> None:
+def test_immutable_fields_cannot_change(crd: LocalCluster, mirrors: MirrorFactory) -> None:
     body = mirror("crd-immutable", service={"clusterIP": "10.96.100.10"}, storage={"size": "5Gi", "storageClassName": "fast"})
+    mirrors.track_mirror("crd-immutable")
     crd.kubectl("create", "-f", "-", input=body)
-    try:
-        changed = mirror("crd-immutable", service={"clusterIP": "10.96.100.11"}, storage={"size": "5Gi", "storageClassName": "fast"})
-        # --force-conflicts: the fields were set by `kubectl create`; the point is the CEL verdict.
-        apply = ("apply", "--server-side", "--force-conflicts")
-        assert "service.clusterIP is immutable" in rejected(crd, changed, *apply)
-        other_class = mirror("crd-immutable", service={"clusterIP": "10.96.100.10"}, storage={"size": "5Gi", "storageClassName": "slow"})
-        assert "storage.storageClassName is immutable" in rejected(crd, other_class, *apply)
-        shrunk = mirror("crd-immutable", service={"clusterIP": "10.96.100.10"}, storage={"size": "1Gi", "storageClassName": "fast"})
-        assert "cannot shrink" in rejected(crd, shrunk, *apply)
-        grown = mirror("crd-immutable", service={"clusterIP": "10.96.100.10"}, storage={"size": "20Gi", "storageClassName": "fast"})
-        crd.kubectl(*apply, "-f", "-", input=grown)
-        assert crd.kubectl_json("get", "registrymirror", "crd-immutable")["spec"]["storage"]["size"] == "20Gi"
-    finally:
-        crd.kubectl("delete", "registrymirror", "crd-immutable", "--wait=false", check=False)
+    changed = mirror("crd-immutable", service={"clusterIP": "10.96.100.11"}, storage={"size": "5Gi", "storageClassName": "fast"})
+    # --force-conflicts: the fields were set by `kubectl create`; the point is the CEL verdict.
+    apply = ("apply", "--server-side", "--force-conflicts")
+    assert "service.clusterIP is immutable" in rejected(crd, changed, *apply)
+    other_class = mirror("crd-immutable", service={"clusterIP": "10.96.100.10"}, storage={"size": "5Gi", "storageClassName": "slow"})
+    assert "storage.storageClassName is immutable" in rejected(crd, other_class, *apply)
+    shrunk = mirror("crd-immutable", service={"clusterIP": "10.96.100.10"}, storage={"size": "1Gi", "storageClassName": "fast"})
+    assert "cannot shrink" in rejected(crd, shrunk, *apply)
+    grown = mirror("crd-immutable", service={"clusterIP": "10.96.100.10"}, storage={"size": "20Gi", "storageClassName": "fast"})
+    crd.kubectl(*apply, "-f", "-", input=grown)
+    assert crd.kubectl_json("get", "registrymirror", "crd-immutable")["spec"]["storage"]["size"] == "20Gi"
 
 
 def test_examples_are_accepted_by_the_api_server(crd: LocalCluster) -> None:

@@ -4,6 +4,9 @@ kwok fakes the agent pods (they become Ready without running), so what a node
 would write is checked by running the agent's own renderer, and the real
 `regmirror agent --once`, on the plan the operator put in the ConfigMap with the
 labels of the real Node objects.
+
+The 50 nodes exist for this module only: its teardown deletes the nodes it added, so
+every later test rolls the agent out to the session's usual few nodes, as it does alone.
 """
 
 from __future__ import annotations
@@ -11,34 +14,64 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harness import LocalCluster
-from harness.operator import AGENT_NS, OperatorProcess, apply, delete_mirror, mirror_body, wait_condition, wait_for
+from harness.objects import MirrorFactory
+from harness.operator import AGENT_NS, OperatorProcess, mirror_body, wait_condition
+from harness.waiting import wait_for
+from harness.watch import MirrorWatch
 from regmirror.nodeplan import NodePlan
 from regmirror.render.nodefiles import render_node_files
 
 TOTAL_NODES = 50
 POOL_LABEL = "regmirror.dev/test-pool"
+#: A rollout to (or a removal from) 50 nodes goes 10% of them at a time.
+FLEET_TIMEOUT = 180.0
 
 
 @pytest.fixture(scope="module")
-def fifty_nodes(cluster: LocalCluster, operator: OperatorProcess) -> list[dict[str, Any]]:
-    """Grow the session's cluster to 50 nodes; every other node is in pool a."""
+def fifty_nodes(cluster: LocalCluster, operator: OperatorProcess) -> Iterator[list[dict[str, Any]]]:
+    """Grow the session's cluster to 50 nodes (every other added node in pool a) for this module."""
     existing = len(cluster.fake_nodes())
     missing = TOTAL_NODES - existing
-    if missing > 0:
-        half = missing // 2
-        cluster.add_nodes(half, prefix="pool-a-", labels={POOL_LABEL: "a"})
-        cluster.add_nodes(missing - half, prefix="pool-b-", labels={POOL_LABEL: "b"})
-    nodes = cluster.fake_nodes()
-    assert len(nodes) >= TOTAL_NODES
-    return nodes
+    added: list[str] = []
+    try:
+        if missing > 0:
+            half = missing // 2
+            added += cluster.add_nodes(half, prefix="pool-a-", labels={POOL_LABEL: "a"})
+            added += cluster.add_nodes(missing - half, prefix="pool-b-", labels={POOL_LABEL: "b"})
+        nodes = cluster.fake_nodes()
+        assert len(nodes) >= TOTAL_NODES
+        yield nodes
+    finally:
+        cluster.delete_nodes(added)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The mirror "fleet" (every node), and the agent DaemonSet as it was before it."""
+
+    name: str
+    daemonset_before: dict[str, Any] | None
+
+
+@pytest.fixture(scope="module")
+def fleet(cluster: LocalCluster, fifty_nodes: list[dict[str, Any]]) -> Iterator[Fleet]:
+    """A mirror selecting every one of the 50 nodes, deleted (if a test has not) when the module ends."""
+    exists = cluster.kubectl("get", "ds", "regmirror-agent", "-n", AGENT_NS, check=False).returncode == 0
+    before = agent_daemonset(cluster) if exists else None
+    factory = MirrorFactory(cluster)
+    try:
+        factory.apply(mirror_body("fleet"))
+        yield Fleet("fleet", before)
+    finally:
+        factory.cleanup(timeout=FLEET_TIMEOUT)
 
 
 def node_plan(cluster: LocalCluster) -> NodePlan:
@@ -50,23 +83,9 @@ def agent_daemonset(cluster: LocalCluster) -> dict[str, Any]:
     return dict(cluster.kubectl_json("get", "daemonset", "regmirror-agent", "-n", AGENT_NS))
 
 
-def rollout_complete(cluster: LocalCluster, node_count: int) -> bool:
-    ds = agent_daemonset(cluster)
-    st = ds.get("status", {})
-    return bool(
-        st.get("observedGeneration") == ds["metadata"]["generation"]
-        and st.get("desiredNumberScheduled") == node_count
-        and st.get("updatedNumberScheduled") == node_count
-        and st.get("numberReady") == node_count
-    )
-
-
-def test_a_mirror_rolls_out_to_all_fifty_nodes(cluster: LocalCluster, fifty_nodes: list[dict[str, Any]]) -> None:
-    before = (
-        agent_daemonset(cluster) if cluster.kubectl("get", "ds", "regmirror-agent", "-n", AGENT_NS, check=False).returncode == 0 else None
-    )
-    apply(cluster, mirror_body("fleet"))
-    body = wait_condition(cluster, "fleet", "Ready", "True", timeout=180)
+def test_a_mirror_rolls_out_to_all_fifty_nodes(cluster: LocalCluster, fifty_nodes: list[dict[str, Any]], fleet: Fleet) -> None:
+    before = fleet.daemonset_before
+    body = wait_condition(cluster, fleet.name, "Ready", "True", timeout=FLEET_TIMEOUT)
     nodes = body["status"]["nodes"]
     assert (nodes["desired"], nodes["updated"], nodes["ready"]) == (len(fifty_nodes),) * 3
     assert body["status"]["nodesRatio"] == f"{len(fifty_nodes)}/{len(fifty_nodes)}"
@@ -85,17 +104,10 @@ def test_a_mirror_rolls_out_to_all_fifty_nodes(cluster: LocalCluster, fifty_node
 
 
 def test_a_mirror_selecting_half_the_nodes_configures_only_those(
-    cluster: LocalCluster, fifty_nodes: list[dict[str, Any]], tmp_path: Path
+    cluster: LocalCluster, fifty_nodes: list[dict[str, Any]], fleet: Fleet, mirrors: MirrorFactory, tmp_path: Path
 ) -> None:
-    apply(
-        cluster,
-        mirror_body(
-            "half",
-            upstream={"url": "https://quay.io"},
-            nodeConfig={"nodeSelector": {"matchLabels": {POOL_LABEL: "a"}}},
-        ),
-    )
-    body = wait_condition(cluster, "half", "Ready", "True", timeout=180)
+    mirrors.create("half", upstream={"url": "https://quay.io"}, nodeConfig={"nodeSelector": {"matchLabels": {POOL_LABEL: "a"}}})
+    body = wait_condition(cluster, "half", "Ready", "True", timeout=FLEET_TIMEOUT)
     pool_a = {n["metadata"]["name"] for n in fifty_nodes if n["metadata"]["labels"].get(POOL_LABEL) == "a"}
     assert 0 < len(pool_a) < len(fifty_nodes)
     assert body["status"]["nodes"]["desired"] == len(pool_a)
@@ -149,56 +161,27 @@ def test_a_mirror_selecting_half_the_nodes_configures_only_those(
         assert (root / "etc/containerd/certs.d/docker.io/hosts.toml").exists()  # "fleet" selects every node
 
 
-@pytest.fixture
-def phases(cluster: LocalCluster) -> Iterator[list[tuple[str, str | None]]]:
-    """Every (phase, Ready reason) the mirror "fleet" shows, from a watch."""
-    seen: list[tuple[str, str | None]] = []
-    proc = subprocess.Popen(
-        [str(cluster.kubectl_path), "get", "registrymirror", "fleet", "--watch", "-o", "json", "--output-watch-events"],
-        env=cluster.env(),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-    def read() -> None:
-        decoder = json.JSONDecoder()
-        buffer = ""
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            buffer += line
-            try:
-                event, _ = decoder.raw_decode(buffer)
-            except ValueError:
-                continue
-            buffer = ""
-            status = event.get("object", {}).get("status") or {}
-            ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
-            seen.append((status.get("phase", ""), ready.get("reason")))
-
-    thread = threading.Thread(target=read, daemon=True)
-    thread.start()
-    yield seen
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 def test_deletion_waits_for_the_removal_rollout(
-    cluster: LocalCluster, fifty_nodes: list[dict[str, Any]], phases: list[tuple[str, str | None]]
+    cluster: LocalCluster, fifty_nodes: list[dict[str, Any]], fleet: Fleet, mirrors: MirrorFactory
 ) -> None:
-    wait_condition(cluster, "fleet", "Ready", "True", timeout=180)
-    delete_mirror(cluster, "fleet", timeout=180)
-    # When the finalizer let go, the plan no longer listed it and every node ran that plan.
-    plan = node_plan(cluster)
-    assert "fleet" not in [m.name for m in plan.mirrors]
-    assert agent_daemonset(cluster)["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/node-config-hash"] == plan.digest()
-    pods = cluster.kubectl_json("get", "pods", "-n", AGENT_NS, "-l", "app.kubernetes.io/component=agent")["items"]
-    on_new_plan = {
-        p["spec"]["nodeName"]
-        for p in pods
-        if p["metadata"]["annotations"].get("regmirror.dev/node-config-hash") == plan.digest()
-        and not p["metadata"].get("deletionTimestamp")
-    }
-    assert on_new_plan == {n["metadata"]["name"] for n in fifty_nodes}
-    # Meanwhile the status said so.
-    wait_for(lambda: ("Terminating", "Terminating") in phases, timeout=5, what="a Terminating status while nodes dropped the files")
-    delete_mirror(cluster, "half")
+    wait_condition(cluster, fleet.name, "Ready", "True", timeout=FLEET_TIMEOUT)
+    with MirrorWatch(cluster, fleet.name) as watch:
+        mirrors.delete(fleet.name, timeout=FLEET_TIMEOUT)
+        # When the finalizer let go, the plan no longer listed it and every node ran that plan.
+        plan = node_plan(cluster)
+        assert "fleet" not in [m.name for m in plan.mirrors]
+        assert agent_daemonset(cluster)["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/node-config-hash"] == plan.digest()
+        pods = cluster.kubectl_json("get", "pods", "-n", AGENT_NS, "-l", "app.kubernetes.io/component=agent")["items"]
+        on_new_plan = {
+            p["spec"]["nodeName"]
+            for p in pods
+            if p["metadata"]["annotations"].get("regmirror.dev/node-config-hash") == plan.digest()
+            and not p["metadata"].get("deletionTimestamp")
+        }
+        assert on_new_plan == {n["metadata"]["name"] for n in fifty_nodes}
+        # Meanwhile the status said so.
+        wait_for(
+            lambda: ("Terminating", "Terminating") in [(phase, reason) for phase, _, reason in watch.statuses],
+            timeout=5,
+            what="a Terminating status while nodes dropped the files",
+        )

@@ -1,7 +1,9 @@
 """The operator as a real process on the real control plane.
 
 Create, update, drift, credentials, quiet period, restart and delete: each test
-acts as an admin would (kubectl) and checks what an admin would see.
+acts as an admin would (kubectl) and checks what an admin would see. Each test's
+mirrors and Secrets come from the ``mirrors`` fixture, which deletes them in
+teardown (waiting for their finalizers), so no test sees another's leftovers.
 """
 
 from __future__ import annotations
@@ -14,28 +16,24 @@ import time
 from typing import Any
 
 from harness import LocalCluster
+from harness.children import child
+from harness.objects import MirrorFactory
 from harness.operator import (
     OPERATOR_NS,
     OPERATOR_USER,
-    MirrorWatch,
     OperatorProcess,
-    apply,
     condition,
-    delete_mirror,
     get_mirror,
     mirror_body,
     wait_condition,
-    wait_for,
+    wait_settled,
 )
+from harness.waiting import wait_for
+from harness.watch import MirrorWatch
+from regmirror.naming import cache_control_name, child_name
 
-CHILD = "regmirror-{}"
-
-
-def child(cluster: LocalCluster, kind: str, name: str) -> dict[str, Any] | None:
-    result = cluster.kubectl("get", kind, CHILD.format(name), "-n", OPERATOR_NS, "-o", "json", "--show-managed-fields", check=False)
-    if result.returncode != 0:
-        return None
-    return dict(json.loads(result.stdout))
+#: The "0 writes in a quiet period" measurement: this long with nothing to do.
+QUIET_SECONDS = 60
 
 
 def registry_env(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -49,8 +47,8 @@ def config_yml(cluster: LocalCluster, name: str) -> str:
     return str(next(iter(cm["data"].values())))
 
 
-def test_mirror_becomes_ready_with_owned_children(cluster: LocalCluster, operator: OperatorProcess) -> None:
-    apply(cluster, mirror_body("hub"))
+def test_mirror_becomes_ready_with_owned_children(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
+    mirrors.create("hub")
     # kubectl wait is what admins and pipelines use.
     cluster.kubectl("wait", "--for=condition=Ready", "registrymirror/hub", "--timeout=120s", timeout=150)
     body = get_mirror(cluster, "hub")
@@ -60,7 +58,7 @@ def test_mirror_becomes_ready_with_owned_children(cluster: LocalCluster, operato
     svc = child(cluster, "service", "hub")
     assert svc is not None
     assert status["endpoint"] == f"{svc['spec']['clusterIP']}:5000"
-    assert status["serviceDNS"] == f"regmirror-hub.{OPERATOR_NS}.svc"
+    assert status["serviceDNS"] == f"{child_name('hub')}.{OPERATOR_NS}.svc"
     assert status["storage"]["phase"] == "Bound"
     assert status["readyReplicas"] == 1
     for type_ in ("Ready", "Available", "StorageBound", "NodesConfigured"):
@@ -85,12 +83,11 @@ def test_mirror_becomes_ready_with_owned_children(cluster: LocalCluster, operato
     assert "https://registry-1.docker.io" in row and "True" in row and f"{nodes}/{nodes}" in row and status["endpoint"] in row
 
 
-def test_update_changes_deployment_and_config(cluster: LocalCluster, operator: OperatorProcess) -> None:
+def test_update_changes_deployment_and_config(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
     name = "upd"
-    apply(cluster, mirror_body(name, storage={"ephemeral": True, "size": "2Gi"}))
+    mirrors.create(name, storage={"ephemeral": True, "size": "2Gi"})
     wait_condition(cluster, name, "Ready", "True")
-    apply(
-        cluster,
+    mirrors.apply(
         mirror_body(
             name,
             storage={"ephemeral": True, "size": "2Gi"},
@@ -109,22 +106,21 @@ def test_update_changes_deployment_and_config(cluster: LocalCluster, operator: O
     assert env["HTTPS_PROXY"] == "http://proxy.corp:3128"
     assert env["NO_PROXY"] == "10.0.0.0/8,.svc"
     # The TTL is enforced by the cache sidecar (distribution's own blind TTL is off), so it lives in its policy.
-    control = cluster.kubectl_json("get", "configmap", CHILD.format(name) + "-cache", "-n", OPERATOR_NS)
+    control = cluster.kubectl_json("get", "configmap", cache_control_name(name), "-n", OPERATOR_NS)
     assert json.loads(control["data"]["cache.json"])["ttlSeconds"] == 72 * 3600
     wait_condition(cluster, name, "Ready", "True")
     assert get_mirror(cluster, name)["status"]["readyReplicas"] == 2
-    delete_mirror(cluster, name)
 
 
-def test_drift_is_undone(cluster: LocalCluster, operator: OperatorProcess) -> None:
+def test_drift_is_undone(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
     name = "drift"
-    apply(cluster, mirror_body(name))
+    mirrors.create(name)
     wait_condition(cluster, name, "Ready", "True")
     old_svc = child(cluster, "service", name)
     assert old_svc is not None
-    cluster.kubectl("delete", "service", CHILD.format(name), "-n", OPERATOR_NS)
-    cluster.kubectl("scale", "deployment", CHILD.format(name), "-n", OPERATOR_NS, "--replicas=0")
-    cluster.kubectl("patch", "configmap", CHILD.format(name), "-n", OPERATOR_NS, "--type=merge", "-p", '{"data":{"config.yml":"hacked"}}')
+    cluster.kubectl("delete", "service", child_name(name), "-n", OPERATOR_NS)
+    cluster.kubectl("scale", "deployment", child_name(name), "-n", OPERATOR_NS, "--replicas=0")
+    cluster.kubectl("patch", "configmap", child_name(name), "-n", OPERATOR_NS, "--type=merge", "-p", '{"data":{"config.yml":"hacked"}}')
     wait_for(
         lambda: (s := child(cluster, "service", name)) and s["metadata"]["uid"] != old_svc["metadata"]["uid"],
         timeout=15,
@@ -133,14 +129,14 @@ def test_drift_is_undone(cluster: LocalCluster, operator: OperatorProcess) -> No
     wait_for(lambda: (d := child(cluster, "deployment", name)) and d["spec"]["replicas"] == 1, timeout=15, what="replicas restored")
     wait_for(lambda: "hacked" not in config_yml(cluster, name), timeout=15, what="config.yml restored")
     wait_condition(cluster, name, "Ready", "True")
-    delete_mirror(cluster, name)
 
 
-def test_missing_secret_then_created(cluster: LocalCluster, operator: OperatorProcess) -> None:
+def test_missing_secret_then_created(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
     name = "private"
     secret = "private-creds"
+    mirrors.track("secret", secret)
     cluster.kubectl("delete", "secret", secret, "-n", OPERATOR_NS, check=False)
-    apply(cluster, mirror_body(name, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": secret}}))
+    mirrors.create(name, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": secret}})
     body = wait_condition(cluster, name, "Ready", "False", reason="CredentialsSecretMissing")
     assert condition(body, "Stalled")["status"] == "True"  # type: ignore[index]
     assert body["status"]["phase"] == "Failed"
@@ -193,81 +189,77 @@ def test_missing_secret_then_created(cluster: LocalCluster, operator: OperatorPr
     dep_after = child(cluster, "deployment", name)
     assert dep_after is not None and dep_after["status"].get("readyReplicas") == 1
     assert condition(get_mirror(cluster, name), "Available")["status"] == "True"  # type: ignore[index]
-    delete_mirror(cluster, name)
 
 
-def test_two_mirrors_for_one_host_are_ordered(cluster: LocalCluster, operator: OperatorProcess) -> None:
-    apply(cluster, mirror_body("order-b", upstream={"url": "https://mirror.gcr.io", "hosts": ["docker.io"]}, nodeConfig={"priority": 50}))
-    apply(cluster, mirror_body("order-a", upstream={"url": "https://registry-1.docker.io"}, nodeConfig={"priority": 10}))
-    apply(
-        cluster, mirror_body("order-c", upstream={"url": "https://mirror.example.com", "hosts": ["docker.io"]}, nodeConfig={"priority": 50})
-    )
+def test_two_mirrors_for_one_host_are_ordered(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
+    mirrors.create("order-b", upstream={"url": "https://mirror.gcr.io", "hosts": ["docker.io"]}, nodeConfig={"priority": 50})
+    mirrors.create("order-a", upstream={"url": "https://registry-1.docker.io"}, nodeConfig={"priority": 10})
+    mirrors.create("order-c", upstream={"url": "https://mirror.example.com", "hosts": ["docker.io"]}, nodeConfig={"priority": 50})
     for name in ("order-a", "order-b", "order-c"):
         wait_condition(cluster, name, "Ready", "True")
     expected = ["order-b", "order-c", "order-a"]  # priority 50 first (ties by name), then 10
     positions = []
     for name in expected:
         route = next(h for h in get_mirror(cluster, name)["status"]["hosts"] if h["host"] == "docker.io")
-        # Other tests' docker.io mirrors (priority 100) may stand before these: compare among ours.
+        # Every test deletes its mirrors in teardown: these three are the only docker.io mirrors.
         assert [m for m in route["mirrors"] if m.startswith("order-")] == expected
+        assert route["mirrors"] == expected
         assert route["mirrors"][route["position"] - 1] == name
         positions.append(route["position"])
     assert positions == sorted(positions) and len(set(positions)) == 3
-    for name in expected:
-        delete_mirror(cluster, name)
 
 
-def test_quiet_period_has_no_writes(cluster: LocalCluster, operator: OperatorProcess) -> None:
-    apply(cluster, mirror_body("quiet"))
+def test_quiet_period_has_no_writes(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
+    mirrors.create("quiet")
     wait_condition(cluster, "quiet", "Ready", "True")
-    time.sleep(3)  # let the last rollout events settle
+    # Converged: every node carries the mirror, the agent rollout is over, the status says so.
+    wait_settled(cluster, ["quiet"])
     since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    time.sleep(60)
+    time.sleep(QUIET_SECONDS)  # the measurement itself: a fixed window in which nothing changes
     writes = cluster.write_events(OPERATOR_USER, since=since)
     assert writes == [], [f"{w['verb']} {w['objectRef']}" for w in writes]
-    delete_mirror(cluster, "quiet")
 
 
-def test_restart_resumes_without_duplicates_or_flapping(cluster: LocalCluster, operator: OperatorProcess) -> None:
-    apply(cluster, mirror_body("steady"))
+def test_restart_resumes_without_duplicates_or_flapping(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
+    mirrors.create("steady")
     before = wait_condition(cluster, "steady", "Ready", "True")
     ready_since = condition(before, "Ready")["lastTransitionTime"]  # type: ignore[index]
 
     with MirrorWatch(cluster, "steady") as watch:
         operator.stop(signal.SIGKILL)
-        apply(cluster, mirror_body("midway"))  # created while the operator is down
+        mirrors.create("midway")  # created while the operator is down
         operator.start()
         wait_condition(cluster, "midway", "Ready", "True")
-        time.sleep(2)  # let the restarted operator's node rollout for "midway" finish
+        # The restarted operator's node rollout for "midway" is over: "steady" went through all of it.
+        wait_settled(cluster, ["steady", "midway"])
     after = get_mirror(cluster, "steady")
-    assert all(ready == "True" for _, ready, _ in watch.seen), watch.seen
+    assert all(ready == "True" for _, ready, _ in watch.statuses), watch.statuses
     assert condition(after, "Ready")["lastTransitionTime"] == ready_since  # type: ignore[index]
     deployments = cluster.kubectl_json("get", "deployments", "-n", OPERATOR_NS, "-l", "regmirror.dev/mirror=midway")["items"]
     assert len(deployments) == 1
-    for name in ("steady", "midway"):
-        delete_mirror(cluster, name)
 
 
-def test_delete_removes_children_and_keeps_a_retained_claim(cluster: LocalCluster, operator: OperatorProcess) -> None:
-    apply(cluster, mirror_body("gone"))
-    apply(cluster, mirror_body("kept", storage={"size": "1Gi", "deletionPolicy": "Retain"}))
+def test_delete_removes_children_and_keeps_a_retained_claim(
+    cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory
+) -> None:
+    mirrors.create("gone")
+    mirrors.create("kept", storage={"size": "1Gi", "deletionPolicy": "Retain"})
+    mirrors.track("persistentvolumeclaim", child_name("kept"))  # retained: ours to delete
     wait_condition(cluster, "gone", "Ready", "True")
     wait_condition(cluster, "kept", "Ready", "True")
-    delete_mirror(cluster, "gone")
-    delete_mirror(cluster, "kept")
+    mirrors.delete("gone")
+    mirrors.delete("kept")
     for kind in ("deployment", "service", "configmap", "persistentvolumeclaim"):
         wait_for(lambda k=kind: child(cluster, k, "gone") is None, timeout=60, what=f"{kind} of gone to be collected")
     wait_for(lambda: child(cluster, "deployment", "kept") is None, timeout=60, what="deployment of kept to be collected")
     pvc = child(cluster, "persistentvolumeclaim", "kept")
     assert pvc is not None and pvc["status"]["phase"] == "Bound"
-    cluster.kubectl("delete", "pvc", CHILD.format("kept"), "-n", OPERATOR_NS, "--wait=false")
 
 
-def test_metrics_endpoint_reports_reconciles(cluster: LocalCluster, operator: OperatorProcess) -> None:
-    apply(cluster, mirror_body("metrics"))
+def test_metrics_endpoint_reports_reconciles(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
+    mirrors.create("metrics")
     wait_condition(cluster, "metrics", "Ready", "True")
     text = operator.metrics()
     assert 'regmirror_reconciles_total{outcome="success"}' in text
     assert "regmirror_mirrors_ready" in text
     assert get_mirror(cluster, "metrics")["status"]["phase"] == "Ready"
-    delete_mirror(cluster, "metrics")

@@ -20,19 +20,19 @@ import pytest
 import yaml
 
 from harness import LocalCluster
+from harness.objects import MirrorFactory
 from harness.operator import (
     AGENT_NS,
     OPERATOR_NS,
     OPERATOR_USER,
     REPO,
     OperatorProcess,
-    apply,
-    delete_mirror,
     get_mirror,
     mirror_body,
     wait_condition,
-    wait_for,
 )
+from harness.waiting import wait_for
+from regmirror.naming import child_name
 
 MANIFESTS = REPO / "manifests"
 MIRROR = "rbac-lifecycle"
@@ -145,16 +145,17 @@ def test_agent_pod_needs_privileged_only_for_host_path(cluster: LocalCluster, na
 # ------------------------------------------------------------------ operator RBAC
 
 
-def test_operator_lifecycle_is_never_forbidden(cluster: LocalCluster, operator: OperatorProcess) -> None:
+def test_operator_lifecycle_is_never_forbidden(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
     """Create (with a missing then present Secret), update, drift, delete: the operator's SA never gets a 403."""
+    mirrors.track("secret", SECRET)
     cluster.kubectl("delete", "secret", SECRET, "-n", OPERATOR_NS, check=False)
-    apply(cluster, mirror_body(MIRROR, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": SECRET}}))
+    mirrors.create(MIRROR, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": SECRET}})
     wait_condition(cluster, MIRROR, "Ready", "False", reason="CredentialsSecretMissing")
     cluster.kubectl("create", "secret", "generic", SECRET, "-n", OPERATOR_NS, "--from-literal=username=robot", "--from-literal=password=x")
     wait_condition(cluster, MIRROR, "Ready", "True")
 
     # Update: a new generation must be observed and Ready again.
-    apply(cluster, mirror_body(MIRROR, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": SECRET}}, cache={"ttl": "1h"}))
+    mirrors.create(MIRROR, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": SECRET}}, cache={"ttl": "1h"})
     generation = get_mirror(cluster, MIRROR)["metadata"]["generation"]
     wait_for(
         lambda: get_mirror(cluster, MIRROR).get("status", {}).get("observedGeneration") == generation,
@@ -164,9 +165,9 @@ def test_operator_lifecycle_is_never_forbidden(cluster: LocalCluster, operator: 
     wait_condition(cluster, MIRROR, "Ready", "True")
 
     # Drift: a child deleted by hand is created again.
-    cluster.kubectl("delete", "configmap", f"regmirror-{MIRROR}", "-n", OPERATOR_NS)
+    cluster.kubectl("delete", "configmap", child_name(MIRROR), "-n", OPERATOR_NS)
     wait_for(
-        lambda: cluster.kubectl("get", "configmap", f"regmirror-{MIRROR}", "-n", OPERATOR_NS, check=False).returncode == 0,
+        lambda: cluster.kubectl("get", "configmap", child_name(MIRROR), "-n", OPERATOR_NS, check=False).returncode == 0,
         timeout=60,
         what="the ConfigMap to be restored",
     )
@@ -174,11 +175,12 @@ def test_operator_lifecycle_is_never_forbidden(cluster: LocalCluster, operator: 
     # Secret rotation, then removal of the mirror (finalizer released after node cleanup).
     rotated = base64.b64encode(b"rotated").decode()
     cluster.kubectl("patch", "secret", SECRET, "-n", OPERATOR_NS, "-p", json.dumps({"data": {"password": rotated}}))
-    delete_mirror(cluster, MIRROR)
+    mirrors.delete(MIRROR)
     cluster.kubectl("delete", "secret", SECRET, "-n", OPERATOR_NS, check=False)
 
     # Everything the operator did in this session (all tests sharing the fixture so far).
-    events = cluster.audit_events(user=OPERATOR_USER)
+    # (Requests tests make as the operator's ServiceAccount to be refused carry their own User-Agent.)
+    events = [e for e in cluster.audit_events(user=OPERATOR_USER) if "deliberately-denied" not in e.get("userAgent", "")]
     summary = _request_summary(events)
     print("\noperator requests (verb, resource, namespace, name, code): count")
     for key, count in sorted(summary.items()):
@@ -188,8 +190,9 @@ def test_operator_lifecycle_is_never_forbidden(cluster: LocalCluster, operator: 
     assert summary, "no audited request by the operator: is the fixture using the ServiceAccount?"
 
 
-def test_namespace_admin_cannot_create_a_mirror(cluster: LocalCluster, namespace: str) -> None:
+def test_namespace_admin_cannot_create_a_mirror(cluster: LocalCluster, namespace: str, mirrors: MirrorFactory) -> None:
     """RegistryMirror is cluster-scoped: even `admin` of a namespace cannot redirect the nodes' pulls."""
+    mirrors.track_mirror("ns-admin-was-here")  # should the create ever succeed, it is not left behind
     cluster.kubectl("create", "serviceaccount", "ns-admin", "-n", namespace)
     cluster.kubectl("create", "rolebinding", "ns-admin", "-n", namespace, "--clusterrole=admin", f"--serviceaccount={namespace}:ns-admin")
     as_admin = ["--kubeconfig", str(cluster.service_account_kubeconfig(namespace, "ns-admin"))]

@@ -210,7 +210,12 @@ REFUSED: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("node config selector: bad key", document(nodeConfig={"nodeSelector": {"matchLabels": {"a/b/c": "x"}}}), ("matchLabels",)),
     ("capabilities empty", document(nodeConfig={"capabilities": []}), ("capabilities",)),
     ("runtimes empty", document(nodeConfig={"runtimes": []}), ("runtimes",)),
-    ("unknown runtime", document(nodeConfig={"runtimes": ["docker"]}), ("runtimes",)),
+    ("unknown runtime", document(nodeConfig={"runtimes": ["podman"]}), ("runtimes",)),
+    (
+        "docker cannot be strict",
+        document(nodeConfig={"runtimes": ["docker"], "fallback": "NeverContactUpstream"}),
+        ("runtimes", "Docker Hub", "NeverContactUpstream"),
+    ),
     (
         "affinity without terms",
         document(affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}),

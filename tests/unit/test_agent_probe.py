@@ -78,7 +78,7 @@ def test_a_silent_mirror_times_out_quickly() -> None:
 def test_withdraw_after_two_failures_restore_after_one_success_with_a_real_server() -> None:
     port = free_port()
     clock = Clock()
-    tracker = HealthTracker(clock=clock, timeout=0.5, interval=2.0)
+    tracker = HealthTracker(clock=clock, timeout=0.5, interval=2.0, jitter=0)
     targets = {"hub": Target(f"http://127.0.0.1:{port}")}
     with registry_on(port):
         assert tracker.update(targets) == []
@@ -86,16 +86,71 @@ def test_withdraw_after_two_failures_restore_after_one_success_with_a_real_serve
     clock.now += 2
     assert tracker.update(targets) == [], "one failure is not enough"
     assert tracker.unhealthy() == frozenset()
-    clock.now += 1
+    assert tracker.next_due() == clock.now + 0.25, "a failure is confirmed soon, not a whole interval later"
+    clock.now += 0.2
     assert tracker.update(targets) == [], "not due yet: no probe"
-    clock.now += 1
+    clock.now += 0.05
     (withdrawn,) = tracker.update(targets)
     assert not withdrawn.healthy and withdrawn.name == "hub" and withdrawn.error
     assert tracker.unhealthy() == frozenset({"hub"})
+    assert tracker.next_due() == clock.now + 2, "a withdrawn mirror is probed at the interval"
     with registry_on(port):
         clock.now += 2
         (restored,) = tracker.update(targets)
     assert restored.healthy and tracker.unhealthy() == frozenset()
+
+
+def test_one_failure_then_an_answer_keeps_the_mirror() -> None:
+    answers = iter(["TimeoutError", None, None])
+    tracker = HealthTracker(probe=lambda url, timeout, ca: next(answers), clock=(clock := Clock()), jitter=0)
+    tracker.update({"hub": Target("u")})  # first probe: a timeout, first seen -> withdrawn at once
+    assert tracker.unhealthy() == frozenset({"hub"})
+    clock.now += 2
+    (restored,) = tracker.update({"hub": Target("u")})
+    assert restored.healthy
+    clock.now += 2
+    assert tracker.update({"hub": Target("u")}) == []
+
+
+def test_intervals_are_jittered_so_nodes_do_not_probe_in_lockstep() -> None:
+    import random
+
+    clock = Clock()
+    dues = set()
+    for seed in range(20):
+        tracker = HealthTracker(probe=lambda url, timeout, ca: None, clock=clock, interval=2.0, rng=random.Random(seed))
+        tracker.update({"hub": Target("u")})
+        due = tracker.next_due()
+        assert due is not None and 1.5 <= due - clock.now <= 2.5
+        dues.add(round(due, 6))
+    assert len(dues) > 10
+
+
+def test_endpoints_withdraw_at_once_without_a_probe_and_their_return_probes_at_once() -> None:
+    calls: list[str] = []
+    healthy = {"value": True}
+
+    def probe(url: str, timeout: float, ca: str | None) -> str | None:
+        calls.append(url)
+        return None if healthy["value"] else "TimeoutError"
+
+    clock = Clock()
+    tracker = HealthTracker(probe=probe, clock=clock, jitter=0)
+    assert tracker.update({"hub": Target("u", ready_endpoints=1)}) == []
+    assert len(calls) == 1
+    clock.now += 0.1  # the pod is deleted: its EndpointSlice says so long before the next probe
+    (withdrawn,) = tracker.update({"hub": Target("u", ready_endpoints=0)})
+    assert not withdrawn.healthy and withdrawn.error == "no ready endpoint in the mirror's EndpointSlices"
+    assert len(calls) == 1, "no probe needed"
+    clock.now += 0.1
+    assert tracker.update({"hub": Target("u", ready_endpoints=0)}) == []
+    clock.now += 0.1  # a new pod is ready: probed now, not at the next interval
+    (restored,) = tracker.update({"hub": Target("u", ready_endpoints=1)})
+    assert restored.healthy and len(calls) == 2
+    clock.now += 0.1  # a second replica joins: look again at once
+    healthy["value"] = False
+    assert tracker.update({"hub": Target("u", ready_endpoints=2)}) == []
+    assert len(calls) == 3 and tracker.next_due() == clock.now + 0.25
 
 
 def test_a_mirror_first_seen_dead_is_withdrawn_at_once_and_forgotten_when_gone() -> None:
@@ -132,7 +187,7 @@ def make_agent(tmp_path: Path, *entries: MirrorEntry) -> tuple[Agent, Clock, Pat
     cfg.write_text('version = 3\n[plugins."io.containerd.cri.v1.images".registry]\n  config_path = "/etc/containerd/certs.d"\n')
     clock = Clock()
     config = AgentConfig(plan_path=plan, host_root=root, node_labels_file=labels, health_port=0, probe_timeout=0.5)
-    agent = Agent(config, tracker=HealthTracker(clock=clock, timeout=0.5, interval=2.0), clock=clock)
+    agent = Agent(config, tracker=HealthTracker(clock=clock, timeout=0.5, interval=2.0, jitter=0), clock=clock)
     return agent, clock, root / "etc" / "containerd" / "certs.d" / "docker.io" / "hosts.toml"
 
 

@@ -249,3 +249,54 @@ def test_docker_daemon_json_covers_docker_hub_only() -> None:
 
 def test_an_empty_plan_renders_nothing() -> None:
     assert render_node_files(NodePlan(), {"any": "label"}) == {}
+
+
+def test_dial_timeout_is_written_for_the_mirrors_only_when_asked() -> None:
+    from regmirror.render.nodefiles import plan_node_files
+
+    p = plan(mirror("hub", "10.96.0.20"), mirror("vault", "10.96.0.21", hosts=["quay.io"], fallback=FallbackPolicy.NEVER_CONTACT_UPSTREAM))
+    without = plan_node_files(p, {})
+    assert without.findings == [] and "dial_timeout" not in "".join(without.files.values())
+    node = plan_node_files(p, {}, dial_timeout="200ms")
+    assert node.findings == []
+    hub = hosts_toml(node.files, "docker.io")
+    assert hub["host"] == {"http://10.96.0.20:5000": {"capabilities": ["pull", "resolve"], "dial_timeout": "200ms"}}
+    assert "dial_timeout" not in hub, "the upstream keeps containerd's default"
+    vault = hosts_toml(node.files, "quay.io")
+    # A strict host's server is a mirror too: it fails as fast as the [host] entry.
+    assert vault["dial_timeout"] == "200ms" and vault["host"]["http://10.96.0.21:5000"]["dial_timeout"] == "200ms"
+    # A blocked host has no mirror to dial.
+    blocked = plan_node_files(plan(mirror("vault", "bad ip!", fallback=FallbackPolicy.NEVER_CONTACT_UPSTREAM)), {}, dial_timeout="200ms")
+    assert blocked.files and "dial_timeout" not in "".join(blocked.files.values())
+
+
+def test_the_check_refuses_a_dial_timeout_that_is_not_the_routes() -> None:
+    from regmirror.render import nodecheck
+    from regmirror.render.nodefiles import HostRoute, host_routes, render_hosts_toml
+
+    (route,) = host_routes(plan(mirror("hub", "10.96.0.20")).model_copy(), {}, "containerd", dial_timeout="200ms")
+    path = f"{CERTS}/docker.io"
+    good = render_hosts_toml(route, path)
+    assert nodecheck.check_hosts_toml({f"{path}/hosts.toml": good}, route, path) == []
+    other = HostRoute(route.host, route.server, route.mirrors, route.strict, dial_timeout="30s")
+    assert nodecheck.check_hosts_toml({f"{path}/hosts.toml": good}, other, path)
+    upstream_too = good.replace('server = "https://registry-1.docker.io"', 'server = "https://registry-1.docker.io"\ndial_timeout = "1ms"')
+    assert nodecheck.check_hosts_toml({f"{path}/hosts.toml": upstream_too}, route, path)
+
+
+def test_the_plan_names_the_mirrors_service_for_the_endpoint_watch() -> None:
+    from regmirror.models import RegistryMirrorSpec
+    from regmirror.naming import child_name
+    from regmirror.nodeplan import mirror_entry
+    from regmirror.render.nodeinput import check_plan
+
+    spec = RegistryMirrorSpec.model_validate({"upstream": {"url": "https://registry-1.docker.io"}})
+    entry = mirror_entry("hub", spec, "10.96.0.10", service=f"regmirror-system/{child_name('hub')}")
+    assert entry.service == "regmirror-system/regmirror-hub"
+    for reader in (build_node_plan([entry]), parse_plan(build_node_plan([entry]).to_json())):
+        (checked,) = check_plan(reader).mirrors
+        assert checked.service == ("regmirror-system", "regmirror-hub")
+    bad = parse_plan(build_node_plan([entry.model_copy(update={"service": "../x"})]).to_json())
+    checked_bad = check_plan(bad)
+    assert checked_bad.mirrors[0].service is None
+    assert [f.reason for f in checked_bad.findings] == ["ServiceRejected"]

@@ -57,7 +57,7 @@ def test_children_in_apply_order_with_common_metadata() -> None:
     assert [o["kind"] for o in objs] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Service", "Deployment"]
     for obj in objs:
         meta = obj["metadata"]
-        assert meta["name"] in (naming.child_name("quay"), naming.child_name("quay") + "-cache")
+        assert meta["name"] in (naming.child_name("quay"), naming.cache_control_name("quay"))
         assert meta["namespace"] == NS
         assert meta["labels"] == naming.labels("quay")
         assert meta["ownerReferences"] == [

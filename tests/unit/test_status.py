@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from regmirror.conditions import condition, merge_conditions, set_condition
+from regmirror.drift import drifted, status_changed
 from regmirror.models import RegistryMirrorSpec
-from regmirror.observe import NodeRollout, Observation, drifted, evaluate, status_changed
+from regmirror.observe import Observation, RepairError, evaluate
+from regmirror.rollout import NodeRollout
 
 SPEC = RegistryMirrorSpec.model_validate({"upstream": {"url": "https://registry-1.docker.io"}})
 
@@ -39,7 +41,7 @@ def observe(**overrides: Any) -> Observation:
         "service": SERVICE,
         "pvc": PVC,
         "nodes": ALL_NODES,
-        "host_order": {"docker.io": ["hub"]},
+        "host_routes": {"docker.io": (1, ["hub"])},
     }
     fields.update(overrides)
     return Observation(**fields)
@@ -170,3 +172,45 @@ def test_status_round_trips_through_the_model_unchanged() -> None:
     ):
         raw = evaluate(obs, [], now="2026-01-01T00:00:00Z")
         assert typed_status(raw) == raw
+
+
+def test_fields_another_manager_adds_to_named_lists_are_not_drift() -> None:
+    desired = {"spec": {"containers": [{"name": "r", "env": [{"name": "A", "value": "1"}]}]}}
+    added = {
+        "spec": {"containers": [{"name": "r", "env": [{"name": "A", "value": "1"}, {"name": "MESH", "value": "x"}]}, {"name": "sidecar"}]}
+    }
+    assert not drifted(desired, added)
+    changed = {"spec": {"containers": [{"name": "r", "env": [{"name": "A", "value": "2"}]}]}}
+    assert drifted(desired, changed)
+    assert drifted(desired, {"spec": {"containers": [{"name": "r", "env": []}]}})
+    # Lists without a merge key are owned whole (atomic in the API).
+    assert drifted({"args": ["a", "b"]}, {"args": ["a", "b", "c"]})
+
+
+def test_a_transient_repair_keeps_a_serving_mirror_ready() -> None:
+    status = evaluate(observe(repair=RepairError(True, "APIUnavailable", "503 the API server did not take a write")), [])
+    assert cond(status, "Ready")["status"] == "True"
+    assert cond(status, "Reconciling")["status"] == "True" and cond(status, "Reconciling")["reason"] == "Retrying"
+    assert "503" in cond(status, "Reconciling")["message"]
+    assert cond(status, "Stalled")["status"] == "False"
+
+
+def test_a_forbidden_repair_is_stalled_but_the_mirror_still_serves() -> None:
+    status = evaluate(observe(repair=RepairError(False, "ApplyForbidden", "403 forbidden")), [])
+    assert cond(status, "Ready")["status"] == "True"
+    assert cond(status, "Stalled")["status"] == "True" and cond(status, "Stalled")["reason"] == "ApplyForbidden"
+
+
+def test_a_deleted_claim_still_in_use_is_not_bound() -> None:
+    terminating = {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}}
+    status = evaluate(observe(pvc=terminating), [])
+    assert cond(status, "StorageBound")["status"] == "False"
+    assert cond(status, "StorageBound")["reason"] == "ClaimTerminating"
+    assert cond(status, "Ready")["status"] == "False" and cond(status, "Ready")["reason"] == "ClaimTerminating"
+
+
+def test_a_rejected_apply_names_the_field() -> None:
+    message = 'the API server rejected Service regmirror-system/regmirror-hub: spec.clusterIP: Invalid value: "10.0.0.1": not in range'
+    status = evaluate(observe(error_reason="ApplyRejected", error_message=message), [])
+    assert cond(status, "Ready")["reason"] == "ApplyRejected" and "spec.clusterIP" in cond(status, "Ready")["message"]
+    assert cond(status, "Stalled")["status"] == "True"

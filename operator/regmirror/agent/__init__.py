@@ -11,6 +11,7 @@ keeps the agent's resident memory small on every node.
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import threading
 from pathlib import Path
@@ -37,8 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--health-port", type=int, default=8081, help="port of /healthz and /readyz; 0 disables")
     p.add_argument("--health-address", default="0.0.0.0", help="address of the health server")
     p.add_argument("--once", action="store_true", help="apply once and exit: 0 ok, 1 preflight failed, conflicts or errors")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between reconciles and probes")
-    p.add_argument("--probe-timeout", type=float, default=1.0, help="seconds before a mirror probe counts as failed")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between full reconciles")
+    p.add_argument("--probe-interval", type=float, default=2.0, help="seconds between a mirror's probes (jittered by +-25%%)")
+    p.add_argument("--probe-timeout", type=float, default=0.5, help="seconds before a mirror probe counts as failed")
+    p.add_argument(
+        "--dial-timeout",
+        type=_duration,
+        default="100ms",
+        help="containerd's dial_timeout for the mirrors, on containerd 2.0.7+/2.1+ (a Go duration such as 100ms; 0 never writes it)",
+    )
+    p.add_argument("--no-watch-endpoints", action="store_true", help="do not watch the mirrors' EndpointSlices (probes alone decide)")
+    p.add_argument("--docker-daemon-json", default="/etc/docker/daemon.json", help="Docker Engine's daemon.json on the host")
+    p.add_argument("--docker-pidfile", default="/var/run/docker.pid", help="dockerd's pidfile on the host (to send it SIGHUP)")
+    p.add_argument(
+        "--docker-reload",
+        choices=("signal", "report"),
+        default="signal",
+        help="after changing daemon.json: SIGHUP dockerd (needs the host's PID namespace), or only report that a reload is needed",
+    )
+    p.add_argument("--proc", type=Path, default=Path("/proc"), help="the host's /proc as the agent sees it")
     p.add_argument(
         "--auth-dir",
         type=Path,
@@ -46,6 +64,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the mounted regmirror-node-auth Secret (mirror credentials)",
     )
     return p
+
+
+def _duration(value: str) -> str | None:
+    """A Go duration of milliseconds or seconds for hosts.toml, or None for 0."""
+    if value.strip() in ("0", "0s", "0ms", "off"):
+        return None
+    if not re.fullmatch(r"[1-9][0-9]{0,5}(ms|s)", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a duration like 200ms or 1s")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         once=args.once,
         interval=args.interval,
         probe_timeout=args.probe_timeout,
+        probe_interval=args.probe_interval,
+        dial_timeout=args.dial_timeout,
+        watch_endpoints=not args.no_watch_endpoints,
+        docker_daemon_json=args.docker_daemon_json,
+        docker_pidfile=args.docker_pidfile,
+        docker_reload=args.docker_reload == "signal",
+        proc_dir=args.proc,
         auth_dir=args.auth_dir,
     )
     if not config.node_name and config.node_labels_file is None:
@@ -88,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     def _stop(signum: int, _frame: FrameType | None) -> None:
         log("agent.stopping", signal=signal.Signals(signum).name)
         stop.set()
+        agent.wake()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -14,6 +14,13 @@ What the loop never does: remove files because something is missing. A plan
 that cannot be read, or a node whose labels cannot be fetched, leaves the
 files as they are (a rolling update or an API hiccup must not drop config).
 Files go away only when a readable plan no longer lists them.
+
+Timing: a full step runs every `interval`; between steps the loop wakes for
+each probe that is due (probe.py: jittered interval, a quick second probe to
+confirm a failure) and for every change of a mirror's ready endpoints
+(endpoints.py), and a mirror that changes state rewrites the node's files at
+once. So a dead mirror leaves the files about a second after it stops
+answering, and at once when its pods leave the Service.
 """
 
 from __future__ import annotations
@@ -30,15 +37,23 @@ from pathlib import Path
 from typing import Any
 
 from regmirror import constants as c
+from regmirror import nodetaint
+from regmirror.agent import docker, foreign, nodeauth, report
 from regmirror.agent import files as agentfiles
-from regmirror.agent import foreign, nodeauth, report
+from regmirror.agent.endpoints import EndpointWatcher
 from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
 from regmirror.agent.plan import PlanError, parse_plan
-from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, run_preflight
-from regmirror.agent.probe import HealthTracker, Target, Transition
+from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, dial_timeout_supported, run_preflight
+from regmirror.agent.probe import DEFAULT_INTERVAL, DEFAULT_TIMEOUT, HealthTracker, Target, Transition
+from regmirror.lowlevel import registry_host_spellings
 from regmirror.render import nodefiles, nodeinput
 
 NODE_REFRESH_SECONDS = 30.0
+# containerd's dial timeout for the mirrors (where it reads one): a ClusterIP
+# on the node's own network answers a SYN in well under a millisecond, and a
+# pull makes a handful of sequential requests, each paying this once while a
+# dead mirror is still in the file.
+DEFAULT_DIAL_TIMEOUT = "100ms"
 # Findings that need no action (posted as Normal Events).
 INFORMATIONAL = frozenset({"ForeignCertsCarried", "RuntimeIgnored"})
 
@@ -63,7 +78,18 @@ class AgentConfig:
     health_address: str = "0.0.0.0"
     once: bool = False
     interval: float = 2.0
-    probe_timeout: float = 1.0
+    probe_timeout: float = DEFAULT_TIMEOUT
+    probe_interval: float = DEFAULT_INTERVAL
+    # None: never write dial_timeout.
+    dial_timeout: str | None = DEFAULT_DIAL_TIMEOUT
+    # Watch the mirrors' EndpointSlices (needs the API and RBAC to list/watch them).
+    watch_endpoints: bool = True
+    docker_daemon_json: str = docker.DAEMON_JSON
+    docker_pidfile: str = docker.PIDFILE
+    # Signal dockerd to reload daemon.json (False: only report that it must be reloaded).
+    docker_reload: bool = True
+    # The host's /proc as the agent sees it (the pod shares the host's PID namespace when it configures Docker).
+    proc_dir: Path = Path("/proc")
     auth_dir: Path | None = nodeauth.DEFAULT_AUTH_DIR
 
 
@@ -127,7 +153,7 @@ class Agent:
     ) -> None:
         self.config = config
         self.api = api
-        self.tracker = tracker or HealthTracker(timeout=config.probe_timeout, interval=config.interval)
+        self.tracker = tracker or HealthTracker(timeout=config.probe_timeout, interval=config.probe_interval)
         self.readiness = Readiness()
         self._clock = clock
         self._plan: LoadedPlan | None = None
@@ -135,6 +161,14 @@ class Agent:
         self._node_fetched_at = float("-inf")
         self._reported: set[tuple[str, str]] = set()
         self._findings_posted: set[tuple[str, str]] = set()
+        # Set by the endpoint watchers (and SIGTERM): the loop wakes up at once.
+        self.wake_event = threading.Event()
+        self._watchers: dict[str, EndpointWatcher] = {}
+        # The last step's selected mirrors, so a probe-only wake-up needs no plan work.
+        self._selected: list[nodeinput.Mirror] = []
+        self._taint_note: str | None = None
+        # The dial_timeout the node's containerd reads (None: it has none, or none is written).
+        self._dial_timeout: str | None = None
 
     # ------------------------------------------------------------ inputs
 
@@ -157,9 +191,9 @@ class Agent:
             log("plan.loaded", mirrors=[m.name for m in checked.mirrors], rejected=len(names) - len(checked.mirrors))
         return self._plan
 
-    def _load_node(self) -> NodeInfo | None:
+    def _load_node(self, *, fresh: bool = False) -> NodeInfo | None:
         now = self._clock()
-        if self._node is not None and now - self._node_fetched_at < NODE_REFRESH_SECONDS:
+        if self._node is not None and not fresh and now - self._node_fetched_at < NODE_REFRESH_SECONDS:
             return self._node
         try:
             if self.config.node_labels_file is not None:
@@ -226,6 +260,39 @@ class Agent:
                     found[path] = nodefiles.ForeignCerts(directory=path, hosts_toml=f"{path} (unreadable: {exc.strerror or exc})")
         return found
 
+    # ------------------------------------------------------------ mirror health
+
+    def wake(self) -> None:
+        """Make the loop run now (an endpoint count changed, or the agent is stopping)."""
+        self.wake_event.set()
+
+    def _ready_endpoints(self, mirror: nodeinput.Mirror) -> int | None:
+        """The mirror's ready endpoints from its EndpointSlices; None when not watched (or not yet in sync)."""
+        if mirror.service is None or self.api is None or not self.config.watch_endpoints or self.config.once:
+            return None
+        namespace, service = mirror.service
+        watcher = self._watchers.get(namespace)
+        if watcher is None:
+            watcher = self._watchers[namespace] = EndpointWatcher(self.api, namespace, self.wake, log).start()
+        return watcher.ready(service)
+
+    def _endpoint_urls(self, mirror: nodeinput.Mirror) -> tuple[str, ...]:
+        """The mirror's ready endpoints to probe one by one: only where containerd has no dial_timeout, for plain http, with two or more."""
+        if self._dial_timeout is not None or mirror.service is None or not mirror.url.startswith("http://"):
+            return ()
+        watcher = self._watchers.get(mirror.service[0])
+        found = watcher.ready_addresses(mirror.service[1]) if watcher is not None else ()
+        return tuple(f"http://{address}" for address in found) if len(found) > 1 else ()
+
+    def _probe(self) -> bool:
+        """Probe what is due among the last step's mirrors; True when one changed state."""
+        targets = {m.name: Target(m.url, m.ca_pem, self._ready_endpoints(m), self._endpoint_urls(m)) for m in self._selected}
+        strict = {m.name for m in self._selected if m.strict}
+        transitions = self.tracker.update(targets)
+        for t in transitions:
+            self._report_transition(t, strict=strict)
+        return bool(transitions)
+
     # ------------------------------------------------------------ one step
 
     def step(self) -> StepResult:
@@ -239,8 +306,10 @@ class Agent:
         checked = loaded.checked
 
         selected = nodeinput.selected_mirrors(checked, node.labels)
-        for t in self.tracker.update({m.name: Target(m.url, m.ca_pem) for m in selected}):
-            self._report_transition(t, strict={m.name for m in selected if m.strict})
+        self._selected = selected
+        dial_timeout = self.config.dial_timeout if dial_timeout_supported(node.runtime_version) else None
+        self._dial_timeout = dial_timeout
+        self._probe()
         unhealthy = self.tracker.unhealthy()
 
         node_files = nodefiles.plan_node_files(
@@ -250,6 +319,8 @@ class Agent:
             containerd_config_path=self.config.containerd_config_path,
             crio_dropin_dir=self.config.crio_dropin_dir,
             foreign=self._scan_foreign(checked, node.labels),
+            dial_timeout=dial_timeout,
+            crio_node=bool(node.runtime_version and node.runtime_version.startswith("cri-o://")),
         )
         # The mirrors' credentials (the plan names revisions, the mounted Secret holds the values).
         creds = nodeauth.add_to_files(
@@ -271,6 +342,9 @@ class Agent:
         findings = list(node_files.findings) + creds.findings
         for conflict in result.conflicts:
             findings.append(nodeinput.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
+        docker_result = self._apply_docker(checked, node, unhealthy)
+        findings += docker_result.findings
+        result.errors += docker_result.errors
         for error in result.errors:
             log("files.error", "error", error=error)
         self._post_findings(findings)
@@ -282,6 +356,11 @@ class Agent:
             containerd_config_file=self.config.containerd_config_file,
             runtimes=sorted(runtimes),
             runtime_version=node.runtime_version,
+            host_dirs=[
+                [d for spelling in registry_host_spellings(host) for d in nodefiles.containerd_host_dir_aliases(spelling)]
+                for (host, runtime) in sorted(node_files.routes)
+                if runtime == nodeinput.RUNTIME_CONTAINERD
+            ],
         )
         if not preflight.ok:
             log("preflight.failed", "error", reason=preflight.reason, message=preflight.message)
@@ -301,6 +380,7 @@ class Agent:
             mirrors=len(selected),
             degraded=degraded,
         )
+        self._lift_startup_taint(node, outcome.ready and not docker_result.reload_pending, selected, unhealthy)
         self.readiness.set_report(
             {
                 "node": node.name,
@@ -311,9 +391,60 @@ class Agent:
                 "mirrors": mirrors,
                 "hosts": report.host_states(node_files),
                 "findings": [{"reason": f.reason, "message": f.message, "host": f.host} for f in findings if f.mirror is None],
+                "dialTimeout": dial_timeout,
+                "docker": {"present": docker_result.present, "reloadPending": docker_result.reload_pending}
+                if docker_result.present
+                else None,
+                "startupTaint": self._taint_note,
             }
         )
         return self._finish(StepResult(outcome.ready, outcome.reason, outcome.message, result, preflight, node_files))
+
+    def _apply_docker(self, checked: nodeinput.CheckedPlan, node: NodeInfo, unhealthy: frozenset[str]) -> docker.DockerResult:
+        """daemon.json on a Docker Engine node: only when a mirror asks for docker here, or entries of ours are there to remove."""
+        desired, findings = nodefiles.docker_daemon_entries(checked, node.labels, unhealthy)
+        state = agentfiles.on_host(self.config.host_root, self.config.docker_daemon_json).with_name(docker.STATE_NAME)
+        if not any(desired.values()) and not findings and not state.exists():
+            return docker.DockerResult()
+        outcome = docker.apply_docker(
+            self.config.host_root,
+            desired,
+            daemon_json=self.config.docker_daemon_json,
+            pidfile=self.config.docker_pidfile,
+            runtime_version=node.runtime_version,
+            reload=self.config.docker_reload,
+            proc=self.config.proc_dir,
+        )
+        outcome.findings[:0] = findings
+        if outcome.changed:
+            log("docker.applied", path=self.config.docker_daemon_json, mirrors=desired["registry-mirrors"], reloaded=outcome.reloaded)
+        elif outcome.reloaded:
+            log("docker.reloaded", path=self.config.docker_daemon_json)
+        return outcome
+
+    def _lift_startup_taint(self, node: NodeInfo, ready: bool, selected: list[nodeinput.Mirror], unhealthy: frozenset[str]) -> None:
+        """Remove the startup taint from this node once its configuration is live (nodetaint.py)."""
+        if not nodetaint.has_startup_taint(node.taints):
+            return
+        lift, why = nodetaint.agent_may_lift(ready=ready, selected=[m.name for m in selected], unhealthy=unhealthy)
+        if not lift:
+            if why != self._taint_note:
+                log("taint.held", key=nodetaint.TAINT_KEY, reason=why)
+                self._taint_note = why
+            return
+        if self.api is None:
+            return
+        try:
+            self.api.remove_startup_taint(node)
+        except (ApiError, OSError, ValueError) as exc:
+            log("taint.failed", "warning", key=nodetaint.TAINT_KEY, error=str(exc))
+            self._taint_note = f"removal failed: {exc}"
+            self._load_node(fresh=True)  # the taints changed under us, or RBAC: read again before the next try
+            return
+        self._node = NodeInfo(node.name, node.uid, node.labels, node.runtime_version, tuple(nodetaint.without_startup_taint(node.taints)))
+        self._taint_note = "removed"
+        log("taint.removed", key=nodetaint.TAINT_KEY, reason=why)
+        self._event(nodetaint.LIFTED_REASON, f"{nodetaint.TAINT_KEY} removed: {why}", warning=False)
 
     def _report_transition(self, t: Transition, *, strict: set[str]) -> None:
         if t.healthy:
@@ -356,16 +487,30 @@ class Agent:
 
     # ------------------------------------------------------------ running
 
+    def tick(self, full: bool) -> None:
+        """One wake-up: a full step, or only the probes that are due (and a full step if a mirror changed state)."""
+        if full or self._plan is None or self._probe():
+            self.step()
+
     def run(self, stop: threading.Event) -> int:
         """Loop until `stop` is set (SIGTERM). Files are left in place on exit."""
+        next_full = self._clock()
         while not stop.is_set():
-            started = self._clock()
+            now = self._clock()
+            full = now >= next_full or self.wake_event.is_set()
+            self.wake_event.clear()
             try:
-                self.step()
+                self.tick(full)
             except Exception as exc:  # the loop must survive anything one step throws
                 log("step.crashed", "error", error=f"{type(exc).__name__}: {exc}")
                 self.readiness.set(False, "StepFailed", str(exc))
-            stop.wait(max(0.1, self.config.interval - (self._clock() - started)))
+            if full:
+                next_full = now + self.config.interval
+            due = self.tracker.next_due()
+            wake_at = min(next_full, due) if due is not None else next_full
+            self.wake_event.wait(max(0.02, wake_at - self._clock()))
+        for watcher in self._watchers.values():
+            watcher.stop()
         log("agent.stopped", note="files left in place")
         return 0
 

@@ -1,10 +1,12 @@
-"""The agent's only contact with the Kubernetes API: read its Node, post Events.
+"""The agent's only contact with the Kubernetes API: its Node, Events, the mirrors' EndpointSlices.
 
-A dozen lines of http.client instead of the `kubernetes` package, because
+A few dozen lines of http.client instead of the `kubernetes` package, because
 importing that package alone costs ~25 MiB of resident memory on every node
-(measured: 43 MiB vs 18 MiB), more than the rest of the agent. The agent needs
-two calls with the pod's service-account token, which is re-read on every
-request because projected tokens rotate. Nothing here logs the token.
+(measured: 43 MiB vs 18 MiB), more than the rest of the agent. The agent reads
+its Node, posts Events, lists and watches the mirrors' EndpointSlices, and
+removes the startup taint from its own Node, with the pod's service-account
+token, which is re-read on every request because projected tokens rotate.
+Nothing here logs the token.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import json
 import os
 import ssl
 import time
-from dataclasses import dataclass
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from regmirror import constants as c
+from regmirror import nodetaint
 
 # Where the pod's ServiceAccount token and CA are mounted (overridable for a
 # token projected elsewhere, and so tests can run the agent as its ServiceAccount).
@@ -38,16 +43,20 @@ class NodeInfo:
     uid: str
     labels: dict[str, str]
     runtime_version: str | None
+    # The Node's taints as the API returned them (the startup taint is looked for here).
+    taints: tuple[dict[str, Any], ...] = field(default=())
 
     @classmethod
     def from_object(cls, obj: dict[str, Any]) -> NodeInfo:
         meta = obj.get("metadata", {})
         info = obj.get("status", {}).get("nodeInfo", {})
+        taints = (obj.get("spec") or {}).get("taints") or []
         return cls(
             name=str(meta.get("name", "")),
             uid=str(meta.get("uid", "")),
             labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
             runtime_version=info.get("containerRuntimeVersion") or None,
+            taints=tuple(t for t in taints if isinstance(t, dict)) if isinstance(taints, list) else (),
         )
 
 
@@ -69,13 +78,15 @@ class InClusterClient:
         # the API server rejects it anywhere else.
         self.namespace = "default"
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _request(
+        self, method: str, path: str, body: dict[str, Any] | list[Any] | None = None, content_type: str = "application/json"
+    ) -> dict[str, Any]:
         token = (self._sa_dir / "token").read_text().strip()
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": COMPONENT}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._context)
         try:
             conn.request(method, path, body=data, headers=headers)
@@ -124,3 +135,55 @@ class InClusterClient:
         if mirror:
             event["related"] = {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": mirror}
         self._request("POST", f"/api/v1/namespaces/{self.namespace}/events", event)
+
+    def remove_startup_taint(self, node: NodeInfo) -> None:
+        """Remove the startup taint from the Node, if its taints are still the ones read (JSON patch `test`).
+
+        A concurrent change of the taints fails the `test` (HTTP 422): the
+        caller reads the Node again and retries. RBAC gives the agent `patch`
+        on nodes; an admission policy (manifests/rbac/agent.yaml) narrows it to
+        its own Node and to removing exactly this taint.
+        """
+        path = f"/api/v1/nodes/{node.name}"
+        self._request("PATCH", path, nodetaint.removal_patch(node.taints), content_type="application/json-patch+json")
+
+    def list_endpointslices(self, namespace: str) -> tuple[list[dict[str, Any]], str]:
+        """The namespace's EndpointSlices of Services, and the list's resourceVersion."""
+        query = urllib.parse.urlencode({"labelSelector": "kubernetes.io/service-name"})
+        result = self._request("GET", f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices?{query}")
+        items = result.get("items") or []
+        version = (result.get("metadata") or {}).get("resourceVersion") or ""
+        return [i for i in items if isinstance(i, dict)], str(version)
+
+    def watch_endpointslices(self, namespace: str, resource_version: str, timeout_seconds: int = 300) -> Iterator[dict[str, Any]]:
+        """Watch events of the namespace's EndpointSlices from a resourceVersion, until the server ends the watch."""
+        query = urllib.parse.urlencode(
+            {
+                "labelSelector": "kubernetes.io/service-name",
+                "watch": "1",
+                "resourceVersion": resource_version,
+                "allowWatchBookmarks": "true",
+                "timeoutSeconds": str(timeout_seconds),
+            }
+        )
+        path = f"/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices?{query}"
+        token = (self._sa_dir / "token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json", "User-Agent": COMPONENT}
+        conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout_seconds + 30, context=self._context)
+        try:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            if resp.status >= 300:
+                raise ApiError(f"GET {path}: HTTP {resp.status}: {resp.read(200).decode(errors='replace')}")
+            while True:
+                line = resp.readline()
+                if not line:
+                    return
+                if line.strip():
+                    event = json.loads(line)
+                    if isinstance(event, dict):
+                        yield event
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise ApiError(f"watch {path}: {exc}") from None
+        finally:
+            conn.close()

@@ -71,14 +71,24 @@ class Mirror:
     node_selector: Selector = Selector()
     ca_pem: str | None = None
     upstream_host: str | None = None
+    service: str | None = None
     defects: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The plan's cluster-wide node settings as read (names as models.NodeSettings)."""
+
+    unqualified_search_registries: tuple[str, ...] = ()
+    blocked_registries: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Plan:
     mirrors: tuple[Mirror, ...] = ()
-    # Entries that were not even objects (nothing to name them by).
+    # Entries that were not even objects (nothing to name them by), and what is wrong with the settings.
     defects: tuple[str, ...] = ()
+    settings: Settings = Settings()
 
 
 def _strs(value: Any, what: str, defects: list[str]) -> tuple[str, ...]:
@@ -149,6 +159,10 @@ def _mirror(raw: dict[str, Any]) -> Mirror:
     if upstream_host is not None and not isinstance(upstream_host, str):
         defects.append("upstreamHost must be a string")
         upstream_host = None
+    service = raw.get("service")
+    if service is not None and not isinstance(service, str):
+        defects.append("service must be a string")
+        service = None
     return Mirror(
         name=_str(raw, "name", defects),
         hosts=_strs(raw.get("hosts"), "hosts", defects),
@@ -161,6 +175,7 @@ def _mirror(raw: dict[str, Any]) -> Mirror:
         node_selector=_selector(raw.get("nodeSelector"), defects),
         ca_pem=ca_pem or None,
         upstream_host=upstream_host,
+        service=service,
         defects=tuple(defects),
     )
 
@@ -176,10 +191,20 @@ def parse_plan(text: str) -> Plan:
     if not isinstance(raw, dict) or not isinstance(raw.get("mirrors", []), list):
         raise PlanError("the plan must be an object with a mirrors list")
     mirrors = []
-    defects = []
+    defects: list[str] = []
     for i, entry in enumerate(raw.get("mirrors", [])):
         if isinstance(entry, dict):
             mirrors.append(_mirror(entry))
         else:
             defects.append(f"mirrors[{i}] is not an object; ignored")
-    return Plan(mirrors=tuple(mirrors), defects=tuple(defects))
+    raw_settings = raw.get("settings") or {}
+    if not isinstance(raw_settings, dict):
+        defects.append("settings must be an object; ignored")
+        raw_settings = {}
+    settings = Settings(
+        unqualified_search_registries=_strs(
+            raw_settings.get("unqualifiedSearchRegistries"), "settings.unqualifiedSearchRegistries", defects
+        ),
+        blocked_registries=_strs(raw_settings.get("blockedRegistries"), "settings.blockedRegistries", defects),
+    )
+    return Plan(mirrors=tuple(mirrors), defects=tuple(defects), settings=settings)

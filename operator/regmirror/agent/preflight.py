@@ -17,6 +17,15 @@ containerd's own config and says plainly when it will not work:
   file, which 2.0-2.2 ignore. The Node's containerRuntimeVersion decides.
 - The deprecated `mirrors` table replaces config_path when config_path is
   empty, and containerd refuses a CRI config that sets both.
+- containerd 2.1+ pulls for the CRI through its transfer service unless a
+  setting the transfer service lacks forces the old local pull. The transfer
+  service takes config_path as ONE directory (core/transfer/registry:
+  `HostDirFromRoot(config_path)`), so the 2.x default
+  `/etc/containerd/certs.d:/etc/docker/certs.d` makes it read nothing and go
+  straight to the registries, silently (containerd#12415, #12636; still so in
+  2.4.2). The local pull splits the list.
+- With a list, the first directory that has a directory for the host (or a
+  `_default`) wins: an earlier directory shadows ours.
 - CRI-O re-reads registries.conf.d only on SIGHUP (`systemctl reload crio`)
   unless `[crio.image] auto_reload_registries = true`.
 
@@ -26,6 +35,7 @@ Each check returns a result with ok / reason / message; nothing here writes.
 from __future__ import annotations
 
 import glob
+import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -80,15 +90,40 @@ def _on_host(host_root: Path, path: str) -> Path:
     return host_root / path.lstrip("/")
 
 
-def runtime_release(runtime_version: str | None, name: str) -> tuple[int, int] | None:
-    """(major, minor) from a Node's containerRuntimeVersion ("containerd://1.7.13"), if the runtime is `name`."""
+_VERSION = re.compile(r"v?(?P<major>[0-9]+)(?:\.(?P<minor>[0-9]+))?(?:\.(?P<patch>[0-9]+))?")
+
+
+def runtime_version_tuple(runtime_version: str | None, name: str) -> tuple[int, int, int] | None:
+    """(major, minor, patch) from a Node's containerRuntimeVersion ("containerd://1.7.13",
+    "containerd://1.6.20~ds1", "containerd://v2.1.0-rc.1"), if the runtime is `name`; missing parts are 0."""
     if not runtime_version or not runtime_version.startswith(name + "://"):
         return None
-    parts = runtime_version.split("://", 1)[1].lstrip("v").split(".")
-    try:
-        return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    except ValueError:
+    match = _VERSION.match(runtime_version.split("://", 1)[1])
+    if match is None:
         return None
+    return int(match["major"]), int(match["minor"] or 0), int(match["patch"] or 0)
+
+
+def runtime_release(runtime_version: str | None, name: str) -> tuple[int, int] | None:
+    """(major, minor) from a Node's containerRuntimeVersion ("containerd://1.7.13"), if the runtime is `name`."""
+    version = runtime_version_tuple(runtime_version, name)
+    return version[:2] if version else None
+
+
+def dial_timeout_supported(runtime_version: str | None) -> bool:
+    """Whether this node's containerd reads hosts.toml's `dial_timeout`.
+
+    containerd PR #11106 added it in 2.1.0; its backport to release/2.0
+    (#12136, merged 2025-07-31) first shipped in v2.0.7 (v2.0.6 was tagged the
+    day before). 1.x never had it. Older releases ignore the unknown key
+    (go-toml decodes leniently; tests/e2e/test_failopen.py runs 1.6, 1.7 and
+    2.0.5 with it), so this is about writing only what the runtime reads, and
+    about knowing which nodes have the sub-second fallback.
+    """
+    version = runtime_version_tuple(runtime_version, "containerd")
+    if version is None:
+        return False
+    return version >= (2, 1, 0) or (version[:2] == (2, 0) and version[2] >= 7)
 
 
 def runtime_major(runtime_version: str | None, name: str) -> int | None:
@@ -117,6 +152,56 @@ def load_containerd_config(host_root: Path, path: str = CONTAINERD_CONFIG) -> di
             with open(match, "rb") as fh:
                 _merge(config, tomllib.load(fh))
     return config
+
+
+# The keys containerd 2.x's config migration copies from the old CRI plugin
+# table into the images plugin (plugins/cri/images/plugin.go `migrateConfig`);
+# the `containerd` sub-table's keys move only when it has `runtimes`.
+_MIGRATED_IMAGE_KEYS = ("registry", "max_concurrent_downloads", "image_pull_with_sync_fs")
+_MIGRATED_CONTAINERD_KEYS = ("snapshotter", "disable_snapshot_annotations", "discard_unpacked_layers")
+
+
+def images_plugin_settings(config: dict[str, Any], release: tuple[int, int]) -> dict[str, Any]:
+    """The `[plugins."io.containerd.cri.v1.images"]` settings containerd 2.x ends up with after migrating the file."""
+    version = int(config.get("version", 1))
+    plugins = config.get("plugins", {})
+    images = plugins.get(CRI_V2_IMAGES_PLUGIN)
+    settings = dict(images) if isinstance(images, dict) else {}
+    legacy = plugins.get(CRI_V1_PLUGIN if version >= 2 else "cri")
+    if version < _latest_config_version(release) and isinstance(legacy, dict):
+        settings.update({k: legacy[k] for k in _MIGRATED_IMAGE_KEYS if k in legacy})
+        ctrd = legacy.get("containerd")
+        if isinstance(ctrd, dict) and isinstance(ctrd.get("runtimes"), dict):
+            settings.update({k: ctrd[k] for k in _MIGRATED_CONTAINERD_KEYS if k in ctrd})
+    return settings
+
+
+def local_pull_reason(images: dict[str, Any]) -> str | None:
+    """Why containerd 2.1+ pulls for the CRI without the transfer service, or None when it uses it.
+
+    The same list as containerd's CheckLocalImagePullConfigs (internal/cri/config/config.go).
+    """
+    raw = images.get("registry")
+    registry: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    checks = (
+        ("use_local_image_pull = true", images.get("use_local_image_pull") is True),
+        ("disable_snapshot_annotations = false", images.get("disable_snapshot_annotations") is False),
+        ("discard_unpacked_layers = true", images.get("discard_unpacked_layers") is True),
+        ("a registry mirrors/configs/auths table", any(bool(registry.get(k)) for k in ("mirrors", "configs", "auths"))),
+        ("max_concurrent_downloads other than 3", images.get("max_concurrent_downloads", 3) != 3),
+        ("image_pull_with_sync_fs = true", images.get("image_pull_with_sync_fs") is True),
+    )
+    return next((why for why, present in checks if present), None)
+
+
+def _first_found(host_root: Path, roots: list[str], dir_names: Iterable[str]) -> str | None:
+    """The first `<root>/<name>` (or `<root>/_default`) that exists under the host root, in containerd's lookup order."""
+    names = [*dir_names, "_default"]
+    for root in roots:
+        for name in names:
+            if _on_host(host_root, f"{root}/{name}").exists():
+                return f"{root}/{name}"
+    return None
 
 
 def _latest_config_version(release: tuple[int, int]) -> int:
@@ -167,8 +252,14 @@ def check_containerd(
     *,
     runtime_version: str | None = None,
     config_file: str = CONTAINERD_CONFIG,
+    host_dirs: Iterable[Iterable[str]] = (),
 ) -> PreflightResult:
-    """Whether containerd on this node reads hosts.toml from `config_path`."""
+    """Whether containerd on this node reads hosts.toml from `config_path`.
+
+    `host_dirs` are, per routed registry host, the directory names containerd
+    looks it up under (ours first), for the check that no earlier directory of
+    a config_path list shadows ours.
+    """
     name = "containerd"
     release = runtime_release(runtime_version, name)
     major = release[0] if release else None
@@ -181,6 +272,15 @@ def check_containerd(
             )
         if major is not None and major >= 2:
             ok = config_path.rstrip("/") in CONTAINERD_2_DEFAULT_CONFIG_PATH.split(":")
+            if ok and release is not None and release >= (2, 1):
+                return PreflightResult(
+                    name,
+                    False,
+                    "ConfigPathListIgnored",
+                    f"no {config_file}: containerd {release[0]}.{release[1]} defaults config_path to the list "
+                    f"{CONTAINERD_2_DEFAULT_CONFIG_PATH}, which its transfer service reads as one directory (containerd#12415, "
+                    f"#12636): no hosts.toml is read; write a config.toml with config_path = {config_path!r}",
+                )
             return PreflightResult(
                 name,
                 ok,
@@ -236,13 +336,37 @@ def check_containerd(
                 f"{table} config_path is not set in {config_file} ({where}): hosts.toml files are ignored; set config_path = {config_path!r}",
             )
     paths = [p.rstrip("/") for p in configured.split(":") if p]
-    if config_path.rstrip("/") not in paths:
+    ours = config_path.rstrip("/")
+    if ours not in paths:
         return PreflightResult(
             name,
             False,
             "ConfigPathElsewhere",
             f"{table} config_path is {configured!r}, not {config_path!r}: containerd does not read the files the agent writes",
         )
+    if len(paths) > 1 and release is not None and release >= (2, 1):
+        images = images_plugin_settings(config, release)
+        if local_pull_reason(images) is None:
+            return PreflightResult(
+                name,
+                False,
+                "ConfigPathListIgnored",
+                f"{table} config_path is the list {configured!r}: containerd {release[0]}.{release[1]} pulls for the CRI through "
+                "its transfer service, which reads config_path as one directory (containerd#12415, #12636), so it reads no "
+                f"hosts.toml at all and pulls go straight to the registries; set config_path = {ours!r} (one directory), or "
+                f'use_local_image_pull = true in [plugins."{CRI_V2_IMAGES_PLUGIN}"]',
+            )
+    for dir_names in host_dirs:
+        names = list(dir_names)
+        found = _first_found(host_root, paths[: paths.index(ours)], names)
+        if found is not None:
+            return PreflightResult(
+                name,
+                False,
+                "ConfigPathShadowed",
+                f"{table} config_path is {configured!r}: containerd finds {found} before {ours}/{names[0]}, so it never reads "
+                f"the agent's file for {names[0]}; put {ours} first in config_path, or remove {found}",
+            )
     note = " (the deprecated configs table is ignored for hosts)" if configs else ""
     return PreflightResult(name, True, "Ok", f"config version {version}: {table} config_path includes {config_path}{note}")
 
@@ -295,13 +419,20 @@ def run_preflight(
     containerd_config_file: str = CONTAINERD_CONFIG,
     runtimes: Iterable[str] = ("containerd",),
     runtime_version: str | None = None,
+    host_dirs: Iterable[Iterable[str]] = (),
 ) -> PreflightReport:
     """Check every runtime the node's files are written for."""
     wanted = set(runtimes)
     results = []
     if "containerd" in wanted:
         results.append(
-            check_containerd(host_root, containerd_config_path, runtime_version=runtime_version, config_file=containerd_config_file)
+            check_containerd(
+                host_root,
+                containerd_config_path,
+                runtime_version=runtime_version,
+                config_file=containerd_config_file,
+                host_dirs=host_dirs,
+            )
         )
     if "crio" in wanted:
         results.append(check_crio(host_root))

@@ -13,7 +13,10 @@ the Node and in this report, whose JSON shape (served at /report) is:
      "mirrors": {name: {"state": MirrorState, "findings": [{"reason": str, "message": str}]}},
      "hosts": {"<runtime>/<host>": {"state": "Routed" | "Blocked", "strict": bool,
                                     "server": str, "mirrors": [name, ...]}},
-     "findings": [{"reason": str, "message": str, "host": str | null}]}   # not about one mirror
+     "findings": [{"reason": str, "message": str, "host": str | null}],  # not about one mirror
+     "dialTimeout": str | null,               # what hosts.toml gives the mirrors (null: containerd has none)
+     "docker": {"present": bool, "reloadPending": bool} | null,
+     "startupTaint": str | null}              # why the taint is held, "removed", or null (never seen)
 
 MirrorState: Applied (in this node's files), Degraded (in the files, with
 findings: e.g. its CA was left out or one of its hosts rejected), Withdrawn

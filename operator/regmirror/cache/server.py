@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from regmirror.cache import events, policy, prewarm, stats, store, upstream
+from regmirror.cache import clients, events, policy, prewarm, stats, store, upstream
 
 JANITOR_SECONDS = 5.0
 PROBE_SECONDS = 5.0
@@ -65,6 +65,10 @@ class Cache:
         self.front = args.front.rstrip("/")
         self.registry_metrics = args.registry_metrics
         self.front_stats = Path(args.front_stats) if args.front_stats else None
+        # The client addresses of recent pulls, as the front-stats container lists them (clients.py).
+        self.front_clients = Path(args.front_clients) if getattr(args, "front_clients", None) else None
+        self._clients_mtime: float | None = None
+        self.clients = clients.ClientsSeen()
         # Off on shared object storage (render/cache.py says why): no scan, no eviction.
         self.evicts = getattr(args, "eviction", "on") == "on"
         self.state_file = self.root / STATE_DIR / "state.json"
@@ -100,6 +104,8 @@ class Cache:
         self.last_pulled = {k: float(v) for k, v in (doc.get("lastPulled") or {}).items() if isinstance(v, (int, float))}
         self.applied_invalidations = {k: str(v) for k, v in (doc.get("invalidations") or {}).items()}
         self.last_eviction = doc.get("lastEviction")
+        raw_clients = doc.get("clients")
+        self.clients = clients.ClientsSeen(raw_clients if isinstance(raw_clients, dict) else None)
         for image, digest in (doc.get("prewarmed") or {}).items():
             self.prewarmer.states[image] = prewarm.ImageState(status=prewarm.PENDING, digest=digest)
 
@@ -113,6 +119,7 @@ class Cache:
                 "invalidations": self.applied_invalidations,
                 "lastEviction": self.last_eviction,
                 "prewarmed": {k: s.digest for k, s in self.prewarmer.states.items() if s.digest},
+                "clients": dict(self.clients.seen),
             }
             self._dirty = False
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +278,22 @@ class Cache:
         if plan.over_cap_pinned:
             log("cache.over_cap", diskUsed=self.disk_used, capBytes=self.policy.cap_bytes, reason="pinned images fill the cap")
 
+    def clients_pass(self, now: float) -> None:
+        """Record the addresses in the front's client list, when it changed since the last read."""
+        if self.front_clients is None:
+            return
+        try:
+            mtime = self.front_clients.stat().st_mtime
+            if mtime == self._clients_mtime:
+                return
+            text = self.front_clients.read_text(errors="replace")
+        except OSError:
+            return
+        self._clients_mtime = mtime
+        with self.lock:
+            if self.clients.observe(clients.parse_addresses(text), now):
+                self._dirty = True
+
     # ------------------------------------------------------------ upstream
 
     def _head(self, repository: str, reference: str) -> upstream.Head:
@@ -313,6 +336,8 @@ class Cache:
             }
             if self.prewarmer.wanted:
                 doc["prewarm"] = self.prewarmer.summary()
+            if self.front_clients is not None:
+                doc["clients"] = self.clients.summary(time.time(), rfc3339)
         return doc
 
     # ------------------------------------------------------------ loops
@@ -329,6 +354,7 @@ class Cache:
                         self.janitor_pass(time.time())
                 except OSError as exc:
                     log("janitor.error", error=str(exc)[:300])
+                self.clients_pass(time.time())
                 if time.monotonic() - last_save > SAVE_SECONDS:
                     self.save_state()
                     last_save = time.monotonic()
@@ -445,6 +471,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry-metrics", required=True, help="distribution's Prometheus endpoint")
     parser.add_argument("--front", required=True, help="URL of the front (or of the registry when there is no front)")
     parser.add_argument("--front-stats", default=None, help="varnishstat -j output the front-stats container writes")
+    parser.add_argument(
+        "--front-clients", default=None, help="client addresses of recent pulls, one per line, that the front-stats container writes"
+    )
     parser.add_argument(
         "--eviction",
         choices=("on", "off"),

@@ -1,8 +1,11 @@
 """The cluster-wide node agent: its plan ConfigMap and its DaemonSet, with no I/O.
 
 The plan's digest sits on the pod template, so every change of the plan rolls
-the DaemonSet out node by node, and the DaemonSet's own status is the rollout
-progress the operator copies into each mirror's status.
+the DaemonSet out node by node (staged by maxUnavailable). A node counts as
+configured for a mirror once an agent pod whose plan carries that mirror's
+entry is Ready there: the operator reads the digests of the agent pods
+(rollout.py), not the DaemonSet's status, so another mirror's rollout never
+un-configures a mirror whose files are already in place.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ FRONT_WORK_DIR = "/var/lib/varnish/front"
 FRONT_STORE_DIR = "/var/cache/regmirror-front"
 STATS_DIR = "/var/run/regmirror-stats"
 VARNISH_STATS_FILE = "varnish.json"
+CLIENTS_FILE = "clients.txt"
 STATS_INTERVAL_SECONDS = 5
 # Default cap when cache.maxSize is unset: room for distribution's upload
 # temp files and the filesystem's own overhead under storage.size.
@@ -50,7 +51,7 @@ FRONT_STORE_MAX = 4 << 30
 
 def control_name(mirror: str) -> str:
     """Name of the sidecar's live-input ConfigMap."""
-    return f"{naming.child_name(mirror)}-cache"
+    return naming.cache_control_name(mirror)
 
 
 def cap_bytes(spec: RegistryMirrorSpec) -> int:
@@ -143,6 +144,10 @@ def front_stats_loop() -> str:
         'loaded=""; failed=""; '
         "while :; do "
         f"varnishstat -n {FRONT_WORK_DIR} -j > {stats}.tmp 2>/dev/null && mv {stats}.tmp {stats}; "
+        # The client addresses of recent pulls (manifest requests: one per pull) from the shared-memory
+        # log, for the sidecar's request-side evidence of which nodes use the mirror (cache/clients.py).
+        f"varnishncsa -n {FRONT_WORK_DIR} -d -F '%h' -q 'ReqURL ~ \"^/v2/.+/manifests/\"' 2>/dev/null | sort -u "
+        f"> {STATS_DIR}/{CLIENTS_FILE}.tmp && mv {STATS_DIR}/{CLIENTS_FILE}.tmp {STATS_DIR}/{CLIENTS_FILE}; "
         f"sum=$(cksum < {ACCESS_FILE} 2>/dev/null); "
         'if [ -n "$sum" ] && [ "$sum" != "$loaded" ] && [ "$sum" != "$failed" ]; then '
         'name="access$(date +%s)"; '
@@ -229,7 +234,7 @@ def sidecar_container(spec: RegistryMirrorSpec, image: str, env: list[dict[str, 
         f"{'http' if front else 'https'}://127.0.0.1:{c.REGISTRY_PORT}",
     ]
     if front:
-        args += ["--front-stats", f"{STATS_DIR}/{VARNISH_STATS_FILE}"]
+        args += ["--front-stats", f"{STATS_DIR}/{VARNISH_STATS_FILE}", "--front-clients", f"{STATS_DIR}/{CLIENTS_FILE}"]
     if spec.storage.s3 is not None:
         # The sidecar evicts from distribution's filesystem layout; on a bucket shared by every
         # replica it would need every replica's pull record and one evictor among them. It keeps

@@ -26,8 +26,8 @@ from regmirror.lowlevel import CAError, parse_ca_bundle, parse_endpoint, registr
 if TYPE_CHECKING:
     from regmirror.render.nodefiles import ForeignCerts, HostRoute
 
-HOSTS_TOP_KEYS = frozenset({"server", "capabilities", "ca", "client", "host"})
-HOST_TABLE_KEYS = frozenset({"capabilities", "ca"})
+HOSTS_TOP_KEYS = frozenset({"server", "capabilities", "ca", "client", "host", "dial_timeout"})
+HOST_TABLE_KEYS = frozenset({"capabilities", "ca", "dial_timeout"})
 KNOWN_CAPABILITIES = frozenset({"pull", "resolve", "push"})
 ROUTING_CAPABILITIES = frozenset({"pull", "resolve"})
 CRIO_REGISTRY_KEYS = frozenset({"prefix", "location", "insecure", "blocked", "mirror"})
@@ -141,6 +141,9 @@ def check_hosts_toml(files: Mapping[str, str], route: HostRoute, dir_path: str, 
             problems.append(f"{mirror.url}: capabilities {table.get('capabilities')!r}, not {list(mirror.capabilities)}")
         if bool(table.get("ca")) != bool(mirror.ca_pem):
             problems.append(f"{mirror.url}: ca {'missing' if mirror.ca_pem else 'unexpected'}")
+        if table.get("dial_timeout") != route.dial_timeout:
+            # containerd before 2.0.7 ignores the key; one that knows it refuses a bad duration.
+            problems.append(f"{mirror.url}: dial_timeout {table.get('dial_timeout')!r}, not {route.dial_timeout!r}")
     if route.strict:
         first = route.mirrors[0]
         if server != first.url:
@@ -151,6 +154,8 @@ def check_hosts_toml(files: Mapping[str, str], route: HostRoute, dir_path: str, 
             _check_own_ca(own_ca, files, dir_path, "server", problems)
         if doc.get("client") is not None:
             problems.append("strict host: server has client certificates")
+        if doc.get("dial_timeout") != route.dial_timeout:
+            problems.append(f"strict host: server dial_timeout {doc.get('dial_timeout')!r}, not {route.dial_timeout!r}")
         for endpoint in [*endpoints, server]:
             if endpoint not in want or _is_upstream(endpoint, route):
                 problems.append(f"strict host: {endpoint} is not one of its mirrors")
@@ -160,6 +165,8 @@ def check_hosts_toml(files: Mapping[str, str], route: HostRoute, dir_path: str, 
         problems.append(f"server {server} is not the host's registry {route.server}")
     if server_caps is not None:
         problems.append(f"server capabilities {server_caps!r}: the upstream keeps all of them")
+    if "dial_timeout" in doc:
+        problems.append("server dial_timeout: the upstream keeps containerd's default")
     want_ca = list(carried.ca) if carried is not None else []
     if _ca_paths(doc, "server", problems) != want_ca:
         problems.append(f"server ca {doc.get('ca')!r} is not {want_ca}")
@@ -169,8 +176,8 @@ def check_hosts_toml(files: Mapping[str, str], route: HostRoute, dir_path: str, 
     return problems
 
 
-def check_crio_dropin(text: str, routes: Sequence[HostRoute]) -> list[str]:
-    """Problems of a registries.conf.d drop-in against its routes; empty when it is exactly right."""
+def check_crio_dropin(text: str, routes: Sequence[HostRoute], search: Sequence[str] = ()) -> list[str]:
+    """Problems of a registries.conf.d drop-in against its routes and search order; empty when it is exactly right."""
     from regmirror.render.nodefiles import crio_prefixes  # here: nodefiles imports this module
 
     problems: list[str] = []
@@ -180,9 +187,11 @@ def check_crio_dropin(text: str, routes: Sequence[HostRoute]) -> list[str]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return [*problems, f"not valid TOML ({exc}): CRI-O would refuse its whole registry configuration"]
-    if set(doc) - {"registry"}:
-        problems.append(f"unexpected keys {sorted(set(doc) - {'registry'})}")
-    entries = doc.get("registry")
+    if set(doc) - {"registry", "unqualified-search-registries"}:
+        problems.append(f"unexpected keys {sorted(set(doc) - {'registry', 'unqualified-search-registries'})}")
+    if doc.get("unqualified-search-registries", []) != list(search):
+        problems.append(f"unqualified-search-registries {doc.get('unqualified-search-registries')!r}, not {list(search)}")
+    entries = doc.get("registry", [])
     if not isinstance(entries, list):
         return [*problems, "no [[registry]] list"]
     by_prefix: dict[str, dict[str, Any]] = {}

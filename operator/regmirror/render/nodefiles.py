@@ -33,6 +33,7 @@ from regmirror.render import nodecheck
 from regmirror.render.nodeinput import (
     RUNTIME_CONTAINERD,
     RUNTIME_CRIO,
+    RUNTIME_DOCKER,
     CheckedPlan,
     Finding,
     Mirror,
@@ -65,6 +66,9 @@ class HostRoute:
     server: str  # the host's real registry (its fallback)
     mirrors: tuple[Mirror, ...]  # usable, one per endpoint
     strict: bool
+    # containerd's per-host `dial_timeout` for the mirrors (a Go duration), or
+    # None where the node's containerd does not know the field (before 2.0.7 / 2.1.0).
+    dial_timeout: str | None = None
 
     @property
     def blocked(self) -> bool:
@@ -88,6 +92,8 @@ def host_routes(
     runtime: str,
     unhealthy: frozenset[str] = frozenset(),
     findings: list[Finding] | None = None,
+    dial_timeout: str | None = None,
+    blocked: Iterable[str] = (),
 ) -> list[HostRoute]:
     """Per registry host: the mirrors `runtime` should use on this node.
 
@@ -97,7 +103,8 @@ def host_routes(
     reach the upstream). Two mirrors with one endpoint give one entry (the
     first one's settings). A host left with no mirror is omitted, so the
     runtime's default (straight to the upstream) applies, unless it is
-    strict: then it is blocked. Findings are appended to `findings`.
+    strict: then it is blocked. A `blocked` host (settings.blockedRegistries)
+    is blocked whatever mirrors it has. Findings are appended to `findings`.
     """
     checked = as_checked(plan)
     labels = dict(node_labels)
@@ -116,6 +123,18 @@ def host_routes(
             strict_hosts.update(claim.hosts)
             for host in claim.hosts:
                 by_host.setdefault(host, [])
+    for host in sorted(set(blocked)):
+        for mirror in by_host.get(host, []):
+            sink.append(
+                Finding(
+                    "MirrorOfBlockedRegistry",
+                    f"mirror {mirror.name}: {host} is a blocked registry (settings.blockedRegistries); its mirrors are not used either",
+                    mirror.name,
+                    host,
+                )
+            )
+        by_host[host] = []
+        strict_hosts.add(host)
     routes = []
     for host in sorted(by_host):
         strict = host in strict_hosts
@@ -148,7 +167,8 @@ def host_routes(
             endpoints[mirror.url] = mirror.name
             usable.append(mirror)
         if usable or strict:
-            routes.append(HostRoute(host=host, server=server, mirrors=tuple(usable), strict=strict))
+            timeout = dial_timeout if runtime == RUNTIME_CONTAINERD and usable else None
+            routes.append(HostRoute(host=host, server=server, mirrors=tuple(usable), strict=strict, dial_timeout=timeout))
     return routes
 
 
@@ -216,10 +236,14 @@ def _toml_list(values: Iterable[str]) -> str:
     return "[" + ", ".join(_toml_string(v) for v in values) + "]"
 
 
-def _host_block(mirror: Mirror, host_dir_path: str) -> list[str]:
+def _host_block(mirror: Mirror, host_dir_path: str, dial_timeout: str | None) -> list[str]:
     lines = [f"capabilities = {_toml_list(mirror.capabilities)}"]
     if mirror.ca_pem:
         lines.append(f"ca = {_toml_string(host_dir_path + '/' + ca_file_name(mirror.name))}")
+    if dial_timeout:
+        # A mirror that does not accept the connection in time is skipped for
+        # the next endpoint (containerd 2.0.7+/2.1+), instead of the default 30 s.
+        lines.append(f"dial_timeout = {_toml_string(dial_timeout)}")
     return lines
 
 
@@ -266,14 +290,18 @@ def render_hosts_toml(route: HostRoute, host_dir_path: str, carried: ForeignCert
         lines += [
             f"# {route.host}: NeverContactUpstream. Only the mirrors ({names}) are used, never {route.server}.",
             f"server = {_toml_string(route.mirrors[0].url)}",
-            *_host_block(route.mirrors[0], host_dir_path),
+            *_host_block(route.mirrors[0], host_dir_path, route.dial_timeout),
         ]
     else:
         lines += [f"# {route.host}: mirrors ({names}) first, then the upstream.", f"server = {_toml_string(route.server)}"]
         if carried is not None and (carried.ca or carried.client):
             lines += [f"# TLS files found in {carried.directory} (not ours), kept for the upstream by path:", *_carried_block(carried)]
     for mirror in route.mirrors:
-        lines += ["", f"[host.{_toml_string(mirror.url)}]", *("  " + line for line in _host_block(mirror, host_dir_path))]
+        lines += [
+            "",
+            f"[host.{_toml_string(mirror.url)}]",
+            *("  " + line for line in _host_block(mirror, host_dir_path, route.dial_timeout)),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -333,9 +361,14 @@ def _crio_block(route: HostRoute, prefix: str) -> list[str]:
     return lines
 
 
-def render_crio_dropin(routes: Sequence[HostRoute]) -> str:
-    """A registries.conf.d drop-in (containers-registries.conf(5), v2) for these routes."""
+def render_crio_dropin(routes: Sequence[HostRoute], search: Sequence[str] = ()) -> str:
+    """A registries.conf.d drop-in (containers-registries.conf(5), v2) for these routes and the short-name search order."""
     lines = [c.OWNERSHIP_MARKER, "# Registry mirrors rolled out by the regmirror agent."]
+    if search:
+        lines += [
+            "# The cluster's short-name search order (settings.unqualifiedSearchRegistries).",
+            f"unqualified-search-registries = {_toml_list(search)}",
+        ]
     for route in routes:
         for prefix in crio_prefixes(route.host):
             lines += _crio_block(route, prefix)
@@ -439,7 +472,7 @@ def _containerd_files(route: HostRoute, root: str, foreign: Mapping[str, Foreign
         out.files.update(files)
 
 
-def _crio_files(routes: list[HostRoute], path: str, out: NodeFiles) -> None:
+def _crio_files(routes: list[HostRoute], path: str, out: NodeFiles, search: Sequence[str] = ()) -> None:
     good = []
     for route in routes:
         problems = nodecheck.check_crio_dropin(render_crio_dropin([route]), [route])
@@ -461,10 +494,10 @@ def _crio_files(routes: list[HostRoute], path: str, out: NodeFiles) -> None:
             )
             continue
         good.append(route)
-    if not good:
+    if not good and not search:
         return
-    text = render_crio_dropin(good)
-    problems = nodecheck.check_crio_dropin(text, good)
+    text = render_crio_dropin(good, search)
+    problems = nodecheck.check_crio_dropin(text, good, search)
     if problems:
         out.findings.append(
             Finding("FileNotVerified", f"{path} failed its check ({'; '.join(problems)}); the file already there is kept", blocks_node=True)
@@ -482,18 +515,26 @@ def plan_node_files(
     containerd_config_path: str = c.CONTAINERD_CONFIG_PATH,
     crio_dropin_dir: str = c.CRIO_DROPIN_DIR,
     foreign: Mapping[str, ForeignCerts] | None = None,
+    dial_timeout: str | None = None,
+    crio_node: bool = False,
 ) -> NodeFiles:
     """Every file this node should have, each parsed back and compared with its route before it is returned.
 
     Paths are host paths (what containerd and CRI-O read), not prefixed with
     the agent's host root. Each file starts with the ownership marker. A file
     that fails its check is not returned: a strict host gets a blocking file
-    instead, any other host keeps the file it has (`keep`).
+    instead, any other host keeps the file it has (`keep`). `dial_timeout` is
+    written for the mirrors only when given: the caller knows whether the
+    node's containerd reads it (agent/preflight.py `dial_timeout_supported`).
+    The cluster's settings (blocked registries, the short-name search order)
+    reach CRI-O through the drop-in, which is written where a mirror asks for
+    CRI-O or the node runs it (`crio_node`); blocked registries reach
+    containerd as blocking hosts.toml files on every node.
     """
     checked = as_checked(plan)
     out = NodeFiles(findings=list(checked.findings))
     root = containerd_config_path.rstrip("/")
-    for route in host_routes(checked, node_labels, RUNTIME_CONTAINERD, unhealthy, out.findings):
+    for route in host_routes(checked, node_labels, RUNTIME_CONTAINERD, unhealthy, out.findings, dial_timeout, checked.blocked):
         out.routes[(route.host, RUNTIME_CONTAINERD)] = route
         try:
             _containerd_files(route, root, foreign or {}, out)
@@ -507,13 +548,18 @@ def plan_node_files(
                     blocks_node=True,
                 )
             )
-    crio_routes = host_routes(checked, node_labels, RUNTIME_CRIO, unhealthy, out.findings)
+    # CRI-O gets a drop-in where a mirror asks for CRI-O on this node, or the node runs CRI-O; then the
+    # cluster's settings go into it too. (The blocked registries' findings came with containerd's routes.)
+    crio_wanted = crio_node or bool(host_routes(checked, node_labels, RUNTIME_CRIO, unhealthy))
+    crio_routes = host_routes(checked, node_labels, RUNTIME_CRIO, unhealthy, out.findings, None, checked.blocked) if crio_wanted else []
+    out.findings = list(dict.fromkeys(out.findings))
     for route in crio_routes:
         out.routes[(route.host, RUNTIME_CRIO)] = route
-    if crio_routes:
+    search = checked.search_registries if crio_wanted else ()
+    if crio_routes or search:
         path = f"{crio_dropin_dir.rstrip('/')}/{c.CRIO_DROPIN_FILE}"
         try:
-            _crio_files(crio_routes, path, out)
+            _crio_files(crio_routes, path, out, search)
         except Exception as exc:  # the drop-in's failure must not cost the containerd files theirs
             out.keep.add(crio_dropin_dir.rstrip("/"))
             out.findings.append(
@@ -555,3 +601,46 @@ def render_docker_daemon_json(
         "registry-mirrors": [m.url for m in mirrors],
         "insecure-registries": [_endpoint_host(m.url) for m in mirrors if m.url.startswith("http://")],
     }
+
+
+def docker_daemon_entries(
+    plan: PlanLike | CheckedPlan,
+    node_labels: Mapping[str, str],
+    unhealthy: frozenset[str] = frozenset(),
+) -> tuple[dict[str, list[str]], list[Finding]]:
+    """What the agent merges into this node's daemon.json: the mirrors that ask for the docker runtime.
+
+    Docker Engine mirrors Docker Hub only and always falls back to it, so a
+    mirror is written only if it routes docker.io and is AllowUpstream (the
+    CRD refuses docker with NeverContactUpstream; a plan that has it anyway is
+    reported, not written). Withdrawn mirrors are left out, as in hosts.toml.
+    """
+    findings = []
+    mirrors = []
+    for mirror in selected_mirrors(plan, node_labels):
+        if RUNTIME_DOCKER not in mirror.runtimes:
+            continue
+        if DOCKER_HUB not in mirror.hosts:
+            findings.append(
+                Finding(
+                    "DockerHubOnly",
+                    f"mirror {mirror.name}: Docker Engine mirrors Docker Hub only; it does not route docker.io",
+                    mirror.name,
+                )
+            )
+            continue
+        if mirror.strict:
+            findings.append(
+                Finding(
+                    "DockerCannotBeStrict",
+                    f"mirror {mirror.name}: Docker Engine always falls back to Docker Hub, so a NeverContactUpstream mirror is not written",
+                    mirror.name,
+                )
+            )
+            continue
+        if mirror.name not in unhealthy:
+            mirrors.append(mirror)
+    return {
+        "registry-mirrors": [m.url for m in mirrors],
+        "insecure-registries": [_endpoint_host(m.url) for m in mirrors if m.url.startswith("http://")],
+    }, findings

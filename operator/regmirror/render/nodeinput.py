@@ -34,10 +34,12 @@ NEVER_CONTACT_UPSTREAM: Final = "NeverContactUpstream"
 ALLOW_UPSTREAM: Final = "AllowUpstream"
 RUNTIME_CONTAINERD: Final = "containerd"
 RUNTIME_CRIO: Final = "crio"
-RUNTIMES: Final = frozenset({RUNTIME_CONTAINERD, RUNTIME_CRIO})
+RUNTIME_DOCKER: Final = "docker"
+RUNTIMES: Final = frozenset({RUNTIME_CONTAINERD, RUNTIME_CRIO, RUNTIME_DOCKER})
 CAPABILITIES: Final = ("pull", "resolve")
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class SelectorLike(Protocol):
@@ -122,6 +124,7 @@ class Mirror:
     node_selector: SelectorLike
     ca_pem: str | None  # canonical PEM of the certificates that load
     upstream_host: str | None  # the host the mirror's upstream URL names (None: an older plan)
+    service: tuple[str, str] | None = None  # (namespace, name) of its Service, whose EndpointSlices the agent watches
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,9 @@ class CheckedPlan:
     # Each host's fallback server, decided over the whole plan (not per node,
     # not by mirror order): a property of the host.
     servers: Mapping[str, str] = field(default_factory=dict)
+    # The cluster's node settings, canonical and checked.
+    search_registries: tuple[str, ...] = ()
+    blocked: tuple[str, ...] = ()
 
 
 def _str(value: Any) -> str:
@@ -161,6 +167,14 @@ def ca_file_name(name: str) -> str:
 def valid_name(raw: object) -> str | None:
     """The entry's name if it is a DNS subdomain (what files are named after), else None."""
     return raw if isinstance(raw, str) and len(raw) <= 253 and _NAME_RE.fullmatch(raw) else None
+
+
+def service_ref(raw: object) -> tuple[str, str] | None:
+    """`<namespace>/<name>` of a Service (both DNS labels), else None."""
+    if not isinstance(raw, str) or raw.count("/") != 1:
+        return None
+    namespace, name = raw.split("/")
+    return (namespace, name) if _LABEL_RE.fullmatch(namespace) and _LABEL_RE.fullmatch(name) else None
 
 
 def mirror_label(raw: object) -> str:
@@ -275,6 +289,10 @@ def check_mirror(entry: MirrorLike) -> tuple[Mirror | None, StrictClaim | None, 
             upstream_host = canonical_registry_host(raw_upstream)
         except ValueError:
             note("ServerRejected", f"upstreamHost {shown(raw_upstream)} is not a registry host; ignored")
+    raw_service = getattr(entry, "service", None)
+    service = service_ref(raw_service)
+    if raw_service is not None and service is None:
+        note("ServiceRejected", f"service {shown(raw_service)} is not <namespace>/<name>; its endpoints are not watched (probes only)")
     mirror = Mirror(
         name=name,
         hosts=tuple(hosts),
@@ -287,6 +305,7 @@ def check_mirror(entry: MirrorLike) -> tuple[Mirror | None, StrictClaim | None, 
         node_selector=selector,
         ca_pem=ca_pem,
         upstream_host=upstream_host,
+        service=service,
     )
     return mirror, None, findings
 
@@ -321,12 +340,29 @@ def host_servers(mirrors: Iterable[Mirror]) -> tuple[dict[str, str], list[Findin
     return servers, findings
 
 
+def _registries(raw: Any, what: str, findings: list[Finding]) -> tuple[str, ...]:
+    """Canonical registry hosts of a settings list, each once; the rest reported and left out."""
+    hosts: list[str] = []
+    for value in raw if isinstance(raw, (list, tuple)) else ():
+        try:
+            host = canonical_registry_host(value)
+        except ValueError as exc:
+            findings.append(Finding("SettingRejected", f"settings.{what}: {shown(str(exc), 160)}; left out"))
+            continue
+        if host not in hosts:
+            hosts.append(host)
+    return tuple(hosts)
+
+
 def check_plan(plan: PlanLike) -> CheckedPlan:
     """Check every entry on its own; one bad entry never costs another one anything."""
     mirrors: list[Mirror] = []
     claims: list[StrictClaim] = []
     findings: list[Finding] = []
     names: set[str] = set()
+    settings = getattr(plan, "settings", None)
+    search = _registries(getattr(settings, "unqualified_search_registries", ()), "unqualifiedSearchRegistries", findings)
+    blocked = _registries(getattr(settings, "blocked_registries", ()), "blockedRegistries", findings)
     for defect in getattr(plan, "defects", ()):
         findings.append(Finding("MirrorRejected", f"plan: {shown(defect, 200)}"))
     for entry in plan.mirrors:
@@ -346,7 +382,7 @@ def check_plan(plan: PlanLike) -> CheckedPlan:
             claims.append(claim)
     servers, conflicts = host_servers(mirrors)
     mirrors.sort(key=lambda m: mirror_order_key(m.priority, m.name))
-    return CheckedPlan(tuple(mirrors), tuple(claims), tuple(findings + conflicts), servers)
+    return CheckedPlan(tuple(mirrors), tuple(claims), tuple(findings + conflicts), servers, search, blocked)
 
 
 def as_checked(plan: PlanLike | CheckedPlan) -> CheckedPlan:

@@ -1,0 +1,260 @@
+"""The children reconciler: one mirror's Deployment, Service, PVC and ConfigMap, and its finalizer.
+
+desired = render(spec); apply what drifted (only the fields we render count,
+see drift.py); the store tells what exists, so an unchanged cluster costs no
+API call at all. The Service goes first: it is all the node plan needs, and
+the plan reconciler waits while new ClusterIPs keep appearing, so a burst of
+new mirrors becomes one agent rollout. (An earlier version applied every
+mirror's Service before any other child; the benchmark showed that this
+starts the agent rollout before the registry pods and their claims, which
+kwok then serves last: all mirrors Ready 2.3x the baseline at 50 mirrors.)
+
+Failures are classified: a spec the API server rejects (422) is the user's to
+fix and is reported verbatim, then left alone until the spec or a Secret
+changes; an unavailable API server is retried with per-key backoff and only
+reported after a grace period, without touching Ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any
+
+from regmirror import constants as c
+from regmirror.controller.rollout import mirror_rollout
+from regmirror.controller.state import (
+    PLAN,
+    STATUS,
+    ConfigError,
+    Context,
+    Done,
+    MirrorRecord,
+    RequeueAfter,
+    Result,
+    Terminal,
+    Transient,
+)
+from regmirror.drift import drifted
+from regmirror.kube import ApiError
+from regmirror.models import RegistryMirrorSpec
+from regmirror.observe import RepairError
+from regmirror.render.mirror import render_mirror_children
+
+log = logging.getLogger("regmirror.children")
+
+# A field we own that someone keeps changing is won back, but each repair in a
+# row waits twice as long as the one before (1 s, 2 s, 4 s ... 5 min).
+REPAIR_BACKOFF_BASE = 1.0
+REPAIR_BACKOFF_MAX = 300.0
+# Order of applies: the node plan needs only the Service's ClusterIP.
+APPLY_ORDER = {"Service": 0, "ConfigMap": 1, "PersistentVolumeClaim": 2, "Deployment": 3, "PodDisruptionBudget": 4}
+
+
+def credentials_hash(ctx: Context, spec: RegistryMirrorSpec) -> str | ConfigError | None:
+    """Fingerprint of every Secret value the mirror's pods use; a ConfigError when one is unusable."""
+    parts: list[str] = []
+    wanted: list[tuple[str, list[str], str]] = []
+    ref = spec.upstream.credentials_secret_ref
+    if ref is not None:
+        wanted.append((ref.name, [ref.username_key, ref.password_key], "Credentials"))
+    ca = spec.upstream.tls.ca_secret_ref if spec.upstream.tls else None
+    if ca is not None:
+        wanted.append((ca.name, [ca.key], "UpstreamCA"))
+    if spec.service.tls is not None:
+        wanted.append((spec.service.tls.secret_name, ["tls.crt", "tls.key"], "ServiceTLS"))
+    ns = ctx.settings.namespace
+    for name, keys, what in wanted:
+        secret = ctx.store.secret(name)
+        if secret is None:
+            return ConfigError(f"{what}SecretMissing", f"Secret {ns}/{name} does not exist")
+        missing = [k for k in keys if k not in secret["fingerprint"]]
+        if missing:
+            return ConfigError(f"{what}SecretMalformed", f"Secret {ns}/{name} lacks the key(s) {', '.join(missing)}")
+        parts.append(",".join(f"{name}/{k}={secret['fingerprint'][k]}" for k in keys))
+    if not parts:
+        return None
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _digest(obj: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_config_error(ctx: Context, name: str, rec: MirrorRecord, error: ConfigError | None) -> None:
+    if rec.config_error != error:
+        rec.config_error = error
+        ctx.enqueue(STATUS, name)
+        # A broken mirror keeps its last good node-plan entry; a repaired one gets its current one.
+        ctx.enqueue(PLAN)
+
+
+def _set_repair(ctx: Context, name: str, rec: MirrorRecord, repair: RepairError | None) -> None:
+    if repair is None:
+        if rec.repair is not None:
+            rec.repair, rec.repair_since = None, None
+            ctx.enqueue(STATUS, name)
+        return
+    if rec.repair_since is None:
+        rec.repair_since = ctx.clock()
+    rec.repair = repair
+    ctx.enqueue(STATUS, name, after=ctx.settings.transient_grace)
+
+
+async def _ensure_finalizer(ctx: Context, mirror: dict[str, Any]) -> None:
+    meta = mirror["metadata"]
+    finalizers = list(meta.get("finalizers") or [])
+    if c.FINALIZER in finalizers:
+        return
+    if finalizers:
+        patch = [
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "replace", "path": "/metadata/finalizers", "value": [*finalizers, c.FINALIZER]},
+        ]
+    else:
+        patch = [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": meta.get("resourceVersion")},
+            {"op": "add", "path": "/metadata/finalizers", "value": [c.FINALIZER]},
+        ]
+    result = await ctx.client.patch(c.KIND, None, meta["name"], patch)
+    meta["finalizers"] = (result.get("metadata") or {}).get("finalizers") or [c.FINALIZER]
+    meta["resourceVersion"] = (result.get("metadata") or {}).get("resourceVersion", meta.get("resourceVersion"))
+
+
+async def _release(ctx: Context, mirror: dict[str, Any]) -> None:
+    meta = mirror["metadata"]
+    finalizers = list(meta.get("finalizers") or [])
+    if c.FINALIZER not in finalizers:
+        return
+    patch = [
+        {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+        {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != c.FINALIZER]},
+    ]
+    try:
+        await ctx.client.patch(c.KIND, None, meta["name"], patch)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+
+
+def removal_progress(ctx: Context, name: str, rec: MirrorRecord) -> tuple[bool, str]:
+    """During deletion: whether every node dropped the mirror's files (and what we wait for)."""
+    plan = ctx.plan.plan
+    if plan is None:
+        return False, "the node plan is not known yet"
+    if name in ctx.plan.entries:
+        return False, "the node plan still lists this mirror"
+    rollout = mirror_rollout(ctx, name, rec, deleting=True)
+    if not rollout.enabled:
+        return True, "node configuration disabled"
+    if rollout.ready >= rollout.desired:
+        return True, f"{rollout.desired} nodes dropped the configuration"
+    return False, f"{rollout.ready}/{rollout.desired} nodes dropped the configuration; waiting for {', '.join(rollout.not_ready)}"
+
+
+async def reconcile_children(ctx: Context, name: str) -> Result:
+    """Bring one mirror's children (and finalizer) to the rendered state."""
+    mirror = ctx.store.mirror(name)
+    if mirror is None:
+        ctx.records.pop(name, None)
+        return Done()
+    rec = ctx.record(name)
+    try:
+        if mirror["metadata"].get("deletionTimestamp"):
+            done, why = removal_progress(ctx, name, rec)
+            if not done:
+                # Waiting for the nodes is normal: rollout events requeue this key; the timer is a safety net.
+                log.info("mirror %s is being deleted: %s", name, why)
+                return RequeueAfter(10.0)
+            await _release(ctx, mirror)
+            log.info("mirror %s: %s; finalizer released", name, why)
+            return Done()
+        if c.FINALIZER not in (mirror["metadata"].get("finalizers") or []):
+            # Independent writes: the finalizer and the first child go out together.
+            _, result = await asyncio.gather(_ensure_finalizer(ctx, mirror), _reconcile_spec(ctx, name, mirror, rec))
+            return result
+        return await _reconcile_spec(ctx, name, mirror, rec)
+    except ApiError as exc:
+        return _failed(ctx, name, rec, exc)
+
+
+async def _reconcile_spec(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorRecord) -> Result:
+    try:
+        spec = rec.spec_of(mirror)
+        if isinstance(spec, ConfigError):
+            ctx.enqueue(STATUS, name)
+            return Terminal(spec.message)
+        creds = credentials_hash(ctx, spec)
+        if isinstance(creds, ConfigError):
+            _set_config_error(ctx, name, rec, creds)
+            return Terminal(creds.message)
+        if rec.credentials != creds:
+            rec.credentials = creds
+            ctx.on_credentials(name, spec, creds)
+        generation = mirror["metadata"].get("generation")
+        if rec.rejected == (generation, creds):
+            return Terminal("the API server rejected this spec; waiting for a change")
+        return await _apply_children(ctx, name, mirror, spec, creds, rec)
+    except ApiError as exc:
+        return _failed(ctx, name, rec, exc)
+
+
+async def _apply_children(
+    ctx: Context, name: str, mirror: dict[str, Any], spec: RegistryMirrorSpec, creds: str | None, rec: MirrorRecord
+) -> Result:
+    ns = ctx.settings.namespace
+    desired = render_mirror_children(
+        name, mirror["metadata"]["uid"], spec, ns, credentials_hash=creds, sidecar_image=ctx.settings.agent_image
+    )
+    desired.sort(key=lambda o: APPLY_ORDER.get(o["kind"], 9))
+    later: float | None = None
+    for obj in desired:
+        kind, child = obj["kind"], obj["metadata"]["name"]
+        key = f"{kind}/{child}"  # a mirror has two ConfigMaps: keyed by name, not kind
+        live = ctx.store.child(kind, name, child)
+        digest = _digest(obj)
+        if live is not None and not drifted(obj, live):
+            rec.drift_repairs.pop(key, None)
+            continue
+        if rec.applied.get(key) != digest:
+            rec.drift_repairs.pop(key, None)  # a new rendering is applied at once
+        count, last = rec.drift_repairs.get(key, (0, float("-inf")))
+        if count:
+            wait = min(REPAIR_BACKOFF_MAX, REPAIR_BACKOFF_BASE * 2 ** (count - 1)) - (ctx.clock() - last)
+            if wait > 0:
+                later = wait if later is None else min(later, wait)
+                continue
+        log.info("applying %s %s/%s for mirror %s", kind, ns, obj["metadata"]["name"], name)
+        try:
+            result = await ctx.client.apply(obj)
+        except ApiError as exc:
+            if exc.invalid:
+                message = f"the API server rejected {kind} {ns}/{obj['metadata']['name']}: {exc.field_error()}"
+                rec.rejected = (mirror["metadata"].get("generation"), creds)
+                _set_config_error(ctx, name, rec, ConfigError("ApplyRejected", message))
+                log.warning("mirror %s: %s", name, message)
+                return Terminal(message)
+            raise
+        ctx.store.put_child(result)
+        if rec.applied.get(key) == digest:
+            rec.drift_repairs[key] = (count + 1, ctx.clock())
+        rec.applied[key] = digest
+        if kind == "Service":
+            ctx.enqueue(PLAN)
+    rec.rejected = None
+    _set_config_error(ctx, name, rec, None)
+    _set_repair(ctx, name, rec, None)
+    return RequeueAfter(later) if later is not None else Done()
+
+
+def _failed(ctx: Context, name: str, rec: MirrorRecord, exc: ApiError) -> Result:
+    if exc.transient:
+        _set_repair(ctx, name, rec, RepairError(True, "APIUnavailable", f"the API server did not take a write: {exc}"))
+        log.info("mirror %s: %s; retrying with backoff", name, exc)
+    else:
+        reason = "ApplyForbidden" if exc.status == 403 else "ApplyFailed"
+        _set_repair(ctx, name, rec, RepairError(False, reason, f"applying the children failed: {exc}"))
+        log.warning("mirror %s: %s; retrying with backoff", name, exc)
+    return Transient(str(exc))

@@ -1,0 +1,92 @@
+"""The upstream credentials check, off the reconcile path.
+
+distribution in proxy mode never says that the upstream rejected its
+credentials, so the operator does the registry login handshake itself
+(upstream.py) and reports the verdict as the UpstreamAuthenticated condition.
+The handshake can take seconds, so it never runs inside a reconcile: the
+children reconciler announces a mirror's credentials fingerprint, one task per
+mirror performs the check in a thread, caches the verdict by fingerprint,
+and queues the mirror's status when the verdict changes. An inconclusive or
+failed verdict is checked again after `upstream_recheck`; a good one only
+when the credentials change. The children are applied whatever the verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+
+from regmirror.controller.state import STATUS, Context
+from regmirror.kube import cancel_quietly
+from regmirror.models import RegistryMirrorSpec
+from regmirror.upstream import UpstreamCheck, check_upstream
+
+log = logging.getLogger("regmirror.credentials")
+
+
+class UpstreamChecker:
+    """One background check per mirror with credentials; verdicts land in `ctx.upstream_verdicts`."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
+
+    def credentials_changed(self, name: str, spec: RegistryMirrorSpec, fingerprint: str | None) -> None:
+        """Start (or restart) the check of a mirror whose credentials fingerprint changed."""
+        current = self._tasks.pop(name, None)
+        if current is not None:
+            current[1].cancel()
+        if spec.upstream.credentials_secret_ref is None or fingerprint is None:
+            if self.ctx.upstream_verdicts.pop(name, None) is not None:
+                self.ctx.enqueue(STATUS, name)
+            return
+        key = f"{fingerprint}|{spec.upstream.url}"
+        self._tasks[name] = (key, asyncio.get_running_loop().create_task(self._run(name, spec), name=f"upstream check {name}"))
+
+    def forget(self, name: str) -> None:
+        """The mirror is gone."""
+        current = self._tasks.pop(name, None)
+        if current is not None:
+            current[1].cancel()
+        self.ctx.upstream_verdicts.pop(name, None)
+
+    async def stop(self) -> None:
+        """Cancel every check."""
+        for _, task in self._tasks.values():
+            await cancel_quietly(task)
+        self._tasks.clear()
+
+    async def _verdict(self, spec: RegistryMirrorSpec) -> UpstreamCheck:
+        ref = spec.upstream.credentials_secret_ref
+        assert ref is not None
+        ca_ref = spec.upstream.tls.ca_secret_ref if spec.upstream.tls else None
+        # The values are read for this check only (the store keeps hashes), each Secret once.
+        secrets: dict[str, dict[str, str]] = {}
+        for name in {ref.name, *([ca_ref.name] if ca_ref is not None else [])}:
+            secrets[name] = (await self.ctx.client.get("Secret", self.ctx.settings.namespace, name) or {}).get("data") or {}
+
+        def value(name: str, key: str) -> str:
+            encoded = secrets.get(name, {}).get(key, "")
+            return base64.b64decode(encoded).decode(errors="replace") if encoded else ""
+
+        ca_pem = (value(ca_ref.name, ca_ref.key) or None) if ca_ref is not None else None
+        username, password = value(ref.name, ref.username_key), value(ref.name, ref.password_key)
+        return await asyncio.to_thread(check_upstream, spec.upstream.url, username, password, ca_pem=ca_pem)
+
+    async def _run(self, name: str, spec: RegistryMirrorSpec) -> None:
+        while True:
+            try:
+                verdict = await self._verdict(spec)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the check only ever yields a verdict
+                verdict = UpstreamCheck(None, "CheckFailed", f"the credentials check could not run: {type(exc).__name__}")
+                log.warning("upstream check of %s failed: %s", name, type(exc).__name__)
+            result = (verdict.ok, verdict.reason, verdict.message)
+            if self.ctx.upstream_verdicts.get(name) != result:
+                self.ctx.upstream_verdicts[name] = result
+                self.ctx.enqueue(STATUS, name)
+            if verdict.ok:
+                return
+            await asyncio.sleep(self.ctx.settings.upstream_recheck)

@@ -1,0 +1,175 @@
+"""The node plan reconciler (one singleton key): the plan ConfigMap and the agent DaemonSet.
+
+The plan lists every mirror with node configuration whose Service has a
+ClusterIP; a mirror whose spec broke keeps the last entry nodes had, so a
+broken spec never takes a working node configuration down. Each plan version
+rolls the DaemonSet (its digest is on the pod template), so versions are
+rationed: at most one per `plan_interval`, and a new plan waits while mirrors
+that will be in it still lack a ClusterIP and their Services keep appearing
+(at most `plan_wait_for_services`), which turns a burst of new mirrors into
+one rollout even when the API server is slow.
+
+After a restart the live ConfigMap seeds the history (which plan digest
+carried which mirror entry) and the last good entries.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+
+from regmirror import constants as c
+from regmirror.controller.state import (
+    ROLLOUT,
+    STATUS,
+    ConfigError,
+    Context,
+    Done,
+    RequeueAfter,
+    Result,
+    Transient,
+)
+from regmirror.drift import drifted
+from regmirror.kube import ApiError
+from regmirror.models import RegistryMirrorSpec, Runtime
+from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, mirror_entry
+from regmirror.observe import cluster_ip
+from regmirror.render.agent import render_agent_daemonset, render_node_config_map
+
+log = logging.getLogger("regmirror.plan")
+
+# A new plan stops waiting for missing ClusterIPs when none appeared for this long.
+PLAN_STALL = 3.0
+
+
+def _mirror_ca(ctx: Context, spec: RegistryMirrorSpec) -> str | None:
+    """The public CA nodes need to trust a TLS mirror: ca.crt, or tls.crt for a self-signed certificate."""
+    if spec.service.tls is None:
+        return None
+    secret = ctx.store.secret(spec.service.tls.secret_name) or {}
+    encoded = (secret.get("public") or {}).get("ca.crt") or (secret.get("public") or {}).get("tls.crt")
+    if not encoded:
+        return None
+    try:
+        return base64.b64decode(encoded).decode(errors="replace")
+    except ValueError:
+        return None
+
+
+def desired_plan(ctx: Context) -> tuple[NodePlan, int]:
+    """The plan from the store, and how many mirrors that belong in it still lack a ClusterIP."""
+    entries: list[MirrorEntry] = []
+    waiting = 0
+    for name, mirror in ctx.store.mirrors().items():
+        if mirror["metadata"].get("deletionTimestamp"):
+            continue
+        rec = ctx.record(name)
+        spec = rec.spec_of(mirror)
+        broken = isinstance(spec, ConfigError) or rec.config_error is not None
+        if broken or not isinstance(spec, RegistryMirrorSpec):
+            if rec.last_good is not None:
+                entries.append(rec.last_good)
+            continue
+        if not spec.node_config.enabled:
+            continue
+        ip = cluster_ip(ctx.store.child("Service", name))
+        if ip is None:
+            waiting += 1
+            if rec.last_good is not None:
+                entries.append(rec.last_good)
+            continue
+        entry = mirror_entry(name, spec, ip, ca_pem=_mirror_ca(ctx, spec))
+        rec.last_good = entry
+        entries.append(entry)
+    return build_node_plan(entries), waiting
+
+
+def _seed_from_live(ctx: Context) -> None:
+    """After a restart, broken mirrors keep the entry the nodes already have, and old digests stay known."""
+    ctx.plan.seeded = True
+    live = ctx.store.agent_object("ConfigMap")
+    if not live:
+        return
+    data = live.get("data") or {}
+    try:
+        plan = NodePlan.from_json(data.get(c.NODE_CONFIG_KEY, "{}"))
+    except ValueError:
+        return
+    try:
+        history = json.loads(data.get(c.NODE_CONFIG_HISTORY_KEY, "{}"))
+    except ValueError:
+        history = {}
+    if isinstance(history, dict):
+        ctx.plan.history.seed({str(k): v for k, v in history.items() if isinstance(v, dict)})
+    for entry in plan.mirrors:
+        rec = ctx.records.get(entry.name)
+        if rec is not None and rec.last_good is None:
+            rec.last_good = entry
+    ctx.plan.history.remember(plan)
+    ctx.plan.set(plan)
+
+
+async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
+    """Apply the node plan ConfigMap and the agent DaemonSet when they drifted."""
+    now = ctx.clock()
+    if not ctx.plan.seeded:
+        _seed_from_live(ctx)
+    plan, waiting = desired_plan(ctx)
+    changed = ctx.plan.plan is None or plan.digest() != ctx.plan.plan.digest()
+    if changed and waiting:
+        # Wait while Services keep appearing (a burst under load can take tens of seconds),
+        # but not for one that does not come: no progress for PLAN_STALL seconds ends the wait.
+        if ctx.plan.waiting_since is None or waiting < ctx.plan.waiting:
+            ctx.plan.last_progress = now
+        ctx.plan.waiting_since = ctx.plan.waiting_since or now
+        ctx.plan.waiting = waiting
+        if now - ctx.plan.waiting_since < ctx.settings.plan_wait_for_services and now - ctx.plan.last_progress < PLAN_STALL:
+            return RequeueAfter(0.2)
+    if changed and now - ctx.plan.last_apply < ctx.settings.plan_interval:
+        return RequeueAfter(ctx.settings.plan_interval - (now - ctx.plan.last_apply))
+    ctx.plan.waiting_since = None
+    previous = ctx.plan.plan
+    if not plan.mirrors and ctx.store.agent_object("ConfigMap") is None and ctx.store.agent_object("DaemonSet") is None:
+        # Nothing to configure and nothing to clean up: no agent on any node until the first
+        # mirror (whose plan then creates the DaemonSet, which is faster than a rolling update).
+        ctx.plan.set(plan)
+        return Done()
+    ctx.plan.history.remember(plan)
+    ns = ctx.settings.agent_namespace
+    objects = [
+        render_node_config_map(plan, ns, ctx.plan.history.as_dict()),
+        render_agent_daemonset(
+            plan,
+            ns,
+            ctx.settings.agent_image,
+            containerd_config_path=ctx.settings.containerd_config_path,
+            crio=any(Runtime.CRIO in e.runtimes for e in plan.mirrors),
+        ),
+    ]
+    for obj in objects:
+        live = ctx.store.agent_object(obj["kind"])
+        if obj["kind"] == "ConfigMap" and live is not None and not changed:
+            # The history only grows when the plan changes: compare the plan itself.
+            obj["data"][c.NODE_CONFIG_HISTORY_KEY] = (live.get("data") or {}).get(c.NODE_CONFIG_HISTORY_KEY, "")
+        if live is not None and not drifted(obj, live):
+            continue
+        log.info("applying %s %s/%s (node plan %s, %d mirrors)", obj["kind"], ns, obj["metadata"]["name"], plan.digest(), len(plan.mirrors))
+        try:
+            result = await ctx.client.apply(obj)
+        except ApiError as exc:
+            # Even a rejection is retried with backoff: the plan is ours, not the user's.
+            log.error("node plan: applying %s failed: %s", obj["kind"], exc)
+            return Transient(str(exc))
+        ctx.store.put_agent_object(result)
+        ctx.plan.last_apply = ctx.clock()
+    old = dict(ctx.plan.entries) if previous is not None else {}
+    ctx.plan.set(plan)
+    if previous is None or previous.digest() != plan.digest():
+        new = ctx.plan.entries
+        for name in set(old) | set(new):
+            if old.get(name) != new.get(name) and name in ctx.records:
+                ctx.records[name].progress_scheduled = False
+                ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce)
+        ctx.enqueue(ROLLOUT)
+    return Done()

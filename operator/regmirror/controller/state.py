@@ -1,0 +1,213 @@
+"""The controller's own state: results, keys, and one record per mirror.
+
+All of it lives on the operator's event loop and is touched only there (the
+informers' callbacks and the reconcilers run on that loop), so there is no
+lock. Everything the controller remembers about a mirror is one
+`MirrorRecord`: deleting a mirror is one `pop`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from regmirror.controller.queue import HIGH, NORMAL, WorkQueue
+from regmirror.controller.store import Store
+from regmirror.kube import KubeClient
+from regmirror.metrics import Metrics
+from regmirror.models import RegistryMirrorSpec
+from regmirror.nodeplan import MirrorEntry, NodePlan
+from regmirror.observe import RepairError
+from regmirror.rollout import NodeIndex, NodeRollout, PlanHistory, entry_digest
+from regmirror.settings import Settings
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Done:
+    """Nothing more to do until something changes."""
+
+
+@dataclass(frozen=True)
+class RequeueAfter:
+    """Look again after `seconds` (a grace period ends, a write is due)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Transient:
+    """Failed in a way that may pass (API unavailable, 429, conflict): retry with per-key backoff."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """Failed in a way only a change can fix (invalid spec, rejected object): no retry until an event."""
+
+    error: str
+
+
+Result = Done | RequeueAfter | Transient | Terminal
+
+# ------------------------------------------------------------------ keys
+
+Key = tuple[str, str]
+CHILDREN = "children"  # per mirror: its Deployment, Service, PVC, ConfigMap, and its finalizer
+STATUS = "status"  # per mirror: gather -> evaluate -> write
+PLAN = "plan"  # singleton: the node plan ConfigMap and the agent DaemonSet
+ROLLOUT = "rollout"  # singleton: node accounting after node or agent pod changes
+HOSTS = "hosts"  # singleton: each mirror's place among the mirrors of its hosts
+
+
+def key_priority(key: Key) -> int:
+    """The singletons (one pass each, for every mirror) overtake the per-mirror keys.
+
+    Status keys share the children's priority: when they overtook children, a storm of
+    status writes starved the children applies (and so the node plan) in a burst.
+    """
+    return NORMAL if key[0] in (CHILDREN, STATUS) else HIGH
+
+
+@dataclass(frozen=True)
+class ConfigError:
+    """A problem with the user's configuration: reported as Stalled (Ready=False)."""
+
+    reason: str
+    message: str
+
+
+@dataclass
+class MirrorRecord:
+    """Everything the controller remembers about one mirror."""
+
+    first_seen: float
+    generation: int | None = None
+    spec: RegistryMirrorSpec | ConfigError | None = None
+    secret_names: frozenset[str] = frozenset()
+    credentials: str | None = None  # fingerprint of every Secret value the pods use
+    config_error: ConfigError | None = None  # from the children reconcile (Secret missing, apply rejected)
+    rejected: tuple[int | None, str | None] | None = None  # (generation, credentials) the API server rejected
+    repair: RepairError | None = None
+    repair_since: float | None = None
+    last_good: MirrorEntry | None = None  # the entry nodes keep while the spec is broken
+    applied: dict[str, str] = field(default_factory=dict)  # "kind/name" -> digest of the rendering we last applied
+    drift_repairs: dict[str, tuple[int, float]] = field(default_factory=dict)  # "kind/name" -> (repairs in a row, last)
+    last_status_write: float | None = None
+    progress_scheduled: bool = False
+    announced: str | None = None  # "status/reason" of the Ready condition last announced by an Event
+    rollout: NodeRollout | None = None
+
+    def spec_of(self, mirror: dict[str, Any]) -> RegistryMirrorSpec | ConfigError:
+        """The typed spec (memoized per generation), or a ConfigError naming the invalid field."""
+        generation = mirror["metadata"].get("generation")
+        if self.spec is None or generation != self.generation or generation is None:
+            try:
+                self.spec = RegistryMirrorSpec.model_validate(mirror.get("spec") or {})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                self.spec = ConfigError("InvalidSpec", f"spec.{where}: {first['msg']}"[:600])
+            self.generation = generation
+            self.secret_names = secret_names(self.spec) if isinstance(self.spec, RegistryMirrorSpec) else frozenset()
+        return self.spec
+
+
+def secret_names(spec: RegistryMirrorSpec) -> frozenset[str]:
+    """Every Secret a mirror's pods or nodes read."""
+    names = set()
+    if spec.upstream.credentials_secret_ref is not None:
+        names.add(spec.upstream.credentials_secret_ref.name)
+    if spec.upstream.tls is not None and spec.upstream.tls.ca_secret_ref is not None:
+        names.add(spec.upstream.tls.ca_secret_ref.name)
+    if spec.service.tls is not None:
+        names.add(spec.service.tls.secret_name)
+    return frozenset(names)
+
+
+@dataclass
+class PlanState:
+    """The node plan the controller last applied, and what recent plans carried."""
+
+    plan: NodePlan | None = None
+    entries: dict[str, str] = field(default_factory=dict)  # mirror -> entry digest in `plan`
+    history: PlanHistory = field(default_factory=PlanHistory)
+    seeded: bool = False
+    last_apply: float = float("-inf")
+    waiting_since: float | None = None  # first time a plan waited for Services
+    waiting: int = 0  # how many Services it waited for at the last look
+    last_progress: float = 0.0  # when that number last went down
+
+    def set(self, plan: NodePlan) -> None:
+        """The plan nodes now get (its entry digests computed once, not per status)."""
+        self.plan = plan
+        self.entries = {e.name: entry_digest(e) for e in plan.mirrors}
+
+
+@dataclass
+class TokenBucket:
+    """At most `rate` events per second on average, `burst` at once (progress-only status writes)."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    stamp: float | None = None
+
+    def take(self, now: float) -> float:
+        """0 if a token was taken now, else the seconds until one is available."""
+        if self.stamp is None:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class NodeState:
+    """Per node, the plan digest of the last agent pod that was Ready there (its files are in place)."""
+
+    applied: dict[str, str | None] = field(default_factory=dict)
+    index: NodeIndex | None = None
+
+
+@dataclass
+class Context:
+    """What every reconciler gets: the store, the client, the settings and the controller's state."""
+
+    store: Store
+    client: KubeClient
+    settings: Settings
+    queue: WorkQueue[Key]
+    metrics: Metrics
+    records: dict[str, MirrorRecord] = field(default_factory=dict)
+    plan: PlanState = field(default_factory=PlanState)
+    nodes: NodeState = field(default_factory=NodeState)
+    # host -> (position, head) per mirror, recomputed by the HOSTS key.
+    routes: dict[str, dict[str, tuple[int, list[str]]]] = field(default_factory=dict)
+    # Progress-only status writes, all mirrors together (set from the settings by the manager).
+    progress_budget: TokenBucket = field(default_factory=lambda: TokenBucket(rate=5.0, burst=5.0))
+    # mirror -> (ok, reason, message) of the upstream credentials check.
+    upstream_verdicts: dict[str, tuple[bool | None, str, str]] = field(default_factory=dict)
+    # Called when a mirror's credentials change (the upstream check runs off the reconcile path).
+    on_credentials: Callable[[str, RegistryMirrorSpec, str | None], None] = lambda _name, _spec, _creds: None
+    clock: Callable[[], float] = time.monotonic
+
+    def record(self, name: str) -> MirrorRecord:
+        """The mirror's record (created on first use)."""
+        rec = self.records.get(name)
+        if rec is None:
+            rec = self.records[name] = MirrorRecord(first_seen=self.clock())
+        return rec
+
+    def enqueue(self, kind: str, name: str = "", *, after: float = 0.0) -> None:
+        """Queue a key (after a delay)."""
+        self.queue.add_after((kind, name), after)

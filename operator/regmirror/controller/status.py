@@ -1,0 +1,175 @@
+"""The status reconciler (one key per mirror): gather -> evaluate (observe.py, pure) -> write.
+
+What is written, and when:
+- nothing, when the evaluated status equals the stored one;
+- at once, when something a reader acts on changed: Ready, Stalled or
+  UpstreamAuthenticated flipped, a problem reason appeared or changed, or the
+  observed generation, the endpoint or a host position changed;
+- otherwise (node counts, replica counts, messages) at most once per
+  `status_progress_interval` per mirror, and at most `status_progress_rate`
+  per second for all mirrors together; a new mirror that is progressing
+  normally gets its first status when it is Ready, has a problem, or after
+  that interval. Rollout progress of 500 mirrors thus costs a bounded number
+  of writes, and a mirror that converges quickly is written once.
+
+Events: a Warning when Ready turns False for a reason an admin must act on,
+and a Normal MirrorReady when a mirror recovers from one. What was announced
+is seeded from the live status, so an operator restart posts nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from regmirror import constants as c
+from regmirror.conditions import get_condition
+from regmirror.controller.rollout import mirror_rollout
+from regmirror.controller.state import ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result, Terminal, Transient
+from regmirror.drift import status_changed
+from regmirror.kube import ApiError
+from regmirror.observe import Observation, evaluate, invalid_status, typed_status
+
+log = logging.getLogger("regmirror.status")
+
+# Ready reasons worth a Warning Event and an immediate write: the operator cannot fix them alone.
+# Not AgentNotReady: a node's agent reports that itself (an Event on the Node), and during a
+# rollout on a loaded cluster agents cross the grace period back and forth; treated as a
+# problem, that flapping rewrote 500 statuses per pass (15,751 writes in the large benchmark).
+# Not DeploymentMissing or ClaimMissing either: the operator creates those itself (a new mirror
+# reported them at its first status: 153 Warning Events in the large benchmark).
+PROBLEM_SUFFIXES = ("SecretMissing", "Malformed", "Rejected", "Failed", "InvalidSpec", "Forbidden", "ClaimTerminating")
+URGENT_FIELDS = ("observedGeneration", "endpoint", "hosts", "url")
+
+
+def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorRecord) -> Observation | ConfigError:
+    """Gather what the status of one mirror is computed from (store and records only, no API call)."""
+    spec = rec.spec_of(mirror)
+    if isinstance(spec, ConfigError):
+        return spec
+    deleting = bool(mirror["metadata"].get("deletionTimestamp"))
+    rollout = mirror_rollout(ctx, name, rec, deleting=deleting)
+    rec.rollout = rollout
+    repair = rec.repair
+    if (
+        repair is not None
+        and repair.transient
+        and rec.repair_since is not None
+        and ctx.clock() - rec.repair_since < ctx.settings.transient_grace
+    ):
+        repair = None  # retried before anyone is told
+    auth = ctx.upstream_verdicts.get(name) if spec.upstream.credentials_secret_ref is not None else None
+    error = rec.config_error
+    return Observation(
+        name=name,
+        generation=mirror["metadata"].get("generation"),
+        spec=spec,
+        namespace=ctx.settings.namespace,
+        deployment=ctx.store.child("Deployment", name),
+        service=ctx.store.child("Service", name),
+        pvc=ctx.store.child("PersistentVolumeClaim", name),
+        nodes=rollout,
+        deleting=deleting,
+        error_reason=error.reason if error else None,
+        error_message=error.message if error else "",
+        repair=repair,
+        host_routes={host: routes[name] for host, routes in ctx.routes.items() if name in routes},
+        upstream_auth=auth,
+    )
+
+
+def _summary(status: dict[str, Any]) -> tuple[Any, ...]:
+    # Ready, Stalled and UpstreamAuthenticated flips, and problem reasons, are news; Reconciling
+    # and the phase follow progress (they flip back and forth while agents roll, and writing each
+    # flip of 500 mirrors at once was a storm of thousands of writes in the large benchmark).
+    conds = {cd.get("type"): cd for cd in status.get("conditions") or []}
+    flips = tuple((t, (conds.get(t) or {}).get("status")) for t in ("Ready", "Stalled", "UpstreamAuthenticated"))
+    problems = tuple(sorted(_problem(str(cd.get("reason", ""))) for cd in conds.values()))
+    return (flips, problems, *(repr(status.get(k)) for k in URGENT_FIELDS))
+
+
+def _problem(reason: str) -> str:
+    # "Retrying": a repair has failed for longer than the grace period; show it now.
+    return reason if reason.endswith(PROBLEM_SUFFIXES) or reason.startswith(("Upstream", "Apply", "Retrying")) else ""
+
+
+def urgent(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether the difference is one a reader acts on (not only progress counts or messages)."""
+    return _summary(old) != _summary(new)
+
+
+def _ready_key(status: dict[str, Any]) -> str | None:
+    ready = get_condition(status.get("conditions"), "Ready")
+    return f"{ready.get('status')}/{ready.get('reason')}" if ready else None
+
+
+async def _announce(ctx: Context, mirror: dict[str, Any], rec: MirrorRecord, status: dict[str, Any]) -> None:
+    key = _ready_key(status)
+    if key is None or key == rec.announced:
+        return
+    previous, rec.announced = rec.announced, key
+    ready = get_condition(status.get("conditions"), "Ready") or {}
+    reason = str(ready.get("reason", ""))
+    if ready.get("status") == "False" and reason.endswith(PROBLEM_SUFFIXES):
+        await ctx.client.create_event(mirror, reason=reason, message=str(ready.get("message", "")), type_="Warning")
+    elif (
+        ready.get("status") == "True" and previous is not None and previous.startswith("False/") and previous[6:].endswith(PROBLEM_SUFFIXES)
+    ):
+        await ctx.client.create_event(mirror, reason=reason, message=str(ready.get("message", "")), type_="Normal")
+
+
+async def reconcile_status(ctx: Context, name: str) -> Result:
+    """Compute a mirror's status and write it when (and as soon as) it should be."""
+    mirror = ctx.store.mirror(name)
+    if mirror is None:
+        return Done()
+    rec = ctx.record(name)
+    old = mirror.get("status") or {}
+    if rec.announced is None:
+        # Seed from what is already there: a restart must not announce every Ready mirror again.
+        rec.announced = _ready_key(old) or "none"
+    obs = observation(ctx, name, mirror, rec)
+    generation = mirror["metadata"].get("generation")
+    if isinstance(obs, ConfigError):
+        new = invalid_status(generation, old.get("conditions") or [], obs.reason, obs.message)
+    else:
+        new = evaluate(obs, old.get("conditions") or [])
+    if not status_changed(old, new):
+        rec.progress_scheduled = False
+        return Done()
+    now = ctx.clock()
+    if not old:
+        # A new mirror progressing normally (not Ready, no problem): its first status waits.
+        ready = get_condition(new.get("conditions"), "Ready") or {}
+        problems = any(_problem(str(cd.get("reason", ""))) for cd in new.get("conditions") or [])
+        deferrable = ready.get("status") != "True" and not _stalled(new) and not problems
+        last = rec.first_seen
+    else:
+        deferrable = not urgent(old, new)
+        last = rec.last_status_write if rec.last_status_write is not None else float("-inf")
+    due = last + ctx.settings.status_progress_interval - now
+    if deferrable and due <= 0:
+        # Progress of every mirror together is written at a bounded rate, too.
+        due = ctx.progress_budget.take(now)
+    if deferrable and due > 0:
+        rec.progress_scheduled = True
+        return RequeueAfter(due)
+    body = {"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name}, "status": typed_status(new)}
+    try:
+        result = await ctx.client.apply(body, subresource="status")
+    except ApiError as exc:
+        if exc.status == 404:
+            return Done()
+        log.warning("status of %s not written: %s", name, exc)
+        return Terminal(str(exc)) if exc.invalid else Transient(str(exc))
+    rec.last_status_write = now
+    rec.progress_scheduled = False
+    mirror["status"] = result.get("status") or new
+    mirror["metadata"]["resourceVersion"] = (result.get("metadata") or {}).get("resourceVersion", mirror["metadata"].get("resourceVersion"))
+    await _announce(ctx, mirror, rec, mirror["status"])
+    return Done()
+
+
+def _stalled(status: dict[str, Any]) -> bool:
+    stalled = get_condition(status.get("conditions"), "Stalled")
+    return bool(stalled and stalled.get("status") == "True")

@@ -1,0 +1,165 @@
+"""What the watches report, reduced to the fields the reconcilers read.
+
+One informer per collection fills one dict. The transforms below are the
+memory budget: managedFields (often the largest part of an object) are never
+kept, a Secret is kept as hashes of its values (plus the public certificate
+nodes need to trust a TLS mirror), a Node as its labels, an agent pod as the
+few fields rollout accounting reads.
+
+Children are recognised by owner reference or by name, not by label, so a
+child whose labels were edited away is still watched and repaired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from regmirror import constants as c
+from regmirror import naming
+from regmirror.controller.informer import Informer, Source
+from regmirror.rollout import slim_agent_pod
+
+CHILD_KINDS = ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "PodDisruptionBudget")
+# Secret keys whose values are public certificates (nodes trust a TLS mirror's CA).
+PUBLIC_SECRET_KEYS = ("ca.crt", "tls.crt")
+
+
+def _meta(obj: dict[str, Any], *keep: str) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def slim_mirror(obj: dict[str, Any]) -> dict[str, Any]:
+    """A RegistryMirror: identity, generation, deletion, finalizers, spec and status."""
+    return {
+        "apiVersion": obj.get("apiVersion", c.API_VERSION),
+        "kind": c.KIND,
+        "metadata": _meta(obj, "name", "uid", "generation", "deletionTimestamp", "finalizers", "resourceVersion"),
+        "spec": obj.get("spec") or {},
+        "status": obj.get("status") or {},
+    }
+
+
+def mirror_of_child(obj: dict[str, Any]) -> str | None:
+    """The mirror a namespaced object belongs to: its RegistryMirror owner, else a child name's suffix."""
+    meta = obj.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == c.KIND and str(ref.get("apiVersion", "")).startswith(c.GROUP + "/"):
+            return str(ref.get("name"))
+    return naming.mirror_of_child_name(str(meta.get("name", "")))
+
+
+def slim_child(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A mirror's child without managedFields (None for objects that are no mirror's child)."""
+    if mirror_of_child(obj) is None:
+        return None
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in ("managedFields", "selfLink")}
+    return {**{k: v for k, v in obj.items() if k != "metadata"}, "metadata": meta}
+
+
+def slim_secret(obj: dict[str, Any]) -> dict[str, Any]:
+    """Per-key hashes of a Secret's data (enough to detect rotation, never the values), plus public certificates."""
+    data = obj.get("data") or {}
+    return {
+        "fingerprint": {key: hashlib.sha256(str(value).encode()).hexdigest() for key, value in data.items()},
+        "public": {key: data[key] for key in PUBLIC_SECRET_KEYS if key in data},
+    }
+
+
+def slim_node(obj: dict[str, Any]) -> dict[str, Any]:
+    """A Node as its labels (the only thing a mirror's node selector reads)."""
+    return {"labels": dict((obj.get("metadata") or {}).get("labels") or {})}
+
+
+def slim_agent_object(obj: dict[str, Any]) -> dict[str, Any]:
+    """The agent DaemonSet or node ConfigMap without managedFields and status."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    return {**{k: v for k, v in obj.items() if k not in ("metadata", "status")}, "metadata": meta}
+
+
+def sources(namespace: str, agent_namespace: str) -> list[Source]:
+    """Every collection the controller watches."""
+    agent = ",".join(f"{k}={v}" for k, v in naming.agent_selector_labels().items())
+    return [
+        Source(c.KIND, transform=slim_mirror),
+        *(Source(kind, namespace, transform=slim_child) for kind in CHILD_KINDS),
+        Source("Secret", namespace, transform=slim_secret),
+        Source("Node", transform=slim_node),
+        Source("Pod", agent_namespace, label_selector=agent, transform=slim_agent_pod),
+        Source("DaemonSet", agent_namespace, field_selector=f"metadata.name={c.AGENT_NAME}", transform=slim_agent_object),
+        Source("ConfigMap", agent_namespace, field_selector=f"metadata.name={c.NODE_CONFIG_NAME}", transform=slim_agent_object),
+    ]
+
+
+class Store:
+    """The informers' dicts, by (kind, namespace), with typed look-ups."""
+
+    def __init__(self, namespace: str, agent_namespace: str) -> None:
+        self.namespace = namespace
+        self.agent_namespace = agent_namespace
+        self.informers: dict[tuple[str, str | None], Informer] = {}
+
+    def add(self, informer: Informer) -> None:
+        """Register an informer (its dict becomes part of the store)."""
+        self.informers[(informer.source.kind, informer.source.namespace)] = informer
+
+    def _items(self, kind: str, namespace: str | None) -> dict[str, dict[str, Any]]:
+        informer = self.informers.get((kind, namespace))
+        return informer.items if informer is not None else {}
+
+    def mirrors(self) -> dict[str, dict[str, Any]]:
+        """name -> RegistryMirror."""
+        return self._items(c.KIND, None)
+
+    def mirror(self, name: str) -> dict[str, Any] | None:
+        """One RegistryMirror."""
+        return self.mirrors().get(name)
+
+    def child(self, kind: str, mirror: str, name: str | None = None) -> dict[str, Any] | None:
+        """A mirror's child of a kind, by its name (default: the mirror's main child name)."""
+        return self._items(kind, self.namespace).get(name or naming.child_name(mirror))
+
+    def put_child(self, obj: dict[str, Any]) -> None:
+        """Record what a write returned, so the next reconcile compares against it before the watch reports it."""
+        slim = slim_child(obj)
+        informer = self.informers.get((obj["kind"], self.namespace))
+        if slim is not None and informer is not None:
+            informer.items[obj["metadata"]["name"]] = slim
+
+    def secret(self, name: str) -> dict[str, Any] | None:
+        """A Secret's fingerprint and public certificates."""
+        return self._items("Secret", self.namespace).get(name)
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """name -> {"labels": ...}."""
+        return self._items("Node", None)
+
+    def agent_pods(self) -> dict[str, dict[str, Any]]:
+        """pod name -> slim agent pod."""
+        return self._items("Pod", self.agent_namespace)
+
+    def agent_object(self, kind: str) -> dict[str, Any] | None:
+        """The agent DaemonSet or the node ConfigMap."""
+        name = c.AGENT_NAME if kind == "DaemonSet" else c.NODE_CONFIG_NAME
+        return self._items(kind, self.agent_namespace).get(name)
+
+    def put_agent_object(self, obj: dict[str, Any]) -> None:
+        """Record what a write of the DaemonSet or node ConfigMap returned."""
+        informer = self.informers.get((obj["kind"], self.agent_namespace))
+        if informer is not None:
+            informer.items[obj["metadata"]["name"]] = slim_agent_object(obj)
+
+    def put_mirror_status(self, name: str, status: dict[str, Any]) -> None:
+        """Record a status we wrote (the watch echoes it later)."""
+        mirror = self.mirror(name)
+        if mirror is not None:
+            mirror["status"] = status
+
+    def synced(self) -> bool:
+        """Every collection was listed at least once."""
+        return bool(self.informers) and all(i.synced.is_set() for i in self.informers.values())
+
+    def blind_for(self) -> float:
+        """Seconds the longest-failing collection has been unwatchable."""
+        return max((i.blind_for() for i in self.informers.values()), default=0.0)

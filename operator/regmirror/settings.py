@@ -1,0 +1,85 @@
+"""The operator's settings: one object, read from the environment once at start-up.
+
+The manifest sets them as `REGMIRROR_*` variables. Nothing reads the
+environment at import time, so tests build a `Settings(...)` of their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from regmirror import constants as c
+
+PREFIX = "REGMIRROR_"
+
+
+class Settings(BaseModel):
+    """Everything the operator can be tuned with; field `x` is read from `REGMIRROR_X`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    namespace: Annotated[str, Field(description="Namespace of the operator and of every mirror's children.")] = c.DEFAULT_NAMESPACE
+    agent_namespace: Annotated[str, Field(description="Namespace of the node agent DaemonSet and its plan.")] = c.AGENT_NAMESPACE
+    agent_image: Annotated[str, Field(description="Image the node agent runs (the operator's own).")] = c.DEFAULT_OPERATOR_IMAGE
+    containerd_config_path: Annotated[str, Field(description="containerd's config_path on the nodes.")] = c.CONTAINERD_CONFIG_PATH
+    metrics_port: Annotated[int, Field(description="Port of the Prometheus endpoint; 0 disables it.", ge=0, le=65535)] = 8000
+    workers: Annotated[int, Field(description="Concurrent reconciles (each mostly waits for the API server).", ge=1, le=256)] = 16
+    request_timeout: Annotated[float, Field(description="Seconds one API request may take before it counts as failed.", gt=0)] = 10.0
+    request_attempts: Annotated[
+        int, Field(description="Attempts per API request on 429, 5xx, timeouts and dropped connections (then the queue backs off).", ge=1)
+    ] = 4
+    backoff_base: Annotated[float, Field(description="First per-key retry delay in seconds; doubles per failure.", gt=0)] = 0.5
+    backoff_max: Annotated[float, Field(description="Longest per-key retry delay in seconds.", gt=0)] = 300.0
+    status_coalesce: Annotated[float, Field(description="Seconds a status key waits for more events before it is computed.", ge=0)] = 0.05
+    status_progress_interval: Annotated[
+        float,
+        Field(
+            description=(
+                "Seconds between two status writes that only report progress (node counts, replicas); "
+                "Ready flips, problems and new generations are written at once."
+            ),
+            ge=0,
+        ),
+    ] = 60.0
+    status_progress_rate: Annotated[
+        float,
+        Field(description="Progress-only status writes per second, all mirrors together (a burst of 500 mirrors stays bounded).", gt=0),
+    ] = 5.0
+    transient_grace: Annotated[
+        float, Field(description="Seconds transient API failures are retried before status reports them under Reconciling.", ge=0)
+    ] = 30.0
+    plan_interval: Annotated[
+        float, Field(description="Minimum seconds between two node-plan versions (each one rolls the agent DaemonSet).", ge=0)
+    ] = 1.0
+    plan_wait_for_services: Annotated[
+        float,
+        Field(
+            description=(
+                "Longest a new node plan waits for mirrors whose Service has no ClusterIP yet, so a burst becomes one rollout "
+                "(it stops waiting sooner when no new ClusterIP appeared for 3 s)."
+            ),
+            ge=0,
+        ),
+    ] = 60.0
+    resync_interval: Annotated[float, Field(description="Seconds between two re-checks of every key from the store.", gt=0)] = 600.0
+    watch_timeout: Annotated[float, Field(description="Server-side timeout of one watch request in seconds.", gt=0)] = 240.0
+    watch_inactivity: Annotated[
+        float, Field(description="A watch that delivers nothing (not even a bookmark) for this long is reconnected.", gt=0)
+    ] = 90.0
+    liveness_stale: Annotated[
+        float, Field(description="Liveness fails once a watch has been unable to list or watch for this many seconds.", gt=0)
+    ] = 120.0
+    upstream_recheck: Annotated[
+        float, Field(description="Seconds before an inconclusive or failed upstream credentials check is repeated.", gt=0)
+    ] = 60.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `REGMIRROR_*` variables (unset ones keep their defaults); invalid values raise naming the variable."""
+        env = os.environ if environ is None else environ
+        values = {name: env[PREFIX + name.upper()] for name in cls.model_fields if PREFIX + name.upper() in env}
+        return cls.model_validate(values)

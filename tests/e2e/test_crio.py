@@ -1,0 +1,210 @@
+"""The agent's registries.conf.d drop-in against a real CRI-O (1.34, built from its Go module: bookworm has no package).
+
+CRI-O runs with its own root, socket and registries.conf, runc and conmon from
+Debian, and reads the drop-in directory the agent writes (`--registries-conf-dir`);
+it re-reads it on SIGHUP (`systemctl reload crio`), which the tests send after
+each agent run, as the preflight tells admins to. Pulls go through CRI (crictl).
+
+- a host routed to a mirror pulls through it, never touching the upstream;
+- NeverContactUpstream with the mirror down: the pull fails, the upstream sees nothing;
+- the cluster's short-name search order (settings.unqualifiedSearchRegistries):
+  `crictl pull team/app:v1` resolves to the registry listed, through its mirror;
+- a blocked registry (settings.blockedRegistries) cannot be pulled from at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _dataplane import HERE, OPERATOR_SRC, ConnectionRecorder, Registry, build_containerd, free_port, short_tmpdir, wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs CRI-O: needs root")
+
+
+@pytest.fixture(scope="module")
+def crio_bin() -> Path:
+    missing = [b for b in ("runc", "conmon", "gcc", "docker-registry") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"{missing} not installed (Debian packages runc, conmon, gcc, docker-registry)")
+    proc = subprocess.run(["bash", str(HERE / "build-crio.sh")], capture_output=True, text=True, timeout=3600, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"CRI-O could not be built: {proc.stderr.strip()[-600:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def crictl() -> str:
+    built, why = build_containerd()
+    found = next((b.crictl for b in built if b.crictl), None)
+    if found is None:
+        pytest.skip(f"crictl is not built: {why}")
+    return found
+
+
+class Crio:
+    """A CRI-O daemon reading `dropins` as its registries.conf.d."""
+
+    def __init__(self, binaries: Path, workdir: Path, dropins: Path, crictl: str) -> None:
+        self.workdir = workdir
+        self.crictl_bin = crictl
+        (workdir / "registries.conf").write_text("unqualified-search-registries = []\n")
+        (workdir / "cni").mkdir()
+        (workdir / "crio.conf").write_text(
+            "[crio]\n"
+            f'root = "{workdir}/root"\nrunroot = "{workdir}/runroot"\nstorage_driver = "vfs"\nlog_dir = "{workdir}/logs"\n'
+            f'[crio.api]\nlisten = "{workdir}/crio.sock"\n'
+            f'[crio.runtime]\ncgroup_manager = "cgroupfs"\nconmon_cgroup = "pod"\ndefault_runtime = "runc"\npinns_path = "{binaries}/pinns"\n'
+            f'[crio.runtime.runtimes.runc]\nruntime_path = "{shutil.which("runc")}"\n'
+            '[crio.image]\nsignature_policy = "/etc/containers/policy.json"\n'
+            f'[crio.network]\nnetwork_dir = "{workdir}/cni"\nplugin_dirs = ["{workdir}/cni"]\n'
+        )
+        argv = [
+            str(binaries / "crio"),
+            "--config",
+            str(workdir / "crio.conf"),
+            "--config-dir",
+            str(workdir / "crio.conf.d"),
+            "--registries-conf",
+            str(workdir / "registries.conf"),
+            "--registries-conf-dir",
+            str(dropins),
+        ]
+        self.log_file = (workdir / "crio.log").open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.proc.poll() is not None or self.crictl("version").returncode == 0, 60, "CRI-O")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"crio exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return (self.workdir / "crio.log").read_text(errors="replace")
+
+    def crictl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        endpoint = f"unix://{self.workdir}/crio.sock"
+        argv = [self.crictl_bin, "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", f"{int(timeout)}s", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 10, check=False)
+
+    def reload(self) -> None:
+        """SIGHUP: CRI-O re-reads registries.conf and registries.conf.d (what `systemctl reload crio` does)."""
+        before = self.log().count("Configuration reload completed")
+        self.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: self.log().count("Configuration reload completed") > before, 10, "CRI-O to reload")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+        subprocess.run(["umount", "-R", str(self.workdir)], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def crio(binaries: Path, dropins: Path, crictl: str) -> Iterator[Crio]:
+    workdir = short_tmpdir("rm-crio-")
+    daemon = Crio(binaries, workdir, dropins, crictl)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def entry(name: str, url: str, host: str, server: str, fallback: str = "AllowUpstream") -> dict[str, object]:
+    return {
+        "name": name,
+        "hosts": [host],
+        "servers": {host: server},
+        "upstreamHost": host,
+        "url": url,
+        "priority": 100,
+        "capabilities": ["pull", "resolve"],
+        "fallback": fallback,
+        "runtimes": ["crio"],
+        "nodeSelector": {},
+    }
+
+
+def agent_once(tmp_path: Path, dropins: Path, plan: dict[str, object]) -> list[dict[str, object]]:
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    node = {"metadata": {"name": "n1", "uid": "u1", "labels": {}}, "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.0"}}}
+    (tmp_path / "node.json").write_text(json.dumps(node))
+    argv = [
+        sys.executable,
+        "-m",
+        "regmirror",
+        "agent",
+        "--once",
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--host-root",
+        "/",
+        "--node-labels-file",
+        str(tmp_path / "node.json"),
+        "--health-port",
+        "0",
+        "--containerd-config-path",
+        str(tmp_path / "certs.d"),
+        "--containerd-config",
+        str(tmp_path / "none.toml"),
+        "--crio-dropin-dir",
+        str(dropins),
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "PYTHONPATH": OPERATOR_SRC})
+    assert proc.returncode in (0, 1), proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_crio_pulls_through_the_drop_in_honours_strictness_search_order_and_blocking(crio_bin: Path, crictl: str, tmp_path: Path) -> None:
+    dropins = tmp_path / "registries.conf.d"
+    dropins.mkdir()
+    with (
+        Registry.start(tmp_path / "mirror", "127.0.0.3") as mirror,
+        ConnectionRecorder.start("127.0.0.2") as upstream,
+        ConnectionRecorder.start("127.0.0.4") as strict_upstream,
+        ConnectionRecorder.start("127.0.0.5") as blocked_upstream,
+        crio(crio_bin, dropins, crictl) as daemon,
+    ):
+        mirror.push_image("team/app", "v1")
+        dead = f"http://127.0.0.6:{free_port('127.0.0.6')}"
+        plan = {
+            "mirrors": [
+                entry("team", mirror.url, upstream.address, f"http://{upstream.address}"),
+                entry("vault", dead, strict_upstream.address, f"http://{strict_upstream.address}", "NeverContactUpstream"),
+            ],
+            "settings": {"unqualifiedSearchRegistries": [upstream.address], "blockedRegistries": [blocked_upstream.address]},
+        }
+        events = agent_once(tmp_path, dropins, plan)
+        assert any(e["event"] == "files.applied" for e in events), events
+        daemon.reload()
+
+        pulled = daemon.crictl("pull", f"{upstream.address}/team/app:v1")
+        assert pulled.returncode == 0, pulled.stderr + daemon.log()[-2000:]
+        assert "/v2/team/app/manifests/v1" in mirror.requests_log()
+        assert upstream.connections == [], "the routed host never reached its upstream"
+
+        strict = daemon.crictl("pull", f"{strict_upstream.address}/team/app:v1", timeout=30)
+        assert strict.returncode != 0
+        assert strict_upstream.connections == [], "NeverContactUpstream: the upstream sees nothing with the mirror down"
+
+        daemon.crictl("rmi", f"{upstream.address}/team/app:v1")
+        short = daemon.crictl("pull", "team/app:v1")
+        assert short.returncode == 0, short.stderr + daemon.log()[-2000:]
+        assert mirror.requests_log().count("/v2/team/app/manifests/v1") >= 2, (
+            "the short name resolved to the search registry, via its mirror"
+        )
+        assert upstream.connections == []
+
+        blocked = daemon.crictl("pull", f"{blocked_upstream.address}/team/app:v1", timeout=30)
+        assert blocked.returncode != 0 and "blocked" in (blocked.stderr + daemon.log()[-3000:]).lower()
+        assert blocked_upstream.connections == []

@@ -1,0 +1,53 @@
+"""Counting what a user wrote, from the API server's audit log.
+
+Timestamps are the audit log's own (``requestReceivedTimestamp``, RFC 3339 with
+microseconds, UTC), so a window is "every request the API server received from
+``since`` on", independent of when a test looked.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from typing import Any
+
+from harness.cluster import LocalCluster
+
+
+def now() -> str:
+    """The current time in the audit log's format, to open a counting window."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def writes(
+    cluster: LocalCluster,
+    user: str,
+    since: str,
+    until: str | None = None,
+    *,
+    resource: str | None = None,
+    name: str | None = None,
+) -> list[dict[str, Any]]:
+    """Completed writes by ``user`` received in [since, until), optionally on one resource or object name."""
+    found = []
+    for event in cluster.write_events(user, since=since):
+        ref = event.get("objectRef") or {}
+        if until is not None and event.get("requestReceivedTimestamp", "") >= until:
+            continue
+        if resource is not None and ref.get("resource") != resource:
+            continue
+        if name is not None and ref.get("name") != name:
+            continue
+        found.append(event)
+    return found
+
+
+def summary(events: list[dict[str, Any]]) -> list[str]:
+    """``verb resource[/subresource] namespace/name -> code`` lines with counts, for failure messages."""
+    counts: Counter[str] = Counter()
+    for event in events:
+        ref = event.get("objectRef") or {}
+        resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+        code = (event.get("responseStatus") or {}).get("code")
+        counts[f"{event.get('verb')} {resource} {ref.get('namespace', '')}/{ref.get('name', '')} -> {code}"] += 1
+    return [f"{count}x {line}" for line, count in sorted(counts.items())]

@@ -1,0 +1,60 @@
+"""Reading back what the operator wrote for a mirror: children, Secrets, the node plan.
+
+``cluster`` is a ``harness.LocalCluster`` and ``operator`` a ``harness.operator.OperatorProcess``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from harness.cluster import LocalCluster
+from harness.dataplane.loopback import MirrorObjects
+from harness.operator import AGENT_NS, OPERATOR_NS, OperatorProcess
+from harness.waiting import wait_for
+from regmirror import constants as c
+from regmirror import naming
+
+
+def _kubectl_json(cluster: LocalCluster, *args: str) -> dict[str, Any] | None:
+    result = cluster.kubectl(*args, "-o", "json", check=False)
+    return dict(json.loads(result.stdout)) if result.returncode == 0 else None
+
+
+def read_mirror_objects(cluster: LocalCluster, operator: OperatorProcess, name: str, timeout: float = 90) -> MirrorObjects:
+    """Wait for the operator to write a mirror's ConfigMap, Service (with a ClusterIP) and Deployment."""
+    child = naming.child_name(name)
+
+    def children() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]] | None:
+        cm = _kubectl_json(cluster, "get", "configmap", child, "-n", OPERATOR_NS)
+        svc = _kubectl_json(cluster, "get", "service", child, "-n", OPERATOR_NS)
+        deploy = _kubectl_json(cluster, "get", "deployment", child, "-n", OPERATOR_NS)
+        if cm and svc and deploy and svc["spec"].get("clusterIP"):
+            return cm, svc, deploy
+        return None
+
+    cm, svc, deploy = wait_for(children, timeout, f"the operator's children of {name}", diagnose=operator.log_tail)
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    secrets: dict[str, dict[str, str]] = {}
+    for var in container.get("env", []):
+        ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+        if ref and ref["name"] not in secrets:
+            secret = _kubectl_json(cluster, "get", "secret", ref["name"], "-n", OPERATOR_NS)
+            assert secret is not None, f"Secret {ref['name']} referenced by {child} is missing"
+            secrets[ref["name"]] = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "registry")
+    return MirrorObjects(name, cm["data"]["config.yml"], container, secrets, svc["spec"]["clusterIP"], int(port))
+
+
+def read_node_plan(cluster: LocalCluster, operator: OperatorProcess, names: list[str], timeout: float = 90) -> str:
+    """The node plan (ConfigMap regmirror-node/regmirror-node-config, key mirrors.json) once it lists `names`."""
+
+    def plan() -> str | None:
+        cm = _kubectl_json(cluster, "get", "configmap", c.NODE_CONFIG_NAME, "-n", AGENT_NS)
+        text = ((cm or {}).get("data") or {}).get(c.NODE_CONFIG_KEY)
+        if text and set(names) <= {m["name"] for m in json.loads(text).get("mirrors", [])}:
+            return str(text)
+        return None
+
+    return str(wait_for(plan, timeout, f"the node plan listing {names}", diagnose=operator.log_tail))

@@ -1,0 +1,139 @@
+"""The real HTTP client against a small aiohttp server on loopback: retries, Retry-After, field errors, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from regmirror import constants as c
+from regmirror.kube import ApiError, Credentials, HttpKube
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "regmirror-hub", "namespace": "ns"}, "spec": {}}
+
+
+@asynccontextmanager
+async def server(handler: Handler) -> AsyncIterator[HttpKube]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = HttpKube(Credentials(f"http://127.0.0.1:{port}", False, lambda: "token-x"), timeout=0.5, attempts=4)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+def status_body(code: int, reason: str, message: str, causes: list[dict[str, str]] | None = None, retry: int | None = None) -> str:
+    details: dict[str, Any] = {"causes": causes or []}
+    if retry is not None:
+        details["retryAfterSeconds"] = retry
+    return json.dumps({"kind": "Status", "code": code, "reason": reason, "message": message, "details": details})
+
+
+async def test_429_is_retried_after_the_servers_retry_after() -> None:
+    seen: list[float] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(time.monotonic())
+        assert request.headers["Authorization"] == "Bearer token-x"
+        if len(seen) == 1:
+            return web.Response(status=429, text=status_body(429, "TooManyRequests", "slow down"), headers={"Retry-After": "1"})
+        assert request.query["fieldManager"] == c.FIELD_MANAGER and request.query["force"] == "true"
+        assert request.headers["Content-Type"] == "application/apply-patch+yaml"
+        return web.json_response(await request.json())
+
+    async with server(handler) as client:
+        result = await client.apply(DEPLOYMENT)
+    assert result["metadata"]["name"] == "regmirror-hub"
+    assert len(seen) == 2 and seen[1] - seen[0] >= 0.95
+
+
+async def test_5xx_is_retried_then_raised_as_transient() -> None:
+    calls = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        return web.Response(status=500, text=status_body(500, "InternalError", "etcdserver: request timed out"))
+
+    async with server(handler) as client:
+        with pytest.raises(ApiError) as err:
+            await client.apply(DEPLOYMENT)
+    assert calls == 4
+    assert err.value.transient and "etcdserver" in str(err.value)
+
+
+async def test_422_is_not_retried_and_keeps_the_field_error() -> None:
+    calls = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        causes = [{"field": "spec.clusterIP", "message": 'Invalid value: "10.0.0.7": provided IP is not in the valid range'}]
+        return web.Response(status=422, text=status_body(422, "Invalid", 'Service "regmirror-hub" is invalid', causes))
+
+    async with server(handler) as client:
+        with pytest.raises(ApiError) as err:
+            await client.apply(DEPLOYMENT)
+    assert calls == 1
+    assert err.value.invalid and not err.value.transient
+    assert err.value.field_error() == 'spec.clusterIP: Invalid value: "10.0.0.7": provided IP is not in the valid range'
+
+
+async def test_403_is_not_retried() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=403, text=status_body(403, "Forbidden", "forbidden"))
+
+    async with server(handler) as client:
+        with pytest.raises(ApiError) as err:
+            await client.get("Deployment", "ns", "x")
+    assert err.value.status == 403 and not err.value.transient
+
+
+async def test_a_hung_request_times_out_and_is_retried() -> None:
+    calls = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            await asyncio.sleep(1.5)
+        return web.json_response({"kind": "Deployment", "metadata": {"name": "x"}})
+
+    async with server(handler) as client:
+        assert (await client.get("Deployment", "ns", "x"))["metadata"]["name"] == "x"  # type: ignore[index]
+    assert calls == 3
+
+
+async def test_absent_is_none_and_watch_errors_carry_their_code() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.query.get("watch"):
+            response = web.StreamResponse()
+            await response.prepare(request)
+            event = {"type": "ADDED", "object": {"metadata": {"name": "a", "resourceVersion": "5"}}}
+            await response.write(json.dumps(event).encode() + b"\n")
+            gone = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old resource version"}}
+            await response.write(json.dumps(gone).encode() + b"\n")
+            return response
+        return web.Response(status=404, text=status_body(404, "NotFound", "not found"))
+
+    async with server(handler) as client:
+        assert await client.get("Service", "ns", "nope") is None
+        seen = []
+        with pytest.raises(ApiError) as err:
+            async for type_, obj in client.watch("Service", "ns", resource_version="1", timeout_seconds=5, inactivity=5):
+                seen.append((type_, obj["metadata"]["name"]))
+    assert seen == [("ADDED", "a")] and err.value.status == 410

@@ -1,0 +1,202 @@
+"""The children reconciler against the fake client: what it writes, when it does not, and how it fails."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from controller_kit import NS, Kit, mirror
+from fakekube import api_error
+
+from regmirror import constants as c
+from regmirror.controller.state import Done, RequeueAfter, Terminal, Transient
+
+
+def child(kit: Kit, kind: str, name: str) -> dict[str, Any] | None:
+    return kit.kube.obj(kind, NS, f"regmirror-{name}")
+
+
+async def new_mirror(kit: Kit, name: str = "hub", **spec: Any) -> None:
+    kit.kube.put(mirror(name, **spec))
+    await kit.sync()
+
+
+async def test_creates_the_service_first_then_the_rest_and_the_finalizer() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    assert await kit.run("children", "hub") == Done()
+    writes = [w[1] for w in kit.kube.writes()]
+    assert sorted(writes[:2]) == sorted([c.KIND, "Service"]), "the finalizer and the Service go out together, first"
+    assert writes[2:] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Deployment"]  # registry config, cache inputs
+    assert kit.kube.obj(c.KIND, None, "hub")["metadata"]["finalizers"] == [c.FINALIZER]  # type: ignore[index]
+    assert ("plan", "") in kit.queued(), "a new ClusterIP queues the node plan"
+    owners = child(kit, "Deployment", "hub")["metadata"]["ownerReferences"]  # type: ignore[index]
+    assert owners[0]["name"] == "hub"
+
+
+async def test_an_unchanged_cluster_costs_no_request() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.run("children", "hub")
+    await kit.run("children", "hub")
+    kit.kube.calls.clear()
+    assert await kit.run("children", "hub") == Done()
+    assert kit.kube.writes() == []
+
+
+async def test_drift_of_a_field_we_own_is_undone() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.run("children", "hub")
+    await kit.run("children", "hub")
+    dep = child(kit, "Deployment", "hub")
+    assert dep is not None
+    dep["spec"]["replicas"] = 0
+    dep["metadata"]["labels"].pop(c.LABEL_MANAGED_BY)  # a child that lost its label is still ours
+    kit.kube.put(dep)
+    kit.kube.remove("Service", NS, "regmirror-hub")
+    await kit.run("children", "hub")
+    await kit.run("children", "hub")
+    assert child(kit, "Service", "hub") is not None
+    assert child(kit, "Deployment", "hub")["spec"]["replicas"] == 1  # type: ignore[index]
+
+
+async def test_fields_another_manager_adds_cost_no_write() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.run("children", "hub")
+    await kit.run("children", "hub")
+    dep = child(kit, "Deployment", "hub")
+    assert dep is not None
+    dep["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "INJECTED_BY_WEBHOOK", "value": "1"})
+    dep["spec"]["template"]["metadata"].setdefault("annotations", {})["mesh/inject"] = "true"
+    kit.kube.put(dep)
+    svc = child(kit, "Service", "hub")
+    assert svc is not None
+    svc["spec"]["ports"].append({"name": "admin-extra", "port": 9999, "protocol": "TCP"})
+    kit.kube.put(svc)
+    kit.kube.calls.clear()
+    for _ in range(3):
+        assert await kit.run("children", "hub") == Done()
+    assert kit.kube.writes() == []
+
+
+async def test_a_field_fight_is_won_back_with_growing_pauses() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.run("children", "hub")
+    await kit.run("children", "hub")
+    repairs = []
+    for _ in range(6):
+        dep = child(kit, "Deployment", "hub")
+        assert dep is not None
+        dep["spec"]["replicas"] = 3  # another manager forces the field, again and again
+        kit.kube.put(dep)
+        kit.kube.calls.clear()
+        result = await kit.run("children", "hub")
+        repairs.append((len(kit.kube.writes()), result))
+    # The first repair at once; then each waits (1 s, 2 s, 4 s...) instead of answering every event.
+    assert repairs[0][0] == 1
+    assert repairs[1][0] == 0 and isinstance(repairs[1][1], RequeueAfter)
+    kit.clock.advance(repairs[1][1].seconds)  # type: ignore[union-attr]
+    kit.kube.calls.clear()
+    await kit.run("children", "hub")
+    assert len(kit.kube.writes()) == 1
+    assert child(kit, "Deployment", "hub")["spec"]["replicas"] == 1  # type: ignore[index]
+
+
+async def test_a_rejected_child_reports_the_api_servers_field_error_and_stops_until_the_spec_changes() -> None:
+    kit = Kit()
+    await new_mirror(kit, replicas=1)
+    field_error = (
+        "spec.template.spec.containers[0].resources.requests",
+        'Invalid value: "64Gi": must be less than or equal to memory limit of 4Gi',
+    )
+    kit.kube.fail("apply", api_error(422, 'Deployment.apps "regmirror-hub" is invalid', causes=[field_error]), kind="Deployment")
+    result = await kit.run("children", "hub")
+    assert isinstance(result, Terminal)
+    err = kit.ctx.records["hub"].config_error
+    assert err is not None and err.reason == "ApplyRejected"
+    assert 'spec.template.spec.containers[0].resources.requests: Invalid value: "64Gi"' in err.message
+    assert ("status", "hub") in kit.queued()
+    kit.kube.calls.clear()
+    for _ in range(3):  # events about other children do not start a retry loop
+        assert isinstance(await kit.run("children", "hub"), Terminal)
+    assert kit.kube.writes() == []
+    body = kit.kube.obj(c.KIND, None, "hub")
+    assert body is not None
+    body["spec"]["cache"] = {"ttl": "1h"}
+    body["metadata"]["generation"] = 2
+    kit.kube.put(body)
+    assert await kit.run("children", "hub") == Done(), "a new generation is tried again"
+    assert kit.ctx.records["hub"].config_error is None
+
+
+async def test_transient_failures_are_retried_and_not_reported_at_first() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    for error in (api_error(500), api_error(429, retry_after=2), api_error(0, "no answer within the request timeout"), api_error(409)):
+        kit.kube.fail("apply", error, kind="Service")
+        result = await kit.run("children", "hub")
+        assert isinstance(result, Transient), error
+        rec = kit.ctx.records["hub"]
+        assert rec.config_error is None, "an API hiccup is not a configuration fault"
+        assert rec.repair is not None and rec.repair.transient
+    assert await kit.run("children", "hub") == Done()
+    assert kit.ctx.records["hub"].repair is None, "success clears it"
+
+
+async def test_forbidden_is_a_repair_that_needs_someone() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    kit.kube.fail("apply", api_error(403, 'services "regmirror-hub" is forbidden'), kind="Service")
+    assert isinstance(await kit.run("children", "hub"), Transient)
+    repair = kit.ctx.records["hub"].repair
+    assert repair is not None and not repair.transient and repair.reason == "ApplyForbidden"
+
+
+async def test_a_missing_secret_is_a_configuration_error_until_it_appears() -> None:
+    kit = Kit()
+    await new_mirror(kit, upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": "creds"}})
+    assert isinstance(await kit.run("children", "hub"), Terminal)
+    err = kit.ctx.records["hub"].config_error
+    assert err is not None and err.reason == "CredentialsSecretMissing"
+    assert not any(w[1] in ("Deployment", "Service") for w in kit.kube.writes())
+    data = {"username": base64.b64encode(b"robot").decode(), "password": base64.b64encode(b"pw").decode()}
+    kit.kube.put({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": NS}, "data": data})
+    checked = []
+    kit.ctx.on_credentials = lambda name, spec, creds: checked.append((name, creds))
+    kit.manager.queue._due.clear()
+    await kit.run("children", "hub")
+    await kit.run("children", "hub")
+    assert kit.ctx.records["hub"].config_error is None
+    assert ("plan", "") in kit.queued(), "the repaired mirror's node-plan entry follows"
+    assert checked and checked[0][0] == "hub", "the upstream check is started off the reconcile path"
+    dep = child(kit, "Deployment", "hub")
+    assert dep is not None and "pw" not in str(dep) and "cm9ib3Q" not in str(dep)
+
+
+async def test_an_invalid_spec_is_terminal_without_any_write() -> None:
+    kit = Kit()
+    await new_mirror(kit, replicas=-3)
+    result = await kit.run("children", "hub")
+    assert isinstance(result, Terminal) and "spec.replicas" in result.error
+    assert [w[1] for w in kit.kube.writes()] == [c.KIND], "only the finalizer"
+
+
+async def test_deletion_waits_for_the_nodes_then_releases_the_finalizer() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.converge("hub")
+    body = kit.kube.obj(c.KIND, None, "hub")
+    assert body is not None
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    kit.kube.put(body)
+    result = await kit.run("children", "hub")
+    assert isinstance(result, RequeueAfter), "waiting is normal: requeue, not an error"
+    kit.clock.advance(5)
+    await kit.run("plan")
+    await kit.run("rollout")
+    # No nodes in this cluster: once the plan without the mirror is out, nothing is waited for.
+    assert await kit.run("children", "hub") == Done()
+    assert kit.kube.obj(c.KIND, None, "hub") is None

@@ -1,0 +1,194 @@
+"""The status reconciler against the fake client: what is written, when, and which Events are posted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller_kit import NS, Kit, mirror
+from fakekube import api_error
+
+from regmirror import constants as c
+from regmirror.conditions import get_condition
+from regmirror.controller.state import Done, RequeueAfter, Terminal, Transient
+from regmirror.observe import RepairError
+
+
+def status_of(kit: Kit, name: str = "hub") -> dict[str, Any]:
+    body = kit.kube.obj(c.KIND, None, name)
+    assert body is not None
+    return dict(body.get("status") or {})
+
+
+def ready(status: dict[str, Any]) -> tuple[str, str]:
+    cond = get_condition(status.get("conditions"), "Ready") or {}
+    return str(cond.get("status")), str(cond.get("reason"))
+
+
+def make_serving(kit: Kit, name: str = "hub") -> None:
+    """What kube-controller-manager and kwok would report: Deployment available, PVC bound."""
+    dep = kit.kube.obj("Deployment", NS, f"regmirror-{name}")
+    assert dep is not None
+    dep["status"] = {
+        "observedGeneration": dep["metadata"]["generation"],
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "readyReplicas": 1,
+        "conditions": [{"type": "Available", "status": "True"}],
+    }
+    kit.kube.put(dep)
+    pvc = kit.kube.obj("PersistentVolumeClaim", NS, f"regmirror-{name}")
+    assert pvc is not None
+    pvc["status"] = {"phase": "Bound", "capacity": {"storage": "1Gi"}}
+    kit.kube.put(pvc)
+
+
+async def serving_mirror(kit: Kit, name: str = "hub", **spec: Any) -> None:
+    kit.kube.put(mirror(name, nodeConfig={"enabled": False}, **spec))
+    await kit.converge(name)
+    make_serving(kit, name)
+
+
+async def test_a_ready_mirror_is_written_at_once_and_only_once() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    kit.kube.calls.clear()
+    assert await kit.run("status", "hub") == Done()
+    assert ready(status_of(kit)) == ("True", "MirrorReady")
+    assert status_of(kit)["observedGeneration"] == 1
+    assert [w[0] for w in kit.kube.writes()] == ["apply_status"], "no Event for a first Ready"
+    kit.kube.calls.clear()
+    assert await kit.run("status", "hub") == Done()
+    assert kit.kube.writes() == []
+
+
+async def test_a_new_mirror_progressing_normally_waits_before_its_first_status() -> None:
+    kit = Kit()
+    kit.kube.put(mirror("hub", nodeConfig={"enabled": False}))
+    await kit.converge("hub")
+    result = await kit.run("status", "hub")
+    assert isinstance(result, RequeueAfter) and 0 < result.seconds <= 60
+    assert status_of(kit) == {}
+    kit.clock.advance(result.seconds)
+    assert await kit.run("status", "hub") == Done()
+    assert status_of(kit)["phase"] in ("Progressing", "Pending")
+
+
+async def test_progress_is_written_at_a_bounded_rate_but_problems_at_once() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    await kit.run("status", "hub")
+    dep = kit.kube.obj("Deployment", NS, "regmirror-hub")
+    assert dep is not None
+    dep["status"]["readyReplicas"] = 2  # a count changed: progress only
+    dep["status"]["replicas"] = 1
+    kit.kube.put(dep)
+    kit.kube.calls.clear()
+    result = await kit.run("status", "hub")
+    assert isinstance(result, RequeueAfter) and kit.kube.writes() == []
+    kit.kube.remove("Service", NS, "regmirror-hub")  # the endpoint is gone: a reader must know now
+    assert await kit.run("status", "hub") == Done()
+    assert len(kit.kube.writes()) == 1 and ready(status_of(kit))[0] == "False"
+
+
+async def test_a_missing_secret_is_stalled_with_a_warning_event() -> None:
+    kit = Kit()
+    kit.kube.put(mirror("hub", upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": "nope"}}))
+    await kit.run("children", "hub")
+    assert await kit.run("status", "hub") == Done()
+    assert ready(status_of(kit)) == ("False", "CredentialsSecretMissing")
+    assert get_condition(status_of(kit)["conditions"], "Stalled")["status"] == "True"  # type: ignore[index]
+    assert [(e["reason"], e["type"]) for e in kit.kube.events] == [("CredentialsSecretMissing", "Warning")]
+
+
+async def test_a_transient_failure_is_hidden_during_the_grace_period_then_shown_without_touching_ready() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    await kit.run("status", "hub")
+    rec = kit.ctx.records["hub"]
+    rec.repair, rec.repair_since = RepairError(True, "APIUnavailable", "503 ServiceUnavailable: etcd leader changed"), kit.clock()
+    kit.kube.calls.clear()
+    await kit.run("status", "hub")
+    assert kit.kube.writes() == [], "retried before anyone is told"
+    kit.clock.advance(31)
+    await kit.run("status", "hub")
+    status = status_of(kit)
+    assert ready(status) == ("True", "MirrorReady"), "the pods serve: Ready stays True"
+    reconciling = get_condition(status["conditions"], "Reconciling")
+    assert reconciling is not None and reconciling["status"] == "True" and "etcd leader changed" in reconciling["message"]
+
+
+async def test_a_restarted_operator_announces_nothing_new() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    await kit.run("status", "hub")
+    restarted = Kit(kit.kube)  # same cluster, fresh controller
+    await restarted.converge("hub")
+    restarted.kube.calls.clear()
+    await restarted.run("status", "hub")
+    assert restarted.kube.writes() == []
+    assert restarted.kube.events == []
+
+
+async def test_recovery_from_a_problem_is_announced() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    await kit.run("status", "hub")
+    pvc = kit.kube.obj("PersistentVolumeClaim", NS, "regmirror-hub")
+    assert pvc is not None
+    pvc["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"  # deleted, held by pvc-protection
+    kit.kube.put(pvc)
+    await kit.run("status", "hub")
+    assert ready(status_of(kit)) == ("False", "ClaimTerminating")
+    kit.kube.remove("PersistentVolumeClaim", NS, "regmirror-hub")
+    await kit.run("children", "hub")  # a new claim
+    make_serving(kit)
+    await kit.run("status", "hub")
+    assert ready(status_of(kit)) == ("True", "MirrorReady")
+    assert [(e["reason"], e["type"]) for e in kit.kube.events] == [("ClaimTerminating", "Warning"), ("MirrorReady", "Normal")]
+
+
+async def test_a_failed_status_write_backs_off_and_a_rejected_one_stops() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    kit.kube.fail("apply_status", api_error(500))
+    assert isinstance(await kit.run("status", "hub"), Transient)
+    kit.kube.fail("apply_status", api_error(422, "status.phase: Invalid value"))
+    assert isinstance(await kit.run("status", "hub"), Terminal)
+    assert await kit.run("status", "hub") == Done()
+    assert ready(status_of(kit)) == ("True", "MirrorReady")
+
+
+async def test_hosts_show_the_position_and_the_head_of_the_order_only() -> None:
+    kit = Kit()
+    for i in range(12):
+        kit.kube.put(mirror(f"m{i:02d}", nodeConfig={"enabled": True, "priority": 100}))
+    await kit.run("hosts")
+    routes = kit.ctx.routes["docker.io"]
+    assert routes["m11"] == (12, [f"m{i:02d}" for i in range(10)])
+    assert routes["m00"][0] == 1
+    kit.manager.queue._due.clear()
+    kit.kube.put(mirror("zz-last", nodeConfig={"enabled": True, "priority": 100}))
+    await kit.run("hosts")
+    assert {k for k in kit.queued() if k[0] == "status"} == {("status", "zz-last")}, (
+        "a mirror added behind the head rewrites no other status"
+    )
+
+
+def test_the_progress_budget_bounds_writes_of_all_mirrors_together() -> None:
+    from regmirror.controller.state import TokenBucket
+
+    bucket = TokenBucket(rate=5.0, burst=5.0)
+    assert [bucket.take(0.0) for _ in range(5)] == [0.0] * 5
+    wait = bucket.take(0.0)
+    assert 0.19 < wait <= 0.2, "the sixth write in the same instant waits for a token"
+    assert bucket.take(0.2) == 0.0
+
+
+async def test_a_new_mirror_whose_children_are_still_missing_is_not_a_problem() -> None:
+    kit = Kit()
+    kit.kube.put(mirror("hub", nodeConfig={"enabled": False}))
+    assert isinstance(await kit.run("status", "hub"), RequeueAfter), "no status yet: it is progressing normally"
+    kit.clock.advance(61)  # past the first-status delay: progress, not a Warning
+    assert await kit.run("status", "hub") == Done()
+    assert ready(status_of(kit)) == ("False", "DeploymentMissing")
+    assert kit.kube.events == []
