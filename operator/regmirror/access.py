@@ -22,7 +22,7 @@ credential in their own Secret, all accepted.
 Where the state lives: in the mirror's own Secret `regmirror-<mirror>-auth`
 (operator's namespace; `state.json` plus the two derived files the pods
 mount, `access.vcl` for the front and `htpasswd` for an HTTPS registry), and a
-copy of the node credentials in `regmirror-node-auth` (the agent's namespace,
+copy of the node credentials in `regmirror-agent-credentials` (the agent's namespace,
 one key per mirror), because a pod can only mount a Secret of its own
 namespace. Either copy restores the other: a deleted or corrupted Secret is
 recovered without a new credential. Only when both are lost is a new one
@@ -55,7 +55,8 @@ from regmirror.units import duration_seconds
 #: Set to any new value to rotate the nodes' credential at once.
 ANNOTATION_ROTATE: Final = f"{c.GROUP}/rotate-credentials"
 #: The agent's Secret: one key per mirror, each the JSON of `node_entry`.
-NODE_SECRET_NAME: Final = "regmirror-node-auth"
+#: No mirror's Secret can take this name: a mirror's own ends in -auth, an access client's holds a dot.
+NODE_SECRET_NAME: Final = "regmirror-agent-credentials"
 STATE_KEY: Final = "state.json"
 ACCESS_VCL_KEY: Final = "access.vcl"
 HTPASSWD_KEY: Final = "htpasswd"
@@ -133,8 +134,13 @@ def client_username(client: str) -> str:
 
 
 def client_secret_name(mirror: str, client: str) -> str:
-    """The Secret holding an access client's credential (operator's namespace)."""
-    return f"{naming.child_name(mirror)}-client-{client}"
+    """The Secret holding an access client's credential (operator's namespace).
+
+    The dot keeps it apart from every other mirror's Secrets: mirror and client
+    names are DNS labels, so `regmirror-a.client-b-auth` (mirror a, client
+    b-auth) can never be `regmirror-a-client-b-auth` (mirror a-client-b).
+    """
+    return f"{naming.child_name(mirror)}.client-{client}"
 
 
 def auth_secret_name(mirror: str) -> str:
@@ -390,7 +396,7 @@ class AccessInputs:
     stored_state: str | None = None
     #: htpasswd of regmirror-<mirror>-auth, to keep its bcrypt lines.
     stored_htpasswd: str | None = None
-    #: This mirror's key of regmirror-node-auth in the agent's namespace.
+    #: This mirror's key of regmirror-agent-credentials in the agent's namespace.
     node_copy: str | None = None
     #: Decoded data of each access client's Secret that exists, by client name.
     client_secrets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -411,7 +417,7 @@ class AccessDecision:
     state: AccessState
     #: regmirror-<mirror>-auth data (operator's namespace).
     auth_data: dict[str, str]
-    #: regmirror-node-auth[<mirror>] (agent's namespace).
+    #: regmirror-agent-credentials[<mirror>] (agent's namespace).
     node_entry: str
     #: Data of each access client's Secret, by client name (all of them, created or kept).
     client_data: dict[str, dict[str, str]]

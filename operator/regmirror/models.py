@@ -1281,7 +1281,7 @@ class Affinity(Model):
 
 # ---------------------------------------------------------------- access: who may pull through the mirror
 
-#: Longest name of an access client: its Secret, regmirror-<mirror>-client-<client>, stays a DNS subdomain.
+#: Longest name of an access client (a DNS label): its Secret regmirror-<mirror>.client-<client> stays a DNS subdomain.
 MAX_CLIENT_NAME_LENGTH = 63
 #: Default rotation period of the generated credentials (nodes and clients alike).
 DEFAULT_ROTATION = "720h"
@@ -1294,7 +1294,7 @@ class AccessClient(Model):
         str,
         Field(
             description=(
-                "Name of the client (a DNS label). The operator creates the Secret regmirror-<mirror>-client-<name> in its "
+                "Name of the client (a DNS label). The operator creates the Secret regmirror-<mirror>.client-<name> in its "
                 "namespace with the keys username, password and auth (base64 of username:password); "
                 "`regmirror render --client` prints the configuration that reads it. Delete the Secret to revoke and reissue the credential."
             ),

@@ -50,7 +50,7 @@ class MirrorEntry(Model):
         Field(
             description=(
                 "Revision of the credential nodes send to this mirror (the value is in the agent's Secret "
-                "regmirror-node-auth, never in the plan). None: no credential."
+                "regmirror-agent-credentials, never in the plan). None: no credential."
             )
         ),
     ] = None

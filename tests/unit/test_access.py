@@ -135,7 +135,7 @@ def test_nothing_secret_leaves_the_secret_data() -> None:
     secrets += [d.state.current.basic, d.state.next.basic, d.client_data["ci"]["auth"]]
     public = json.dumps([d.status(True), d.events, d.plan_revision, repr(d.state)])
     assert not [s for s in secrets if s in public]
-    assert d.status(True)["clients"] == ["regmirror-m-client-ci"]
+    assert d.status(True)["clients"] == ["regmirror-m.client-ci"]
 
 
 def test_a_mirror_whose_plan_entry_carries_no_credential_is_not_enforced_until_nodes_have_one() -> None:

@@ -31,7 +31,7 @@ def creds(revision: int) -> acc.Credential:
 
 
 def node_secret(tmp: Path, entries: dict[str, dict[int, acc.Credential]]) -> Path:
-    """regmirror-node-auth as the kubelet mounts it: one file per mirror."""
+    """regmirror-agent-credentials as the kubelet mounts it: one file per mirror."""
     auth = tmp / "node-auth"
     auth.mkdir(exist_ok=True)
     for name, by_rev in entries.items():

@@ -294,4 +294,4 @@ def test_strictness_the_platform_cannot_hold_is_said_and_credentials_are_placeho
     talos = yaml.safe_load(platforms.render_talos(entries, {"q": m}, {}).render())
     assert talos["machine"]["registries"]["mirrors"]["quay.io"]["skipFallback"] is True
     assert talos["machine"]["registries"]["config"]["10.96.0.10:5000"]["auth"] == {"auth": "REGMIRROR-AUTH-OF-q"}
-    assert "regmirror-q-client-nodes" in platforms.render_talos(entries, {"q": m}, {}).render()
+    assert "regmirror-q.client-nodes" in platforms.render_talos(entries, {"q": m}, {}).render()

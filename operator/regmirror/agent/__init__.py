@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--auth-dir",
         type=Path,
         default=Path("/etc/regmirror/node-auth"),
-        help="the mounted regmirror-node-auth Secret (mirror credentials)",
+        help="the mounted regmirror-agent-credentials Secret (mirror credentials)",
     )
     return p
 

@@ -1,6 +1,6 @@
 """The agent's side of the nodes' credentials: read them from the mounted Secret, put them in the node's files.
 
-The operator mounts regmirror-node-auth (one key per mirror, root-only) into
+The operator mounts regmirror-agent-credentials (one key per mirror, root-only) into
 the agent's pods; the node plan names the revision each mirror's nodes must
 send. This module reads, for each mirror the plan gives a revision, the
 matching Authorization value, and hands the pure part

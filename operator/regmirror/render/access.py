@@ -3,9 +3,9 @@
 - `regmirror-<mirror>-auth` (the operator's namespace, owned by the mirror):
   the access state and the two files the mirror's pods mount, `access.vcl`
   (the front) and `htpasswd` (an HTTPS registry);
-- `regmirror-<mirror>-client-<client>` (same namespace, owned by the mirror):
+- `regmirror-<mirror>.client-<client>` (same namespace, owned by the mirror):
   one access client's credential, for `regmirror render --client`;
-- `regmirror-node-auth` (the agent's namespace, one key per mirror): the
+- `regmirror-agent-credentials` (the agent's namespace, one key per mirror): the
   nodes' credentials, mounted into the agent's pods (`agent_auth_volume`);
   the node plan names only a revision, never a value.
 
@@ -23,7 +23,7 @@ from regmirror import naming
 from regmirror.access import NODE_SECRET_NAME, auth_secret_name, client_secret_name
 from regmirror.render.mirror import owner_reference
 
-#: Where the agent's pods see regmirror-node-auth (root-only files).
+#: Where the agent's pods see regmirror-agent-credentials (root-only files).
 NODE_AUTH_DIR = "/etc/regmirror/node-auth"
 NODE_AUTH_VOLUME = "node-auth"
 LABEL_ACCESS = "regmirror.dev/access"
@@ -70,7 +70,7 @@ def render_node_auth_secret(entries: Mapping[str, str], agent_namespace: str) ->
 
 
 def agent_auth_volume() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(volume, mount) of regmirror-node-auth for the agent's DaemonSet: root-only files, optional.
+    """(volume, mount) of regmirror-agent-credentials for the agent's DaemonSet: root-only files, optional.
 
     Optional so that an agent starts before the operator created it (a plan
     naming a revision the agent cannot find keeps that mirror's files as

@@ -110,7 +110,7 @@ def render_agent_daemonset(
         mounts.append(mount)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
-    # The mirrors' node credentials (regmirror-node-auth, root-only; render/access.py): the plan names revisions only.
+    # The mirrors' node credentials (regmirror-agent-credentials, root-only; render/access.py): the plan names revisions only.
     auth_volume, auth_mount = agent_auth_volume()
     volumes.append(auth_volume)
     mounts.append(auth_mount)

@@ -2,7 +2,7 @@
 
 The node plan names, per mirror, only the revision of the credential nodes
 must send (`authRevision`); the values are in the agent's Secret
-(regmirror-node-auth, mounted root-only; see regmirror/access.py). After
+(regmirror-agent-credentials, mounted root-only; see regmirror/access.py). After
 `render.nodefiles.plan_node_files` has rendered and checked a node's files,
 `add_credentials` adds to each containerd hosts.toml, for each mirror whose
 credential the node holds, its Authorization header:

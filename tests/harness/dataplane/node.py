@@ -30,7 +30,7 @@ class AgentNode:
     root: Path
     labels: dict[str, str]
     runtime_version: str = "containerd://1.6.0"
-    # The mounted regmirror-node-auth Secret; by default the node's own (empty) directory, never the host's /etc.
+    # The mounted regmirror-agent-credentials Secret; by default the node's own (empty) directory, never the host's /etc.
     auth_dir: Path | None = None
 
     def __post_init__(self) -> None:
