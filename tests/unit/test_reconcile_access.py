@@ -71,6 +71,7 @@ async def test_a_deleted_access_secret_comes_back_with_the_same_credential() -> 
     kit.kube.put(mirror("q", **PRIVATE))
     await kit.converge("q")
     before = acc.parse_state(data(kit, acc.auth_secret_name("q"))[acc.STATE_KEY])
+    kit.kube.events.clear()
     kit.kube.remove("Secret", NS, acc.auth_secret_name("q"))
     await kit.run("access", "q")
     after = acc.parse_state(data(kit, acc.auth_secret_name("q"))[acc.STATE_KEY])
