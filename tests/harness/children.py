@@ -1,9 +1,9 @@
 """A mirror's children as the API server has them, and what is wrong with the whole set.
 
 ``ownership_problems`` is the invariant the fault tests check after a crash or an
-outage: every mirror has exactly one object of each kind, every object the operator
-manages belongs to a mirror that exists, and there is one agent DaemonSet and one
-node plan.
+outage: every mirror has exactly the children the operator renders for its spec (no
+duplicate, none missing), every object the operator manages belongs to a mirror that
+exists, and there is one agent DaemonSet and one node plan.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from harness.cluster import LocalCluster
 from harness.operator import AGENT_NS, OPERATOR_NS
 from regmirror import constants as c
 from regmirror import naming
+from regmirror.models import RegistryMirrorSpec
+from regmirror.render.mirror import render_mirror_children
 
 #: Collections of the namespaced kinds a mirror owns, by kind.
 CHILD_PATHS = {
@@ -23,6 +25,7 @@ CHILD_PATHS = {
     "Service": f"/api/v1/namespaces/{OPERATOR_NS}/services",
     "ConfigMap": f"/api/v1/namespaces/{OPERATOR_NS}/configmaps",
     "PersistentVolumeClaim": f"/api/v1/namespaces/{OPERATOR_NS}/persistentvolumeclaims",
+    "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{OPERATOR_NS}/poddisruptionbudgets",
 }
 MANAGED = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
 
@@ -42,9 +45,17 @@ def managed_children(cluster: LocalCluster) -> list[dict[str, Any]]:
     return found
 
 
-def ownership_problems(cluster: LocalCluster, mirrors: list[str], *, kinds_per_mirror: int = 4) -> list[str]:
+def rendered_kinds(mirror: dict[str, Any]) -> Counter[str]:
+    """How many children of each kind the operator renders for this mirror's spec."""
+    spec = RegistryMirrorSpec.model_validate(mirror.get("spec") or {})
+    meta = mirror["metadata"]
+    return Counter(obj["kind"] for obj in render_mirror_children(meta["name"], meta["uid"], spec, OPERATOR_NS))
+
+
+def ownership_problems(cluster: LocalCluster, mirrors: list[str]) -> list[str]:
     """Duplicates, missing children and orphans among the operator's objects; [] when all is well."""
-    live = {m["metadata"]["name"]: m["metadata"]["uid"] for m in cluster.api("GET", f"/apis/{c.API_VERSION}/{c.PLURAL}")["items"]}
+    bodies = {m["metadata"]["name"]: m for m in cluster.api("GET", f"/apis/{c.API_VERSION}/{c.PLURAL}")["items"]}
+    live = {name: m["metadata"]["uid"] for name, m in bodies.items()}
     problems = []
     per_mirror: Counter[tuple[str, str]] = Counter()
     for obj in managed_children(cluster):
@@ -58,8 +69,9 @@ def ownership_problems(cluster: LocalCluster, mirrors: list[str], *, kinds_per_m
             problems.append(f"{obj['kind']} {meta['name']} is owned by {sorted(owner_uids)}, not by mirror {owner} ({live[owner]})")
     for mirror in mirrors:
         kinds = {kind: per_mirror[(mirror, kind)] for kind in CHILD_PATHS}
-        if sum(1 for n in kinds.values() if n) != kinds_per_mirror or any(n > 1 for n in kinds.values()):
-            problems.append(f"mirror {mirror} has children {kinds}")
+        wanted = rendered_kinds(bodies[mirror]) if mirror in bodies else Counter()
+        if any(kinds[kind] != wanted.get(kind, 0) for kind in CHILD_PATHS):
+            problems.append(f"mirror {mirror} has children {kinds}, the operator renders {dict(wanted)}")
     for kind, path in (
         ("DaemonSet", f"/apis/apps/v1/namespaces/{AGENT_NS}/daemonsets"),
         ("ConfigMap", f"/api/v1/namespaces/{AGENT_NS}/configmaps"),
