@@ -68,6 +68,30 @@ def _parser() -> argparse.ArgumentParser:
         "--cluster-ip", default=c.RENDER_CLUSTER_IP, help="ClusterIP assumed for the first mirror's Service (default: %(default)s)"
     )
     rnd.add_argument("--agent-image", default=c.DEFAULT_OPERATOR_IMAGE, help="image of the node agent (default: %(default)s)")
+    rnd.add_argument(
+        "--node-cidrs", default="", help="comma-separated node addresses or CIDRs for the NetworkPolicies (the operator reads the Nodes)"
+    )
+    what = rnd.add_mutually_exclusive_group()
+    what.add_argument(
+        "--client",
+        choices=("docker", "containerd", "podman"),
+        help="instead: a shell script configuring a host outside the cluster to pull through the mirror (no credential is printed)",
+    )
+    what.add_argument(
+        "--node-config",
+        choices=("gke", "k3s", "talos"),
+        help="instead: the platform's native registry configuration, for clusters where no DaemonSet may write node files",
+    )
+    rnd.add_argument("--mirror", default=None, help="with --client: the RegistryMirror of the file to use (when it holds several)")
+    rnd.add_argument(
+        "--name", default=None, help="with --client or --node-config: the access client (spec.access.clients) whose credential to use"
+    )
+    rnd.add_argument(
+        "--endpoint", default=None, help="with --client: host:port outside hosts reach the mirror at (default: read from the Service)"
+    )
+    rnd.add_argument(
+        "--node-labels", default="", help="with --node-config: labels (k=v,...) of the nodes configured; picks mirrors by nodeSelector"
+    )
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -95,9 +119,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             ipaddress.ip_address(args.cluster_ip)
         except ValueError:
             parser.error(f"--cluster-ip: not an IP address: {args.cluster_ip}")
-        from regmirror.offline import render_file
+        from regmirror.offline import parse_labels, render_client, render_file, render_node_config
 
-        return render_file(args.filename, args.namespace, args.agent_namespace, args.cluster_ip, args.agent_image)
+        if args.client:
+            return render_client(
+                args.filename, args.client, mirror_name=args.mirror, client=args.name, endpoint=args.endpoint, namespace=args.namespace
+            )
+        if args.node_config:
+            try:
+                labels = parse_labels(args.node_labels)
+            except ValueError as exc:
+                parser.error(f"--node-labels: {exc}")
+            return render_node_config(args.filename, args.node_config, cluster_ip=args.cluster_ip, node_labels=labels, client=args.name)
+        cidrs = [x.strip() for x in args.node_cidrs.split(",") if x.strip()]
+        return render_file(args.filename, args.namespace, args.agent_namespace, args.cluster_ip, args.agent_image, cidrs)
     if args.command == "version":
         print(f"regmirror {regmirror.__version__}")
         return 0

@@ -69,6 +69,7 @@ RESOURCES: dict[str, ResourceType] = {
     "Deployment": ResourceType("apps/v1", "deployments", True),
     "DaemonSet": ResourceType("apps/v1", "daemonsets", True),
     "PodDisruptionBudget": ResourceType("policy/v1", "poddisruptionbudgets", True),
+    "NetworkPolicy": ResourceType("networking.k8s.io/v1", "networkpolicies", True),
     c.KIND: ResourceType(c.API_VERSION, c.PLURAL, False),
 }
 

@@ -14,6 +14,7 @@ shrink) have no Python twin: they need the stored object.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -282,6 +283,17 @@ class AccessMode(StrEnum):
 class DeletionPolicy(StrEnum):
     DELETE = "Delete"
     RETAIN = "Retain"
+
+
+class AccessPolicy(StrEnum):
+    OPEN = "Open"
+    RESTRICTED = "Restricted"
+
+
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
 
 
 class TolerationOperator(StrEnum):
@@ -886,6 +898,30 @@ def _usable_cluster_ip(value: str) -> bool:
     return address is not None and g.is_global_unicast(address)
 
 
+def is_canonical_cidr(value: str) -> bool:
+    """A CIDR as CEL's `isCIDR` reads it, with no host bits set and written as `string(cidr(x).masked())` prints it."""
+    if not isinstance(value, str) or not value.isascii() or "%" in value or "/" not in value:
+        return False
+    address, _, bits = value.partition("/")
+    if g.parse_ip(address) is None or not bits.isdigit():
+        return False
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        return False
+    return str(network) == value
+
+
+#: A network as a NetworkPolicy ipBlock or a Service's loadBalancerSourceRanges take it.
+_CIDR_RULE = Rule(
+    "isCIDR(self) && string(cidr(self).masked()) == self",
+    "must be a CIDR in canonical form, e.g. 10.0.0.0/16 or fd00:10::/64: the network address (no host bits set), "
+    "lower case, no leading zeros, not IPv4-mapped",
+    is_canonical_cidr,
+)
+Cidr = Annotated[str, Field(max_length=49), Checked(_CIDR_RULE)]
+
+
 class ServiceSpec(Model):
     """The Service in front of the mirror, which is what nodes connect to."""
 
@@ -895,6 +931,19 @@ class ServiceSpec(Model):
             "service.tls needs a fixed service.clusterIP: nodes connect to the IP, so the certificate must name it",
             lambda s: s.tls is None or bool(s.cluster_ip),
             field_path=".tls",
+        ),
+        Rule(
+            "!has(self.nodePort) || (has(self.type) && self.type != 'ClusterIP')",
+            "service.nodePort needs service.type NodePort or LoadBalancer",
+            lambda s: s.node_port is None or s.type != ServiceType.CLUSTER_IP,
+            field_path=".nodePort",
+        ),
+        Rule(
+            "!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0 || "
+            "(has(self.type) && self.type == 'LoadBalancer')",
+            "service.loadBalancerSourceRanges needs service.type LoadBalancer",
+            lambda s: not s.load_balancer_source_ranges or s.type == ServiceType.LOAD_BALANCER,
+            field_path=".loadBalancerSourceRanges",
         ),
     )
 
@@ -932,6 +981,36 @@ class ServiceSpec(Model):
         immutable("service.clusterIP"),
     ] = None
     tls: Annotated[ServiceTLS | None, Field(description="Serve HTTPS instead of plain HTTP.")] = None
+    type: Annotated[
+        ServiceType,
+        Field(
+            description=(
+                "ClusterIP (default): only the cluster reaches the mirror. NodePort or LoadBalancer also expose its registry "
+                "port (only that port) to hosts outside the cluster, through a second Service regmirror-<name>-ext of that "
+                "type; nodes keep using the ClusterIP. A mirror with upstream credentials cannot be exposed with access.policy Open."
+            )
+        ),
+    ] = ServiceType.CLUSTER_IP
+    node_port: Annotated[
+        Annotated[int, Field(ge=1, le=65535), STRICT_INT] | None,
+        Field(
+            description=(
+                "A fixed node port for the registry port (NodePort or LoadBalancer); it must lie in the cluster's node port "
+                "range (30000-32767 by default). Empty lets Kubernetes choose."
+            )
+        ),
+    ] = None
+    load_balancer_source_ranges: Annotated[
+        list[Cidr],
+        Field(
+            description=(
+                "With type LoadBalancer: the client networks the load balancer admits (CIDRs), where the cloud provider enforces "
+                "them. Empty admits every address the load balancer is reachable from."
+            ),
+            max_length=32,
+        ),
+        SET_LIST,
+    ] = []
 
 
 _SELECTOR_VALUES_RULE = Rule(
@@ -1200,6 +1279,159 @@ class Affinity(Model):
         return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
 
 
+# ---------------------------------------------------------------- access: who may pull through the mirror
+
+#: Longest name of an access client (a DNS label): its Secret regmirror-<mirror>.client-<client> stays a DNS subdomain.
+MAX_CLIENT_NAME_LENGTH = 63
+#: Default rotation period of the generated credentials (nodes and clients alike).
+DEFAULT_ROTATION = "720h"
+
+
+class AccessClient(Model):
+    """A client outside the cluster (a Docker host, a CI runner) with its own credential."""
+
+    name: Annotated[
+        str,
+        Field(
+            description=(
+                "Name of the client (a DNS label). The operator creates the Secret regmirror-<mirror>.client-<name> in its "
+                "namespace with the keys username, password and auth (base64 of username:password); "
+                "`regmirror render --client` prints the configuration that reads it. Delete the Secret to revoke and reissue the credential."
+            ),
+            max_length=MAX_CLIENT_NAME_LENGTH,
+        ),
+        Checked(
+            Rule(g.cel_dns_label("self"), "access.clients[].name must be a DNS label: lower-case letters, digits and '-'", g.is_dns_label)
+        ),
+    ]
+
+
+class NetworkPolicyPeer(Model):
+    """A source the mirror's NetworkPolicy admits besides the nodes and the operator."""
+
+    RULES = (
+        Rule(
+            "has(self.cidr) != (has(self.namespaceSelector) || has(self.podSelector))",
+            "access.networkPolicy.from[]: set either cidr, or namespaceSelector and/or podSelector",
+            lambda p: (p.cidr is not None) != (p.namespace_selector is not None or p.pod_selector is not None),
+        ),
+    )
+
+    cidr: Annotated[Cidr | None, Field(description="Addresses admitted (an ipBlock), e.g. 10.20.0.0/16.")] = None
+    namespace_selector: Annotated[
+        LabelSelector | None,
+        Field(description="Namespaces whose pods are admitted (all pods there, or those podSelector picks); {} means every namespace."),
+    ] = None
+    pod_selector: Annotated[
+        LabelSelector | None,
+        Field(description="Pods admitted: in the operator's namespace, or in the namespaces namespaceSelector picks."),
+    ] = None
+
+    def to_peer(self) -> dict[str, Any]:
+        """The NetworkPolicyPeer as the API server stores it."""
+        if self.cidr is not None:
+            return {"ipBlock": {"cidr": self.cidr}}
+        peer: dict[str, Any] = {}
+        if self.namespace_selector is not None:
+            peer["namespaceSelector"] = self.namespace_selector.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        if self.pod_selector is not None:
+            peer["podSelector"] = self.pod_selector.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        return peer
+
+
+class NetworkPolicySpec(Model):
+    """The mirror's NetworkPolicy: a second wall behind the credentials."""
+
+    enabled: Annotated[
+        Bool | None,
+        Field(
+            description=(
+                "Render a NetworkPolicy that admits only the nodes, the operator and `from`. Default: on when the access "
+                "policy is Restricted, off when it is Open. It only holds where the CNI enforces NetworkPolicies, and "
+                "host-network traffic is seen differently by each CNI: see the security section of docs/deploy.md."
+            )
+        ),
+    ] = None
+    node_sources: Annotated[
+        list[Cidr],
+        Field(
+            description=(
+                "Where the nodes' own (host-network) connections to the mirror come from, as CIDRs: usually the node subnet. "
+                "Empty: the nodes' InternalIP addresses, kept current by the operator. CNIs that source such traffic from "
+                "a tunnel address (Calico IPIP/VXLAN, flannel) need that address range here."
+            ),
+            max_length=64,
+        ),
+        SET_LIST,
+    ] = []
+    from_: Annotated[
+        list[NetworkPolicyPeer],
+        Field(
+            alias="from",
+            description="More sources admitted to every port of the mirror (e.g. Prometheus for the metrics port).",
+            max_length=32,
+        ),
+    ] = []
+
+
+def _rotation_ok(value: str) -> bool:
+    return _go_duration(value) and (value == "0" or (g.parse_go_duration(value) or 0) >= 3600 * 10**9)
+
+
+class Access(Model):
+    """Who may pull through the mirror."""
+
+    RULES = (
+        Rule(
+            "!has(self.clients) || self.clients.all(c, self.clients.exists_one(x, x.name == c.name))",
+            "access.clients: each name may appear once",
+            lambda a: len({c.name for c in a.clients}) == len(a.clients),
+            field_path=".clients",
+        ),
+    )
+
+    policy: Annotated[
+        AccessPolicy | None,
+        Field(
+            description=(
+                "Open: anyone who reaches the mirror pulls through it (fine for public upstreams). Restricted: only "
+                "authenticated clients (the nodes, with credentials the operator generates and rotates, and access.clients); "
+                "anything else gets 401, for cached content too. Default: Restricted when upstream.credentialsSecretRef is set, "
+                "else Open. status.access shows the policy in force."
+            )
+        ),
+    ] = None
+    clients: Annotated[
+        list[AccessClient],
+        Field(
+            description="Clients outside the cluster, each with its own generated credential Secret.",
+            max_length=32,
+            json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        ),
+    ] = []
+    rotate_every: Annotated[
+        str,
+        Field(
+            description=(
+                "How often the generated credentials of the nodes are replaced (a Go duration of at least 1h; 0 never). Old and "
+                "new are both accepted until every node has the new one. Rotate at once with the annotation "
+                "regmirror.dev/rotate-credentials set to any new value."
+            ),
+            max_length=64,
+        ),
+        Checked(
+            Rule(
+                f"{g.cel_matches('self', g.DURATION_PATTERN)} && (self == '0' || duration(self) >= duration('1h'))",
+                "access.rotateEvery must be 0 or a Go duration of at least 1h (e.g. 720h)",
+                _rotation_ok,
+            )
+        ),
+    ] = DEFAULT_ROTATION
+    network_policy: Annotated[NetworkPolicySpec, Field(description="The mirror's NetworkPolicy (who may connect at all).")] = (
+        NetworkPolicySpec()
+    )
+
+
 # ---------------------------------------------------------------- the spec
 
 _STRICT = f"has(self.nodeConfig) && self.nodeConfig.enabled && self.nodeConfig.fallback == '{FallbackPolicy.NEVER_CONTACT_UPSTREAM}'"
@@ -1262,6 +1494,21 @@ class RegistryMirrorSpec(Model):
             "cache.maxSize must not exceed storage.size",
             _max_size_fits,
             field_path=".cache.maxSize",
+        ),
+        Rule(
+            "!(has(self.service) && has(self.service.type) && self.service.type != 'ClusterIP' && "
+            "has(self.upstream.credentialsSecretRef) && has(self.access) && has(self.access.policy) && self.access.policy == 'Open')",
+            "access.policy: a mirror holding upstream credentials cannot be exposed outside the cluster (service.type "
+            "NodePort or LoadBalancer) with policy Open: anyone who reaches it would pull the private images; use Restricted "
+            "(the default with credentials) and give outside hosts access.clients",
+            lambda s: (
+                not (
+                    s.service.type != ServiceType.CLUSTER_IP
+                    and s.upstream.credentials_secret_ref is not None
+                    and s.access.policy == AccessPolicy.OPEN
+                )
+            ),
+            field_path=".access.policy",
         ),
         Rule(
             "!has(self.storage) || !has(self.storage.s3) || !has(self.cache) || !has(self.cache.maxSize)",
@@ -1329,6 +1576,20 @@ class RegistryMirrorSpec(Model):
     node_config: Annotated[NodeConfig, Field(description="Node-level registry configuration rolled out by the regmirror agent.")] = (
         NodeConfig()
     )
+    access: Annotated[
+        Access, Field(description="Who may pull through the mirror: the access policy, external clients, the NetworkPolicy.")
+    ] = Access()
+
+    def effective_access_policy(self) -> AccessPolicy:
+        """access.policy, or its default: Restricted when the mirror holds upstream credentials, else Open."""
+        if self.access.policy is not None:
+            return self.access.policy
+        return AccessPolicy.RESTRICTED if self.upstream.credentials_secret_ref is not None else AccessPolicy.OPEN
+
+    def network_policy_enabled(self) -> bool:
+        """access.networkPolicy.enabled, or its default: on exactly when the access policy is Restricted."""
+        enabled = self.access.network_policy.enabled
+        return enabled if enabled is not None else self.effective_access_policy() == AccessPolicy.RESTRICTED
 
 
 # ---------------------------------------------------------------- status
@@ -1429,6 +1690,26 @@ class CacheStatus(Model):
     ] = None
 
 
+class AccessStatus(Model):
+    """The access policy in force, and the generated credentials' state (never a credential)."""
+
+    policy: Annotated[str, Field(description="Open or Restricted: the policy in force (access.policy or its default).")] = ""
+    enforced: Annotated[
+        bool,
+        Field(
+            description=(
+                "Whether the mirror refuses unauthenticated pulls right now. Restricted but not yet enforced: nodes that use "
+                "the mirror are still receiving their credential."
+            )
+        ),
+    ] = False
+    revision: Annotated[int, Field(description="Revision of the nodes' credential (it increases on every rotation).")] = 0
+    rotating: Annotated[bool, Field(description="A rotation is rolling out: the previous credential is still accepted.")] = False
+    clients: Annotated[list[str], Field(description="Names of the Secrets holding each access client's credential.")] = []
+    network_policy: Annotated[bool, Field(description="Whether the mirror's NetworkPolicy is in place.")] = False
+    message: Annotated[str, Field(description="What the access state means, or what it waits for.")] = ""
+
+
 class RegistryMirrorStatus(Model):
     """Observed state, following metav1.Condition and kstatus conventions."""
 
@@ -1446,6 +1727,7 @@ class RegistryMirrorStatus(Model):
     nodes_ratio: Annotated[str | None, Field(description="ready/desired nodes, for the printer column.")] = None
     hosts: Annotated[list[HostRoute], Field(description="Order of this mirror among the mirrors of each of its hosts.")] = []
     cache: Annotated[CacheStatus | None, Field(description="What the cache saved: hits, bytes, disk, evictions, prewarm.")] = None
+    access: Annotated[AccessStatus | None, Field(description="Who may pull: the policy in force and the credentials' state.")] = None
     conditions: Annotated[
         list[Condition],
         Field(

@@ -45,6 +45,15 @@ class MirrorEntry(Model):
     runtimes: Annotated[list[Runtime], Field(description="Runtimes to configure.")]
     node_selector: Annotated[LabelSelector, Field(description="Nodes this mirror applies to.")] = LabelSelector()
     ca_pem: Annotated[str | None, Field(description="PEM CA of the mirror's TLS certificate (public).")] = None
+    auth_revision: Annotated[
+        int | None,
+        Field(
+            description=(
+                "Revision of the credential nodes send to this mirror (the value is in the agent's Secret "
+                "regmirror-agent-credentials, never in the plan). None: no credential."
+            )
+        ),
+    ] = None
     upstream_host: Annotated[
         str | None,
         Field(
@@ -132,13 +141,19 @@ def entry_hosts(spec: RegistryMirrorSpec) -> list[str]:
 
 
 def mirror_entry(
-    name: str, spec: RegistryMirrorSpec, cluster_ip: str, ca_pem: str | None = None, service: str | None = None
+    name: str,
+    spec: RegistryMirrorSpec,
+    cluster_ip: str,
+    ca_pem: str | None = None,
+    service: str | None = None,
+    auth_revision: int | None = None,
 ) -> MirrorEntry:
     """A mirror's entry in the node plan, once its Service has a ClusterIP.
 
     `service` (`<namespace>/<name>` of the mirror's Service,
     `naming.child_name(name)` in the operator's namespace) lets agents watch
-    its EndpointSlices.
+    its EndpointSlices. `auth_revision` is regmirror/access.py's
+    `plan_revision`: the credential the node must send (never its value).
     """
     scheme = "https" if spec.service.tls else "http"
     host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
@@ -154,6 +169,7 @@ def mirror_entry(
         runtimes=list(spec.node_config.runtimes),
         node_selector=spec.node_config.node_selector,
         ca_pem=ca_pem,
+        auth_revision=auth_revision,
         upstream_host=upstream_host(spec),
         service=service,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -83,31 +83,116 @@ def load_mirrors(path: str) -> list[RegistryMirror]:
     return mirrors
 
 
-def render_file(path: str, namespace: str, agent_namespace: str, cluster_ip: str, image: str) -> int:
-    """Everything the operator would create for the mirrors in a file, offline."""
+def _load_or_report(path: str) -> list[RegistryMirror] | None:
     try:
-        mirrors = load_mirrors(path)
+        return load_mirrors(path)
     except (ValidationError, ValueError) as exc:
         print(f"regmirror render: {path}: invalid {c.KIND}: {exc}", file=sys.stderr)
-        return 1
     except (OSError, yaml.YAMLError) as exc:
         print(f"regmirror render: {path}: {exc}", file=sys.stderr)
+    return None
+
+
+def _cluster_ips(mirrors: list[RegistryMirror], cluster_ip: str) -> dict[str, str]:
+    """Each mirror's ClusterIP: its fixed one, or the next address from `cluster_ip`, as Services would get their own."""
+    out: dict[str, str] = {}
+    next_ip = ipaddress.ip_address(cluster_ip)
+    for mirror in mirrors:
+        out[mirror.name] = mirror.spec.service.cluster_ip or str(next_ip)
+        if not mirror.spec.service.cluster_ip:
+            next_ip += 1
+    return out
+
+
+def render_file(path: str, namespace: str, agent_namespace: str, cluster_ip: str, image: str, node_cidrs: Sequence[str] = ()) -> int:
+    """Everything the operator would create for the mirrors in a file, offline.
+
+    Secrets are not printed: the access Secrets hold credentials the operator
+    generates in the cluster (regmirror/access.py). `node_cidrs` stand for
+    the nodes' addresses in the NetworkPolicies (the operator reads them from
+    the Node objects).
+    """
+    mirrors = _load_or_report(path)
+    if mirrors is None:
         return 1
     objects: list[dict[str, Any]] = []
     entries = []
-    next_ip = ipaddress.ip_address(cluster_ip)
+    ips = _cluster_ips(mirrors, cluster_ip)
     for mirror in mirrors:
-        objects += render_mirror_children(mirror.name, PLACEHOLDER_UID, mirror.spec, namespace)
-        # Each mirror without a fixed clusterIP gets the next address, as a Service would get its own.
-        ip = mirror.spec.service.cluster_ip or str(next_ip)
-        if not mirror.spec.service.cluster_ip:
-            next_ip += 1
+        objects += render_mirror_children(mirror.name, PLACEHOLDER_UID, mirror.spec, namespace, node_addresses=node_cidrs)
         if mirror.spec.node_config.enabled:
-            entries.append(mirror_entry(mirror.name, mirror.spec, ip))
+            entries.append(mirror_entry(mirror.name, mirror.spec, ips[mirror.name]))
     plan = build_node_plan(entries)
     objects.append(render_node_config_map(plan, agent_namespace))
     objects.append(render_agent_daemonset(plan, agent_namespace, image))
     sys.stdout.write(dump_yaml(objects))
+    return 0
+
+
+def _pick(mirrors: list[RegistryMirror], name: str | None, path: str) -> RegistryMirror | None:
+    if name is not None:
+        found = [m for m in mirrors if m.name == name]
+        if not found:
+            print(f"regmirror render: {path}: no {c.KIND} named {name!r}", file=sys.stderr)
+            return None
+        return found[0]
+    if len(mirrors) > 1:
+        names = ", ".join(m.name for m in mirrors)
+        print(f"regmirror render: {path} holds several mirrors ({names}): choose one with --mirror", file=sys.stderr)
+        return None
+    return mirrors[0]
+
+
+def render_client(path: str, kind: str, *, mirror_name: str | None, client: str | None, endpoint: str | None, namespace: str) -> int:
+    """`render --client`: the shell script a host outside the cluster runs to use a mirror (render/clients.py)."""
+    from regmirror.render.clients import ClientError, client_config, render_script
+
+    mirrors = _load_or_report(path)
+    mirror = _pick(mirrors, mirror_name, path) if mirrors is not None else None
+    if mirror is None:
+        return 1
+    try:
+        config = client_config(mirror, kind, client=client, endpoint=endpoint, namespace=namespace)
+    except ClientError as exc:
+        print(f"regmirror render --client {kind}: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render_script(config))
+    return 0
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """k=v,k2=v2 (what --node-labels takes); ValueError for anything else."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not key=value")
+        labels[key] = value
+    return labels
+
+
+def render_node_config(path: str, platform: str, *, cluster_ip: str, node_labels: Mapping[str, str], client: str | None = None) -> int:
+    """`render --node-config`: the platform's native registry configuration for the mirrors in a file (render/platforms.py)."""
+    from regmirror.render.platforms import RENDERERS
+
+    mirrors = _load_or_report(path)
+    if mirrors is None:
+        return 1
+    ips = _cluster_ips(mirrors, cluster_ip)
+    # Every mirror of the file, nodeConfig.enabled or not: those the agent must not configure are exactly these.
+    entries = [mirror_entry(m.name, m.spec, ips[m.name]) for m in mirrors]
+    config = RENDERERS[platform](entries, {m.name: m for m in mirrors}, node_labels, client)
+    enabled = [m.name for m in mirrors if m.spec.node_config.enabled]
+    notes = list(config.notes)
+    if enabled:
+        notes.append(f"Set nodeConfig.enabled: false on {', '.join(enabled)}: otherwise the agent writes these nodes' files as well.")
+    unfixed = [m.name for m in mirrors if not m.spec.service.cluster_ip]
+    if unfixed:
+        notes.append(
+            f"{', '.join(unfixed)}: no fixed spec.service.clusterIP, so the address above is a guess (--cluster-ip); "
+            "use kubectl get rmir -o wide (ENDPOINT) or fix the ClusterIP so node configuration outlives the Service."
+        )
+    sys.stdout.write(type(config)(config.platform, config.document, tuple(notes), config.not_strict).render())
     return 0
 
 

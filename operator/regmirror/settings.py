@@ -76,6 +76,16 @@ class Settings(BaseModel):
     upstream_recheck: Annotated[
         float, Field(description="Seconds before an inconclusive or failed upstream credentials check is repeated.", gt=0)
     ] = 60.0
+    access_rotation_spacing: Annotated[
+        float,
+        Field(
+            description=(
+                "Seconds between two rotations of a mirror's node credential: the credential handed out next must have "
+                "reached every mirror pod (a Secret volume updates within about a minute)."
+            ),
+            ge=0,
+        ),
+    ] = 600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -335,14 +335,16 @@ def test_a_blackholed_replica_still_in_the_service_costs_what_the_node_side_allo
 def test_a_replica_reports_not_ready_while_the_bucket_is_down_stays_alive_and_recovers(
     binaries: ContainerdBinaries, registry_binary: str, s3: S3Server, upstream: Registry, tmp_path: Path
 ) -> None:
-    """What the kubelet's probes would see: readiness (the registry's and the front's /v2/) fails
+    """What the kubelet's probes would see: readiness (the registry's health, the front's /v2/) fails
     once distribution's storage check has failed `threshold` times, liveness (a TCP connect to the
     debug port) holds, and both come back with the bucket."""
     spec = ha_spec(upstream, s3)
     with replicas(spec, s3, tmp_path, registry_binary, count=1) as (pod,):
         registry, front = pod.container("registry"), pod.container("front")
+        # The registry's readiness reads its health on the debug port (behind the front it listens on loopback only).
+        assert registry["readinessProbe"]["httpGet"]["port"] == 5001
         readiness = [
-            f"http://127.0.0.1:{pod.ports['backend']}{registry['readinessProbe']['httpGet']['path']}",
+            f"http://127.0.0.1:{pod.ports['debug']}{registry['readinessProbe']['httpGet']['path']}",
             f"http://127.0.0.1:{pod.ports['front']}{front['readinessProbe']['httpGet']['path']}",
         ]
         assert registry["livenessProbe"]["tcpSocket"]["port"] == "metrics"

@@ -53,11 +53,12 @@ from _dataplane import (  # noqa: E402
 )
 
 from regmirror import constants as c  # noqa: E402
+from regmirror.access import AccessInputs, decide_access  # noqa: E402
 from regmirror.models import RegistryMirrorSpec  # noqa: E402
 from regmirror.nodeplan import build_node_plan, mirror_entry  # noqa: E402
 from regmirror.render import cache as render_cache  # noqa: E402
 from regmirror.render import mirror as render_mirror  # noqa: E402
-from regmirror.render.front import CACHE_SIDECAR_PORT, REGISTRY_BACKEND_PORT  # noqa: E402
+from regmirror.render.front import ACCESS_DIR, ACCESS_FILE, ACCESS_FILE_KEY, CACHE_SIDECAR_PORT, REGISTRY_BACKEND_PORT  # noqa: E402
 
 NAMESPACE = "regmirror-system"
 CLUSTER_IP = "10.96.0.77"
@@ -105,6 +106,9 @@ class CachePod:
     registry_binary: str
     secrets: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Where the Service's target port listens: 0.0.0.0 lets clients reach the front from an address
+    # that is not the pod's loopback (which the front treats as the pod's own containers).
+    listen_host: str = "127.0.0.1"
 
     # ------------------------------------------------------------ rendered objects
 
@@ -145,15 +149,30 @@ class CachePod:
     def control_dir(self) -> Path:
         return self.workdir / "control"
 
+    @property
+    def access_dir(self) -> Path:
+        """Where the mirror's access Secret is mounted (access.vcl for the front, htpasswd for an HTTPS registry)."""
+        return self.workdir / "access"
+
+    def write_access(self, data: Mapping[str, str]) -> None:
+        """Swap in the access Secret's files the way the kubelet updates a Secret volume: each file at once."""
+        self.access_dir.mkdir(parents=True, exist_ok=True)
+        for key in (ACCESS_FILE_KEY, render_mirror.HTPASSWD_KEY):
+            if key in data:
+                tmp = self.access_dir / f".{key}.tmp"
+                tmp.write_text(data[key])
+                os.replace(tmp, self.access_dir / key)
+
     # ------------------------------------------------------------ mapping
 
     def mapping(self) -> LoopbackMap:
         host = "127.0.0.1"
         addresses = {
-            f":{c.REGISTRY_PORT}": f"{host}:{self.ports['front']}",
+            f":{c.REGISTRY_PORT}": f"{self.listen_host}:{self.ports['front']}",
             f":{REGISTRY_BACKEND_PORT}": f"{host}:{self.ports['backend']}",
             f":{c.REGISTRY_DEBUG_PORT}": f"{host}:{self.ports['debug']}",
             f":{CACHE_SIDECAR_PORT}": f"{host}:{self.ports['sidecar']}",
+            f"127.0.0.1:{REGISTRY_BACKEND_PORT}": f"{host}:{self.ports['backend']}",
             f"127.0.0.1:{c.REGISTRY_PORT}": f"{host}:{self.ports['front']}",
             f"127.0.0.1:{c.REGISTRY_DEBUG_PORT}": f"{host}:{self.ports['debug']}",
             f"127.0.0.1:{CACHE_SIDECAR_PORT}": f"{host}:{self.ports['sidecar']}",
@@ -167,6 +186,9 @@ class CachePod:
             render_cache.FRONT_STORE_DIR: str(self.workdir / "front-store"),
             render_cache.STATS_DIR: str(self.workdir / "stats"),
             render_cache.CONTROL_DIR: str(self.control_dir),
+            ACCESS_DIR: str(self.access_dir),
+            render_mirror.ACCESS_SECRET_DIR: str(self.access_dir),
+            render_mirror.TLS_DIR: str(self.workdir / "tls"),
         }
         return LoopbackMap(addresses, paths)
 
@@ -184,6 +206,7 @@ class CachePod:
         return value
 
     def map_vcl(self, vcl: str) -> str:
+        vcl = vcl.replace(f'include "{ACCESS_FILE}";', f'include "{self.access_dir / ACCESS_FILE_KEY}";')
         vcl = vcl.replace(f'.port = "{REGISTRY_BACKEND_PORT}";', f'.port = "{self.ports["backend"]}";')
         return vcl.replace(f'.port = "{CACHE_SIDECAR_PORT}";', f'.port = "{self.ports["sidecar"]}";')
 
@@ -276,13 +299,18 @@ class CachePod:
         name: str = "cachepod",
         secrets: Mapping[str, Mapping[str, str]] | None = None,
         pins: list[str] | None = None,
+        access: Mapping[str, str] | None = None,
+        access_enforced: bool | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> Iterator[CachePod]:
         """Start registry, sidecar, front and front-stats (in that order: the front probes the sidecar)."""
         workdir.mkdir(parents=True, exist_ok=True)
-        children = render_mirror.render_mirror_children(name, "uid", spec, NAMESPACE)
+        children = render_mirror.render_mirror_children(name, "uid", spec, NAMESPACE, access_enforced=access_enforced)
         ports = {k: free_port() for k in ("front", "backend", "debug", "sidecar")}
-        pod = cls(name, spec, workdir, children, ports, registry_binary, secrets or {})
+        pod = cls(name, spec, workdir, children, ports, registry_binary, secrets or {}, listen_host=listen_host)
         try:
+            # The access Secret the operator creates before the Deployment (regmirror/access.py).
+            pod.write_access(access if access is not None else decide_access(AccessInputs(name, spec, now=0.0)).auth_data)
             pod.write_control(pins=pins)
             pod.start_registry()
             pod.start_sidecar()

@@ -55,6 +55,9 @@ class OperatorProcess:
             # Liveness fails once the operator has been unable to watch for this long (the
             # default is minutes); short here, so the fault tests see it within a partition.
             "REGMIRROR_LIVENESS_STALE": str(LIVENESS_STALE_SECONDS),
+            # A rotation asked for waits this long after the previous one (600 s in a cluster, where a Secret
+            # volume takes about a minute to reach the pods; here no pod mounts anything).
+            "REGMIRROR_ACCESS_ROTATION_SPACING": "2",
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         liveness = f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz"

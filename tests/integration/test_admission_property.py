@@ -281,6 +281,15 @@ names = spiced(
         UNICODE,
     )
 )
+cidrs = spiced(
+    st.one_of(
+        st.sampled_from(
+            ["10.0.0.0/8", "10.0.0.1/8", "10.0.0.0/08", "010.0.0.0/8", "10.0.0.0/33", "0.0.0.0/0", "fd00:10::/64", "FD00:10::/64"]
+        ),
+        st.sampled_from(["fd00:10:0::/64", "::ffff:10.0.0.0/104", "::/0", "10.0.0.0", "fe80::/10%eth0", "1.2.3.4/32", "::1.2.3.4/128"]),
+        st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 40)).map(lambda t: f"{t[0]}.{t[1]}.0.0/{t[2]}"),
+    )
+)
 integers_as_sent = st.one_of(st.integers(-2, 25), st.sampled_from(["1", 1.0, 2.5, True, None]))
 secret_keys = spiced(st.one_of(st.from_regex(r"\A[-._a-zA-Z0-9]{1,12}\Z"), st.sampled_from([".", "..", "..x", "a/b", "k" * 254])))
 
@@ -353,6 +362,30 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
         },
     ),
     ("spec", "service", "clusterIP"): cluster_ips,
+    ("spec", "service", "type"): st.sampled_from(["ClusterIP", "NodePort", "LoadBalancer", "External", "nodeport"]),
+    ("spec", "service", "nodePort"): st.one_of(st.integers(-1, 70000), st.just("30080")),
+    ("spec", "service", "loadBalancerSourceRanges"): st.lists(cidrs, max_size=3),
+    ("spec", "access"): st.fixed_dictionaries(
+        {},
+        optional={
+            "policy": st.sampled_from(["Open", "Restricted", "Restricted", "open", "Private"]),
+            "clients": st.lists(st.fixed_dictionaries({"name": spiced(dns_label)}), max_size=3),
+            "rotateEvery": st.one_of(durations, st.sampled_from(["1h", "59m", "0", "720h"])),
+            "networkPolicy": st.fixed_dictionaries(
+                {},
+                optional={
+                    "enabled": st.sampled_from([True, False, "true"]),
+                    "nodeSources": st.lists(cidrs, max_size=3),
+                    "from": st.lists(
+                        st.fixed_dictionaries(
+                            {}, optional={"cidr": cidrs, "namespaceSelector": label_selectors, "podSelector": label_selectors}
+                        ),
+                        max_size=2,
+                    ),
+                },
+            ),
+        },
+    ),
     ("spec", "nodeConfig"): st.fixed_dictionaries(
         {},
         optional={
@@ -422,6 +455,14 @@ def mirror(name: str = "hub", **spec: Any) -> dict[str, Any]:
 @example(doc=mirror(replicas=None, image=None))
 @example(doc=mirror(image="a.b_c/registry:3"))
 @example(doc=mirror(nodeConfig={"capabilities": ["pull", "pull"]}))  # found: set lists refuse duplicates
+@example(doc=mirror(access={"clients": [{"name": "ci"}, {"name": "ci"}]}))
+@example(doc=mirror(service={"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.1/8"]}))
+@example(
+    doc=mirror(
+        upstream={"url": "https://quay.io", "credentialsSecretRef": {"name": "q"}}, service={"type": "NodePort"}, access={"policy": "Open"}
+    )
+)
+@example(doc=mirror(access={"networkPolicy": {"from": [{}]}}))
 def test_api_server_and_render_agree(api: LocalCluster, doc: dict[str, Any]) -> None:
     offline = render_verdict(doc)
     server = server_verdict(api, doc)

@@ -61,6 +61,11 @@ class Kit:
         await self.sync()
         return result
 
+    async def admit(self, name: str) -> None:
+        """A new mirror's children and its access decision: what its node-plan entry waits for."""
+        await self.run("children", name)
+        await self.run("access", name)
+
     def queued(self) -> set[Key]:
         """Keys waiting in the queue now or later."""
         q = self.manager.queue
@@ -70,6 +75,7 @@ class Kit:
         """Run children (until done), then the plan, then the status of one mirror."""
         for _ in range(rounds):
             await self.run("children", name)
+        await self.run("access", name)
         await self.run("hosts")
         await self.run("plan")
         await self.run("rollout")

@@ -20,12 +20,12 @@ async def test_a_burst_waits_for_its_services_and_becomes_one_plan() -> None:
     kit = Kit()
     for name in ("a", "b", "c"):
         kit.kube.put(mirror(name))
-    await kit.run("children", "a")  # only a's Service exists so far
+    await kit.admit("a")  # only a's Service exists so far
     result = await kit.run("plan")
     assert isinstance(result, RequeueAfter), "b and c will be in the plan: wait for their ClusterIPs"
     assert kit.kube.obj("ConfigMap", AGENT_NS, c.NODE_CONFIG_NAME) is None
     for name in ("b", "c"):
-        await kit.run("children", name)
+        await kit.admit(name)
     kit.clock.advance(1)
     assert await kit.run("plan") == Done()
     assert [m.name for m in live_plan(kit).mirrors] == ["a", "b", "c"]
@@ -38,10 +38,10 @@ async def test_the_wait_for_services_lasts_while_they_keep_coming_and_is_bounded
     kit = Kit(plan_wait_for_services=20)
     for name in ("a", "b", "c", "d"):
         kit.kube.put(mirror(name))
-    await kit.run("children", "a")
+    await kit.admit("a")
     assert isinstance(await kit.run("plan"), RequeueAfter)
     kit.clock.advance(2.5)
-    await kit.run("children", "b")  # progress: keep waiting past the stall time
+    await kit.admit("b")  # progress: keep waiting past the stall time
     assert isinstance(await kit.run("plan"), RequeueAfter)
     kit.clock.advance(2.5)
     assert isinstance(await kit.run("plan"), RequeueAfter)
@@ -93,7 +93,7 @@ async def test_a_restarted_controller_reuses_the_live_plan() -> None:
 async def test_a_failing_plan_write_backs_off() -> None:
     kit = Kit()
     kit.kube.put(mirror("a"))
-    await kit.run("children", "a")
+    await kit.admit("a")
     kit.kube.fail("apply", api_error(503), kind="ConfigMap")
     assert isinstance(await kit.run("plan"), Transient)
     kit.kube.fail("apply", api_error(422, "ConfigMap is too long"), kind="ConfigMap")

@@ -186,7 +186,8 @@ def test_s3_turns_the_sidecars_eviction_off_and_liveness_does_not_follow_the_buc
     assert args[args.index("--eviction") + 1] == "off"
     assert json.loads(objs["CacheConfigMap"]["data"]["cache.json"])["capBytes"] == 0
     assert cts["registry"]["livenessProbe"]["tcpSocket"] == {"port": "metrics"}
-    assert cts["registry"]["readinessProbe"]["httpGet"]["path"] == "/v2/"
+    # Readiness still follows the bucket: distribution's storage check fails /debug/health with it.
+    assert cts["registry"]["readinessProbe"]["httpGet"]["path"] == render_mirror.HEALTH_PATH
     # On a volume the sidecar still evicts and liveness still reads distribution's health.
     vol = containers(by_kind(make_spec()))
     assert "--eviction" not in vol["cache"]["args"]

@@ -80,7 +80,7 @@ def test_registry_config_proxy_mode() -> None:
     assert "cache" not in config["storage"], "no blobdescriptor cache: evicted blobs must read as unknown"
     assert config["storage"]["filesystem"]["rootdirectory"] == c.REGISTRY_STORAGE_PATH
     assert config["storage"]["delete"] == {"enabled": True}
-    assert config["http"]["addr"] == ":5002", "behind the cache front"
+    assert config["http"]["addr"] == "127.0.0.1:5002", "behind the cache front, on the pod's loopback only"
     assert config["http"]["debug"] == {"addr": ":5001", "prometheus": {"enabled": True, "path": "/metrics"}}
     assert config["log"]["formatter"] == "json"
     assert config["health"]["storagedriver"]["enabled"] is True
@@ -205,7 +205,8 @@ def test_tls_serves_https() -> None:
     objs = children(make_spec(service={"tls": {"secretName": "mirror-tls"}, "clusterIP": "10.96.0.50"}))
     assert registry_config(objs)["http"]["tls"] == {"certificate": "/etc/regmirror/tls/tls.crt", "key": "/etc/regmirror/tls/tls.key"}
     ctr = container(objs)
-    assert ctr["readinessProbe"]["httpGet"] == {"path": "/v2/", "port": 5000, "scheme": "HTTPS"}
+    # Readiness reads distribution's health on the debug port: /v2/ answers 401 under Restricted.
+    assert ctr["readinessProbe"]["httpGet"] == {"path": "/debug/health", "port": 5001, "scheme": "HTTP"}
     assert ctr["livenessProbe"]["httpGet"] == {"path": "/debug/health", "port": 5001, "scheme": "HTTP"}
     volumes = {v["name"]: v for v in objs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "mirror-tls"

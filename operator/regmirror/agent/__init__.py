@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         help="after changing daemon.json: SIGHUP dockerd (needs the host's PID namespace), or only report that a reload is needed",
     )
     p.add_argument("--proc", type=Path, default=Path("/proc"), help="the host's /proc as the agent sees it")
+    p.add_argument(
+        "--auth-dir",
+        type=Path,
+        default=Path("/etc/regmirror/node-auth"),
+        help="the mounted regmirror-agent-credentials Secret (mirror credentials)",
+    )
     return p
 
 
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         docker_pidfile=args.docker_pidfile,
         docker_reload=args.docker_reload == "signal",
         proc_dir=args.proc,
+        auth_dir=args.auth_dir,
     )
     if not config.node_name and config.node_labels_file is None:
         log("agent.misconfigured", "error", error="--node-name or $NODE_NAME is required (or --node-labels-file)")

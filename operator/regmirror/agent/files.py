@@ -205,13 +205,21 @@ def _remove_dir_if_ours_and_empty(directory: Path, stop: Path) -> None:
         directory = directory.parent
 
 
-def apply_files(desired: Mapping[str, str], *, host_root: Path, managed_dirs: Iterable[str], keep: Iterable[str] = ()) -> ApplyResult:
+PRIVATE_MODE = 0o600
+
+
+def apply_files(
+    desired: Mapping[str, str], *, host_root: Path, managed_dirs: Iterable[str], keep: Iterable[str] = (), private: Iterable[str] = ()
+) -> ApplyResult:
     """Make the managed directories hold exactly our desired files, leaving everyone else's alone.
 
     `desired` maps host paths to contents (each starting with the ownership
     marker); every desired path must lie under one of `managed_dirs`. Our
-    files in the directories of `keep` (host paths) stay as they are.
+    files in the directories of `keep` (host paths) stay as they are. The
+    paths in `private` carry a credential: they are written (or put back to)
+    mode 0600, readable by root only.
     """
+    private_paths = set(private)
     managed = [d.rstrip("/") or "/" for d in managed_dirs]
     kept = [k.rstrip("/") + "/" for k in keep]
     result = ApplyResult()
@@ -246,14 +254,15 @@ def apply_files(desired: Mapping[str, str], *, host_root: Path, managed_dirs: It
                 if not is_owned(target):
                     result.conflicts.append(Conflict(host_path, "a file without the regmirror ownership marker exists; left untouched"))
                     continue
-                if target.read_bytes() == content.encode():
+                mode = PRIVATE_MODE if host_path in private_paths else 0o644
+                if target.read_bytes() == content.encode() and (target.stat().st_mode & 0o777) == mode:
                     result.unchanged.append(host_path)
                     continue
             _make_dirs(target.parent, root)
             if not _inside(target.parent, root):
                 result.errors.append(f"{host_path}: resolves outside {root}; refused")
                 continue
-            atomic_write(target, content)
+            atomic_write(target, content, PRIVATE_MODE if host_path in private_paths else 0o644)
             result.written.append(host_path)
         except OSError as exc:
             result.errors.append(f"{host_path}: {exc.strerror or exc}")

@@ -38,7 +38,7 @@ from typing import Any
 
 from regmirror import constants as c
 from regmirror import nodetaint
-from regmirror.agent import docker, foreign, report
+from regmirror.agent import docker, foreign, nodeauth, report
 from regmirror.agent import files as agentfiles
 from regmirror.agent.endpoints import EndpointWatcher
 from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
@@ -90,6 +90,7 @@ class AgentConfig:
     docker_reload: bool = True
     # The host's /proc as the agent sees it (the pod shares the host's PID namespace when it configures Docker).
     proc_dir: Path = Path("/proc")
+    auth_dir: Path | None = nodeauth.DEFAULT_AUTH_DIR
 
 
 @dataclass
@@ -321,15 +322,24 @@ class Agent:
             dial_timeout=dial_timeout,
             crio_node=bool(node.runtime_version and node.runtime_version.startswith("cri-o://")),
         )
+        # The mirrors' credentials (the plan names revisions, the mounted Secret holds the values).
+        creds = nodeauth.add_to_files(
+            node_files,
+            loaded.text,
+            self.config.auth_dir,
+            host_root=self.config.host_root,
+            containerd_config_path=self.config.containerd_config_path,
+        )
         result = agentfiles.apply_files(
             node_files.files,
             host_root=self.config.host_root,
             managed_dirs=[self.config.containerd_config_path, self.config.crio_dropin_dir],
             keep=node_files.keep,
+            private=creds.private,
         )
         if result.changed:
             log("files.applied", written=result.written, removed=result.removed)
-        findings = list(node_files.findings)
+        findings = list(node_files.findings) + creds.findings
         for conflict in result.conflicts:
             findings.append(nodeinput.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
         docker_result = self._apply_docker(checked, node, unhealthy)

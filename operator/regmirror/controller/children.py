@@ -50,7 +50,7 @@ log = logging.getLogger("regmirror.children")
 REPAIR_BACKOFF_BASE = 1.0
 REPAIR_BACKOFF_MAX = 300.0
 # Order of applies: the node plan needs only the Service's ClusterIP.
-APPLY_ORDER = {"Service": 0, "ConfigMap": 1, "PersistentVolumeClaim": 2, "Deployment": 3, "PodDisruptionBudget": 4}
+APPLY_ORDER = {"Service": 0, "ConfigMap": 1, "PersistentVolumeClaim": 2, "NetworkPolicy": 2, "Deployment": 3, "PodDisruptionBudget": 4}
 
 
 def credentials_hash(ctx: Context, spec: RegistryMirrorSpec) -> str | ConfigError | None:
@@ -206,7 +206,14 @@ async def _apply_children(
 ) -> Result:
     ns = ctx.settings.namespace
     desired = render_mirror_children(
-        name, mirror["metadata"]["uid"], spec, ns, credentials_hash=creds, sidecar_image=ctx.settings.agent_image
+        name,
+        mirror["metadata"]["uid"],
+        spec,
+        ns,
+        credentials_hash=creds,
+        sidecar_image=ctx.settings.agent_image,
+        access_enforced=rec.access.enforced if rec.access is not None else None,
+        node_addresses=ctx.store.node_addresses(),
     )
     desired.sort(key=lambda o: APPLY_ORDER.get(o["kind"], 9))
     later: float | None = None

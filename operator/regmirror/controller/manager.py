@@ -25,11 +25,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from regmirror import constants as c
-from regmirror.controller import children, hosts, plan, rollout, status
+from regmirror.access import NODE_SECRET_NAME, auth_secret_name, client_secret_name
+from regmirror.controller import access, children, hosts, plan, rollout, status
 from regmirror.controller.credentials import UpstreamChecker
 from regmirror.controller.informer import Informer
 from regmirror.controller.queue import ShutDown, WorkQueue
 from regmirror.controller.state import (
+    ACCESS,
     CHILDREN,
     HOSTS,
     PLAN,
@@ -59,6 +61,7 @@ RECONCILERS: dict[str, Reconciler] = {
     PLAN: plan.reconcile_plan,
     ROLLOUT: rollout.reconcile_rollout,
     HOSTS: hosts.reconcile_hosts,
+    ACCESS: access.reconcile_access,
 }
 # Singletons gather bursts of events into one pass.
 SINGLETON_COALESCE = 0.05
@@ -117,6 +120,7 @@ class Manager:
                 enqueue(HOSTS, after=SINGLETON_COALESCE)
                 return
             if _without(old, "status") != _without(new, "status"):
+                enqueue(ACCESS, name)
                 enqueue(CHILDREN, name)
                 enqueue(STATUS, name, after=coalesce)
                 enqueue(PLAN, after=SINGLETON_COALESCE)
@@ -136,11 +140,20 @@ class Manager:
                 enqueue(PLAN, after=SINGLETON_COALESCE)
             return
         if kind == "Secret":
+            if name == NODE_SECRET_NAME:
+                enqueue(PLAN, after=SINGLETON_COALESCE)  # the nodes' credentials, edited or deleted: the plan puts them back
+                return
             for mirror, rec in self.ctx.records.items():
                 if name in rec.secret_names:
                     enqueue(CHILDREN, mirror)
                     enqueue(PLAN, after=SINGLETON_COALESCE)
+                if name == auth_secret_name(mirror) or name.startswith(client_secret_name(mirror, "")):
+                    enqueue(ACCESS, mirror)  # its access Secret or an access client's, edited or deleted by hand
             return
+        if kind == "Node" and (old or {}).get("addresses") != (new or {}).get("addresses"):
+            # The NetworkPolicies admit the nodes' addresses.
+            for mirror in self.store.mirrors():
+                enqueue(CHILDREN, mirror)
         if kind == "Node":
             if (old or {}).get("labels") != (new or {}).get("labels"):
                 self.ctx.nodes.index = None
@@ -241,6 +254,7 @@ class Manager:
         for singleton in (HOSTS, PLAN, ROLLOUT):
             self.ctx.enqueue(singleton)
         for name in self.store.mirrors():
+            self.ctx.enqueue(ACCESS, name)
             self.ctx.enqueue(CHILDREN, name)
             self.ctx.enqueue(STATUS, name, after=self.settings.status_coalesce)
         for i in range(self.settings.workers):

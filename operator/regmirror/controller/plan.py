@@ -16,16 +16,19 @@ carried which mirror entry) and the last good entries.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 
 from regmirror import constants as c
+from regmirror.controller.access import seed_node_auth
 from regmirror.controller.state import (
     ROLLOUT,
     STATUS,
     ConfigError,
     Context,
     Done,
+    MirrorRecord,
     RequeueAfter,
     Result,
     Transient,
@@ -35,6 +38,7 @@ from regmirror.kube import ApiError
 from regmirror.models import RegistryMirrorSpec, Runtime
 from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, mirror_entry
 from regmirror.observe import cluster_ip
+from regmirror.render.access import render_node_auth_secret
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
 
 log = logging.getLogger("regmirror.plan")
@@ -57,6 +61,39 @@ def _mirror_ca(ctx: Context, spec: RegistryMirrorSpec) -> str | None:
         return None
 
 
+def _auth_revision(rec: MirrorRecord) -> int | None:
+    """The credential revision the mirror's entry names: the access reconciler's, else the one nodes already have."""
+    if rec.access is not None:
+        return int(rec.access.plan_revision)
+    return rec.last_good.auth_revision if rec.last_good is not None else None
+
+
+async def _apply_node_auth(ctx: Context, plan: NodePlan) -> Result | None:
+    """regmirror-agent-credentials for every mirror the plan gives a revision, before the plan that names it (None: done).
+
+    After a start the live Secret seeds what the access reconciles have not
+    decided yet, so a restart never takes a node's credential away.
+    """
+    try:
+        await seed_node_auth(ctx)
+    except ApiError as exc:
+        return Transient(str(exc))
+    wanted = {e.name: ctx.node_auth[e.name] for e in plan.mirrors if e.auth_revision is not None and e.name in ctx.node_auth}
+    secret = render_node_auth_secret(wanted, ctx.settings.agent_namespace)
+    live = ctx.store.node_auth_secret()
+    want = {k: hashlib.sha256(str(v).encode()).hexdigest() for k, v in secret["data"].items()}
+    if live is not None and live.get("fingerprint") == want:
+        return None
+    if live is None and not wanted:
+        return None
+    try:
+        await ctx.client.apply(secret)
+    except ApiError as exc:
+        log.error("node plan: applying the nodes' credentials failed: %s", exc)
+        return Transient(str(exc))
+    return None
+
+
 def desired_plan(ctx: Context) -> tuple[NodePlan, int]:
     """The plan from the store, and how many mirrors that belong in it still lack a ClusterIP."""
     entries: list[MirrorEntry] = []
@@ -74,12 +111,14 @@ def desired_plan(ctx: Context) -> tuple[NodePlan, int]:
         if not spec.node_config.enabled:
             continue
         ip = cluster_ip(ctx.store.child("Service", name))
-        if ip is None:
+        if ip is None or (rec.access is None and rec.last_good is None):
+            # No ClusterIP yet, or a new mirror whose credential is not decided yet (controller/access.py):
+            # its entry waits, so nodes get the route and the credential in one plan (one rollout, not two).
             waiting += 1
             if rec.last_good is not None:
                 entries.append(rec.last_good)
             continue
-        entry = mirror_entry(name, spec, ip, ca_pem=_mirror_ca(ctx, spec))
+        entry = mirror_entry(name, spec, ip, ca_pem=_mirror_ca(ctx, spec), auth_revision=_auth_revision(rec))
         rec.last_good = entry
         entries.append(entry)
     return build_node_plan(entries), waiting
@@ -135,6 +174,9 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
         # mirror (whose plan then creates the DaemonSet, which is faster than a rolling update).
         ctx.plan.set(plan)
         return Done()
+    waiting_for_credentials = await _apply_node_auth(ctx, plan)
+    if waiting_for_credentials is not None:
+        return waiting_for_credentials
     ctx.plan.history.remember(plan)
     ns = ctx.settings.agent_namespace
     objects = [

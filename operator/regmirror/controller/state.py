@@ -64,6 +64,7 @@ STATUS = "status"  # per mirror: gather -> evaluate -> write
 PLAN = "plan"  # singleton: the node plan ConfigMap and the agent DaemonSet
 ROLLOUT = "rollout"  # singleton: node accounting after node or agent pod changes
 HOSTS = "hosts"  # singleton: each mirror's place among the mirrors of its hosts
+ACCESS = "access"  # per mirror: its credentials, accepted set and access Secrets (controller/access.py)
 
 
 def key_priority(key: Key) -> int:
@@ -72,7 +73,7 @@ def key_priority(key: Key) -> int:
     Status keys share the children's priority: when they overtook children, a storm of
     status writes starved the children applies (and so the node plan) in a burst.
     """
-    return NORMAL if key[0] in (CHILDREN, STATUS) else HIGH
+    return NORMAL if key[0] in (CHILDREN, STATUS, ACCESS) else HIGH
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class MirrorRecord:
     progress_scheduled: bool = False
     announced: str | None = None  # "status/reason" of the Ready condition last announced by an Event
     rollout: NodeRollout | None = None
+    access: Any = None  # controller.access.AccessView: the plan's revision, enforcement, status.access (no credential)
 
     def spec_of(self, mirror: dict[str, Any]) -> RegistryMirrorSpec | ConfigError:
         """The typed spec (memoized per generation), or a ConfigError naming the invalid field."""
@@ -200,6 +202,10 @@ class Context:
     # Called when a mirror's credentials change (the upstream check runs off the reconcile path).
     on_credentials: Callable[[str, RegistryMirrorSpec, str | None], None] = lambda _name, _spec, _creds: None
     clock: Callable[[], float] = time.monotonic
+    # mirror -> its key of regmirror-agent-credentials (credentials: only ever written into that Secret), and
+    # whether the live Secret seeded it after a start.
+    node_auth: dict[str, str] = field(default_factory=dict, repr=False)
+    node_auth_seeded: bool = False
 
     def record(self, name: str) -> MirrorRecord:
         """The mirror's record (created on first use)."""

@@ -134,6 +134,8 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         new = invalid_status(generation, old.get("conditions") or [], obs.reason, obs.message)
     else:
         new = evaluate(obs, old.get("conditions") or [])
+        if rec.access is not None:
+            new["access"] = rec.access.status
     if not status_changed(old, new):
         rec.progress_scheduled = False
         return Done()

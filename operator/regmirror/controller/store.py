@@ -17,10 +17,11 @@ from typing import Any
 
 from regmirror import constants as c
 from regmirror import naming
+from regmirror.access import ANNOTATION_ROTATE, NODE_SECRET_NAME
 from regmirror.controller.informer import Informer, Source
 from regmirror.rollout import slim_agent_pod
 
-CHILD_KINDS = ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "PodDisruptionBudget")
+CHILD_KINDS = ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy")
 # Secret keys whose values are public certificates (nodes trust a TLS mirror's CA).
 PUBLIC_SECRET_KEYS = ("ca.crt", "tls.crt")
 
@@ -32,10 +33,14 @@ def _meta(obj: dict[str, Any], *keep: str) -> dict[str, Any]:
 
 def slim_mirror(obj: dict[str, Any]) -> dict[str, Any]:
     """A RegistryMirror: identity, generation, deletion, finalizers, spec and status."""
+    meta = _meta(obj, "name", "uid", "generation", "deletionTimestamp", "finalizers", "resourceVersion")
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    if ANNOTATION_ROTATE in annotations:
+        meta["annotations"] = {ANNOTATION_ROTATE: annotations[ANNOTATION_ROTATE]}
     return {
         "apiVersion": obj.get("apiVersion", c.API_VERSION),
         "kind": c.KIND,
-        "metadata": _meta(obj, "name", "uid", "generation", "deletionTimestamp", "finalizers", "resourceVersion"),
+        "metadata": meta,
         "spec": obj.get("spec") or {},
         "status": obj.get("status") or {},
     }
@@ -68,8 +73,9 @@ def slim_secret(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def slim_node(obj: dict[str, Any]) -> dict[str, Any]:
-    """A Node as its labels (the only thing a mirror's node selector reads)."""
-    return {"labels": dict((obj.get("metadata") or {}).get("labels") or {})}
+    """A Node as its labels (what a mirror's node selector reads) and InternalIP addresses (its NetworkPolicy admits them)."""
+    addresses = [a.get("address") for a in (obj.get("status") or {}).get("addresses") or [] if a.get("type") == "InternalIP"]
+    return {"labels": dict((obj.get("metadata") or {}).get("labels") or {}), "addresses": sorted(a for a in addresses if a)}
 
 
 def slim_agent_object(obj: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +95,8 @@ def sources(namespace: str, agent_namespace: str) -> list[Source]:
         Source("Pod", agent_namespace, label_selector=agent, transform=slim_agent_pod),
         Source("DaemonSet", agent_namespace, field_selector=f"metadata.name={c.AGENT_NAME}", transform=slim_agent_object),
         Source("ConfigMap", agent_namespace, field_selector=f"metadata.name={c.NODE_CONFIG_NAME}", transform=slim_agent_object),
+        # The nodes' credentials (hashes only): a hand that deletes or edits it queues the plan, which puts it back.
+        Source("Secret", agent_namespace, field_selector=f"metadata.name={NODE_SECRET_NAME}", transform=slim_secret),
     ]
 
 
@@ -132,8 +140,16 @@ class Store:
         return self._items("Secret", self.namespace).get(name)
 
     def nodes(self) -> dict[str, dict[str, Any]]:
-        """name -> {"labels": ...}."""
+        """name -> {"labels": ..., "addresses": [...]}."""
         return self._items("Node", None)
+
+    def node_addresses(self) -> list[str]:
+        """Every node's InternalIP addresses (the nodes' sources in the mirrors' NetworkPolicies)."""
+        return sorted({a for node in self.nodes().values() for a in node.get("addresses", [])})
+
+    def node_auth_secret(self) -> dict[str, Any] | None:
+        """regmirror-agent-credentials's hashes (agent namespace)."""
+        return self._items("Secret", self.agent_namespace).get(NODE_SECRET_NAME)
 
     def agent_pods(self) -> dict[str, dict[str, Any]]:
         """pod name -> slim agent pod."""

@@ -18,6 +18,7 @@ from regmirror import constants as c
 from regmirror import naming
 from regmirror.models import Runtime
 from regmirror.nodeplan import NodePlan
+from regmirror.render.access import agent_auth_volume
 
 HOST_ROOT = "/host"
 PLAN_DIR = "/etc/regmirror/plan"
@@ -109,6 +110,10 @@ def render_agent_daemonset(
         mounts.append(mount)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
+    # The mirrors' node credentials (regmirror-agent-credentials, root-only; render/access.py): the plan names revisions only.
+    auth_volume, auth_mount = agent_auth_volume()
+    volumes.append(auth_volume)
+    mounts.append(auth_mount)
 
     def probe(path: str) -> dict[str, Any]:
         return {

@@ -24,7 +24,7 @@ from typing import Any
 from regmirror import constants as c
 from regmirror import naming
 from regmirror.models import RegistryMirrorSpec
-from regmirror.render.front import CACHE_SIDECAR_PORT
+from regmirror.render.front import ACCESS_DIR, ACCESS_FILE, ACCESS_FILE_KEY, CACHE_SIDECAR_PORT, FRONT_CONFIG_KEY, READY_PATH
 from regmirror.units import duration_seconds, quantity_bytes
 
 DEFAULT_FRONT_IMAGE = "docker.io/library/varnish:7.6.1"
@@ -124,8 +124,46 @@ def _restricted() -> dict[str, Any]:
     }
 
 
+ACCESS_VOLUME = "front-access"
+
+
+def front_stats_loop() -> str:
+    """The front-stats container's shell loop: export varnishstat, and reload the VCL when access.vcl changes.
+
+    The kubelet swaps a Secret volume's files atomically about a minute after
+    the Secret changes; a changed checksum loads the whole program again
+    (its `include` reads the new file) and switches to it, so the front keeps
+    running and keeps its cache. A file that does not compile (a hand-edited
+    Secret) leaves the running program in place, and is not retried until it
+    changes. Nothing varnishadm prints is shown: a compiler error could quote
+    a line of the file, and the file holds credentials.
+    """
+    adm = f"varnishadm -n {FRONT_WORK_DIR}"
+    stats = f"{STATS_DIR}/{VARNISH_STATS_FILE}"
+    return (
+        'loaded=""; failed=""; '
+        "while :; do "
+        f"varnishstat -n {FRONT_WORK_DIR} -j > {stats}.tmp 2>/dev/null && mv {stats}.tmp {stats}; "
+        # The client addresses of recent pulls (manifest requests: one per pull) from the shared-memory
+        # log, for the sidecar's request-side evidence of which nodes use the mirror (cache/clients.py).
+        f"varnishncsa -n {FRONT_WORK_DIR} -d -F '%h' -q 'ReqURL ~ \"^/v2/.+/manifests/\"' 2>/dev/null | sort -u "
+        f"> {STATS_DIR}/{CLIENTS_FILE}.tmp && mv {STATS_DIR}/{CLIENTS_FILE}.tmp {STATS_DIR}/{CLIENTS_FILE}; "
+        f"sum=$(cksum < {ACCESS_FILE} 2>/dev/null); "
+        'if [ -n "$sum" ] && [ "$sum" != "$loaded" ] && [ "$sum" != "$failed" ]; then '
+        'name="access$(date +%s)"; '
+        f'if {adm} vcl.load "$name" {FRONT_CONFIG_DIR}/{FRONT_CONFIG_KEY} >/dev/null 2>&1 && {adm} vcl.use "$name" >/dev/null 2>&1; then '
+        'loaded="$sum"; failed=""; echo \'{"event": "front.access.loaded"}\'; '
+        f"{adm} vcl.list 2>/dev/null | awk '$1 == \"available\" {{print $NF}}' | "
+        f'while read -r old; do {adm} vcl.discard "$old" >/dev/null 2>&1; done; '
+        'elif {adm} ping >/dev/null 2>&1; then failed="$sum"; echo \'{"event": "front.access.unloadable", "level": "error"}\'; fi; '
+        "fi; "
+        f"sleep {STATS_INTERVAL_SECONDS}; "
+        "done"
+    ).replace("{adm}", adm)
+
+
 def front_containers(spec: RegistryMirrorSpec, front_image: str, config_volume: str) -> list[dict[str, Any]]:
-    """Varnish on the Service's target port, and the loop that exports its counters."""
+    """Varnish on the Service's target port, and the loop that exports its counters and reloads access.vcl."""
     store = front_store_bytes(spec)
     front = {
         "name": "front",
@@ -155,31 +193,24 @@ def front_containers(spec: RegistryMirrorSpec, front_image: str, config_volume: 
         "resources": {"requests": {"cpu": "50m", "memory": "96Mi"}, "limits": {"memory": "384Mi"}},
         "volumeMounts": [
             {"name": config_volume, "mountPath": FRONT_CONFIG_DIR, "readOnly": True},
+            {"name": ACCESS_VOLUME, "mountPath": ACCESS_DIR, "readOnly": True},
             {"name": "front-work", "mountPath": "/var/lib/varnish"},
             {"name": "front-store", "mountPath": FRONT_STORE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
-        "readinessProbe": _http_probe("/v2/", "registry", period=5, failures=3),
+        "readinessProbe": _http_probe(READY_PATH, "registry", period=5, failures=3),
         "livenessProbe": {"tcpSocket": {"port": "registry"}, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6},
         "securityContext": _restricted(),
     }
-    # Also the client addresses of recent pulls (manifest requests: one per pull) from the shared-memory
-    # log, for the sidecar's request-side evidence of which nodes use the mirror (cache/clients.py).
-    loop = (
-        f"while :; do varnishstat -n {FRONT_WORK_DIR} -j > {STATS_DIR}/{VARNISH_STATS_FILE}.tmp 2>/dev/null "
-        f"&& mv {STATS_DIR}/{VARNISH_STATS_FILE}.tmp {STATS_DIR}/{VARNISH_STATS_FILE}; "
-        f"varnishncsa -n {FRONT_WORK_DIR} -d -F '%h' -q 'ReqURL ~ \"^/v2/.+/manifests/\"' 2>/dev/null | sort -u "
-        f"> {STATS_DIR}/{CLIENTS_FILE}.tmp && mv {STATS_DIR}/{CLIENTS_FILE}.tmp {STATS_DIR}/{CLIENTS_FILE}; "
-        f"sleep {STATS_INTERVAL_SECONDS}; done"
-    )
     stats = {
         "name": "front-stats",
         "image": front_image,
-        "command": ["sh", "-c", loop],
+        "command": ["sh", "-c", front_stats_loop()],
         "resources": {"requests": {"cpu": "5m", "memory": "8Mi"}, "limits": {"memory": "32Mi"}},
         "volumeMounts": [
             {"name": "front-work", "mountPath": "/var/lib/varnish", "readOnly": True},
             {"name": "stats", "mountPath": STATS_DIR},
+            {"name": ACCESS_VOLUME, "mountPath": ACCESS_DIR, "readOnly": True},
         ],
         "securityContext": _restricted(),
     }
@@ -233,6 +264,18 @@ def cache_volumes(name: str, spec: RegistryMirrorSpec, front: bool) -> list[dict
     """Volumes the front and the sidecar add to the pod."""
     volumes: list[dict[str, Any]] = [{"name": "cache-control", "configMap": {"name": control_name(name)}}]
     if front:
+        # The accepted credentials (render/front.py): the mirror's access Secret, which the operator
+        # creates before the Deployment; not optional, so the front never starts without it.
+        volumes.append(
+            {
+                "name": ACCESS_VOLUME,
+                "secret": {
+                    "secretName": naming.credentials_secret_name(name),
+                    "items": [{"key": ACCESS_FILE_KEY, "path": ACCESS_FILE_KEY}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
         volumes += [
             {"name": "front-work", "emptyDir": {"sizeLimit": "256Mi"}},
             {"name": "front-store", "emptyDir": {"sizeLimit": str(front_store_bytes(spec) + (64 << 20))}},

@@ -20,13 +20,42 @@ What the front caches, and for how long:
 
 Invalidating a tag is a BAN request from inside the pod (the sidecar sends it);
 anything else that sends BAN gets 403.
+
+Who may pull (regmirror/access.py) is decided here too, in vcl_recv before the
+cache lookup: an object the front already holds would otherwise be served to
+anyone, and distribution's own auth would only ever see the misses behind
+it. The accepted Authorization values come from `access.vcl`, a file of the
+mirror's Secret mounted into the pod (never the ConfigMap this program lives
+in) and compiled in with `include`. `include` is read when a VCL is loaded,
+so the front-stats container loads the program again (varnishadm vcl.load,
+vcl.use) when the kubelet updates the file; the running front never
+restarts and keeps its cache. (std.fileread would not do: it caches a file's
+content for as long as any loaded VCL references that name.) Requests from
+inside the pod (the sidecar's prewarm and BAN) need no credential; the
+kubelet's readiness probe has its own path that only ever answers /v2/.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 FRONT_CONFIG_KEY = "front.vcl"
+# The accepted credentials: a key of the mirror's access Secret, mounted here.
+ACCESS_DIR = "/etc/regmirror/front-access"
+ACCESS_FILE_KEY = "access.vcl"
+ACCESS_FILE = f"{ACCESS_DIR}/{ACCESS_FILE_KEY}"
+# The kubelet's readiness probe (answered by the registry's /v2/, never with a credential)
+# and the accepted-set generation this front loaded (no credential in it), both unauthenticated.
+READY_PATH = "/_regmirror/ready"
+ACCESS_INFO_PATH = "/_regmirror/access"
+REALM = "regmirror"
+# What an accepted value may look like: a Basic credential of base64 characters only, so that
+# nothing taken from a Secret can ever end a VCL string.
+_AUTHORIZATION_RE = re.compile(r"Basic [A-Za-z0-9+/]{4,400}={0,2}")
+# distribution's body for a 401, as a VCL long string ("""...""": the JSON holds quotes).
+_UNAUTHORIZED_SYNTHETIC = 'synthetic("""{"errors":[{"code":"UNAUTHORIZED","message":"authentication required","detail":null}]}""");'
 # Ports inside the mirror pod: the front takes the Service's target (5000),
 # distribution moves behind it, the cache sidecar answers next to it.
 REGISTRY_BACKEND_PORT = 5002
@@ -40,6 +69,7 @@ TAG_STALE_HORIZON = "30d"
 TAG_COALESCE_SECONDS = 1
 BAN_HEADER = "x-regmirror-ban"
 URL_HEADER = "x-regmirror-url"
+ACCESS_INFO_HEADER = "x-regmirror-access"
 # Accept headers that list both index types are treated as one (every current
 # containerd, CRI-O and Docker sends both); anything else keys its own object.
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -56,6 +86,37 @@ class FrontSettings:
     sidecar_port: int = CACHE_SIDECAR_PORT
     # Objects bigger than this are streamed uncached (the store could not hold them whole).
     max_object_bytes: int = 1 << 30
+    access_file: str = ACCESS_FILE
+
+
+def render_access_vcl(accepted: Sequence[str], *, enforced: bool, generation: int) -> str:
+    """The front's access.vcl: who may pull (`regmirror_authorize`) and what it reports (`regmirror_access_info`).
+
+    Not enforced: every request passes (Open, or Restricted while nodes still
+    receive their credential). Raises ValueError for a value that is not a
+    Basic credential: the file is compiled into the front.
+    """
+    for value in accepted:
+        if not isinstance(value, str) or not _AUTHORIZATION_RE.fullmatch(value):
+            raise ValueError("an accepted value is not a Basic credential")
+    if not isinstance(generation, int) or generation < 0:
+        raise ValueError("generation must be a non-negative integer")
+    info = f'{{"generation": {generation}, "enforced": {"true" if enforced else "false"}, "accepted": {len(accepted)}}}'
+    lines = [
+        "# Rendered by regmirror (regmirror/access.py) into the mirror's access Secret; edits are overwritten.",
+        "sub regmirror_access_info {",
+        f'    set resp.http.{ACCESS_INFO_HEADER} = """{info}""";',
+        "}",
+        "",
+        "sub regmirror_authorize {",
+    ]
+    if enforced and accepted:
+        tests = " ||\n        ".join(f'req.http.Authorization == "{value}"' for value in accepted)
+        lines += [f"    if ({tests}) {{", "        return;", "    }", '    return (synth(401, "Unauthorized"));']
+    elif enforced:
+        lines.append('    return (synth(401, "Unauthorized"));')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 def render_front_vcl(settings: FrontSettings) -> str:
@@ -65,6 +126,9 @@ def render_front_vcl(settings: FrontSettings) -> str:
     return f"""vcl 4.1;
 # Rendered by regmirror (regmirror/render/front.py); edits are overwritten.
 import std;
+
+# Who may pull: regmirror_authorize and regmirror_access_info, from the mirror's access Secret.
+include "{settings.access_file}";
 
 # distribution in proxy mode, in the same pod. A miss may wait on the upstream:
 # distribution dials it for up to 30 s before it falls back to its local copy.
@@ -105,6 +169,20 @@ sub vcl_recv {{
         ban("obj.http.{URL_HEADER} ~ " + req.http.{BAN_HEADER});
         return (synth(200, "Banned"));
     }}
+    if (req.url == "{READY_PATH}") {{
+        # The kubelet's readiness probe: the registry's /v2/, never cached, never with a credential.
+        set req.url = "/v2/";
+        unset req.http.Authorization;
+        return (pass);
+    }}
+    if (req.url == "{ACCESS_INFO_PATH}") {{
+        return (synth(200, "regmirror-access"));
+    }}
+    # Before any lookup: a cached object is served only to whom the registry itself would serve it.
+    if (client.ip !~ pod_local) {{
+        call regmirror_authorize;
+    }}
+    unset req.http.Authorization;
     if (req.method != "GET" && req.method != "HEAD") {{
         return (pass);
     }}
@@ -171,6 +249,24 @@ sub vcl_backend_response {{
 sub vcl_backend_error {{
     if (bereq.is_bgfetch) {{
         return (abandon);
+    }}
+}}
+
+sub vcl_synth {{
+    if (resp.reason == "regmirror-access") {{
+        call regmirror_access_info;
+        set resp.http.Content-Type = "application/json";
+        synthetic(resp.http.{ACCESS_INFO_HEADER});
+        unset resp.http.{ACCESS_INFO_HEADER};
+        return (deliver);
+    }}
+    if (resp.status == 401) {{
+        # What distribution's own auth answers, so every client knows to send its credential.
+        set resp.http.WWW-Authenticate = {{"Basic realm="{REALM}""}};
+        set resp.http.Docker-Distribution-API-Version = "registry/2.0";
+        set resp.http.Content-Type = "application/json";
+        {_UNAUTHORIZED_SYNTHETIC}
+        return (deliver);
     }}
 }}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,9 +20,16 @@ import yaml
 
 from regmirror import constants as c
 from regmirror import naming
-from regmirror.models import AccessMode, DeletionPolicy, RegistryMirrorSpec
+from regmirror.models import AccessMode, AccessPolicy, DeletionPolicy, RegistryMirrorSpec, ServiceType
 from regmirror.render import cache as render_cache
-from regmirror.render.front import CACHE_SIDECAR_PORT, FRONT_CONFIG_KEY, REGISTRY_BACKEND_PORT, FrontSettings, render_front_vcl
+from regmirror.render.front import (
+    CACHE_SIDECAR_PORT,
+    FRONT_CONFIG_KEY,
+    REALM,
+    REGISTRY_BACKEND_PORT,
+    FrontSettings,
+    render_front_vcl,
+)
 from regmirror.units import duration_seconds
 
 CONFIG_KEY = "config.yml"
@@ -70,6 +78,13 @@ CACHE_PORT_NAME = "cache"
 METRICS_PORT_NAME = "metrics"
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/debug/health"
+# An HTTPS mirror (no front: Varnish speaks no TLS) under Restricted: distribution's own htpasswd
+# auth, from the mirror's access Secret. distribution re-reads the file when its mtime changes.
+ACCESS_SECRET_DIR = "/etc/regmirror/access"
+HTPASSWD_KEY = "htpasswd"
+# Secret files readable by the pod's user and group only (fsGroup), never by others.
+SECRET_FILE_MODE = 0o440
+EXTERNAL_SUFFIX = "-ext"
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -120,6 +135,23 @@ def registry_listen_port(spec: RegistryMirrorSpec) -> int:
     return REGISTRY_BACKEND_PORT if front_enabled(spec) else c.REGISTRY_PORT
 
 
+def registry_listen_address(spec: RegistryMirrorSpec) -> str:
+    """distribution's http.addr. Behind the front it listens on the pod's loopback only: on the pod IP,
+    any pod could reach it directly and pull past the front's access check."""
+    return f"127.0.0.1:{REGISTRY_BACKEND_PORT}" if front_enabled(spec) else f":{c.REGISTRY_PORT}"
+
+
+def registry_auth_enforced(spec: RegistryMirrorSpec, access_enforced: bool | None) -> bool:
+    """Whether distribution itself checks credentials: an HTTPS mirror (no front) whose access is enforced.
+
+    `access_enforced` is what the access state says (regmirror/access.py);
+    None (offline rendering) means: as the spec's policy says.
+    """
+    if front_enabled(spec):
+        return False
+    return access_enforced if access_enforced is not None else spec.effective_access_policy() == AccessPolicy.RESTRICTED
+
+
 def _storage_config(name: str, spec: RegistryMirrorSpec) -> dict[str, Any]:
     s3 = spec.storage.s3
     if s3 is None:
@@ -140,13 +172,15 @@ def _storage_config(name: str, spec: RegistryMirrorSpec) -> dict[str, Any]:
     }
 
 
-def render_registry_config(spec: RegistryMirrorSpec, name: str = "") -> str:
+def render_registry_config(spec: RegistryMirrorSpec, name: str = "", *, access_enforced: bool | None = None) -> str:
     """distribution's config.yml for proxy mode; never holds credentials.
 
     `name` (the mirror's) only matters for s3 storage: the default key prefix.
+    `access_enforced`: see `registry_auth_enforced` (only an HTTPS mirror's
+    registry checks credentials itself; behind the front, the front does).
     """
     http: dict[str, Any] = {
-        "addr": f":{registry_listen_port(spec)}",
+        "addr": registry_listen_address(spec),
         "draintimeout": f"{DRAIN_SECONDS}s",
         "headers": {"X-Content-Type-Options": ["nosniff"]},
         "debug": {
@@ -168,6 +202,11 @@ def render_registry_config(spec: RegistryMirrorSpec, name: str = "") -> str:
             # gone (distribution#2367; Gardener's registry cache disables it for the same reason).
         },
         "http": http,
+        **(
+            {"auth": {"htpasswd": {"realm": REALM, "path": f"{ACCESS_SECRET_DIR}/{HTPASSWD_KEY}"}}}
+            if registry_auth_enforced(spec, access_enforced)
+            else {}
+        ),
         # A failing check makes distribution answer 503 to every request (health.Handler), /v2/
         # included: the readiness probes then take the pod out of the Service, which is how an
         # unreachable bucket or a broken volume shows.
@@ -204,18 +243,20 @@ def front_settings(spec: RegistryMirrorSpec) -> FrontSettings:
     )
 
 
-def render_config_map(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any]:
-    """The ConfigMap holding config.yml."""
+def render_config_map(
+    name: str, uid: str, spec: RegistryMirrorSpec, namespace: str, *, access_enforced: bool | None = None
+) -> dict[str, Any]:
+    """The ConfigMap holding config.yml (and the front's VCL; the accepted credentials are in the access Secret)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(name, uid, namespace),
-        "data": _config_data(name, spec),
+        "data": _config_data(name, spec, access_enforced),
     }
 
 
-def _config_data(name: str, spec: RegistryMirrorSpec) -> dict[str, str]:
-    data = {CONFIG_KEY: render_registry_config(spec, name)}
+def _config_data(name: str, spec: RegistryMirrorSpec, access_enforced: bool | None = None) -> dict[str, str]:
+    data = {CONFIG_KEY: render_registry_config(spec, name, access_enforced=access_enforced)}
     if front_enabled(spec):
         data[FRONT_CONFIG_KEY] = render_front_vcl(front_settings(spec))
     return data
@@ -258,6 +299,96 @@ def render_service(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str
     svc_spec["selector"] = naming.selector_labels(name)
     svc_spec["ports"] = ports
     return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(name, uid, namespace), "spec": svc_spec}
+
+
+def external_service_name(mirror: str) -> str:
+    """The Service that exposes a mirror outside the cluster (service.type NodePort or LoadBalancer)."""
+    return f"{naming.child_name(mirror)}{EXTERNAL_SUFFIX}"
+
+
+def render_external_service(name: str, uid: str, spec: RegistryMirrorSpec, namespace: str) -> dict[str, Any] | None:
+    """The registry port alone, as a NodePort or LoadBalancer Service; None for ClusterIP.
+
+    A second Service rather than a new type for the first: that one also
+    carries the metrics and cache ports, which must not leave the cluster, and
+    its ClusterIP (what nodes use) stays as it is.
+    """
+    svc = spec.service
+    if svc.type == ServiceType.CLUSTER_IP:
+        return None
+    port: dict[str, Any] = {"name": PORT_NAME, "protocol": "TCP", "port": svc.port, "targetPort": PORT_NAME}
+    if svc.node_port is not None:
+        port["nodePort"] = svc.node_port
+    svc_spec: dict[str, Any] = {"type": svc.type.value, "selector": naming.selector_labels(name), "ports": [port]}
+    if svc.type == ServiceType.LOAD_BALANCER and svc.load_balancer_source_ranges:
+        svc_spec["loadBalancerSourceRanges"] = list(svc.load_balancer_source_ranges)
+    meta = _metadata(name, uid, namespace)
+    meta["name"] = external_service_name(name)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": svc_spec}
+
+
+def node_source_cidrs(spec: RegistryMirrorSpec, node_addresses: Iterable[str]) -> list[str]:
+    """Where nodes' connections come from: access.networkPolicy.nodeSources, else each node address as a /32 or /128.
+
+    Addresses that do not parse are skipped (they come from Node objects); the
+    result is collapsed and sorted, so a node list in another order renders
+    the same policy.
+    """
+    explicit = spec.access.network_policy.node_sources
+    if explicit:
+        return list(explicit)
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
+    for address in node_addresses:
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+            parsed = parsed.ipv4_mapped
+        if isinstance(parsed, ipaddress.IPv4Address):
+            v4.append(ipaddress.IPv4Network(parsed))
+        else:
+            v6.append(ipaddress.IPv6Network(parsed))
+    return [str(n) for n in ipaddress.collapse_addresses(v4)] + [str(n) for n in ipaddress.collapse_addresses(v6)]
+
+
+def operator_pod_selector() -> dict[str, Any]:
+    """The operator's pods (manifests/base/operator.yaml), which live in the mirrors' namespace."""
+    return {"matchLabels": {c.LABEL_NAME: c.APP_NAME, c.LABEL_COMPONENT: "operator"}}
+
+
+def render_network_policy(
+    name: str, uid: str, spec: RegistryMirrorSpec, namespace: str, node_addresses: Iterable[str] = ()
+) -> dict[str, Any] | None:
+    """Ingress to the mirror's pods: the nodes to the registry port; the operator and access.networkPolicy.from to every port.
+
+    None when the policy is off (access.networkPolicy.enabled, by default on
+    exactly when the access policy is Restricted). Without any node source
+    (none given, no node address known yet) the nodes' rule is left out: an
+    ingress rule with no `from` would admit every source.
+    """
+    if not spec.network_policy_enabled():
+        return None
+    registry_port = {"protocol": "TCP", "port": c.REGISTRY_PORT}
+    every_port = [registry_port, {"protocol": "TCP", "port": c.REGISTRY_DEBUG_PORT}, {"protocol": "TCP", "port": CACHE_SIDECAR_PORT}]
+    rules: list[dict[str, Any]] = []
+    sources = node_source_cidrs(spec, node_addresses)
+    if spec.service.type == ServiceType.LOAD_BALANCER:
+        # Where a load balancer keeps the client's address, the ranges it admits reach the pods as they are.
+        sources += [r for r in spec.service.load_balancer_source_ranges if r not in sources]
+    if sources:
+        rules.append({"from": [{"ipBlock": {"cidr": cidr}} for cidr in sources], "ports": [registry_port]})
+    rules.append({"from": [{"podSelector": operator_pod_selector()}], "ports": every_port})
+    extra = [p.to_peer() for p in spec.access.network_policy.from_]
+    if extra:
+        rules.append({"from": extra, "ports": every_port})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(name, uid, namespace),
+        "spec": {"podSelector": {"matchLabels": naming.selector_labels(name)}, "policyTypes": ["Ingress"], "ingress": rules},
+    }
 
 
 def _env(spec: RegistryMirrorSpec) -> list[dict[str, Any]]:
@@ -310,6 +441,19 @@ def _volumes_and_mounts(name: str, spec: RegistryMirrorSpec) -> tuple[list[dict[
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
     volumes += render_cache.cache_volumes(name, spec, front_enabled(spec))
+    if not front_enabled(spec):
+        # An HTTPS mirror checks credentials itself when its access is enforced (config.yml says so).
+        volumes.append(
+            {
+                "name": "access",
+                "secret": {
+                    "secretName": naming.credentials_secret_name(name),
+                    "items": [{"key": HTPASSWD_KEY, "path": HTPASSWD_KEY}],
+                    "defaultMode": SECRET_FILE_MODE,
+                },
+            }
+        )
+        mounts.append({"name": "access", "mountPath": ACCESS_SECRET_DIR, "readOnly": True})
     if spec.service.tls is not None:
         volumes.append(
             {
@@ -430,7 +574,6 @@ def render_deployment(
     The config and credentials hashes on the pod template make a changed
     config.yml or a rotated Secret roll the pods (neither is re-read live).
     """
-    scheme = "HTTPS" if spec.service.tls is not None else "HTTP"
     volumes, mounts = _volumes_and_mounts(name, spec)
     annotations = {c.ANNOTATION_CONFIG_HASH: config_hash}
     if credentials_hash is not None:
@@ -457,7 +600,10 @@ def render_deployment(
         "env": _env(spec),
         "resources": resources,
         "volumeMounts": mounts,
-        "readinessProbe": _probe("/v2/", registry_listen_port(spec), scheme, period=5, failures=3),
+        # Not /v2/: behind the front the registry listens on loopback only (the kubelet cannot reach it), and
+        # an HTTPS mirror under Restricted answers /v2/ with 401. /debug/health fails exactly when distribution
+        # answers 503 to every request (its storage check), which is what readiness must catch.
+        "readinessProbe": _probe(HEALTH_PATH, c.REGISTRY_DEBUG_PORT, "HTTP", period=5, failures=3),
         "livenessProbe": _liveness(spec),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -537,20 +683,32 @@ def render_mirror_children(
     sidecar_image: str = c.DEFAULT_OPERATOR_IMAGE,
     pins: Iterable[str] = (),
     invalidations: Mapping[str, str] | None = None,
+    access_enforced: bool | None = None,
+    node_addresses: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """ConfigMaps (registry and front config; the cache's live inputs), PVC (unless ephemeral or s3),
-    Service, PodDisruptionBudget (more than one replica) and Deployment, in the order to apply them.
+    Service (and the external one), NetworkPolicy, PodDisruptionBudget (more than one replica) and
+    Deployment, in the order to apply them.
 
     `sidecar_image` is the operator's own image (it runs `regmirror cache serve`); `pins` and
-    `invalidations` are the cache sidecar's live inputs (see render/cache.py).
+    `invalidations` are the cache sidecar's live inputs (see render/cache.py). `access_enforced`
+    (from regmirror/access.py) only shapes an HTTPS mirror's config.yml; `node_addresses` feed the
+    NetworkPolicy when access.networkPolicy.nodeSources is empty. The access Secret the pods mount
+    is not among these: the operator applies it first (render/access.py).
     """
-    config_map = render_config_map(name, uid, spec, namespace)
+    config_map = render_config_map(name, uid, spec, namespace, access_enforced=access_enforced)
     control = render_cache.render_control_config_map(name, uid, spec, namespace, pins=pins, invalidations=invalidations)
     children = [config_map, control]
     pvc = render_pvc(name, uid, spec, namespace)
     if pvc is not None:
         children.append(pvc)
     children.append(render_service(name, uid, spec, namespace))
+    external = render_external_service(name, uid, spec, namespace)
+    if external is not None:
+        children.append(external)
+    policy = render_network_policy(name, uid, spec, namespace, node_addresses)
+    if policy is not None:
+        children.append(policy)
     pdb = render_pdb(name, uid, spec, namespace)
     if pdb is not None:
         children.append(pdb)

@@ -110,6 +110,7 @@ class LoopbackMirror:
             objects.endpoint: f"{host}:{port}",  # Service ClusterIP:port (node plan)
             f":{c.REGISTRY_PORT}": f"{host}:{port}",  # container listen address (config.yml)
             ":5002": f"{host}:{port}",  # the registry's listen address behind the cache front (render/front.py)
+            "127.0.0.1:5002": f"{host}:{port}",  # the same, on the pod's loopback only (render/mirror.py)
             f":{c.REGISTRY_DEBUG_PORT}": f"{host}:{debug_port}",  # metrics / debug listener
         }
         if docker_hub:

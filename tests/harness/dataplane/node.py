@@ -30,8 +30,12 @@ class AgentNode:
     root: Path
     labels: dict[str, str]
     runtime_version: str = "containerd://1.6.0"
+    # The mounted regmirror-agent-credentials Secret; by default the node's own (empty) directory, never the host's /etc.
+    auth_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.auth_dir is None:
+            self.auth_dir = self.root / "etc" / "regmirror" / "node-auth"
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "etc" / "regmirror").mkdir(parents=True, exist_ok=True)
         self.node_file.write_text(
@@ -88,6 +92,8 @@ class AgentNode:
             str(interval),
             "--probe-timeout",
             "0.5",
+            "--auth-dir",
+            str(self.auth_dir),
         ]
         return [*argv, "--once"] if once else argv
 

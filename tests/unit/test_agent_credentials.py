@@ -1,0 +1,188 @@
+"""The nodes' credentials in the node's files: a header per mirror in hosts.toml, root-only, never anything else changed.
+
+The agent runs for real (`Agent.step` on a temporary host root, the plan and
+the mounted Secret as files); what containerd would read is parsed back with
+the tests' own reader (_agentkit), independent of the renderer.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from _agentkit import CERTS, containerd_endpoints, node_root, wire_entry
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from regmirror import access as acc
+from regmirror.agent.loop import Agent, AgentConfig
+from regmirror.agent.probe import HealthTracker
+from regmirror.render import nodeauth, nodefiles
+
+HUB = "http://10.96.0.10:5000"
+QUAY = "http://10.96.0.11:5000"
+
+
+def creds(revision: int) -> acc.Credential:
+    return acc.Credential(acc.node_username(revision), f"{'p' * 40}{revision:03d}")
+
+
+def node_secret(tmp: Path, entries: dict[str, dict[int, acc.Credential]]) -> Path:
+    """regmirror-agent-credentials as the kubelet mounts it: one file per mirror."""
+    auth = tmp / "node-auth"
+    auth.mkdir(exist_ok=True)
+    for name, by_rev in entries.items():
+        (auth / name).write_text(
+            json.dumps({"revision": max(by_rev), "authorizations": {str(r): c.authorization for r, c in by_rev.items()}})
+        )
+    return auth
+
+
+def agent(tmp: Path, plan: dict[str, Any], auth_dir: Path | None) -> Agent:
+    (tmp / "mirrors.json").write_text(json.dumps(plan))
+    (tmp / "labels.json").write_text("{}")
+    config = AgentConfig(
+        plan_path=tmp / "mirrors.json",
+        host_root=node_root(tmp),
+        node_labels_file=tmp / "labels.json",
+        health_port=0,
+        auth_dir=auth_dir,
+    )
+    # Every mirror answers: the probe is not what this test is about.
+    return Agent(config, tracker=HealthTracker(probe=lambda url, timeout, ca: None))
+
+
+def with_auth(entry: dict[str, Any], revision: int) -> dict[str, Any]:
+    return {**entry, "authRevision": revision}
+
+
+def hosts_toml(root: Path, host: str) -> Path:
+    return root / CERTS.lstrip("/") / host / "hosts.toml"
+
+
+def test_each_mirror_gets_its_header_root_only_and_nothing_else_changes(tmp_path: Path) -> None:
+    plan = {"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 4), wire_entry("quay", QUAY, ["quay.io"])]}
+    a = agent(tmp_path, plan, node_secret(tmp_path, {"hub": {4: creds(4), 5: creds(5)}}))
+    assert a.step().ready
+    root = a.config.host_root
+    hub = hosts_toml(root, "docker.io")
+    parsed = tomllib.loads(hub.read_text())
+    assert parsed["host"][HUB]["header"] == {"Authorization": creds(4).authorization}
+    assert containerd_endpoints(hub.read_text()) == [HUB, "https://registry-1.docker.io"], "routing unchanged"
+    assert stat.S_IMODE(hub.stat().st_mode) == 0o600, "a file with a credential is root's only"
+    quay = hosts_toml(root, "quay.io")
+    assert "header" not in quay.read_text() and stat.S_IMODE(quay.stat().st_mode) == 0o644
+    # Docker Hub's other spellings carry it too, each root-only.
+    for alias in ("index.docker.io", "registry-1.docker.io"):
+        path = hosts_toml(root, alias)
+        assert tomllib.loads(path.read_text())["host"][HUB]["header"]["Authorization"] == creds(4).authorization
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_strict_host_sends_it_to_the_mirror_that_is_its_server_too(tmp_path: Path) -> None:
+    plan = {"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"], fallback="NeverContactUpstream"), 1)]}
+    a = agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))
+    assert a.step().ready
+    parsed = tomllib.loads(hosts_toml(a.config.host_root, "docker.io").read_text())
+    assert parsed["server"] == HUB and parsed["header"] == {"Authorization": creds(1).authorization}
+    assert parsed["host"][HUB]["header"] == {"Authorization": creds(1).authorization}
+
+
+def test_a_rotation_rewrites_the_header_and_a_file_put_back_to_0644_is_made_private_again(tmp_path: Path) -> None:
+    auth = node_secret(tmp_path, {"hub": {1: creds(1), 2: creds(2)}})
+    a = agent(tmp_path, {"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 1)]}, auth)
+    assert a.step().ready
+    hub = hosts_toml(a.config.host_root, "docker.io")
+    hub.chmod(0o644)
+    assert a.step().ready
+    assert stat.S_IMODE(hub.stat().st_mode) == 0o600
+    (tmp_path / "mirrors.json").write_text(json.dumps({"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 2)]}))
+    assert a.step().ready
+    assert creds(2).authorization in hub.read_text() and creds(1).authorization not in hub.read_text()
+
+
+def test_a_revision_the_node_lacks_keeps_the_old_file_and_the_node_not_ready(tmp_path: Path) -> None:
+    auth = node_secret(tmp_path, {"hub": {1: creds(1)}})
+    a = agent(tmp_path, {"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 1)]}, auth)
+    assert a.step().ready
+    hub = hosts_toml(a.config.host_root, "docker.io")
+    before = hub.read_bytes()
+    (tmp_path / "mirrors.json").write_text(json.dumps({"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 2)]}))
+    result = a.step()
+    assert not result.ready and "does not hold the credential" in result.message
+    assert hub.read_bytes() == before, "the old credential is still accepted: keep it"
+    node_secret(tmp_path, {"hub": {1: creds(1), 2: creds(2)}})  # the kubelet catches up
+    assert a.step().ready and creds(2).authorization in hub.read_text()
+
+
+def test_no_file_yet_and_no_credential_writes_the_route_without_one(tmp_path: Path) -> None:
+    a = agent(tmp_path, {"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 3)]}, None)
+    result = a.step()
+    assert not result.ready
+    text = hosts_toml(a.config.host_root, "docker.io").read_text()
+    assert containerd_endpoints(text) == [HUB, "https://registry-1.docker.io"] and "header" not in text
+
+
+def test_a_mounted_value_that_is_not_a_basic_credential_never_reaches_a_file(tmp_path: Path) -> None:
+    auth = tmp_path / "node-auth"
+    auth.mkdir()
+    hostile = 'Basic x"\n[host."http://evil:1"]\n'
+    (auth / "hub").write_text(json.dumps({"revision": 1, "authorizations": {"1": hostile}}))
+    a = agent(tmp_path, {"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 1)]}, auth)
+    assert not a.step().ready
+    text = hosts_toml(a.config.host_root, "docker.io").read_text()
+    assert "evil" not in text and containerd_endpoints(text) == [HUB, "https://registry-1.docker.io"]
+
+
+# ---------------------------------------------------------------- searched: headers never change a route
+
+mirror_names = st.sampled_from(["a", "b", "c"])
+entries = st.builds(
+    lambda name, port, hosts, strict, prio: wire_entry(
+        name, f"http://10.96.0.{port}:5000", hosts, fallback="NeverContactUpstream" if strict else "AllowUpstream", priority=prio
+    ),
+    mirror_names,
+    st.integers(1, 3),
+    st.lists(st.sampled_from(["docker.io", "quay.io", "registry.k8s.io", "ghcr.io:8443"]), min_size=1, max_size=2, unique=True),
+    st.booleans(),
+    st.integers(0, 2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    plan=st.lists(entries, min_size=1, max_size=4),
+    held=st.dictionaries(mirror_names, st.integers(1, 3)),
+    existing=st.booleans(),
+)
+def test_credentials_add_headers_and_never_change_where_a_host_goes(
+    plan: list[dict[str, Any]], held: dict[str, int], existing: bool
+) -> None:
+    from regmirror.agent.plan import parse_plan
+
+    checked = parse_plan(json.dumps({"mirrors": plan}))
+    before = nodefiles.plan_node_files(checked, {})
+    after = nodefiles.plan_node_files(checked, {})
+    values = {name: creds(rev).authorization for name, rev in held.items()}
+    pending = {e["name"] for e in plan} - set(values)
+    paths = set(after.files) if existing else set()
+    result = nodeauth.add_credentials(after, values, pending, containerd_config_path=CERTS, existing=paths)
+    for path, text in after.files.items():
+        original = before.files[path]
+        if text == original:
+            continue
+        assert path in result.private
+        assert containerd_endpoints(text) == containerd_endpoints(original)
+        parsed = tomllib.loads(text)
+        for url, table in parsed.get("host", {}).items():
+            # Two entries with one endpoint are listed once (nodefiles' DuplicateEndpoint): one of their credentials.
+            owners = {values[e["name"]] for e in plan if e["url"] == url and e["name"] in values}
+            if "header" in table:
+                assert set(table["header"]) == {"Authorization"} and table["header"]["Authorization"] in owners
+    # A kept file is never rewritten; a pending mirror is reported, and only then is the node not ready.
+    assert {f.mirror for f in result.findings if f.reason == "CredentialPending"} <= pending
+    for path in set(before.files) - set(after.files):
+        assert path.rsplit("/", 1)[0] in after.keep
