@@ -42,8 +42,7 @@ class TokenService:
     whose realm hands out RS256 JWTs (signed with a throwaway self-signed key,
     sent as x5c) to users whose password `htpasswd -vb` accepts.
 
-    It serves https with a certificate from a throwaway CA (`ca_pem`, also
-    written to `ca_path`), like auth.docker.io on another host than the
+    It serves https with a certificate from a throwaway CA (`ca_pem`), like auth.docker.io on another host than the
     registry: the mirror's upstream check sends credentials to a realm on
     another host only over https, so a private upstream's CA reaches the
     mirror the way a user gives it (spec.upstream.tls.caSecretRef).
@@ -62,11 +61,6 @@ class TokenService:
     def realm(self) -> str:
         """The token endpoint registries send their clients to."""
         return f"https://{self.host}:{self.port}/token"
-
-    @property
-    def ca_path(self) -> Path:
-        """The CA bundle (PEM) clients need to trust the realm."""
-        return self.workdir / "ca.crt"
 
     def registry_auth(self) -> str:
         """The `auth:` block of a registry config that sends clients here for tokens."""
@@ -99,7 +93,6 @@ class TokenService:
         (workdir / "token.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
         svc = cls(workdir, htpasswd, ca_pem=tls.ca_pem)
-        svc.ca_path.write_bytes(tls.ca_pem)
 
         def token_for(user: str, scopes: list[str]) -> str:
             access = []
