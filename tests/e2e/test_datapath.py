@@ -100,12 +100,19 @@ def upstream(containerd_bin: object, images: dict[str, BuiltImage], tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def auth_upstream(containerd_bin: object, images: dict[str, BuiltImage], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """A private upstream: token authentication, users in an htpasswd (bcrypt) file."""
-    work = tmp_path_factory.mktemp("auth-upstream")
+def tokens(containerd_bin: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenService]:
+    """The private upstream's token service: https on another port, its certificate from a private CA."""
+    work = tmp_path_factory.mktemp("tokens")
     (work / "htpasswd").write_text(htpasswd_line(AUTH_USER, AUTH_PASSWORD))
-    with TokenService.start(work / "token", work / "htpasswd") as tokens, Registry.start(work, auth=tokens.registry_auth()) as registry:
-        images["private"].push(registry.address, creds=f"{AUTH_USER}:{AUTH_PASSWORD}")
+    with TokenService.start(work / "service", work / "htpasswd") as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def auth_upstream(tokens: TokenService, images: dict[str, BuiltImage], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A private upstream: token authentication (Docker Hub's shape), users in an htpasswd (bcrypt) file."""
+    with Registry.start(tmp_path_factory.mktemp("auth-upstream"), auth=tokens.registry_auth()) as registry:
+        images["private"].push(registry.address, creds=f"{AUTH_USER}:{AUTH_PASSWORD}")  # --dest-tls-verify=false: the realm too
         yield registry
 
 
@@ -139,12 +146,16 @@ def deployed(
     operator: OperatorProcess,
     upstream: Registry,
     auth_upstream: Registry,
+    tokens: TokenService,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployed]:
     names = ["dp-hub", "dp-strict", "dp-auth", "dp-auth-wrong"]
     made = MirrorFactory(cluster)  # for the whole module; deleted (and waited for) at its end
     for secret, password in (("dp-auth-creds", AUTH_PASSWORD), ("dp-auth-wrong-creds", WRONG_PASSWORD)):
         made.secret(secret, username=AUTH_USER, password=password)
+    # The private upstream's CA, given the way a user would; the operator's check and the mirror both need it.
+    made.secret("dp-auth-ca", **{"ca.crt": tokens.ca_pem.decode()})
+    auth_tls = {"caSecretRef": {"name": "dp-auth-ca", "key": "ca.crt"}}
     not_strict = {"matchExpressions": [{"key": STRICT_LABEL, "operator": "DoesNotExist"}]}
     bodies = [
         mirror_cr(
@@ -164,13 +175,13 @@ def deployed(
         mirror_cr(
             "dp-auth",
             auth_upstream.url,
-            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-creds"}},
+            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-creds"}, "tls": auth_tls},
             nodeConfig={"nodeSelector": {"matchExpressions": [{"key": CREDS_LABEL, "operator": "DoesNotExist"}]}},
         ),
         mirror_cr(
             "dp-auth-wrong",
             auth_upstream.url,
-            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-wrong-creds"}},
+            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-wrong-creds"}, "tls": auth_tls},
             nodeConfig={"nodeSelector": {"matchLabels": {CREDS_LABEL: "wrong"}}},
         ),
     ]
@@ -422,12 +433,22 @@ def test_dockerd_pulls_a_short_name_through_the_mirror(
 
 
 def test_authenticated_upstream_works_with_the_secrets_credentials(
-    containerd_bin: ContainerdBinaries, deployed: Deployed, auth_upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
+    containerd_bin: ContainerdBinaries,
+    deployed: Deployed,
+    auth_upstream: Registry,
+    tokens: TokenService,
+    images: dict[str, BuiltImage],
+    tmp_path: Path,
 ) -> None:
     env = deployed.auth.argv_env()[1]
     assert (env["REGISTRY_PROXY_USERNAME"], env["REGISTRY_PROXY_PASSWORD"]) == (AUTH_USER, AUTH_PASSWORD), "from the Secret"
     assert AUTH_PASSWORD not in deployed.auth.objects.config_yml
-    check = check_upstream(auth_upstream.url, AUTH_USER, AUTH_PASSWORD)
+    # The mirror trusts the token service's CA through the Secret volume the Deployment mounts (SSL_CERT_DIR).
+    ca_files = [Path(d, "ca.crt") for d in env["SSL_CERT_DIR"].split(":") if Path(d, "ca.crt").is_file()]
+    assert [f.read_bytes() for f in ca_files] == [tokens.ca_pem], env["SSL_CERT_DIR"]
+    without_ca = check_upstream(auth_upstream.url, AUTH_USER, AUTH_PASSWORD)
+    assert (without_ca.ok, without_ca.reason) == (None, "TLSError"), without_ca
+    check = check_upstream(auth_upstream.url, AUTH_USER, AUTH_PASSWORD, ca_pem=tokens.ca_pem)
     assert (check.ok, check.reason) == (True, "Authenticated"), check
     private = images["private"]
     with deployed.auth.run() as mirror, node_with_containerd(containerd_bin, tmp_path / "auth", deployed.plan()) as (node, daemon):
@@ -440,10 +461,11 @@ def test_wrong_credentials_are_reported_not_silently_bypassed(
     deployed: Deployed,
     auth_upstream: Registry,
     images: dict[str, BuiltImage],
+    tokens: TokenService,
     tmp_path: Path,
     cluster: LocalCluster,
 ) -> None:
-    check = check_upstream(auth_upstream.url, AUTH_USER, WRONG_PASSWORD)
+    check = check_upstream(auth_upstream.url, AUTH_USER, WRONG_PASSWORD, ca_pem=tokens.ca_pem)
     print(f"\ncheck_upstream with the wrong password: {check}")
     assert (check.ok, check.reason) == (False, "CredentialsRejected")
     assert WRONG_PASSWORD not in check.message

@@ -36,15 +36,16 @@ def read_mirror_objects(cluster: LocalCluster, operator: OperatorProcess, name: 
 
     cm, svc, deploy = wait_for(children, timeout, f"the operator's children of {name}", diagnose=operator.log_tail)
     container = deploy["spec"]["template"]["spec"]["containers"][0]
+    volumes = deploy["spec"]["template"]["spec"].get("volumes", [])
+    env_refs = [(var.get("valueFrom") or {}).get("secretKeyRef") for var in container.get("env", [])]
+    secret_names = [ref["name"] for ref in env_refs if ref] + [v["secret"]["secretName"] for v in volumes if "secret" in v]
     secrets: dict[str, dict[str, str]] = {}
-    for var in container.get("env", []):
-        ref = (var.get("valueFrom") or {}).get("secretKeyRef")
-        if ref and ref["name"] not in secrets:
-            secret = _kubectl_json(cluster, "get", "secret", ref["name"], "-n", OPERATOR_NS)
-            assert secret is not None, f"Secret {ref['name']} referenced by {child} is missing"
-            secrets[ref["name"]] = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    for secret_name in dict.fromkeys(secret_names):
+        secret = _kubectl_json(cluster, "get", "secret", secret_name, "-n", OPERATOR_NS)
+        assert secret is not None, f"Secret {secret_name} referenced by {child} is missing"
+        secrets[secret_name] = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
     port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "registry")
-    return MirrorObjects(name, cm["data"]["config.yml"], container, secrets, svc["spec"]["clusterIP"], int(port))
+    return MirrorObjects(name, cm["data"]["config.yml"], container, secrets, svc["spec"]["clusterIP"], int(port), volumes)
 
 
 def read_node_plan(cluster: LocalCluster, operator: OperatorProcess, names: list[str], timeout: float = 90) -> str:
