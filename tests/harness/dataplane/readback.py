@@ -15,6 +15,7 @@ from harness.operator import AGENT_NS, OPERATOR_NS, OperatorProcess
 from harness.waiting import wait_for
 from regmirror import constants as c
 from regmirror import naming
+from regmirror.access import NODE_SECRET_NAME
 
 
 def _kubectl_json(cluster: LocalCluster, *args: str) -> dict[str, Any] | None:
@@ -59,3 +60,17 @@ def read_node_plan(cluster: LocalCluster, operator: OperatorProcess, names: list
         return None
 
     return str(wait_for(plan, timeout, f"the node plan listing {names}", diagnose=operator.log_tail))
+
+
+def read_node_credentials(cluster: LocalCluster, operator: OperatorProcess, names: list[str], timeout: float = 90) -> dict[str, str]:
+    """The agent's Secret (regmirror-node/regmirror-agent-credentials) once it holds an entry for each of `names`.
+
+    Every node mounts it; a node without it reports CredentialPending for a mirror the plan names a revision of.
+    """
+
+    def entries() -> dict[str, str] | None:
+        secret = _kubectl_json(cluster, "get", "secret", NODE_SECRET_NAME, "-n", AGENT_NS)
+        data = {k: base64.b64decode(v).decode() for k, v in ((secret or {}).get("data") or {}).items()}
+        return data if set(names) <= set(data) else None
+
+    return dict(wait_for(entries, timeout, f"{NODE_SECRET_NAME} holding {names}", diagnose=operator.log_tail))
