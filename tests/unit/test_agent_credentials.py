@@ -208,9 +208,16 @@ def decoded(entry: dict[str, str]) -> str:
     return base64.b64decode(entry["auth"]).decode()
 
 
+def crio_agent(tmp: Path, plan: dict[str, Any], auth_dir: Path | None) -> Agent:
+    """The agent on a node whose /run/containers is mounted (the DaemonSet's hostPath for CRI-O)."""
+    a = agent(tmp, plan, auth_dir)
+    (a.config.host_root / "run/containers").mkdir(parents=True)
+    return a
+
+
 def test_crio_gets_each_restricted_mirror_in_its_auth_file_root_only(tmp_path: Path) -> None:
     plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 4), crio_entry("quay", QUAY, ["quay.io"])]}
-    a = agent(tmp_path, plan, node_secret(tmp_path, {"hub": {4: creds(4), 5: creds(5)}}))
+    a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {4: creds(4), 5: creds(5)}}))
     assert a.step().ready
     root = a.config.host_root
     auths = crio_auth(root)["auths"]
@@ -222,9 +229,9 @@ def test_crio_gets_each_restricted_mirror_in_its_auth_file_root_only(tmp_path: P
 
 def test_crio_a_foreign_auth_file_is_left_alone_and_the_mirror_reported(tmp_path: Path) -> None:
     plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}
-    a = agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))
+    a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))
     foreign = a.config.host_root / CRIO_AUTH
-    foreign.parent.mkdir(parents=True)
+    foreign.parent.mkdir()
     theirs = '{"auths": {"quay.io": {"auth": "dXNlcjpwYXNz"}}}\n'
     foreign.write_text(theirs)
     result = a.step()
@@ -239,7 +246,7 @@ def test_crio_a_foreign_auth_file_is_left_alone_and_the_mirror_reported(tmp_path
 
 def test_crio_with_its_own_global_auth_file_is_reported_not_silently_skipped(tmp_path: Path) -> None:
     plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}
-    a = agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))
+    a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))
     conf = a.config.host_root / "etc/crio/crio.conf.d/10-auth.conf"
     conf.parent.mkdir(parents=True)
     conf.write_text('[crio.image]\nauto_reload_registries = true\nglobal_auth_file = "/var/lib/kubelet/config.json"\n')
@@ -255,7 +262,7 @@ def test_crio_with_its_own_global_auth_file_is_reported_not_silently_skipped(tmp
 
 def test_crio_a_revision_the_node_lacks_keeps_the_old_entry_then_rotates_and_open_removes_the_file(tmp_path: Path) -> None:
     auth = node_secret(tmp_path, {"hub": {1: creds(1)}})
-    a = agent(tmp_path, {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}, auth)
+    a = crio_agent(tmp_path, {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}, auth)
     assert a.step().ready
     path = a.config.host_root / CRIO_AUTH
     before = path.read_bytes()
@@ -317,3 +324,11 @@ def test_crio_auth_holds_exactly_the_routed_mirrors_that_asked(
         if name in values and name not in conflicted:
             assert endpoint in parsed["auths"], f"{name}: held and routed, but no entry"
     assert decision.needed == {n for n, _e in routed} & asked
+
+
+def test_crio_without_the_run_containers_mount_is_reported_not_written_into_the_agents_own_filesystem(tmp_path: Path) -> None:
+    a = agent(tmp_path, {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}, node_secret(tmp_path, {"hub": {1: creds(1)}}))
+    assert not a.step().ready
+    assert not (a.config.host_root / "run").exists()
+    hub = a.readiness.get_report()["mirrors"]["hub"]
+    assert hub["state"] == "Degraded" and "not mounted" in hub["findings"][0]["message"]

@@ -14,6 +14,7 @@ mirrors, endpoints and paths only.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -170,11 +171,17 @@ def apply_crio_auth(
         if target.is_file():
             result.removed = _remove(target, result)
         return result
+    if not target.parent.parent.is_dir():
+        # /run/containers is the DaemonSet's hostPath: without it a file here would land in the agent's own
+        # filesystem, where CRI-O never looks.
+        why = f"{posixpath.dirname(posixpath.dirname(auth_file))} is not mounted into the agent, so CRI-O would never see the file"
+        result.findings += _unsupported(decision.needed, why)
+        return result
     text = nodeauth.render_crio_auth(decision.auths)
     try:
         if target.is_file() and target.read_text() == text and (target.stat().st_mode & 0o777) == PRIVATE_MODE:
             return result
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, exist_ok=True)
         atomic_write(target, text, PRIVATE_MODE)
         result.written = True
     except OSError as exc:
