@@ -201,8 +201,6 @@ class CrioAuth:
     #: endpoint (host:port) -> base64 "user:password", exactly what containers-auth.json's "auth" holds.
     auths: dict[str, str] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
-    #: Mirrors whose credential is in `auths`.
-    applied: set[str] = field(default_factory=set)
     #: Mirrors that need a credential on this node (Restricted, routed for CRI-O).
     needed: set[str] = field(default_factory=set)
 
@@ -254,7 +252,6 @@ def plan_crio_auth(
                 )
             continue
         out.auths[endpoint] = next(iter(by_mirror.values()))
-        out.applied.update(by_mirror)
     return out
 
 
