@@ -9,22 +9,36 @@ is registered here; the finalizer is managed by the children reconciler.
 
 Run with `regmirror run` (= `kopf run -m regmirror.handlers --standalone
 --namespace <operator ns> --namespace <agent ns> --log-format=json`).
+
+Several replicas may run: each campaigns for the Lease `settings.lease_name`
+(regmirror.leader) and only the leader starts the controller. A standby
+serves liveness and metrics and nothing else. A leader that misses its renew
+deadline exits non-zero at once (the kubelet restarts it as a standby), so two
+replicas never write at the same time; on SIGTERM the leader stops the
+controller, then releases the Lease so a standby takes over within seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tracemalloc
 from typing import Any
 
 import kopf
 from prometheus_client import start_http_server
 
+from regmirror import constants as c
 from regmirror.controller.manager import Manager
+from regmirror.election import Candidate, Timing
 from regmirror.kube import HttpKube, load_credentials
+from regmirror.leader import Elector, identity
 from regmirror.memory import dump_tracemalloc
 from regmirror.metrics import Metrics
 from regmirror.settings import Settings
+
+log = logging.getLogger("regmirror.operator")
 
 
 @kopf.on.startup()
@@ -40,39 +54,86 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     metrics = Metrics()
     if config.metrics_port:
         start_http_server(config.metrics_port)
+    me = identity()
+    # The replica's name in the User-Agent: the API server's audit log tells the replicas' writes apart.
+    user_agent = f"{c.FIELD_MANAGER}/{me}"
+    credentials = load_credentials()
     client = HttpKube(
-        load_credentials(),
+        credentials,
         timeout=config.request_timeout,
         attempts=config.request_attempts,
         on_retry=metrics.api_retries.inc,
         on_write=lambda kind, verb: metrics.writes.labels(kind=kind, verb=verb).inc(),
+        user_agent=user_agent,
     )
     manager = Manager(client, config, metrics)
     memo["manager"] = manager
     memo["client"] = client
-    await manager.start()
+    timing = Timing(config.lease_duration, config.lease_renew_deadline, config.lease_retry_period)
+    # Its own connections, one attempt per request and a timeout within the renew deadline: a renew
+    # never queues behind the controller's requests, and the election loop is the retry.
+    lease_client = HttpKube(credentials, timeout=min(config.request_timeout, timing.renew_deadline / 2), attempts=1, user_agent=user_agent)
+    memo["lease_client"] = lease_client
+
+    async def lead() -> None:
+        metrics.leader.set(1)
+        try:
+            await manager.start()
+        except Exception:  # the controller could not start: a standby (or this one, restarted) tries again
+            log.exception("the controller failed to start")
+            _exit_now("the controller failed to start")
+
+    elector = Elector(lease_client, config.namespace, config.lease_name, Candidate(me, timing), on_started=lead, on_lost=_exit_now)
+    memo["elector"] = elector
+    metrics.leader.set(0)
+    log.info("campaigning for the lease %s/%s as %s", config.namespace, config.lease_name, me)
+    elector.start()
+
+
+def _exit_now(why: str) -> None:
+    """Leadership is gone: stop every write at once by ending the process (non-zero: the kubelet restarts it as a standby)."""
+    log.critical("leadership lost (%s): exiting so that no two replicas write at the same time", why)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    """Stop the controller and close the API connections."""
+    """Stop the controller, then release the Lease (a standby takes over at once), and close the API connections."""
+    elector: Elector | None = memo.get("elector")
+    if elector is not None:
+        await elector.halt()
     manager: Manager | None = memo.get("manager")
     if manager is not None:
         await manager.stop()
         if tracemalloc.is_tracing():
             dump_tracemalloc(os.environ.get("REGMIRROR_TRACEMALLOC_OUT", ""), manager.memory_holders())
-    client: HttpKube | None = memo.get("client")
-    if client is not None:
-        await client.close()
+    if elector is not None:
+        await elector.release()  # only now: no write of ours is in flight any more
+    for name in ("client", "lease_client"):
+        client: HttpKube | None = memo.get(name)
+        if client is not None:
+            await client.close()
 
 
 @kopf.on.probe(id="controller", errors=kopf.ErrorsMode.PERMANENT)
 def probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
-    """Liveness: fails (HTTP 500) once a watch has been unable to list or watch for too long."""
+    """Liveness: fails (HTTP 500) once a watch has been unable to list or watch for too long.
+
+    A standby is live (and ready) while it campaigns: it holds no watch that could go
+    blind, and it must stay up to take over. The leader answers for its watches.
+    """
     manager: Manager | None = memo.get("manager")
-    if manager is None:
+    elector: Elector | None = memo.get("elector")
+    if manager is None or elector is None:
         return {"starting": True}
+    if not elector.leading:
+        if not elector.running():
+            raise kopf.PermanentError("the leader election loop has stopped")
+        return {"leader": False}
     try:
-        return manager.liveness()
+        return {"leader": True, **manager.liveness()}
     except RuntimeError as exc:
         raise kopf.PermanentError(str(exc)) from exc
