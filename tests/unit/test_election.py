@@ -280,9 +280,7 @@ replica = st.tuples(st.floats(-1e6, 1e6), st.floats(0.9, 1.1))  # clock offset (
 disruption = st.tuples(st.floats(0.0, 120.0), st.integers(0, 2), st.sampled_from(["kill", "term"]), st.booleans(), st.floats(0.0, 20.0))
 
 
-def simulate(
-    replicas: list[tuple[float, float]], nets_: list[Net], disruptions: list[tuple[float, int, str, bool, float]]
-) -> Simulation:
+def simulate(replicas: list[tuple[float, float]], nets_: list[Net], disruptions: list[tuple[float, int, str, bool, float]]) -> Simulation:
     sim = Simulation(nets_)
     current: dict[int, Incarnation] = {}
     for i, (offset, rate) in enumerate(replicas):
@@ -334,7 +332,9 @@ def test_on_a_healthy_network_one_leads_and_a_standby_takes_over_after_a_kill_or
     assert r0.belief and r0.belief[0][0] < 1.0 and r0.belief[0][1] == 30.0
     # After the kill: the standby waits out a full lease from its last sight of a renew (no earlier, no much later).
     takeover = r1.belief[0][0]
-    assert 30.0 + TIMING.lease_duration - TIMING.retry_period * 1.1 <= takeover <= 30.0 + TIMING.lease_duration + 2 * TIMING.retry_period * 1.1
+    assert (
+        30.0 + TIMING.lease_duration - TIMING.retry_period * 1.1 <= takeover <= 30.0 + TIMING.lease_duration + 2 * TIMING.retry_period * 1.1
+    )
     # After the release: the next attempt of a standby takes it, within a retry period.
     assert r1.belief[0][1] == 100.0
     assert r0_again.belief and 100.0 < r0_again.belief[0][0] <= 100.0 + 1.1 * TIMING.retry_period + 0.1
