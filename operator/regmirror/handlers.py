@@ -65,6 +65,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         on_retry=metrics.api_retries.inc,
         on_write=lambda kind, verb: metrics.writes.labels(kind=kind, verb=verb).inc(),
         user_agent=user_agent,
+        # Belt and braces to the watchdog (which may run late on a busy loop): no write once the lease lapsed.
+        may_write=lambda: bool(memo.get("elector") and memo["elector"].leading),
     )
     manager = Manager(client, config, metrics)
     memo["manager"] = manager

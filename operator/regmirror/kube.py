@@ -234,9 +234,12 @@ class HttpKube:
         on_retry: Callable[[], None] | None = None,
         on_write: Callable[[str, str], None] | None = None,
         user_agent: str = c.FIELD_MANAGER,
+        may_write: Callable[[], bool] | None = None,
     ) -> None:
         self.credentials = credentials
         self.user_agent = user_agent
+        # A fence checked before every write (and every retry of one): the leader's lease still holds.
+        self._may_write = may_write or (lambda: True)
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self._on_retry = on_retry or (lambda: None)
@@ -271,6 +274,8 @@ class HttpKube:
         data = json.dumps(body).encode() if body is not None else None
         delay = 0.2
         for attempt in range(1, self.attempts + 1):
+            if method != "GET" and not self._may_write():
+                raise ApiError(0, "NotLeader", "this replica no longer holds the leader lease: not writing")
             try:
                 async with self._client().request(
                     method,
