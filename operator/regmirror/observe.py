@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regmirror import conditions as cond
-from regmirror.models import RegistryMirrorSpec, RegistryMirrorStatus
+from regmirror.models import BootstrapConflict, RegistryMirrorSpec, RegistryMirrorStatus
 from regmirror.rollout import NodeRollout
 
 MAX_NOT_READY_NAMES = 10
@@ -54,6 +54,8 @@ class Observation:
     host_routes: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     # (ok, reason, message) of the upstream credentials check; None when no credentials are set.
     upstream_auth: tuple[bool | None, str, str] | None = None
+    # The strict mirrors this mirror's own image can only be pulled through (None: it depends on none).
+    bootstrap: BootstrapConflict | None = None
 
 
 def deployment_available(dep: dict[str, Any] | None, replicas: int) -> tuple[bool, str, str]:
@@ -200,6 +202,9 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
     if obs.upstream_auth is not None:
         ok, reason, message = obs.upstream_auth
         new_conditions.append(cond.condition("UpstreamAuthenticated", cond.UNKNOWN if ok is None else ok, reason, message))
+    if obs.bootstrap is not None:
+        # A warning, not a failure: the mirror serves now; it is the next reschedule of its pods that may not start.
+        new_conditions.append(cond.condition("ImageIndependent", False, obs.bootstrap.REASON, obs.bootstrap.message()))
 
     if obs.deleting:
         phase = "Terminating"
