@@ -22,6 +22,7 @@ from test_informer import Changes, until
 from test_kube_client import server
 
 from regmirror.controller.informer import Informer, Source, WatchHealth
+from regmirror.controller.store import Store
 from regmirror.kube import ApiError
 
 FAIL, ANSWER, CONFIRM = "fail", "answer", "confirm"
@@ -142,6 +143,19 @@ async def test_an_informer_is_healthy_once_its_watch_is_accepted_even_if_nothing
         assert informer.blind_for() == 0.0
     finally:
         task.cancel()
+
+
+async def test_a_successful_write_ends_an_outage_of_every_collection() -> None:
+    clock = Clock()
+    store = Store("ns", "agents")
+    for kind in ("Service", "Deployment"):
+        informer = Informer(FakeKube(), Source(kind, "ns"), Changes(), clock=clock)
+        informer.health.failed()
+        store.add(informer)
+    clock.now = 60.0
+    assert store.blind_for() == 60.0
+    store.api_answered()
+    assert store.blind_for() == 0.0
 
 
 async def test_the_http_client_signals_an_accepted_watch_before_any_event() -> None:
