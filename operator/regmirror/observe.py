@@ -58,10 +58,18 @@ class Observation:
     bootstrap: BootstrapConflict | None = None
 
 
+def being_deleted(obj: dict[str, Any] | None) -> bool:
+    """Whether a child has a deletionTimestamp: it may still look healthy, but it is going away."""
+    return bool(((obj or {}).get("metadata") or {}).get("deletionTimestamp"))
+
+
 def deployment_available(dep: dict[str, Any] | None, replicas: int) -> tuple[bool, str, str]:
     """(available, reason, message) of the registry Deployment."""
     if dep is None:
         return False, "DeploymentMissing", "the registry Deployment does not exist yet"
+    if being_deleted(dep):
+        # Its pods may still be Ready (foreground or orphan deletion), but they are on their way out.
+        return False, "DeploymentTerminating", "the registry Deployment is being deleted (the operator re-creates it once it is gone)"
     status = dep.get("status") or {}
     ready = status.get("readyReplicas") or 0
     if replicas == 0:
@@ -89,10 +97,11 @@ def storage_status(spec: RegistryMirrorSpec, pvc: dict[str, Any] | None) -> tupl
         return True, "Ephemeral", "the cache lives in an emptyDir", {"phase": "Ephemeral", "capacity": spec.storage.size}
     if pvc is None:
         return False, "ClaimMissing", "the PersistentVolumeClaim does not exist yet", {"phase": "Missing"}
-    phase = (pvc.get("status") or {}).get("phase") or "Pending"
+    # A claim being deleted says Terminating whatever its status.phase, as kubectl does.
+    phase = "Terminating" if being_deleted(pvc) else (pvc.get("status") or {}).get("phase") or "Pending"
     capacity = ((pvc.get("status") or {}).get("capacity") or {}).get("storage")
     out = {"phase": phase, "capacity": capacity} if capacity else {"phase": phase}
-    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
+    if being_deleted(pvc):
         # Held by the pvc-protection finalizer while the pod mounts it: still Bound, but
         # the cache loses its disk as soon as the pod restarts.
         return (
@@ -164,12 +173,15 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
         reconciling_reasons.append("node configuration is rolling out")
     if not endpoint:
         reconciling_reasons.append("the Service has no ClusterIP yet")
+    elif being_deleted(obs.service):
+        # Its ClusterIP still answers, but goes with it: the mirror is not Ready on it.
+        reconciling_reasons.append("the Service is being deleted")
     if repair is not None and repair.transient:
         reconciling_reasons.append(f"retrying: {repair.message}")
     if obs.deleting:
         reconciling_reasons = ["removing node configuration before deletion"]
     reconciling = bool(reconciling_reasons) and not stalled
-    serving = available and bound and configured and endpoint is not None
+    serving = available and bound and configured and endpoint is not None and not being_deleted(obs.service)
 
     if obs.deleting:
         ready, r_reason, r_msg = False, "Terminating", "waiting for every node to drop this mirror's configuration"
