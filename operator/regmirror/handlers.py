@@ -58,12 +58,19 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # The replica's name in the User-Agent: the API server's audit log tells the replicas' writes apart.
     user_agent = f"{c.FIELD_MANAGER}/{me}"
     credentials = load_credentials()
+    manager: Manager | None = None
+
+    def wrote(kind: str, verb: str) -> None:
+        metrics.writes.labels(kind=kind, verb=verb).inc()
+        if manager is not None:
+            manager.store.api_answered()  # a write that went through: the API server answers again
+
     client = HttpKube(
         credentials,
         timeout=config.request_timeout,
         attempts=config.request_attempts,
         on_retry=metrics.api_retries.inc,
-        on_write=lambda kind, verb: metrics.writes.labels(kind=kind, verb=verb).inc(),
+        on_write=wrote,
         user_agent=user_agent,
         # Belt and braces to the watchdog (which may run late on a busy loop): no write once the lease lapsed.
         may_write=lambda: bool(memo.get("elector") and memo["elector"].leading),
