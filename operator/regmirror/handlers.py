@@ -11,18 +11,22 @@ Run with `regmirror run` (= `kopf run -m regmirror.handlers --standalone
 --namespace <operator ns> --namespace <agent ns> --log-format=json`).
 
 Several replicas may run: each campaigns for the Lease `settings.lease_name`
-(regmirror.leader) and only the leader starts the controller. A standby
-serves liveness and metrics and nothing else. A leader that misses its renew
-deadline exits non-zero at once (the kubelet restarts it as a standby), so two
-replicas never write at the same time; on SIGTERM the leader stops the
-controller, then releases the Lease so a standby takes over within seconds.
+(regmirror.leader) and only the leader runs a controller. A standby serves
+liveness and metrics and nothing else. The moment a leader misses its renew
+deadline every write is refused (the client's fence) and its controller is
+stopped; it campaigns on as a standby, and a new term starts a fresh
+controller, as a restart would. So two replicas never write at the same time.
+On SIGTERM the leader stops the controller, then releases the Lease so a
+standby takes over within seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
+import time
 import tracemalloc
 from typing import Any
 
@@ -58,10 +62,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # The replica's name in the User-Agent: the API server's audit log tells the replicas' writes apart.
     user_agent = f"{c.FIELD_MANAGER}/{me}"
     credentials = load_credentials()
-    manager: Manager | None = None
 
     def wrote(kind: str, verb: str) -> None:
         metrics.writes.labels(kind=kind, verb=verb).inc()
+        manager: Manager | None = memo.get("manager")
         if manager is not None:
             manager.store.api_answered()  # a write that went through: the API server answers again
 
@@ -72,11 +76,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         on_retry=metrics.api_retries.inc,
         on_write=wrote,
         user_agent=user_agent,
-        # Belt and braces to the watchdog (which may run late on a busy loop): no write once the lease lapsed.
+        # Every write is fenced on the lease: none leaves once it lapsed, even before the controller is stopped.
         may_write=lambda: bool(memo.get("elector") and memo["elector"].leading),
     )
-    manager = Manager(client, config, metrics)
-    memo["manager"] = manager
     memo["client"] = client
     timing = Timing(config.lease_duration, config.lease_renew_deadline, config.lease_retry_period)
     # Its own connections, one attempt per request and a timeout within the renew deadline: a renew
@@ -85,23 +87,39 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo["lease_client"] = lease_client
 
     async def lead() -> None:
+        """A term begins: a fresh controller (as after a restart), once the previous term's has stopped."""
+        stopping: asyncio.Task[None] | None = memo.get("stopping")
+        if stopping is not None:
+            await stopping
+        manager = Manager(client, config, metrics)
+        memo["manager"] = manager
         metrics.leader.set(1)
         try:
             await manager.start()
-        except Exception:  # the controller could not start: a standby (or this one, restarted) tries again
+        except Exception:  # the controller could not start: exit, so that the kubelet's restart (or a standby) tries again
             log.exception("the controller failed to start")
-            _exit_now("the controller failed to start")
+            _exit_now()
 
-    elector = Elector(lease_client, config.namespace, config.lease_name, Candidate(me, timing), on_started=lead, on_lost=_exit_now)
+    def lost(why: str) -> None:
+        """The term ended (the fence already stops every write): stop the controller, campaign on as a standby."""
+        metrics.leader.set(0)
+        manager: Manager | None = memo.pop("manager", None)
+        log.error("leadership lost (%s): controller stopped, campaigning again as a standby", why)
+        if manager is not None:
+            memo["stopping"] = asyncio.get_running_loop().create_task(manager.stop(), name="stop controller")
+
+    elector = Elector(
+        lease_client, config.namespace, config.lease_name, Candidate(me, timing), on_started=lead, on_lost=lost, clock=time.monotonic
+    )
     memo["elector"] = elector
+    memo["liveness_stale"] = config.liveness_stale
     metrics.leader.set(0)
     log.info("campaigning for the lease %s/%s as %s", config.namespace, config.lease_name, me)
     elector.start()
 
 
-def _exit_now(why: str) -> None:
-    """Leadership is gone: stop every write at once by ending the process (non-zero: the kubelet restarts it as a standby)."""
-    log.critical("leadership lost (%s): exiting so that no two replicas write at the same time", why)
+def _exit_now() -> None:
+    """Exit at once, non-zero (the kubelet restarts the container), with the logs flushed."""
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
@@ -119,6 +137,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         await manager.stop()
         if tracemalloc.is_tracing():
             dump_tracemalloc(os.environ.get("REGMIRROR_TRACEMALLOC_OUT", ""), manager.memory_holders())
+    stopping: asyncio.Task[None] | None = memo.get("stopping")
+    if stopping is not None:
+        await stopping
     if elector is not None:
         await elector.release()  # only now: no write of ours is in flight any more
     for name in ("client", "lease_client"):
@@ -131,17 +152,24 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 def probe(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
     """Liveness: fails (HTTP 500) once a watch has been unable to list or watch for too long.
 
-    A standby is live (and ready) while it campaigns: it holds no watch that could go
-    blind, and it must stay up to take over. The leader answers for its watches.
+    A standby is live (and ready) while it campaigns and the API server answers it: it
+    holds no watch that could go blind, and it must stay up to take over. The leader
+    answers for its watches.
     """
-    manager: Manager | None = memo.get("manager")
     elector: Elector | None = memo.get("elector")
-    if manager is None or elector is None:
+    if elector is None:
         return {"starting": True}
     if not elector.leading:
         if not elector.running():
             raise kopf.PermanentError("the leader election loop has stopped")
+        # A standby cut off from the API server could never take over: as blind as a leader's watches.
+        silent = elector.silent_for()
+        if silent > memo["liveness_stale"]:
+            raise kopf.PermanentError(f"no answer from the API server for {silent:.0f}s (limit {memo['liveness_stale']:.0f}s)")
         return {"leader": False}
+    manager: Manager | None = memo.get("manager")
+    if manager is None:
+        return {"leader": True, "starting": True}
     try:
         return {"leader": True, **manager.liveness()}
     except RuntimeError as exc:

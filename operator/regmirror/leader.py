@@ -4,9 +4,10 @@ The decisions are `regmirror.election.Candidate`'s; this module only does the
 requests and keeps time. A standby keeps trying every retry period (jittered,
 as client-go does) and does nothing else; the leader renews every retry
 period, and a watchdog fires the moment its renew deadline passes without a
-successful renew. Losing the lease is not recovered in-process: `on_lost`
-must stop every write at once (the operator exits non-zero, so the kubelet
-restarts it as a standby with empty caches).
+successful renew: `on_lost` must stop the controller (the client's write
+fence, `leading`, already refuses every write from that instant). The
+candidate then campaigns on as a standby; `on_started` runs again for each
+new term.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ class Elector:
         self._watchdog: asyncio.Task[None] | None = None
         self._started: asyncio.Task[None] | None = None
         self._last_error = ""
+        self._last_answer = clock()
+
+    def silent_for(self) -> float:
+        """Seconds since the API server last answered a lease request (a standby's liveness)."""
+        return self._clock() - self._last_answer
 
     @property
     def leading(self) -> bool:
@@ -100,12 +106,15 @@ class Elector:
         started = self._clock()
         try:
             lease = await self.api.get("Lease", self.namespace, self.name)
+            self._last_answer = self._clock()
             action = self.candidate.decide(lease, self._clock(), self._wall())
             if isinstance(action, Wait):
                 return False
             body = lease_body(self.namespace, self.name, action.record, action.resource_version if isinstance(action, Update) else None)
             written = await (self.api.create(body) if isinstance(action, Create) else self.api.replace(body))
         except ApiError as exc:
+            if exc.status:
+                self._last_answer = self._clock()  # an answer, if not the one we hoped for
             # 409: another candidate wrote first (or created the Lease at the same time): it won this round.
             message = "another candidate wrote the lease first" if exc.status == 409 else str(exc)
             if message != self._last_error:
@@ -130,7 +139,7 @@ class Elector:
                 await asyncio.sleep(self.timing.retry_period * random.uniform(1.0, JITTER_FACTOR))
 
     async def _watch_deadline(self) -> None:
-        """Fires `on_lost` the moment the renew deadline passes without a successful renew."""
+        """Ends the term the moment the renew deadline passes without a successful renew."""
         while True:
             until = self.candidate.leader_until
             remaining = (until - self._clock()) if until is not None else 0.0
@@ -138,7 +147,10 @@ class Elector:
                 break
             await asyncio.sleep(remaining)
         self.candidate.step_down()
-        log.error("lost the lease %s/%s (no renew within %.0fs): stopping", self.namespace, self.name, self.timing.renew_deadline)
+        log.error("lost the lease %s/%s (no renew within %.0fs)", self.namespace, self.name, self.timing.renew_deadline)
+        started, self._started, self._watchdog = self._started, None, None
+        if started is not None and not started.done():
+            started.cancel()  # a controller still starting (listing) stops there
         self._on_lost("renew deadline passed")
 
     async def halt(self) -> None:

@@ -68,15 +68,24 @@ def writes_until_quiet(cluster: LocalCluster, proc: OperatorProcess, since: str)
 
 @pytest.fixture
 def pair(cluster: LocalCluster, operator: OperatorProcess, tmp_path: Path) -> Iterator[tuple[OperatorProcess, OperatorProcess]]:
-    """Two replicas (not started), the session's operator stopped meanwhile and restarted afterwards."""
+    """Two replicas (not started), each behind a relay of its own (``proc.relay``, to partition one),
+    the session's operator stopped meanwhile and restarted afterwards."""
+    assert operator.relay is not None
     operator.stop()  # SIGTERM: it releases the Lease
-    replicas = tuple(
-        OperatorProcess(cluster, operator.kubeconfig, tmp_path / f"{name}.log", identity=f"regmirror-operator-{name}") for name in "ab"
-    )
+    replicas = []
+    for name in "ab":
+        relay = cluster.open_relay()
+        # The session operator's ServiceAccount kubeconfig, pointed at this replica's relay.
+        kubeconfig = tmp_path / f"kubeconfig-{name}"
+        kubeconfig.write_text(operator.kubeconfig.read_text().replace(operator.relay.url, relay.url))
+        kubeconfig.chmod(0o600)
+        replicas.append(OperatorProcess(cluster, kubeconfig, tmp_path / f"{name}.log", relay, identity=f"regmirror-operator-{name}"))
     try:
-        yield replicas  # type: ignore[misc]
+        yield replicas[0], replicas[1]
     finally:
         for proc in replicas:
+            assert proc.relay is not None
+            proc.relay.heal()
             proc.stop()
             print(f"{proc.identity} log: {proc.log_path}")
         operator.start()
@@ -162,3 +171,39 @@ def test_a_sigtermed_leader_releases_the_lease_and_the_standby_takes_over_at_onc
     assert old.error_lines() == [], old.error_lines()
     mirrors.create("ha-term")
     wait_condition(cluster, "ha-term", "Ready", "True")
+
+
+def test_a_partitioned_leader_stops_before_the_standby_takes_over_and_stays_a_standby(
+    cluster: LocalCluster, pair: tuple[OperatorProcess, OperatorProcess], mirrors: MirrorFactory
+) -> None:
+    old, new = start_leader_and_standby(pair)
+    name = mirrors.create("ha-part")
+    wait_settled(cluster, [name])
+    assert old.relay is not None
+    cut = now()
+    with old.relay.partition():
+        wait_for(lambda: new.leads() is True, 60, f"{new.identity} to take over", interval=0.5, diagnose=new.log_tail)
+        # The old leader's renew deadline passed before the standby could take over: it stopped leading.
+        assert old.leads() is False
+        # Cut off, it is a standby the API server does not answer: liveness says so.
+        wait_for(lambda: old.liveness() not in (200, None), 60, f"{old.identity}'s liveness to fail", interval=1.0)
+        # The new leader does the work: a child deleted now comes back.
+        uid = cluster.kubectl_json("get", "service", "-n", OPERATOR_NS, "-l", f"regmirror.dev/mirror={name}")["items"][0]["metadata"]
+        cluster.kubectl("delete", "service", uid["name"], "-n", OPERATOR_NS)
+        wait_for(
+            lambda: any(
+                s["metadata"]["uid"] != uid["uid"]
+                for s in cluster.kubectl_json("get", "service", "-n", OPERATOR_NS, "-l", f"regmirror.dev/mirror={name}")["items"]
+            ),
+            60,
+            "the new leader to re-create the Service",
+        )
+    # Healed: the old leader sees the new holder and stays a standby, live again; it writes nothing.
+    wait_for(lambda: old.liveness() == 200, 60, f"{old.identity}'s liveness to recover", interval=1.0, diagnose=old.log_tail)
+    mirrors.create("ha-after-heal")
+    wait_settled(cluster, [name, "ha-after-heal"])
+    assert old.leads() is False and new.leads() is True and lease(cluster)["spec"]["holderIdentity"] == new.identity
+    first_new = min(e["requestReceivedTimestamp"] for e in writes_by(cluster, new, cut, leases=True))
+    late = writes_by(cluster, old, first_new) + writes_by(cluster, old, first_new, leases=True)
+    assert late == [], summary(late)
+    assert old.running, "a leader that lost its lease campaigns on; it does not exit"

@@ -2,8 +2,9 @@
 
 The simulation is the safety argument made executable: candidates with skewed,
 drifting clocks, lost and late requests (a write the API server applies after the
-client timed out), kills, graceful releases and restarts under the same or a new
-name, against a linearizable Lease with resourceVersion checks. The property: no
+client timed out), leaders that lose the lease and campaign on, kills, graceful
+releases and restarts under the same or a new name, against a linearizable Lease
+with resourceVersion checks. The property: no
 two candidates ever believe they lead at the same instant of real time.
 """
 
@@ -239,8 +240,7 @@ class Simulation:
             # Extended meanwhile, or rounding put us a hair early: look again (leader.py loops the same way).
             self.at(max(proc.real(proc.candidate.leader_until or 0.0), self.now + 1e-6), lambda: self.watchdog(proc))
             return
-        self.end_belief(proc, self.now)
-        proc.alive = False  # leader.py's on_lost: the process exits
+        self.end_belief(proc, self.now)  # leader.py's on_lost: the controller stops, the candidate campaigns on
 
     def end_belief(self, proc: Incarnation, t: float) -> None:
         if proc.believing_since is not None:
@@ -422,6 +422,10 @@ async def test_elector_starts_one_controller_stops_the_partitioned_leader_and_ha
     await wait_until(lambda: lost == ["a"])
     assert not a.leading and not b.leading
     await wait_until(lambda: b.leading and started == ["a", "b"])
+    leases.broken.discard("a")  # a, healed, campaigns on as a standby: b keeps the lease
+    await asyncio.sleep(FAST.lease_duration)
+    assert a.running() and not a.leading and b.leading and started == ["a", "b"]
+    assert a.silent_for() < FAST.lease_duration
     await a.halt()
 
     c = elector("c")
