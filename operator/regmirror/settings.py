@@ -98,7 +98,7 @@ class Settings(BaseModel):
         float, Field(description="Seconds a standby waits, from when it saw the leader's last renew, before taking over.", gt=0)
     ] = 15.0
     lease_renew_deadline: Annotated[
-        float, Field(description="Seconds the leader keeps leading without a successful renew; then it stops (and exits).", gt=0)
+        float, Field(description="Seconds the leader keeps leading without a successful renew; then it stops writing and stands by.", gt=0)
     ] = 10.0
     lease_retry_period: Annotated[float, Field(description="Seconds between two attempts to acquire or renew the Lease.", gt=0)] = 2.0
 
