@@ -94,12 +94,18 @@ def pair(cluster: LocalCluster, operator: OperatorProcess, tmp_path: Path) -> It
 
 
 def start_leader_and_standby(pair: tuple[OperatorProcess, OperatorProcess]) -> tuple[OperatorProcess, OperatorProcess]:
-    leader, standby = pair
-    leader.start()
-    wait_for(lambda: leader.leads() is True, 60, f"{leader.identity} to lead", diagnose=leader.log_tail)
-    standby.start()
-    standby.wait_live()  # a standby is live (and ready)
-    assert standby.leads() is False
+    """Start both replicas at once (they race for the Lease); the one that leads, and the other."""
+    for proc in pair:
+        proc.start()
+    for proc in pair:
+        proc.wait_live()  # a standby is live (and ready) too
+    views = lambda: [proc.leads() for proc in pair]  # noqa: E731
+    wait_for(lambda: None not in views() and True in views(), 60, "a replica to lead", diagnose=pair[0].log_tail)
+    leading = [proc for proc, leads in zip(pair, views(), strict=True) if leads]
+    assert len(leading) == 1, [proc.identity for proc in leading]
+    leader = leading[0]
+    standby = pair[1] if leader is pair[0] else pair[0]
+    assert lease(standby.cluster)["spec"]["holderIdentity"] == leader.identity
     return leader, standby
 
 
