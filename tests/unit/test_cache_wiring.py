@@ -26,6 +26,7 @@ from regmirror import constants as c
 from regmirror import naming
 from regmirror.cache import server
 from regmirror.cachestatus import MAX_INVALIDATIONS, invalidation_requests, merge_reports
+from regmirror.kube import RESOURCES
 from regmirror.render.cache import INVALIDATE_KEY, PINS_KEY
 
 D1, D2, D3, D4 = ("sha256:" + x * 64 for x in "abcd")
@@ -383,3 +384,9 @@ async def test_no_answer_ever_means_no_status_cache_and_no_write() -> None:
     await kit.run("status", "hub")
     assert status_cache(kit) is None
     assert kit.kube.writes() == []
+
+
+def test_the_pod_watch_covers_every_namespace() -> None:
+    """A namespaced kind listed without a namespace is the cluster-wide collection (not namespace "None")."""
+    assert RESOURCES["Pod"].path(None) == "/api/v1/pods"
+    assert RESOURCES["Pod"].path("apps", "web") == "/api/v1/namespaces/apps/pods/web"
