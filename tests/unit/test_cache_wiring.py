@@ -12,7 +12,7 @@ import argparse
 import json
 import threading
 from collections.abc import Iterator
-from http.server import ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +390,46 @@ def test_the_pod_watch_covers_every_namespace() -> None:
     """A namespaced kind listed without a namespace is the cluster-wide collection (not namespace "None")."""
     assert RESOURCES["Pod"].path(None) == "/api/v1/pods"
     assert RESOURCES["Pod"].path("apps", "web") == "/api/v1/namespaces/apps/pods/web"
+
+
+class Garbage(BaseHTTPRequestHandler):
+    """Not a sidecar: answers /stats with what no sidecar sends."""
+
+    def do_GET(self) -> None:
+        body = b"[1, 2" if self.path == "/stats" else b"x" * (300 << 10)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+
+async def test_a_pod_answering_garbage_counts_as_stale_and_breaks_nothing(sidecars: dict[str, Sidecar]) -> None:
+    garbage = ThreadingHTTPServer(("127.0.0.3", 0), Garbage)
+    thread = threading.Thread(target=garbage.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        kit = Kit()
+        await converged(kit)
+        sidecars["127.0.0.1"].set(hits=7, misses=0, pulled=0, pushed=0)
+        kit.kube.put(mirror_pod("regmirror-hub-a", "127.0.0.1"))
+        kit.kube.put(mirror_pod("regmirror-hub-b", "127.0.0.3"))
+        kit.kube.put(mirror_pod("regmirror-hub-c", "127.0.0.4"))
+        port = garbage.server_address[1]
+        urls = {"127.0.0.3": f"http://127.0.0.3:{port}/stats", "127.0.0.4": f"http://127.0.0.3:{port}/huge"}
+        kit.manager.queue._ready[1].clear()
+        await kit.sync()
+        kit.manager.cache_poller.url_of = lambda ip: urls.get(ip, sidecars["127.0.0.1"].url)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            await kit.manager.cache_poller.poll_once(session)
+        await write_status(kit)
+        cache = status_cache(kit)
+        assert cache is not None
+        assert (cache["hits"], cache["replicas"], cache["staleReplicas"]) == (7, 3, 2)
+        assert set(kit.ctx.records["hub"].cache_reports) == {f"{NS}/regmirror-hub-a"}, "nothing of the garbage is kept"
+    finally:
+        garbage.shutdown()
+        garbage.server_close()
+        thread.join(5)

@@ -294,6 +294,7 @@ class Manager:
         holders: dict[str, Any] = {f"store {kind} ({ns or 'cluster'})": i.items for (kind, ns), i in self.store.informers.items()}
         holders |= {"mirror records": self.ctx.records, "node plan and history": self.ctx.plan, "node state": self.ctx.nodes}
         holders |= {"host routes": self.ctx.routes}
+        holders |= {"pin index": self.ctx.pin_index}
         return holders
 
     def liveness(self) -> dict[str, Any]:
