@@ -73,6 +73,9 @@ lint: install ## ruff, mypy (strict) and the import-linter layer contracts
 	$(VENV)/bin/ruff format --check operator tests bench
 	$(VENV)/bin/mypy
 	cd operator && ../$(VENV)/bin/lint-imports ../pyproject.toml
+	@# pytest imports test modules by basename (rootdir mode): two test_x.py in different suites stop the whole run at collection.
+	@dups=$$(find tests -name 'test_*.py' -printf '%f\n' | sort | uniq -d); \
+	  if [ -n "$$dups" ]; then echo "test module names used twice (rename one): $$dups"; exit 1; fi
 
 unit: install ## Pure unit tests (milliseconds)
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)

@@ -22,7 +22,11 @@ from harness.operator import OPERATOR_NS, OPERATOR_SA, REPO, OperatorProcess, in
 # CI replays a fixed set of examples (derandomized), so a run can never be red by luck; a
 # developer's run draws new ones each time, which is where the search finds new inputs (keep
 # each one it finds as an explicit @example). .ci/run sets CI.
-hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+# No deadline anywhere: tests assert behaviour, not time (speed lives in `make bench`), and a
+# loaded CI machine must not turn a slow example into a Flaky/DeadlineExceeded failure.
+hypothesis_settings.register_profile("regmirror", deadline=None)
+hypothesis_settings.register_profile("ci", parent=hypothesis_settings.get_profile("regmirror"), derandomize=True, print_blob=True)
+hypothesis_settings.load_profile("regmirror")
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 

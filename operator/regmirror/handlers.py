@@ -40,12 +40,19 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     metrics = Metrics()
     if config.metrics_port:
         start_http_server(config.metrics_port)
+    manager: Manager | None = None
+
+    def wrote(kind: str, verb: str) -> None:
+        metrics.writes.labels(kind=kind, verb=verb).inc()
+        if manager is not None:
+            manager.store.api_answered()  # a write that went through: the API server answers again
+
     client = HttpKube(
         load_credentials(),
         timeout=config.request_timeout,
         attempts=config.request_attempts,
         on_retry=metrics.api_retries.inc,
-        on_write=lambda kind, verb: metrics.writes.labels(kind=kind, verb=verb).inc(),
+        on_write=wrote,
     )
     manager = Manager(client, config, metrics)
     memo["manager"] = manager

@@ -164,8 +164,12 @@ class KubeClient(Protocol):
         field_selector: str | None = None,
         timeout_seconds: float,
         inactivity: float,
+        on_open: Callable[[], None] | None = None,
     ) -> AsyncIterator[WatchEvent]:
-        """(type, object) pairs from resource_version on; ends when the server closes the stream."""
+        """(type, object) pairs from resource_version on; ends when the server closes the stream.
+
+        `on_open` is called once the server has accepted the watch (HTTP 200), before any event.
+        """
         ...
 
     async def patch(self, kind: str, namespace: str | None, name: str, patch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -336,6 +340,7 @@ class HttpKube:
         field_selector: str | None = None,
         timeout_seconds: float,
         inactivity: float,
+        on_open: Callable[[], None] | None = None,
     ) -> AsyncIterator[WatchEvent]:
         """One watch request; raises ApiError (410 when resource_version is too old) or ends when the server closes it.
 
@@ -356,6 +361,8 @@ class HttpKube:
             ) as response:
                 if response.status >= 300:
                     raise ApiError.from_response(response.status, await response.read(), response.headers.get("Retry-After"))
+                if on_open is not None:
+                    on_open()
                 buffer = b""
                 async for chunk in response.content.iter_any():
                     buffer += chunk

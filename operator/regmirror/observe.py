@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from regmirror import conditions as cond
-from regmirror.models import RegistryMirrorSpec, RegistryMirrorStatus
+from regmirror.models import BootstrapConflict, RegistryMirrorSpec, RegistryMirrorStatus
 from regmirror.rollout import NodeRollout
 
 MAX_NOT_READY_NAMES = 10
@@ -54,12 +54,22 @@ class Observation:
     host_routes: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     # (ok, reason, message) of the upstream credentials check; None when no credentials are set.
     upstream_auth: tuple[bool | None, str, str] | None = None
+    # The strict mirrors this mirror's own image can only be pulled through (None: it depends on none).
+    bootstrap: BootstrapConflict | None = None
+
+
+def being_deleted(obj: dict[str, Any] | None) -> bool:
+    """Whether a child has a deletionTimestamp: it may still look healthy, but it is going away."""
+    return bool(((obj or {}).get("metadata") or {}).get("deletionTimestamp"))
 
 
 def deployment_available(dep: dict[str, Any] | None, replicas: int) -> tuple[bool, str, str]:
     """(available, reason, message) of the registry Deployment."""
     if dep is None:
         return False, "DeploymentMissing", "the registry Deployment does not exist yet"
+    if being_deleted(dep):
+        # Its pods may still be Ready (foreground or orphan deletion), but they are on their way out.
+        return False, "DeploymentTerminating", "the registry Deployment is being deleted (the operator re-creates it once it is gone)"
     status = dep.get("status") or {}
     ready = status.get("readyReplicas") or 0
     if replicas == 0:
@@ -87,10 +97,11 @@ def storage_status(spec: RegistryMirrorSpec, pvc: dict[str, Any] | None) -> tupl
         return True, "Ephemeral", "the cache lives in an emptyDir", {"phase": "Ephemeral", "capacity": spec.storage.size}
     if pvc is None:
         return False, "ClaimMissing", "the PersistentVolumeClaim does not exist yet", {"phase": "Missing"}
-    phase = (pvc.get("status") or {}).get("phase") or "Pending"
+    # A claim being deleted says Terminating whatever its status.phase, as kubectl does.
+    phase = "Terminating" if being_deleted(pvc) else (pvc.get("status") or {}).get("phase") or "Pending"
     capacity = ((pvc.get("status") or {}).get("capacity") or {}).get("storage")
     out = {"phase": phase, "capacity": capacity} if capacity else {"phase": phase}
-    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
+    if being_deleted(pvc):
         # Held by the pvc-protection finalizer while the pod mounts it: still Bound, but
         # the cache loses its disk as soon as the pod restarts.
         return (
@@ -162,12 +173,15 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
         reconciling_reasons.append("node configuration is rolling out")
     if not endpoint:
         reconciling_reasons.append("the Service has no ClusterIP yet")
+    elif being_deleted(obs.service):
+        # Its ClusterIP still answers, but goes with it: the mirror is not Ready on it.
+        reconciling_reasons.append("the Service is being deleted")
     if repair is not None and repair.transient:
         reconciling_reasons.append(f"retrying: {repair.message}")
     if obs.deleting:
         reconciling_reasons = ["removing node configuration before deletion"]
     reconciling = bool(reconciling_reasons) and not stalled
-    serving = available and bound and configured and endpoint is not None
+    serving = available and bound and configured and endpoint is not None and not being_deleted(obs.service)
 
     if obs.deleting:
         ready, r_reason, r_msg = False, "Terminating", "waiting for every node to drop this mirror's configuration"
@@ -200,6 +214,9 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
     if obs.upstream_auth is not None:
         ok, reason, message = obs.upstream_auth
         new_conditions.append(cond.condition("UpstreamAuthenticated", cond.UNKNOWN if ok is None else ok, reason, message))
+    if obs.bootstrap is not None:
+        # A warning, not a failure: the mirror serves now; it is the next reschedule of its pods that may not start.
+        new_conditions.append(cond.condition("ImageIndependent", False, obs.bootstrap.REASON, obs.bootstrap.message()))
 
     if obs.deleting:
         phase = "Terminating"

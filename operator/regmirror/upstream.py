@@ -17,14 +17,18 @@ The contract: whatever the URL, CA bytes, credentials or upstream answers, the
 check returns a verdict (never raises) within `deadline` seconds in total.
 Credentials travel only over https, or over plain http to the very upstream
 the user chose (same scheme, host and port as an http `upstream.url`).
-Redirects are never followed. Nothing here logs, and no message contains the
-password or the username (status is readable by more people than Secrets).
+Redirects are never followed. The check goes the way the mirror goes: through
+`spec.proxy` (HTTP_PROXY / HTTPS_PROXY / NO_PROXY with Go's matching rules),
+so a cluster whose egress needs a proxy does not read "Unreachable". Nothing
+here logs, and no message contains the password or the username (status is
+readable by more people than Secrets).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import re
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -173,11 +177,71 @@ def _clean(message: str, secrets: tuple[str, ...]) -> str:
     return message[:MAX_MESSAGE]
 
 
+@dataclass(frozen=True)
+class Proxies:
+    """The mirror's outbound proxy (spec.proxy), chosen per request URL the way Go's net/http does."""
+
+    http: str | None = None
+    https: str | None = None
+    no_proxy: str | None = None
+
+    def for_url(self, url: URL) -> str | None:
+        """The proxy for `url`, or None to connect directly (no proxy for its scheme, or NO_PROXY matches)."""
+        proxy = self.https if url.scheme == "https" else self.http
+        if not proxy or url.host is None or bypasses_proxy(url.host, url.explicit_port or url.port, self.no_proxy or ""):
+            return None
+        return proxy
+
+
+def bypasses_proxy(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether NO_PROXY sends `host:port` direct, by Go's rules (golang.org/x/net/http/httpproxy).
+
+    `*` matches everything; an IP or CIDR matches addresses in it (hosts that
+    are names never match an IP entry); `name` matches it and its subdomains;
+    `.name` and `*.name` match subdomains only; an entry with `:port` matches
+    only that port. Loopback is always direct, as in Go.
+    """
+    host = host.strip("[]").lower().rstrip(".")
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if host == "localhost" or (address is not None and address.is_loopback):
+        return True
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        try:
+            network = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            network = None
+        if network is not None:
+            if address is not None and address in network:
+                return True
+            continue
+        name, _, entry_port = entry.rpartition(":") if re.fullmatch(r".+:[0-9]+", entry) else (entry, "", "")
+        if entry_port and port is not None and int(entry_port) != port:
+            continue
+        name = name.strip("[]").rstrip(".")
+        if name.startswith("*."):
+            name = name[1:]
+        if name.startswith("."):
+            if host.endswith(name):
+                return True
+        elif host == name or host.endswith("." + name):
+            return True
+    return False
+
+
 class _Client:
     """GETs without redirects; every failure becomes a verdict naming what was asked (`step`, for the deadline)."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, proxies: Proxies) -> None:
         self.session = session
+        self.proxies = proxies
         self.step = "the upstream"
 
     async def get(self, url: URL, what: str, authorization: str | None = None) -> _Response | UpstreamCheck:
@@ -185,14 +249,19 @@ class _Client:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if authorization:
             headers["Authorization"] = authorization
+        proxy = self.proxies.for_url(url)
+        if proxy is not None and not proxy.startswith(("http://", "https://")):
+            # aiohttp speaks HTTP proxies only; the registry (Go) does SOCKS5 too, so this says nothing about the mirror.
+            return UpstreamCheck(None, REASON_UNREACHABLE, f"{what} is reached through the SOCKS proxy {proxy}, which the check cannot use")
         try:
-            async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
+            async with self.session.get(url, headers=headers, allow_redirects=False, proxy=proxy) as resp:
                 values = resp.headers.getall("WWW-Authenticate", [])[:MAX_CHALLENGE_HEADERS]
                 return _Response(resp.status, tuple(parse_challenges(values)), resp.headers.get("Location"))
         except aiohttp.ClientSSLError as exc:
             return UpstreamCheck(None, REASON_TLS_ERROR, f"TLS with {what} failed: {exc}")
         except (aiohttp.ClientConnectionError, OSError) as exc:
-            return UpstreamCheck(None, REASON_UNREACHABLE, f"{what} did not answer: {type(exc).__name__}: {exc}")
+            via = f" (through the proxy {proxy})" if proxy else ""
+            return UpstreamCheck(None, REASON_UNREACHABLE, f"{what} did not answer{via}: {type(exc).__name__}: {exc}")
         except aiohttp.ClientError as exc:
             return UpstreamCheck(None, REASON_UNEXPECTED_RESPONSE, f"{what} did not answer valid HTTP: {type(exc).__name__}: {exc}")
 
@@ -279,7 +348,7 @@ async def _handshake(client: _Client, upstream: URL, auth: str | None) -> Upstre
     return UpstreamCheck(None, REASON_UNEXPECTED_RESPONSE, f"{shown}/v2/ answered HTTP 401 with {offered}; expected Basic or Bearer")
 
 
-async def _check(url: str, auth: str | None, ca_pem: str | bytes | None, deadline: float) -> UpstreamCheck:
+async def _check(url: str, auth: str | None, ca_pem: str | bytes | None, deadline: float, proxies: Proxies) -> UpstreamCheck:
     upstream = http_url(url)
     if upstream is None:
         return UpstreamCheck(None, REASON_INVALID_URL, "spec.upstream.url is not an http(s) URL with a valid host and a port in 1-65535")
@@ -293,7 +362,7 @@ async def _check(url: str, auth: str | None, ca_pem: str | bytes | None, deadlin
         )
     connector = aiohttp.TCPConnector(ssl=context, force_close=True)
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False) as session:
-        client = _Client(session)
+        client = _Client(session, proxies)
         try:
             async with asyncio.timeout(deadline):
                 return await _handshake(client, upstream, auth)
@@ -307,19 +376,21 @@ async def check_upstream_async(
     password: str | None,
     ca_pem: str | bytes | None = None,
     deadline: float = DEFAULT_DEADLINE,
+    proxies: Proxies | None = None,
 ) -> UpstreamCheck:
     """Perform the registry auth handshake against `url` and say whether the credentials work; never raises.
 
     Without credentials (no username, or password None) it says whether
     anonymous access works. `ca_pem` is the extra CA bundle (text or bytes).
-    Returns within `deadline` seconds, all requests together.
+    `proxies`: the mirror's spec.proxy. Returns within `deadline` seconds, all
+    requests together.
     """
     encoded = ""
     if username and password is not None:
         encoded = base64.b64encode(f"{username}:{password}".encode(errors="surrogatepass")).decode()
     auth = f"Basic {encoded}" if encoded else None
     try:
-        result = await _check(url, auth, ca_pem, deadline)
+        result = await _check(url, auth, ca_pem, deadline, proxies or Proxies())
     except Exception as exc:  # the contract is a verdict, whatever happens; the tests search for this branch
         result = UpstreamCheck(None, REASON_CHECK_FAILED, f"the check failed unexpectedly: {type(exc).__name__}")
     # A hostile upstream may echo what it received; none of it reaches status, not even base64-encoded.
@@ -332,6 +403,7 @@ def check_upstream(
     password: str | None,
     ca_pem: str | bytes | None = None,
     deadline: float = DEFAULT_DEADLINE,
+    proxies: Proxies | None = None,
 ) -> UpstreamCheck:
     """The blocking form of `check_upstream_async`, for worker threads (it runs its own event loop)."""
     try:
@@ -339,10 +411,10 @@ def check_upstream(
     except RuntimeError:
         loop = asyncio.new_event_loop()
         try:
-            return loop.run_until_complete(check_upstream_async(url, username, password, ca_pem, deadline))
+            return loop.run_until_complete(check_upstream_async(url, username, password, ca_pem, deadline, proxies))
         finally:
             # Not asyncio.run: it waits for the default executor, where a hung DNS lookup may outlive the deadline.
             loop.run_until_complete(asyncio.sleep(0))  # one more turn: closed connections release their sockets
             loop.close()
     with ThreadPoolExecutor(1) as pool:  # called on an event loop's thread: run on a fresh loop elsewhere
-        return pool.submit(check_upstream, url, username, password, ca_pem, deadline).result()
+        return pool.submit(check_upstream, url, username, password, ca_pem, deadline, proxies).result()

@@ -53,7 +53,7 @@ def crictl() -> str:
 class Crio:
     """A CRI-O daemon reading `dropins` as its registries.conf.d."""
 
-    def __init__(self, binaries: Path, workdir: Path, dropins: Path, crictl: str) -> None:
+    def __init__(self, binaries: Path, workdir: Path, dropins: Path, crictl: str, run_containers: Path | None = None) -> None:
         self.workdir = workdir
         self.crictl_bin = crictl
         (workdir / "registries.conf").write_text("unqualified-search-registries = []\n")
@@ -78,6 +78,11 @@ class Crio:
             "--registries-conf-dir",
             str(dropins),
         ]
+        if run_containers is not None:
+            # CRI-O as root reads /run/containers/0/auth.json (its default auth file): in a mount namespace
+            # of its own, that is the node's `run_containers` (as the agent's hostPath is), never this machine's /run.
+            script = 'mount -t tmpfs tmpfs /run && mkdir /run/containers && mount --bind "$0" /run/containers && exec "$@"'
+            argv = ["unshare", "--mount", "sh", "-c", script, str(run_containers), *argv]
         self.log_file = (workdir / "crio.log").open("wb")
         self.proc = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is not None or self.crictl("version").returncode == 0, 60, "CRI-O")
@@ -110,9 +115,9 @@ class Crio:
 
 
 @contextlib.contextmanager
-def crio(binaries: Path, dropins: Path, crictl: str) -> Iterator[Crio]:
+def crio(binaries: Path, dropins: Path, crictl: str, run_containers: Path | None = None) -> Iterator[Crio]:
     workdir = short_tmpdir("rm-crio-")
-    daemon = Crio(binaries, workdir, dropins, crictl)
+    daemon = Crio(binaries, workdir, dropins, crictl, run_containers)
     try:
         yield daemon
     finally:

@@ -47,6 +47,7 @@ from harness.dataplane import (
     htpasswd_line,
     map_plan,
     read_mirror_objects,
+    read_node_credentials,
     read_node_plan,
     served_requests,
     system_containerd,
@@ -100,12 +101,19 @@ def upstream(containerd_bin: object, images: dict[str, BuiltImage], tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def auth_upstream(containerd_bin: object, images: dict[str, BuiltImage], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """A private upstream: token authentication, users in an htpasswd (bcrypt) file."""
-    work = tmp_path_factory.mktemp("auth-upstream")
+def tokens(containerd_bin: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenService]:
+    """The private upstream's token service: https on another port, its certificate from a private CA."""
+    work = tmp_path_factory.mktemp("tokens")
     (work / "htpasswd").write_text(htpasswd_line(AUTH_USER, AUTH_PASSWORD))
-    with TokenService.start(work / "token", work / "htpasswd") as tokens, Registry.start(work, auth=tokens.registry_auth()) as registry:
-        images["private"].push(registry.address, creds=f"{AUTH_USER}:{AUTH_PASSWORD}")
+    with TokenService.start(work / "service", work / "htpasswd") as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def auth_upstream(tokens: TokenService, images: dict[str, BuiltImage], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A private upstream: token authentication (Docker Hub's shape), users in an htpasswd (bcrypt) file."""
+    with Registry.start(tmp_path_factory.mktemp("auth-upstream"), auth=tokens.registry_auth()) as registry:
+        images["private"].push(registry.address, creds=f"{AUTH_USER}:{AUTH_PASSWORD}")  # --dest-tls-verify=false: the realm too
         yield registry
 
 
@@ -123,6 +131,7 @@ class Deployed:
     auth: LoopbackMirror  # the private upstream with the right Secret
     auth_wrong: LoopbackMirror  # the private upstream with a wrong password, only nodes labelled CREDS_LABEL=wrong
     plan_json: str  # the node plan as the operator wrote it
+    credentials: dict[str, str]  # regmirror-agent-credentials as the operator wrote it (every node mounts it)
 
     @property
     def all(self) -> list[LoopbackMirror]:
@@ -139,12 +148,16 @@ def deployed(
     operator: OperatorProcess,
     upstream: Registry,
     auth_upstream: Registry,
+    tokens: TokenService,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployed]:
     names = ["dp-hub", "dp-strict", "dp-auth", "dp-auth-wrong"]
     made = MirrorFactory(cluster)  # for the whole module; deleted (and waited for) at its end
     for secret, password in (("dp-auth-creds", AUTH_PASSWORD), ("dp-auth-wrong-creds", WRONG_PASSWORD)):
         made.secret(secret, username=AUTH_USER, password=password)
+    # The private upstream's CA, given the way a user would; the operator's check and the mirror both need it.
+    made.secret("dp-auth-ca", **{"ca.crt": tokens.ca_pem.decode()})
+    auth_tls = {"caSecretRef": {"name": "dp-auth-ca", "key": "ca.crt"}}
     not_strict = {"matchExpressions": [{"key": STRICT_LABEL, "operator": "DoesNotExist"}]}
     bodies = [
         mirror_cr(
@@ -164,13 +177,13 @@ def deployed(
         mirror_cr(
             "dp-auth",
             auth_upstream.url,
-            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-creds"}},
+            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-creds"}, "tls": auth_tls},
             nodeConfig={"nodeSelector": {"matchExpressions": [{"key": CREDS_LABEL, "operator": "DoesNotExist"}]}},
         ),
         mirror_cr(
             "dp-auth-wrong",
             auth_upstream.url,
-            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-wrong-creds"}},
+            upstream={"url": auth_upstream.url, "credentialsSecretRef": {"name": "dp-auth-wrong-creds"}, "tls": auth_tls},
             nodeConfig={"nodeSelector": {"matchLabels": {CREDS_LABEL: "wrong"}}},
         ),
     ]
@@ -180,6 +193,7 @@ def deployed(
             cluster.kubectl("apply", "--server-side", "--field-manager=e2e-admin", "-f", "-", input=body)
         objects = {name: read_mirror_objects(cluster, operator, name) for name in names}
         plan_json = read_node_plan(cluster, operator, names)
+        credentials = read_node_credentials(cluster, operator, names)
         work = tmp_path_factory.mktemp("mirrors")
         yield Deployed(
             hub=LoopbackMirror.plan(objects["dp-hub"], work / "hub", docker_hub=upstream.url),
@@ -187,6 +201,7 @@ def deployed(
             auth=LoopbackMirror.plan(objects["dp-auth"], work / "auth"),
             auth_wrong=LoopbackMirror.plan(objects["dp-auth-wrong"], work / "auth-wrong"),
             plan_json=plan_json,
+            credentials=credentials,
         )
     finally:
         made.cleanup()
@@ -199,9 +214,15 @@ def hub(deployed: Deployed) -> Iterator[Registry]:
         yield registry
 
 
-def make_node(binaries: ContainerdBinaries, root: Path, plan_json: str | None, labels: dict[str, str] | None = None) -> AgentNode:
-    """A simulated node's host root; the agent applied once with `plan_json` (None: not yet)."""
-    node = AgentNode(root.name, root, labels or {}, runtime_version=f"containerd://{binaries.version}.0")
+def make_node(
+    binaries: ContainerdBinaries,
+    root: Path,
+    plan_json: str | None,
+    labels: dict[str, str] | None = None,
+    credentials: dict[str, str] | None = None,
+) -> AgentNode:
+    """A simulated node's host root holding the agent's Secret (`credentials`); the agent applied once with `plan_json` (None: not yet)."""
+    node = AgentNode(root.name, root, labels or {}, runtime_version=f"containerd://{binaries.version}.0", credentials=credentials or {})
     node.write_containerd_config()
     node.certs_dir.mkdir(parents=True, exist_ok=True)
     if plan_json is not None:
@@ -212,10 +233,14 @@ def make_node(binaries: ContainerdBinaries, root: Path, plan_json: str | None, l
 
 @contextlib.contextmanager
 def node_with_containerd(
-    binaries: ContainerdBinaries, root: Path, plan_json: str | None, labels: dict[str, str] | None = None
+    binaries: ContainerdBinaries,
+    root: Path,
+    plan_json: str | None,
+    labels: dict[str, str] | None = None,
+    credentials: dict[str, str] | None = None,
 ) -> Iterator[tuple[AgentNode, Containerd]]:
     """make_node, then a containerd of its own reading the node's certs.d."""
-    node = make_node(binaries, root, plan_json, labels)
+    node = make_node(binaries, root, plan_json, labels, credentials)
     with Containerd.start(binaries, str(node.certs_dir)) as daemon:
         yield node, daemon
 
@@ -253,7 +278,12 @@ def test_three_nodes_pull_through_the_mirror_and_the_upstream_serves_each_blob_o
     multi, index = images["multi"], images["multiarch"]
     refs = [hub_ref(multi), f"{upstream.address}/{index.name}:{index.tag}"]  # docker.io, and a host with a port
     with contextlib.ExitStack() as stack:
-        nodes = [stack.enter_context(node_with_containerd(containerd_bin, tmp_path / f"node{i}", deployed.plan())) for i in range(3)]
+        nodes = [
+            stack.enter_context(
+                node_with_containerd(containerd_bin, tmp_path / f"node{i}", deployed.plan(), credentials=deployed.credentials)
+            )
+            for i in range(3)
+        ]
         for node, _ in nodes:
             written = sorted(p.relative_to(node.certs_dir).as_posix() for p in node.certs_dir.rglob("hosts.toml"))
             hub_dirs = ["docker.io/hosts.toml", "index.docker.io/hosts.toml", "registry-1.docker.io/hosts.toml"]  # Docker Hub's spellings
@@ -305,9 +335,12 @@ def test_upstream_down_a_warm_pull_is_served_from_the_cache(
     containerd_bin: ContainerdBinaries, deployed: Deployed, hub: Registry, upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
 ) -> None:
     ref = hub_ref(images["multi"])
-    with node_with_containerd(containerd_bin, tmp_path / "warm", deployed.plan()) as (node, daemon):
+    with node_with_containerd(containerd_bin, tmp_path / "warm", deployed.plan(), credentials=deployed.credentials) as (node, daemon):
         pull(daemon, node, ref)  # warms the mirror (if an earlier test has not)
-    with upstream.stopped(), node_with_containerd(containerd_bin, tmp_path / "cold-node", deployed.plan()) as (node, daemon):
+    with (
+        upstream.stopped(),
+        node_with_containerd(containerd_bin, tmp_path / "cold-node", deployed.plan(), credentials=deployed.credentials) as (node, daemon),
+    ):
         assert not upstream.answers()
         seconds = pull(daemon, node, ref)
         print(f"\nwarm pull with the upstream down: {seconds:.3f}s")
@@ -322,15 +355,18 @@ def test_mirror_down_allow_upstream_withdraws_the_mirror_and_pulls_go_to_the_ups
     timings: dict[str, float] = {}
     direct_runs = []
     for i in range(2):  # the first pull also warms the upstream's page cache: keep the best of two
-        with node_with_containerd(containerd_bin, tmp_path / f"direct{i}", None) as (node, daemon):
+        with node_with_containerd(containerd_bin, tmp_path / f"direct{i}", None, credentials=deployed.credentials) as (node, daemon):
             direct_runs.append(pull(daemon, node, ref))
     timings["direct (no mirror configured)"] = min(direct_runs)
     for i in range(2):  # the first pull through the mirror fills its cache; the second is the warm one
-        with node_with_containerd(containerd_bin, tmp_path / f"through{i}", deployed.plan()) as (node, daemon):
+        with node_with_containerd(containerd_bin, tmp_path / f"through{i}", deployed.plan(), credentials=deployed.credentials) as (
+            node,
+            daemon,
+        ):
             timings["through the mirror (warm)"] = pull(daemon, node, ref)
     # Two nodes configured while the mirror is up: one keeps its files (no agent running), one runs the agent loop.
-    stale = make_node(containerd_bin, tmp_path / "stale", deployed.plan())
-    looping = make_node(containerd_bin, tmp_path / "loop", None)
+    stale = make_node(containerd_bin, tmp_path / "stale", deployed.plan(), credentials=deployed.credentials)
+    looping = make_node(containerd_bin, tmp_path / "loop", None, credentials=deployed.credentials)
     with looping.agent_loop(deployed.plan(), interval=0.5) as agent:
         agent.wait_event("files.applied")
         assert (looping.certs_dir / host_dir / "hosts.toml").exists()
@@ -354,7 +390,7 @@ def test_never_contact_upstream_fails_when_its_mirror_is_down(
     containerd_bin: ContainerdBinaries, deployed: Deployed, upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
 ) -> None:
     labels = {STRICT_LABEL: "true"}
-    with node_with_containerd(containerd_bin, tmp_path / "strict", None, labels) as (node, daemon):
+    with node_with_containerd(containerd_bin, tmp_path / "strict", None, labels, credentials=deployed.credentials) as (node, daemon):
         with deployed.strict.run() as strict:
             rc, events = node.agent_once(deployed.plan())
             assert rc == 0, events
@@ -377,7 +413,7 @@ def test_never_contact_upstream_fails_when_its_mirror_is_down(
 def test_crio_dropin_resolves_through_the_mirror_with_skopeo(
     containerd_bin: object, deployed: Deployed, hub: Registry, upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
 ) -> None:
-    node = AgentNode("crio", tmp_path / "crio", {})
+    node = AgentNode("crio", tmp_path / "crio", {}, credentials=deployed.credentials)
     node.write_containerd_config()
     rc, events = node.agent_once(deployed.plan())
     assert rc == 0, events
@@ -422,15 +458,28 @@ def test_dockerd_pulls_a_short_name_through_the_mirror(
 
 
 def test_authenticated_upstream_works_with_the_secrets_credentials(
-    containerd_bin: ContainerdBinaries, deployed: Deployed, auth_upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
+    containerd_bin: ContainerdBinaries,
+    deployed: Deployed,
+    auth_upstream: Registry,
+    tokens: TokenService,
+    images: dict[str, BuiltImage],
+    tmp_path: Path,
 ) -> None:
     env = deployed.auth.argv_env()[1]
     assert (env["REGISTRY_PROXY_USERNAME"], env["REGISTRY_PROXY_PASSWORD"]) == (AUTH_USER, AUTH_PASSWORD), "from the Secret"
     assert AUTH_PASSWORD not in deployed.auth.objects.config_yml
-    check = check_upstream(auth_upstream.url, AUTH_USER, AUTH_PASSWORD)
+    # The mirror trusts the token service's CA through the Secret volume the Deployment mounts (SSL_CERT_DIR).
+    ca_files = [Path(d, "ca.crt") for d in env["SSL_CERT_DIR"].split(":") if Path(d, "ca.crt").is_file()]
+    assert [f.read_bytes() for f in ca_files] == [tokens.ca_pem], env["SSL_CERT_DIR"]
+    without_ca = check_upstream(auth_upstream.url, AUTH_USER, AUTH_PASSWORD)
+    assert (without_ca.ok, without_ca.reason) == (None, "TLSError"), without_ca
+    check = check_upstream(auth_upstream.url, AUTH_USER, AUTH_PASSWORD, ca_pem=tokens.ca_pem)
     assert (check.ok, check.reason) == (True, "Authenticated"), check
     private = images["private"]
-    with deployed.auth.run() as mirror, node_with_containerd(containerd_bin, tmp_path / "auth", deployed.plan()) as (node, daemon):
+    with (
+        deployed.auth.run() as mirror,
+        node_with_containerd(containerd_bin, tmp_path / "auth", deployed.plan(), credentials=deployed.credentials) as (node, daemon),
+    ):
         pull(daemon, node, f"{auth_upstream.address}/{private.name}:{private.tag}")
         assert blob_gets(mirror.requests_log(), private.blobs_for_host) == dict.fromkeys(private.blobs_for_host, 1)
 
@@ -440,10 +489,11 @@ def test_wrong_credentials_are_reported_not_silently_bypassed(
     deployed: Deployed,
     auth_upstream: Registry,
     images: dict[str, BuiltImage],
+    tokens: TokenService,
     tmp_path: Path,
     cluster: LocalCluster,
 ) -> None:
-    check = check_upstream(auth_upstream.url, AUTH_USER, WRONG_PASSWORD)
+    check = check_upstream(auth_upstream.url, AUTH_USER, WRONG_PASSWORD, ca_pem=tokens.ca_pem)
     print(f"\ncheck_upstream with the wrong password: {check}")
     assert (check.ok, check.reason) == (False, "CredentialsRejected")
     assert WRONG_PASSWORD not in check.message
@@ -461,7 +511,9 @@ def test_wrong_credentials_are_reported_not_silently_bypassed(
             status = exc.code
         print(f"the mirror with wrong credentials answers a manifest request with HTTP {status}")
         assert status >= 400
-        with node_with_containerd(containerd_bin, tmp_path / "wrong", deployed.plan(), {CREDS_LABEL: "wrong"}) as (node, daemon):
+        with node_with_containerd(
+            containerd_bin, tmp_path / "wrong", deployed.plan(), {CREDS_LABEL: "wrong"}, credentials=deployed.credentials
+        ) as (node, daemon):
             result = daemon.pull(ref, hosts_dir=str(node.certs_dir), timeout=60)
             print(
                 f"containerd through it (AllowUpstream, so it falls back to the upstream): rc={result.returncode} {result.stderr.strip()[-300:]}"

@@ -26,6 +26,7 @@ CHILD_PATHS = {
     "ConfigMap": f"/api/v1/namespaces/{OPERATOR_NS}/configmaps",
     "PersistentVolumeClaim": f"/api/v1/namespaces/{OPERATOR_NS}/persistentvolumeclaims",
     "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{OPERATOR_NS}/poddisruptionbudgets",
+    "NetworkPolicy": f"/apis/networking.k8s.io/v1/namespaces/{OPERATOR_NS}/networkpolicies",
 }
 MANAGED = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,8 +166,11 @@ class FakeKube:
         field_selector: str | None = None,
         timeout_seconds: float,
         inactivity: float,
+        on_open: Callable[[], None] | None = None,
     ) -> AsyncIterator[WatchEvent]:
         self._check("watch", kind, "")
+        if on_open is not None:
+            on_open()  # a watch the fake accepts answers at once, like HTTP 200 before any event
         queue: asyncio.Queue[WatchEvent | ApiError] = asyncio.Queue()
         entry = (kind, namespace, queue)
         self._watchers.append(entry)

@@ -186,3 +186,149 @@ def test_credentials_add_headers_and_never_change_where_a_host_goes(
     assert {f.mirror for f in result.findings if f.reason == "CredentialPending"} <= pending
     for path in set(before.files) - set(after.files):
         assert path.rsplit("/", 1)[0] in after.keep
+
+
+# ---------------------------------------------------------------- CRI-O: the auth file it reads on every pull
+
+CRIO_AUTH = "run/containers/0/auth.json"
+
+
+def crio_entry(name: str, url: str, hosts: list[str], **kw: Any) -> dict[str, Any]:
+    return wire_entry(name, url, hosts, runtimes=["crio"], **kw)
+
+
+def crio_auth(root: Path) -> dict[str, Any]:
+    parsed: dict[str, Any] = json.loads((root / CRIO_AUTH).read_text())
+    return parsed
+
+
+def decoded(entry: dict[str, str]) -> str:
+    import base64
+
+    return base64.b64decode(entry["auth"]).decode()
+
+
+def crio_agent(tmp: Path, plan: dict[str, Any], auth_dir: Path | None) -> Agent:
+    """The agent on a node whose /run/containers is mounted (the DaemonSet's hostPath for CRI-O)."""
+    a = agent(tmp, plan, auth_dir)
+    (a.config.host_root / "run/containers").mkdir(parents=True)
+    return a
+
+
+def test_crio_gets_each_restricted_mirror_in_its_auth_file_root_only(tmp_path: Path) -> None:
+    plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 4), crio_entry("quay", QUAY, ["quay.io"])]}
+    a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {4: creds(4), 5: creds(5)}}))
+    assert a.step().ready
+    root = a.config.host_root
+    auths = crio_auth(root)["auths"]
+    assert set(auths) == {"10.96.0.10:5000"}, "the Open mirror gets no entry"
+    assert decoded(auths["10.96.0.10:5000"]) == f"{creds(4).username}:{creds(4).password}"
+    assert stat.S_IMODE((root / CRIO_AUTH).stat().st_mode) == 0o600
+    assert a.readiness.get_report()["mirrors"]["hub"]["state"] == "Applied"
+
+
+def test_crio_a_foreign_auth_file_is_left_alone_and_the_mirror_reported(tmp_path: Path) -> None:
+    plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}
+    a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))
+    foreign = a.config.host_root / CRIO_AUTH
+    foreign.parent.mkdir()
+    theirs = '{"auths": {"quay.io": {"auth": "dXNlcjpwYXNz"}}}\n'
+    foreign.write_text(theirs)
+    result = a.step()
+    assert not result.ready and "cannot get its credential" in result.message
+    assert foreign.read_text() == theirs, "podman login's file is never overwritten"
+    hub = a.readiness.get_report()["mirrors"]["hub"]
+    assert hub["state"] == "Degraded" and [f["reason"] for f in hub["findings"]] == ["CredentialUnsupported"]
+    assert creds(1).password not in json.dumps(a.readiness.get_report())
+    foreign.unlink()  # the admin moves their login elsewhere
+    assert a.step().ready and set(crio_auth(a.config.host_root)["auths"]) == {"10.96.0.10:5000"}
+
+
+def test_crio_with_its_own_global_auth_file_is_reported_not_silently_skipped(tmp_path: Path) -> None:
+    plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}
+    a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))
+    conf = a.config.host_root / "etc/crio/crio.conf.d/10-auth.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text('[crio.image]\nauto_reload_registries = true\nglobal_auth_file = "/var/lib/kubelet/config.json"\n')
+    assert not a.step().ready
+    assert not (a.config.host_root / CRIO_AUTH).exists(), "a file CRI-O does not read is not written"
+    message = a.readiness.get_report()["mirrors"]["hub"]["findings"][0]["message"]
+    assert "/var/lib/kubelet/config.json" in message and "restart" in message
+    conf.write_text(
+        '[crio.image]\nauto_reload_registries = true\nglobal_auth_file = "/run/containers/0/auth.json"\n'
+    )  # the file we write: fine
+    assert a.step().ready and (a.config.host_root / CRIO_AUTH).exists()
+
+
+def test_crio_a_revision_the_node_lacks_keeps_the_old_entry_then_rotates_and_open_removes_the_file(tmp_path: Path) -> None:
+    auth = node_secret(tmp_path, {"hub": {1: creds(1)}})
+    a = crio_agent(tmp_path, {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}, auth)
+    assert a.step().ready
+    path = a.config.host_root / CRIO_AUTH
+    before = path.read_bytes()
+    (tmp_path / "mirrors.json").write_text(json.dumps({"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 2)]}))
+    assert not a.step().ready
+    assert path.read_bytes() == before, "the old credential is still accepted: keep it"
+    node_secret(tmp_path, {"hub": {1: creds(1), 2: creds(2)}})
+    assert a.step().ready
+    assert decoded(crio_auth(a.config.host_root)["auths"]["10.96.0.10:5000"]).endswith(creds(2).password)
+    (tmp_path / "mirrors.json").write_text(json.dumps({"mirrors": [crio_entry("hub", HUB, ["docker.io"])]}))  # Open again
+    assert a.step().ready and not path.exists()
+
+
+crio_entries = st.builds(
+    lambda name, port, hosts, strict, both: wire_entry(
+        name,
+        f"http://10.96.0.{port}:5000",
+        hosts,
+        fallback="NeverContactUpstream" if strict else "AllowUpstream",
+        runtimes=["containerd", "crio"] if both else ["crio"],
+    ),
+    mirror_names,
+    st.integers(1, 3),
+    st.lists(st.sampled_from(["docker.io", "quay.io", "registry.k8s.io", "ghcr.io:8443"]), min_size=1, max_size=2, unique=True),
+    st.booleans(),
+    st.booleans(),
+)
+endpoints = st.sampled_from([f"10.96.0.{n}:5000" for n in (1, 2, 3, 9)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    plan=st.lists(crio_entries, min_size=1, max_size=4),
+    held=st.dictionaries(mirror_names, st.integers(1, 3)),
+    asked=st.sets(mirror_names),
+    previous=st.dictionaries(endpoints, st.integers(1, 3).map(lambda r: creds(r).authorization[len("Basic ") :])),
+)
+def test_crio_auth_holds_exactly_the_routed_mirrors_that_asked(
+    plan: list[dict[str, Any]], held: dict[str, int], asked: set[str], previous: dict[str, str]
+) -> None:
+    from regmirror.agent.plan import parse_plan
+
+    files = nodefiles.plan_node_files(parse_plan(json.dumps({"mirrors": plan})), {}, crio_node=True)
+    routes = [r for (_h, runtime), r in files.routes.items() if runtime == "crio"]
+    values = {n: creds(r).authorization for n, r in held.items() if n in asked}
+    pending = asked - set(values)
+    decision = nodeauth.plan_crio_auth(routes, values, pending, previous)
+    text = nodeauth.render_crio_auth(decision.auths)
+    parsed = json.loads(text)
+    assert nodeauth.read_owned_crio_auth(text) == decision.auths
+    routed = {(m.name, nodeauth.crio_endpoint(m.url)) for r in routes if not r.blocked for m in r.mirrors}
+    for endpoint, entry in parsed["auths"].items():
+        owners = {name for name, e in routed if e == endpoint and name in asked}
+        assert owners, f"{endpoint}: an entry for no mirror that asked"
+        allowed = {values[n][len("Basic ") :] for n in owners if n in values} | ({previous.get(endpoint)} & {entry["auth"]})
+        assert entry["auth"] in allowed
+    conflicted = {f.mirror for f in decision.findings if f.reason == "CredentialConflict"}
+    for name, endpoint in routed:
+        if name in values and name not in conflicted:
+            assert endpoint in parsed["auths"], f"{name}: held and routed, but no entry"
+    assert decision.needed == {n for n, _e in routed} & asked
+
+
+def test_crio_without_the_run_containers_mount_is_reported_not_written_into_the_agents_own_filesystem(tmp_path: Path) -> None:
+    a = agent(tmp_path, {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1)]}, node_secret(tmp_path, {"hub": {1: creds(1)}}))
+    assert not a.step().ready
+    assert not (a.config.host_root / "run").exists()
+    hub = a.readiness.get_report()["mirrors"]["hub"]
+    assert hub["state"] == "Degraded" and "not mounted" in hub["findings"][0]["message"]

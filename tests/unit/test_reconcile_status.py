@@ -192,3 +192,29 @@ async def test_a_new_mirror_whose_children_are_still_missing_is_not_a_problem() 
     assert await kit.run("status", "hub") == Done()
     assert ready(status_of(kit)) == ("False", "DeploymentMissing")
     assert kit.kube.events == []
+
+
+async def test_a_mirror_whose_image_a_strict_mirror_holds_says_so_and_stops_saying_it() -> None:
+    kit = Kit()
+    # quay's pods come from docker.io (the default image); hub makes docker.io strict on the nodes.
+    await serving_mirror(kit, "quay", upstream={"url": "https://quay.io"})
+    strict = {"enabled": True, "fallback": "NeverContactUpstream"}
+    kit.kube.put(mirror("hub", nodeConfig=strict, image="registry.corp.example/registry:3.0.0"))
+    await kit.converge("hub")
+    make_serving(kit, "hub")
+    await kit.run("hosts")
+    assert ("status", "quay") in kit.queued(), "the dependent mirror's status follows the strict mirror's arrival"
+    await kit.run("status", "quay")
+    cond = get_condition(status_of(kit, "quay").get("conditions"), "ImageIndependent")
+    assert cond is not None and (cond["status"], cond["reason"]) == ("False", "ImageBehindStrictMirror"), cond
+    assert "hub" in cond["message"] and "AllowUpstream" in cond["message"]
+    assert ready(status_of(kit, "quay")) == ("True", "MirrorReady"), "a warning: the mirror serves now"
+    assert get_condition(status_of(kit, "hub").get("conditions"), "ImageIndependent") is None, "hub's image is elsewhere"
+    # The strict mirror relaxes: the dependency and its condition go.
+    relaxed = mirror("hub", nodeConfig={"enabled": True, "fallback": "AllowUpstream"}, image="registry.corp.example/registry:3.0.0")
+    relaxed["metadata"]["generation"] = 2  # as the API server counts a spec change
+    kit.kube.put(relaxed)
+    await kit.converge("hub")
+    await kit.run("hosts")
+    await kit.run("status", "quay")
+    assert get_condition(status_of(kit, "quay").get("conditions"), "ImageIndependent") is None

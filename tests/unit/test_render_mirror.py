@@ -351,6 +351,9 @@ def test_daemonset_mounts_crio_dropins_only_when_a_mirror_uses_crio() -> None:
     paths = host_paths(render_agent_daemonset(plan_for(("quay", make_spec()), ("q2", crio_spec)), "ns", "img"))
     assert c.CRIO_DROPIN_DIR in paths
     assert paths[c.CRIO_DROPIN_DIR]["mountPath"] == f"/host{c.CRIO_DROPIN_DIR}"
+    # Where CRI-O reads the Restricted mirrors' credentials (written by the agent), and its config (read only).
+    assert paths["/run/containers"]["mountPath"] == "/host/run/containers" and "readOnly" not in paths["/run/containers"]
+    assert paths["/etc/crio"]["readOnly"] is True
 
 
 def test_daemonset_custom_containerd_config_path() -> None:

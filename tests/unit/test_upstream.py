@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from yarl import URL
 
 from harness.scripted_http import Request, Script, ScriptedServer, TLSMaterials, http_response, loopback_only, make_tls
-from regmirror.upstream import UpstreamCheck, check_upstream, check_upstream_async, parse_challenges
+from regmirror.upstream import Proxies, UpstreamCheck, bypasses_proxy, check_upstream, check_upstream_async, parse_challenges
 
 USER, PASSWORD = "puller", "s3cret-Pa55"
 GOOD = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -437,3 +440,76 @@ def test_parse_challenges_several_in_one_header() -> None:
 
 def test_parse_challenges_skips_junk() -> None:
     assert parse_challenges(["", ",,,", 'realm="orphan"', "=", '"']) == []
+
+
+# ------------------------------------------------------------------ spec.proxy: the check goes the way the mirror goes
+
+
+def test_the_check_reaches_an_upstream_only_its_proxy_can(servers: Servers) -> None:
+    # registry.invalid resolves nowhere here; only the proxy (a scripted HTTP proxy answering as the registry) reaches it.
+    servers.plain.reply = registry('Basic realm="Registry Realm"')
+    upstream = "http://registry.invalid:5000"
+    direct = check_upstream(upstream, USER, PASSWORD, deadline=3)
+    assert (direct.ok, direct.reason) == (None, "Unreachable")
+    proxied = check_upstream(upstream, USER, PASSWORD, deadline=3, proxies=Proxies(http=servers.plain.url))
+    assert (proxied.ok, proxied.reason) == (True, "Authenticated"), proxied
+    servers.settle()
+    assert [r.target for r in servers.plain.received] == [f"{upstream}/v2/"] * 2, "absolute-form requests: a proxy was asked"
+    assert_discreet(proxied)
+
+
+def test_no_proxy_sends_the_check_direct(servers: Servers) -> None:
+    servers.plain.reply = registry(None)
+    bypassed = check_upstream(
+        "http://registry.invalid:5000", None, None, deadline=3, proxies=Proxies(http=servers.plain.url, no_proxy="example.com,.invalid")
+    )
+    assert (bypassed.ok, bypassed.reason) == (None, "Unreachable")
+    assert "through the proxy" not in bypassed.message
+    servers.settle()
+    assert servers.plain.received == []
+
+
+def test_a_socks_proxy_is_an_unknown_verdict_not_a_failure() -> None:
+    check = check_upstream("https://registry.invalid", USER, PASSWORD, deadline=3, proxies=Proxies(https="socks5://127.0.0.1:1080"))
+    assert (check.ok, check.reason) == (None, "Unreachable")
+    assert "SOCKS" in check.message
+    assert_discreet(check)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "no_proxy", "direct"),
+    [
+        ("quay.io", 443, "", False),
+        ("quay.io", 443, "*", True),
+        ("quay.io", 443, "quay.io", True),
+        ("cdn.quay.io", 443, "quay.io", True),
+        ("notquay.io", 443, "quay.io", False),
+        ("quay.io", 443, ".quay.io", False),
+        ("cdn.quay.io", 443, ".quay.io", True),
+        ("cdn.quay.io", 443, "*.quay.io", True),
+        ("quay.io", 443, "quay.io:5000", False),
+        ("quay.io", 5000, "quay.io:5000", True),
+        ("10.1.2.3", 5000, "10.0.0.0/8", True),
+        ("10.1.2.3", 5000, "192.168.0.0/16, 10.1.2.3", True),
+        ("registry.corp", 443, "10.0.0.0/8", False),
+        ("fd00::5", 443, "fd00::/8", True),
+        ("127.0.0.1", 5000, "", True),
+        ("localhost", 5000, "", True),
+        ("QUAY.IO.", 443, " quay.io ", True),
+    ],
+)
+def test_no_proxy_follows_go(host: str, port: int, no_proxy: str, direct: bool) -> None:
+    assert bypasses_proxy(host, port, no_proxy) is direct
+
+
+@given(
+    host=st.from_regex(r"[a-z]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?){0,3}", fullmatch=True),
+    others=st.lists(st.from_regex(r"[a-z0-9.*:/-]{0,30}", fullmatch=True), max_size=4),
+    port=st.integers(1, 65535),
+)
+def test_a_host_named_in_no_proxy_is_always_direct(host: str, others: list[str], port: int) -> None:
+    # Names (an IP entry matches addresses only, as in Go; the table above covers those).
+    entries = [*others, host]
+    assert bypasses_proxy(host, port, ",".join(entries))
+    assert bypasses_proxy(f"sub.{host}", port, ",".join(entries))
+    assert Proxies(http="http://proxy:3128", no_proxy=",".join(entries)).for_url(URL(f"http://{host}:{port}/v2/")) is None

@@ -119,7 +119,7 @@ def unsafe_path(host_path: str, managed: Iterable[str]) -> str | None:
     return None
 
 
-def _symlink_on_the_way(target: Path, root: Path) -> Path | None:
+def symlink_on_the_way(target: Path, root: Path) -> Path | None:
     """The first component between `root` and `target` that is a symlink or not a directory, if any."""
     current = root
     for part in target.relative_to(root).parts[:-1]:
@@ -243,7 +243,7 @@ def apply_files(
             result.errors.append(f"{host_path}: desired content lacks the ownership marker")
             continue
         try:
-            blocker = _symlink_on_the_way(target, root) if root.exists() else None
+            blocker = symlink_on_the_way(target, root) if root.exists() else None
             if blocker is not None:
                 result.conflicts.append(Conflict(host_path, f"{blocker} is a symlink or not a directory; nothing is written through it"))
                 continue

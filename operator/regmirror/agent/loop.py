@@ -47,6 +47,7 @@ from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, dial_t
 from regmirror.agent.probe import DEFAULT_INTERVAL, DEFAULT_TIMEOUT, HealthTracker, Target, Transition
 from regmirror.lowlevel import registry_host_spellings
 from regmirror.render import nodefiles, nodeinput
+from regmirror.render.nodeauth import CRIO_AUTH_FILE
 
 NODE_REFRESH_SECONDS = 30.0
 # containerd's dial timeout for the mirrors (where it reads one): a ClusterIP
@@ -91,6 +92,8 @@ class AgentConfig:
     # The host's /proc as the agent sees it (the pod shares the host's PID namespace when it configures Docker).
     proc_dir: Path = Path("/proc")
     auth_dir: Path | None = nodeauth.DEFAULT_AUTH_DIR
+    # The containers-auth.json CRI-O reads when its global_auth_file is empty (agent/nodeauth.py).
+    crio_auth_file: str = CRIO_AUTH_FILE
 
 
 @dataclass
@@ -337,9 +340,18 @@ class Agent:
             keep=node_files.keep,
             private=creds.private,
         )
+        crio_auth = nodeauth.apply_crio_auth(
+            node_files, loaded.text, self.config.auth_dir, host_root=self.config.host_root, auth_file=self.config.crio_auth_file
+        )
+        result.written += [self.config.crio_auth_file] if crio_auth.written else []
+        result.removed += [self.config.crio_auth_file] if crio_auth.removed else []
+        if crio_auth.error:
+            result.errors.append(crio_auth.error)
+        # Per-mirror credential findings count against that mirror in the report (not only the node's readiness).
+        node_files.findings += creds.findings + crio_auth.findings
         if result.changed:
             log("files.applied", written=result.written, removed=result.removed)
-        findings = list(node_files.findings) + creds.findings
+        findings = list(node_files.findings)
         for conflict in result.conflicts:
             findings.append(nodeinput.Finding("ForeignFileSkipped", f"{conflict.path}: {conflict.reason}", blocks_node=True))
         docker_result = self._apply_docker(checked, node, unhealthy)

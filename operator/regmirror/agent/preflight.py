@@ -371,13 +371,13 @@ def check_containerd(
     return PreflightResult(name, True, "Ok", f"config version {version}: {table} config_path includes {config_path}{note}")
 
 
-def _crio_auto_reload(host_root: Path) -> bool | None:
-    """auto_reload_registries from crio.conf and its drop-ins (later wins); None if unreadable."""
+def crio_image_settings(host_root: Path) -> dict[str, Any] | None:
+    """CRI-O's [crio.image] table from crio.conf and its drop-ins (later files win, key by key); None if none is readable."""
     files = [_on_host(host_root, CRIO_CONFIG)]
     drop_dir = _on_host(host_root, CRIO_CONFIG_DIR)
     if drop_dir.is_dir():
         files += sorted(drop_dir.glob("*.conf"))
-    value: bool | None = None
+    merged: dict[str, Any] = {}
     seen = False
     for f in files:
         try:
@@ -387,9 +387,15 @@ def _crio_auto_reload(host_root: Path) -> bool | None:
             continue
         seen = True
         image = data.get("crio", {}).get("image", {})
-        if "auto_reload_registries" in image:
-            value = bool(image["auto_reload_registries"])
-    return (value or False) if seen else None
+        if isinstance(image, dict):
+            merged.update(image)
+    return merged if seen else None
+
+
+def _crio_auto_reload(host_root: Path) -> bool | None:
+    """auto_reload_registries from crio.conf and its drop-ins (later wins); None if unreadable."""
+    image = crio_image_settings(host_root)
+    return None if image is None else bool(image.get("auto_reload_registries", False))
 
 
 def check_crio(host_root: Path) -> PreflightResult:

@@ -191,9 +191,9 @@ async def _reconcile_spec(ctx: Context, name: str, mirror: dict[str, Any], rec: 
         if isinstance(creds, ConfigError):
             _set_config_error(ctx, name, rec, creds)
             return Terminal(creds.message)
-        if rec.credentials != creds:
-            rec.credentials = creds
-            ctx.on_credentials(name, spec, creds)
+        rec.credentials = creds
+        # The checker restarts only when what it checks (values, URL, proxy) changed.
+        ctx.on_credentials(name, spec, creds)
         generation = mirror["metadata"].get("generation")
         if rec.rejected == (generation, creds):
             return Terminal("the API server rejected this spec; waiting for a change")

@@ -20,7 +20,7 @@ import logging
 from regmirror.controller.state import STATUS, Context
 from regmirror.kube import cancel_quietly
 from regmirror.models import RegistryMirrorSpec
-from regmirror.upstream import UpstreamCheck, check_upstream
+from regmirror.upstream import Proxies, UpstreamCheck, check_upstream
 
 log = logging.getLogger("regmirror.credentials")
 
@@ -33,15 +33,24 @@ class UpstreamChecker:
         self._tasks: dict[str, tuple[str, asyncio.Task[None]]] = {}
 
     def credentials_changed(self, name: str, spec: RegistryMirrorSpec, fingerprint: str | None) -> None:
-        """Start (or restart) the check of a mirror whose credentials fingerprint changed."""
-        current = self._tasks.pop(name, None)
+        """Start (or restart) the check of a mirror when what it checks changed: the Secrets' values, the URL or the proxy.
+
+        Called on every pass over a mirror's spec; a check already running or
+        done for the same inputs is kept.
+        """
+        key = None
+        if spec.upstream.credentials_secret_ref is not None and fingerprint is not None:
+            proxy = spec.proxy
+            key = f"{fingerprint}|{spec.upstream.url}|{proxy.http_proxy}|{proxy.https_proxy}|{proxy.no_proxy}"
+        current = self._tasks.get(name)
+        if current is not None and current[0] == key:
+            return
         if current is not None:
-            current[1].cancel()
-        if spec.upstream.credentials_secret_ref is None or fingerprint is None:
+            self._tasks.pop(name)[1].cancel()
+        if key is None:
             if self.ctx.upstream_verdicts.pop(name, None) is not None:
                 self.ctx.enqueue(STATUS, name)
             return
-        key = f"{fingerprint}|{spec.upstream.url}"
         self._tasks[name] = (key, asyncio.get_running_loop().create_task(self._run(name, spec), name=f"upstream check {name}"))
 
     def forget(self, name: str) -> None:
@@ -72,7 +81,8 @@ class UpstreamChecker:
 
         ca_pem = (value(ca_ref.name, ca_ref.key) or None) if ca_ref is not None else None
         username, password = value(ref.name, ref.username_key), value(ref.name, ref.password_key)
-        return await asyncio.to_thread(check_upstream, spec.upstream.url, username, password, ca_pem=ca_pem)
+        proxies = Proxies(spec.proxy.http_proxy, spec.proxy.https_proxy, spec.proxy.no_proxy)
+        return await asyncio.to_thread(check_upstream, spec.upstream.url, username, password, ca_pem=ca_pem, proxies=proxies)
 
     async def _run(self, name: str, spec: RegistryMirrorSpec) -> None:
         while True:

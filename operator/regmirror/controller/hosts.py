@@ -1,4 +1,4 @@
-"""Each mirror's place among the mirrors of its hosts (one singleton key).
+"""Each mirror's place among the mirrors of its hosts, and whose image strict mirrors hold (one singleton key).
 
 status.hosts tells a mirror its 1-based position for each host and the head
 of that host's order (the first `HEAD` mirrors nodes try), not every mirror
@@ -10,7 +10,7 @@ ahead of others moves them, and their statuses say so.
 from __future__ import annotations
 
 from regmirror.controller.state import STATUS, ConfigError, Context, Done, Result
-from regmirror.models import RegistryMirrorSpec
+from regmirror.models import BootstrapConflict, RegistryMirrorSpec, bootstrap_conflicts
 from regmirror.nodeplan import mirror_order_key
 
 HEAD = 10
@@ -35,15 +35,27 @@ def host_routes(ctx: Context) -> dict[str, dict[str, tuple[int, list[str]]]]:
     return routes
 
 
+def image_dependencies(ctx: Context) -> dict[str, BootstrapConflict]:
+    """mirror -> the strict mirrors its own image can only be pulled through (see models.bootstrap_conflicts)."""
+    specs: dict[str, RegistryMirrorSpec] = {}
+    for name, mirror in ctx.store.mirrors().items():
+        spec = ctx.record(name).spec_of(mirror)
+        if not mirror["metadata"].get("deletionTimestamp") and isinstance(spec, RegistryMirrorSpec):
+            specs[name] = spec
+    return {conflict.mirror: conflict for conflict in bootstrap_conflicts(specs)}
+
+
 async def reconcile_hosts(ctx: Context, _name: str = "") -> Result:
-    """Recompute the routes and queue the status of every mirror whose place changed."""
+    """Recompute the routes and image dependencies; queue the status of every mirror whose place or dependency changed."""
     new = host_routes(ctx)
     old = ctx.routes
     ctx.routes = new
     names = {n for routes in (*old.values(), *new.values()) for n in routes}
-    for name in names:
-        before = {h: r[name] for h, r in old.items() if name in r}
-        after = {h: r[name] for h, r in new.items() if name in r}
-        if before != after:
-            ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce)
+    changed = {
+        name for name in names if {h: r[name] for h, r in old.items() if name in r} != {h: r[name] for h, r in new.items() if name in r}
+    }
+    old_bootstrap, ctx.bootstrap = ctx.bootstrap, image_dependencies(ctx)
+    changed |= {name for name in set(old_bootstrap) | set(ctx.bootstrap) if old_bootstrap.get(name) != ctx.bootstrap.get(name)}
+    for name in changed:
+        ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce)
     return Done()

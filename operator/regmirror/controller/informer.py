@@ -17,7 +17,8 @@ So here:
   away, and the operator sees it again within seconds of its return);
 - a watch that delivers nothing for `inactivity` seconds (a silent partition)
   is dropped and resumed;
-- `healthy_since` tells liveness how long the collection has been unwatchable.
+- `blind_for()` tells liveness how long the collection has been unwatchable
+  (`WatchHealth` below: how an outage starts, and what proves it over).
 """
 
 from __future__ import annotations
@@ -57,6 +58,55 @@ class Source:
     key: Callable[[dict[str, Any]], str] = object_name
 
 
+class WatchHealth:
+    """How long a collection has been unwatchable: the state machine liveness reads.
+
+    - `failed()`: a list or watch failed (refused, timed out, stalled, an API error).
+      The outage starts at the first failure; later ones do not move its start.
+    - `confirmed()`: the collection was seen working (a list, a watch event or
+      bookmark, a stream the server ended on its timeout). Ends any outage.
+    - `answered()`: the API server answered again (a watch returned HTTP 200, a
+      write succeeded). Ends the outage at once, so liveness recovers as soon as a
+      partition heals even on a collection where nothing happens; but if the next
+      failure comes before anything confirmed the watch, the outage resumes from its
+      original start, and from then on only `confirmed()` ends it. So a watch that
+      reconnects and times out again and again never counts as healthy.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.failing_since: float | None = None
+        # The start of an outage that an answer ended before anything confirmed it.
+        self._unconfirmed_since: float | None = None
+        # An answer was followed by a failure: answers prove nothing until confirmed().
+        self._answers_doubted = False
+
+    def failed(self) -> None:
+        """A list or watch attempt failed."""
+        if self.failing_since is not None:
+            return
+        if self._unconfirmed_since is not None:
+            self.failing_since, self._unconfirmed_since = self._unconfirmed_since, None
+            self._answers_doubted = True
+        else:
+            self.failing_since = self._clock()
+
+    def answered(self) -> None:
+        """The API server answered (watch opened, write succeeded): health, until a failure says otherwise."""
+        if self.failing_since is None or self._answers_doubted:
+            return
+        self._unconfirmed_since, self.failing_since = self.failing_since, None
+
+    def confirmed(self) -> None:
+        """The collection was listed or its watch delivered: healthy, whatever happened before."""
+        self.failing_since = self._unconfirmed_since = None
+        self._answers_doubted = False
+
+    def blind_for(self) -> float:
+        """Seconds this collection has been unwatchable (0 while healthy)."""
+        return 0.0 if self.failing_since is None else self._clock() - self.failing_since
+
+
 class Informer:
     """Keeps `items` (name -> transformed object) equal to the collection, and reports changes."""
 
@@ -79,26 +129,20 @@ class Informer:
         self.inactivity = inactivity
         self.max_backoff = max_backoff
         self._on_relist = on_relist or (lambda _kind: None)
-        self._clock = clock
         self.items: dict[str, dict[str, Any]] = {}
         self.synced = asyncio.Event()
         self.resource_version = ""
-        # Last time the collection was known to be watched (a list, an event, an open stream).
-        self.last_ok = clock()
-        self.failing_since: float | None = None
+        self.health = WatchHealth(clock)
         self.relists = 0
+
+    @property
+    def failing_since(self) -> float | None:
+        """When the current outage of this collection began (None while healthy)."""
+        return self.health.failing_since
 
     def blind_for(self) -> float:
         """Seconds this collection has been unwatchable (0 while healthy)."""
-        return 0.0 if self.failing_since is None else self._clock() - self.failing_since
-
-    def _ok(self) -> None:
-        self.last_ok = self._clock()
-        self.failing_since = None
-
-    def _failed(self) -> None:
-        if self.failing_since is None:
-            self.failing_since = self._clock()
+        return self.health.blind_for()
 
     def _put(self, obj: dict[str, Any]) -> None:
         name = self.source.key(obj)
@@ -134,7 +178,7 @@ class Informer:
             self._delete(name)
         self.resource_version = rv
         self.relists += 1
-        self._ok()
+        self.health.confirmed()
         self.synced.set()
 
     async def _watch(self) -> None:
@@ -147,9 +191,11 @@ class Informer:
             field_selector=s.field_selector,
             timeout_seconds=self.watch_timeout * (0.9 + 0.2 * random.random()),
             inactivity=self.inactivity,
+            # HTTP 200: the API server answers again, even if the stream stays quiet for a while.
+            on_open=self.health.answered,
         )
         async for type_, obj in stream:
-            self._ok()
+            self.health.confirmed()
             rv = obj.get("metadata", {}).get("resourceVersion")
             if rv:
                 self.resource_version = rv
@@ -160,7 +206,7 @@ class Informer:
                 self._delete(self.source.key(obj))
             else:
                 self._put(obj)
-        self._ok()  # a stream the server closed on its timeout was healthy to the end
+        self.health.confirmed()  # a stream the server closed on its timeout was healthy to the end
 
     async def run(self) -> None:
         """List, then watch; re-list after 410 or any failure; forever (until cancelled)."""
@@ -176,7 +222,7 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except ApiError as exc:
-                self._failed()
+                self.health.failed()
                 if exc.status == 410:
                     log.info("watch of %s expired (410); re-listing", self.source.kind)
                     need_list = True
@@ -192,7 +238,7 @@ class Informer:
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(self.max_backoff, backoff * 2)
             except Exception as exc:  # a bug in a transform or handler must not end the watch
-                self._failed()
+                self.health.failed()
                 need_list = True
                 log.exception("watch of %s crashed: %s; retrying in %.1fs", self.source.kind, exc, backoff)
                 await asyncio.sleep(backoff)

@@ -19,7 +19,7 @@ from regmirror.controller.queue import HIGH, NORMAL, WorkQueue
 from regmirror.controller.store import Store
 from regmirror.kube import KubeClient
 from regmirror.metrics import Metrics
-from regmirror.models import CacheStatus, RegistryMirrorSpec
+from regmirror.models import BootstrapConflict, CacheStatus, RegistryMirrorSpec
 from regmirror.nodeplan import MirrorEntry, NodePlan
 from regmirror.observe import RepairError
 from regmirror.rollout import NodeIndex, NodeRollout, PlanHistory, entry_digest
@@ -200,6 +200,8 @@ class Context:
     nodes: NodeState = field(default_factory=NodeState)
     # host -> (position, head) per mirror, recomputed by the HOSTS key.
     routes: dict[str, dict[str, tuple[int, list[str]]]] = field(default_factory=dict)
+    # mirror -> its image's dependency on strict mirrors (models.bootstrap_conflicts), also recomputed by HOSTS.
+    bootstrap: dict[str, BootstrapConflict] = field(default_factory=dict)
     # Progress-only status writes, all mirrors together (set from the settings by the manager).
     progress_budget: TokenBucket = field(default_factory=lambda: TokenBucket(rate=5.0, burst=5.0))
     # mirror -> (ok, reason, message) of the upstream credentials check.

@@ -75,6 +75,7 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
         repair=repair,
         host_routes={host: routes[name] for host, routes in ctx.routes.items() if name in routes},
         upstream_auth=auth,
+        bootstrap=ctx.bootstrap.get(name),
     )
 
 

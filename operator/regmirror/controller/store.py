@@ -214,3 +214,8 @@ class Store:
     def blind_for(self) -> float:
         """Seconds the longest-failing collection has been unwatchable."""
         return max((i.blind_for() for i in self.informers.values()), default=0.0)
+
+    def api_answered(self) -> None:
+        """The API server took a request (a write): every collection's outage may be over (see WatchHealth)."""
+        for informer in self.informers.values():
+            informer.health.answered()

@@ -21,6 +21,8 @@ from regmirror.nodeplan import NodePlan
 from regmirror.render.access import agent_auth_volume
 
 HOST_ROOT = "/host"
+CRIO_AUTH_MOUNT = "/run/containers"
+CRIO_ETC_DIR = "/etc/crio"
 PLAN_DIR = "/etc/regmirror/plan"
 PLAN_PATH = f"{PLAN_DIR}/{c.NODE_CONFIG_KEY}"
 CONTAINERD_ETC_DIR = "/etc/containerd"
@@ -105,9 +107,16 @@ def render_agent_daemonset(
         volumes.append(volume)
         mounts.append(mount)
     if crio:
-        volume, mount = _host_path("crio-dropins", c.CRIO_DROPIN_DIR, read_only=False, create=True)
-        volumes.append(volume)
-        mounts.append(mount)
+        # The drop-ins; the auth file CRI-O reads for Restricted mirrors (/run/containers/0/auth.json, agent/nodeauth.py);
+        # CRI-O's own config, read-only, for the preflight (auto_reload_registries) and its global_auth_file.
+        for vol_name, path, read_only in (
+            ("crio-dropins", c.CRIO_DROPIN_DIR, False),
+            ("crio-auth", CRIO_AUTH_MOUNT, False),
+            ("crio-etc", CRIO_ETC_DIR, True),
+        ):
+            volume, mount = _host_path(vol_name, path, read_only=read_only, create=True)
+            volumes.append(volume)
+            mounts.append(mount)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
     # The mirrors' node credentials (regmirror-agent-credentials, root-only; render/access.py): the plan names revisions only.

@@ -26,9 +26,16 @@ count it. Where no file exists yet, the route is written without the header:
 an Open mirror serves it, a Restricted one answers 401 (containerd then goes
 to the next host; a strict host fails, but never reaches the upstream).
 
-CRI-O cannot carry a header in its registries.conf: `render_crio_auth` renders
-the containers-auth.json that its `global_auth_file` points at (see
-docs/deploy.md for what that needs on the node).
+CRI-O cannot carry a header in its registries.conf. It reads credentials
+from containers-auth.json, on every pull, and looks them up by the location
+a request goes to, a mirror's included (containers/image
+pkg/docker/config/config.go getCredentialsWithHomeDir; docker/docker_image_src.go
+newImageSourceAttempt). With CRI-O's default `global_auth_file = ""` the file
+is /run/containers/0/auth.json (CRI-O unsets XDG_RUNTIME_DIR when it runs as
+root). `plan_crio_auth` decides its entries, one per mirror endpoint,
+`render_crio_auth` renders it with an ownership key (JSON has no comment
+line), and `read_owned_crio_auth` tells ours from anyone else's; the agent
+(agent/nodeauth.py) writes it, or reports why CRI-O cannot get it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from regmirror import constants as c
 from regmirror.render.nodefiles import HOSTS_TOML, HostRoute, NodeFiles, containerd_route_dirs
 from regmirror.render.nodeinput import RUNTIME_CONTAINERD, RUNTIME_CRIO, Finding
 
@@ -173,23 +181,103 @@ def add_credentials(
     return result
 
 
-def render_crio_auth(routes: Iterable[HostRoute], credentials: Mapping[str, str]) -> str | None:
-    """containers-auth.json for CRI-O's global_auth_file: each mirror endpoint (host:port) and its credential; None when none.
+CRIO_AUTH_FILE: Final = "/run/containers/0/auth.json"
+#: A top-level key marking the auth file as ours: containers/image reads only "auths" and
+#: "credHelpers" and ignores the rest, and a `podman login` that rewrites the file drops it
+#: (the file is then someone else's, and the agent leaves it alone).
+CRIO_AUTH_OWNER_KEY: Final = "regmirror"
+_ENDPOINT_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,300}")
 
-    containers/image looks credentials up by the registry a request goes to,
-    so a mirror's endpoint gets its own entry. (A pod's imagePullSecret
-    replaces this file for that pull, for every endpoint: docs/deploy.md.)
+
+def crio_endpoint(url: str) -> str:
+    """The key containers/image looks a mirror's credential up by: its location, host[:port]."""
+    return url.split("://", 1)[-1]
+
+
+@dataclass
+class CrioAuth:
+    """What `plan_crio_auth` decided: the endpoints' auth values, and what to report."""
+
+    #: endpoint (host:port) -> base64 "user:password", exactly what containers-auth.json's "auth" holds.
+    auths: dict[str, str] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    #: Mirrors that need a credential on this node (Restricted, routed for CRI-O).
+    needed: set[str] = field(default_factory=set)
+
+
+def plan_crio_auth(
+    routes: Iterable[HostRoute],
+    credentials: Mapping[str, str],
+    pending: Iterable[str] = (),
+    previous: Mapping[str, str] | None = None,
+) -> CrioAuth:
+    """The CRI-O auth file's entries: one per endpoint of a mirror the node routes for CRI-O and holds a credential for.
+
+    `credentials`: mirror -> Authorization of the revision the plan names.
+    `pending`: mirrors with a revision the node does not hold yet: the entry
+    our file already has for their endpoint (`previous`) stays, as the
+    containerd headers do (the front accepts it until every node has the new
+    one). A mirror without either gets no entry (a CredentialPending finding).
+    Two mirrors on one endpoint with different credentials get none (no
+    guessing which one the front takes).
     """
-    auths: dict[str, dict[str, str]] = {}
+    previous = previous or {}
+    pending_set = set(pending)
+    out = CrioAuth()
+    wanted: dict[str, dict[str, str]] = {}  # endpoint -> mirror -> auth value
     for route in routes:
+        if route.blocked:
+            continue
         for mirror in route.mirrors:
-            value = credentials.get(mirror.name)
-            if value is None or not is_authorization(value) or RUNTIME_CRIO not in mirror.runtimes:
+            if RUNTIME_CRIO not in mirror.runtimes or (mirror.name not in credentials and mirror.name not in pending_set):
                 continue
-            auths[mirror.url.split("://", 1)[1]] = {"auth": value[len("Basic ") :]}
-    if not auths:
+            out.needed.add(mirror.name)
+            endpoint = crio_endpoint(mirror.url)
+            value = credentials.get(mirror.name)
+            if value is not None and is_authorization(value):
+                wanted.setdefault(endpoint, {})[mirror.name] = value[len("Basic ") :]
+            elif endpoint in previous:
+                wanted.setdefault(endpoint, {})[mirror.name] = previous[endpoint]
+    for endpoint, by_mirror in sorted(wanted.items()):
+        if len(set(by_mirror.values())) > 1:
+            for name in sorted(by_mirror):
+                out.findings.append(
+                    Finding(
+                        "CredentialConflict",
+                        f"mirror {name}: endpoint {endpoint} is shared by mirrors {', '.join(sorted(by_mirror))} with different "
+                        "credentials; CRI-O can send only one, so it gets none",
+                        mirror=name,
+                        blocks_node=True,
+                    )
+                )
+            continue
+        out.auths[endpoint] = next(iter(by_mirror.values()))
+    return out
+
+
+def render_crio_auth(auths: Mapping[str, str]) -> str:
+    """containers-auth.json (containers-auth.json(5)) holding `auths` (endpoint -> base64 auth), marked as ours."""
+    body = {CRIO_AUTH_OWNER_KEY: c.OWNERSHIP_MARKER.lstrip("# "), "auths": {k: {"auth": auths[k]} for k in sorted(auths)}}
+    return json.dumps(body, indent=2) + "\n"
+
+
+def read_owned_crio_auth(text: str) -> dict[str, str] | None:
+    """The entries of an auth file we wrote (endpoint -> auth); None when it is not ours or not one we could have written."""
+    try:
+        raw: Any = json.loads(text)
+    except (ValueError, RecursionError):
         return None
-    return json.dumps({"auths": dict(sorted(auths.items()))}, indent=2) + "\n"
+    if not isinstance(raw, dict) or raw.get(CRIO_AUTH_OWNER_KEY) != c.OWNERSHIP_MARKER.lstrip("# "):
+        return None
+    if set(raw) != {CRIO_AUTH_OWNER_KEY, "auths"} or not isinstance(raw["auths"], dict):
+        return None  # ours once, but someone added to it: theirs now
+    out: dict[str, str] = {}
+    for endpoint, entry in raw["auths"].items():
+        value = entry.get("auth") if isinstance(entry, dict) and set(entry) == {"auth"} else None
+        if not isinstance(value, str) or not _ENDPOINT_RE.fullmatch(endpoint) or not is_authorization(f"Basic {value}"):
+            return None
+        out[endpoint] = value
+    return out
 
 
 def basic_to_userpass(value: str) -> tuple[str, str]:

@@ -24,7 +24,7 @@ from harness.dataplane.containerd import CRI_V1_REGISTRY, CRI_V2_REGISTRY, Conta
 from harness.dataplane.dockerd import Dockerd, docker_cli
 from harness.dataplane.loopback import LoopbackMap, LoopbackMirror, MirrorObjects, map_plan, map_to_loopback, resolve_env
 from harness.dataplane.node import AgentLoop, AgentNode
-from harness.dataplane.readback import read_mirror_objects, read_node_plan
+from harness.dataplane.readback import read_mirror_objects, read_node_credentials, read_node_plan
 from harness.dataplane.registry import ConnectionRecorder, Registry, Served, blob_gets, htpasswd_line, served_requests, tiny_image
 from harness.dataplane.tokens import TokenService
 
@@ -54,6 +54,7 @@ __all__ = [
     "map_plan",
     "map_to_loopback",
     "read_mirror_objects",
+    "read_node_credentials",
     "read_node_plan",
     "resolve_env",
     "served_requests",

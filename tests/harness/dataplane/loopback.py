@@ -7,7 +7,7 @@ import json
 import os
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ def map_to_loopback(value: Any, mapping: LoopbackMap) -> Any:
 
     A string equal to a mapped address or URL is replaced; a URL whose
     host:port is mapped gets the new host:port (scheme and path kept); a path
-    under a mapped prefix is moved. Anything else, including
+    under a mapped prefix is moved, also inside a colon-separated path list
+    (SSL_CERT_DIR). Anything else, including
     `proxy.remoteurl`, stays exactly as the operator wrote it.
     """
     if isinstance(value, dict):
@@ -48,6 +49,9 @@ def map_to_loopback(value: Any, mapping: LoopbackMap) -> Any:
         return [map_to_loopback(v, mapping) for v in value]
     if not isinstance(value, str):
         return value
+    parts = value.split(":")
+    if len(parts) > 1 and all(part.startswith("/") for part in parts):  # a path list: SSL_CERT_DIR=/etc/ssl/certs:/etc/...
+        return ":".join(map_to_loopback(part, mapping) for part in parts)
     if value in mapping.addresses:
         return mapping.addresses[value]
     if "://" in value:
@@ -69,13 +73,27 @@ class MirrorObjects:
     name: str
     config_yml: str  # the ConfigMap's config.yml
     container: dict[str, Any]  # the Deployment's registry container
-    secrets: dict[str, dict[str, str]]  # Secrets its env refers to: name -> decoded data
+    secrets: dict[str, dict[str, str]]  # Secrets its env and volumes refer to: name -> decoded data
     cluster_ip: str
     port: int  # the Service port nodes use
+    volumes: list[dict[str, Any]] = field(default_factory=list)  # the pod's volumes (only Secret ones are materialized)
 
     @property
     def endpoint(self) -> str:
         return f"{self.cluster_ip}:{self.port}"
+
+    def secret_mounts(self) -> dict[str, dict[str, str]]:
+        """The registry container's Secret volumes as the kubelet fills them: mountPath -> {file name: content}."""
+        by_name = {v["name"]: v["secret"] for v in self.volumes if "secret" in v}
+        mounts = {}
+        for mount in self.container.get("volumeMounts", []):
+            source = by_name.get(mount["name"])
+            if source is None:
+                continue
+            data = self.secrets[source["secretName"]]
+            items = source.get("items") or [{"key": key, "path": key} for key in data]
+            mounts[mount["mountPath"]] = {item["path"]: data[item["key"]] for item in items}
+        return mounts
 
 
 def resolve_env(container: dict[str, Any], secrets: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
@@ -119,6 +137,8 @@ class LoopbackMirror:
             c.REGISTRY_STORAGE_PATH: str(workdir / "storage"),
             render_mirror.CONFIG_DIR: str(workdir / "etc"),
         }
+        for i, mount_path in enumerate(objects.secret_mounts()):  # e.g. the upstream CA (spec.upstream.tls.caSecretRef)
+            paths[mount_path] = str(workdir / "secret-volumes" / str(i))
         return cls(objects, LoopbackMap(addresses, paths), workdir, host, port, debug_port)
 
     @property
@@ -126,11 +146,16 @@ class LoopbackMirror:
         return f"http://{self.host}:{self.port}"
 
     def argv_env(self) -> tuple[list[str], dict[str, str]]:
-        """Write the mapped config.yml where the mapped args expect it; return (argv, env)."""
+        """Write the mapped config.yml and Secret volumes where the mapped args and env expect them; return (argv, env)."""
         config = map_to_loopback(yaml.safe_load(self.objects.config_yml), self.mapping)
         config_file = Path(map_to_loopback(render_mirror.CONFIG_PATH, self.mapping))
         config_file.parent.mkdir(parents=True, exist_ok=True)
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        for mount_path, files in self.objects.secret_mounts().items():
+            directory = Path(map_to_loopback(mount_path, self.mapping))
+            directory.mkdir(parents=True, exist_ok=True)
+            for file_name, content in files.items():
+                (directory / file_name).write_text(content)
         args = map_to_loopback(list(self.objects.container.get("args", [])), self.mapping)
         env = map_to_loopback(resolve_env(self.objects.container, self.objects.secrets), self.mapping)
         return ["docker-registry", *args], {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}

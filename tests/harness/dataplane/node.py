@@ -7,8 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,18 @@ class AgentNode:
     runtime_version: str = "containerd://1.6.0"
     # The mounted regmirror-agent-credentials Secret; by default the node's own (empty) directory, never the host's /etc.
     auth_dir: Path | None = None
+    # What that Secret holds (mirror name -> entry), as the operator wrote it; empty: nothing mounted.
+    credentials: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.auth_dir is None:
             self.auth_dir = self.root / "etc" / "regmirror" / "node-auth"
+        self.auth_dir.mkdir(parents=True, exist_ok=True)
+        for key, value in self.credentials.items():
+            # As the kubelet projects regmirror-agent-credentials: one file per key, replaced atomically.
+            tmp = self.auth_dir / f".{key}.tmp"
+            tmp.write_text(value)
+            os.replace(tmp, self.auth_dir / key)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "etc" / "regmirror").mkdir(parents=True, exist_ok=True)
         self.node_file.write_text(

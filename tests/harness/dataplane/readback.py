@@ -15,6 +15,7 @@ from harness.operator import AGENT_NS, OPERATOR_NS, OperatorProcess
 from harness.waiting import wait_for
 from regmirror import constants as c
 from regmirror import naming
+from regmirror.access import NODE_SECRET_NAME
 
 
 def _kubectl_json(cluster: LocalCluster, *args: str) -> dict[str, Any] | None:
@@ -36,15 +37,16 @@ def read_mirror_objects(cluster: LocalCluster, operator: OperatorProcess, name: 
 
     cm, svc, deploy = wait_for(children, timeout, f"the operator's children of {name}", diagnose=operator.log_tail)
     container = deploy["spec"]["template"]["spec"]["containers"][0]
+    volumes = deploy["spec"]["template"]["spec"].get("volumes", [])
+    env_refs = [(var.get("valueFrom") or {}).get("secretKeyRef") for var in container.get("env", [])]
+    secret_names = [ref["name"] for ref in env_refs if ref] + [v["secret"]["secretName"] for v in volumes if "secret" in v]
     secrets: dict[str, dict[str, str]] = {}
-    for var in container.get("env", []):
-        ref = (var.get("valueFrom") or {}).get("secretKeyRef")
-        if ref and ref["name"] not in secrets:
-            secret = _kubectl_json(cluster, "get", "secret", ref["name"], "-n", OPERATOR_NS)
-            assert secret is not None, f"Secret {ref['name']} referenced by {child} is missing"
-            secrets[ref["name"]] = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+    for secret_name in dict.fromkeys(secret_names):
+        secret = _kubectl_json(cluster, "get", "secret", secret_name, "-n", OPERATOR_NS)
+        assert secret is not None, f"Secret {secret_name} referenced by {child} is missing"
+        secrets[secret_name] = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
     port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "registry")
-    return MirrorObjects(name, cm["data"]["config.yml"], container, secrets, svc["spec"]["clusterIP"], int(port))
+    return MirrorObjects(name, cm["data"]["config.yml"], container, secrets, svc["spec"]["clusterIP"], int(port), volumes)
 
 
 def read_node_plan(cluster: LocalCluster, operator: OperatorProcess, names: list[str], timeout: float = 90) -> str:
@@ -58,3 +60,17 @@ def read_node_plan(cluster: LocalCluster, operator: OperatorProcess, names: list
         return None
 
     return str(wait_for(plan, timeout, f"the node plan listing {names}", diagnose=operator.log_tail))
+
+
+def read_node_credentials(cluster: LocalCluster, operator: OperatorProcess, names: list[str], timeout: float = 90) -> dict[str, str]:
+    """The agent's Secret (regmirror-node/regmirror-agent-credentials) once it holds an entry for each of `names`.
+
+    Every node mounts it; a node without it reports CredentialPending for a mirror the plan names a revision of.
+    """
+
+    def entries() -> dict[str, str] | None:
+        secret = _kubectl_json(cluster, "get", "secret", NODE_SECRET_NAME, "-n", AGENT_NS)
+        data = {k: base64.b64decode(v).decode() for k, v in ((secret or {}).get("data") or {}).items()}
+        return data if set(names) <= set(data) else None
+
+    return dict(wait_for(entries, timeout, f"{NODE_SECRET_NAME} holding {names}", diagnose=operator.log_tail))

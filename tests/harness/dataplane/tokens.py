@@ -1,4 +1,4 @@
-"""A Docker token service: the ``Bearer realm=...`` of a private registry, users from htpasswd."""
+"""A Docker token service: the ``Bearer realm=...`` of a private registry, users from htpasswd, over https."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import contextlib
 import datetime
 import json
 import os
+import socket
+import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+from harness.scripted_http import make_tls
 
 
 def _b64url(data: bytes) -> str:
@@ -36,6 +41,11 @@ class TokenService:
     here is built like Docker Hub, GHCR or Quay: a registry with `auth.token`,
     whose realm hands out RS256 JWTs (signed with a throwaway self-signed key,
     sent as x5c) to users whose password `htpasswd -vb` accepts.
+
+    It serves https with a certificate from a throwaway CA (`ca_pem`), like auth.docker.io on another host than the
+    registry: the mirror's upstream check sends credentials to a realm on
+    another host only over https, so a private upstream's CA reaches the
+    mirror the way a user gives it (spec.upstream.tls.caSecretRef).
     """
 
     workdir: Path
@@ -44,13 +54,16 @@ class TokenService:
     port: int = 0
     service: str = "regmirror-test"
     issuer: str = "regmirror-test-issuer"
+    ca_pem: bytes = b""  # the CA that signed the serving certificate (PEM)
     requests: list[tuple[str, int]] = field(default_factory=list)  # (user or "", status)
 
     @property
     def realm(self) -> str:
-        return f"http://{self.host}:{self.port}/token"
+        """The token endpoint registries send their clients to."""
+        return f"https://{self.host}:{self.port}/token"
 
     def registry_auth(self) -> str:
+        """The `auth:` block of a registry config that sends clients here for tokens."""
         return (
             "auth:\n  token:\n"
             f"    realm: {self.realm}\n    service: {self.service}\n    issuer: {self.issuer}\n"
@@ -60,7 +73,9 @@ class TokenService:
     @classmethod
     @contextlib.contextmanager
     def start(cls, workdir: Path, htpasswd: Path) -> Iterator[TokenService]:
+        """Serve on a free loopback port until the block ends."""
         workdir.mkdir(parents=True, exist_ok=True)
+        tls = make_tls(str(workdir))
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regmirror-test-token-signer")])
         now = datetime.datetime.now(datetime.UTC)
@@ -77,7 +92,7 @@ class TokenService:
         )
         (workdir / "token.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
-        svc = cls(workdir, htpasswd)
+        svc = cls(workdir, htpasswd, ca_pem=tls.ca_pem)
 
         def token_for(user: str, scopes: list[str]) -> str:
             access = []
@@ -106,6 +121,13 @@ class TokenService:
             return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
         class Handler(BaseHTTPRequestHandler):
+            def setup(self) -> None:
+                # The handshake runs here, in the connection's own thread, so a client that
+                # stalls or rejects the certificate never holds up the accept loop.
+                self.request.settimeout(10)
+                self.request = tls.server.wrap_socket(self.request, server_side=True)
+                super().setup()
+
             def do_GET(self) -> None:
                 parts = urlsplit(self.path)
                 user, password = "", None
@@ -126,7 +148,14 @@ class TokenService:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        httpd = ThreadingHTTPServer((svc.host, 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+                # A client that does not trust the CA (a node falling back to the upstream
+                # itself) fails its handshake: expected here, not a traceback on stderr.
+                if not isinstance(sys.exc_info()[1], ssl.SSLError | OSError):
+                    super().handle_error(request, client_address)
+
+        httpd = Server((svc.host, 0), Handler)
         svc.port = int(httpd.server_address[1])
         thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
