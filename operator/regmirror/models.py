@@ -1614,7 +1614,12 @@ class Condition(Model):
 class StorageStatus(Model):
     """What the cache's volume reports."""
 
-    phase: Annotated[str, Field(description="PersistentVolumeClaim phase (Pending, Bound, Lost) or Ephemeral.")] = ""
+    phase: Annotated[
+        str,
+        Field(
+            description="PersistentVolumeClaim phase (Pending, Bound, Lost), Terminating while the claim is being deleted, Missing before it exists; Ephemeral (emptyDir) or ObjectStorage (storage.s3) without a claim."
+        ),
+    ] = ""
     capacity: Annotated[str | None, Field(description="Capacity the volume actually has.")] = None
 
 

@@ -95,6 +95,11 @@ def storage_status(spec: RegistryMirrorSpec, pvc: dict[str, Any] | None) -> tupl
     """(bound, reason, message, status.storage) of the cache volume."""
     if spec.storage.ephemeral:
         return True, "Ephemeral", "the cache lives in an emptyDir", {"phase": "Ephemeral", "capacity": spec.storage.size}
+    s3 = spec.storage.s3
+    if s3 is not None:
+        # No claim to wait for: the bucket is checked by the registry's readiness probe (Available says whether it answers).
+        where = f"bucket {s3.bucket}" + (f" at {s3.endpoint}" if s3.endpoint else f" in {s3.region}")
+        return True, "ObjectStorage", f"the cache lives in {where}", {"phase": "ObjectStorage"}
     if pvc is None:
         return False, "ClaimMissing", "the PersistentVolumeClaim does not exist yet", {"phase": "Missing"}
     # A claim being deleted says Terminating whatever its status.phase, as kubectl does.

@@ -214,3 +214,18 @@ def test_a_rejected_apply_names_the_field() -> None:
     status = evaluate(observe(error_reason="ApplyRejected", error_message=message), [])
     assert cond(status, "Ready")["reason"] == "ApplyRejected" and "spec.clusterIP" in cond(status, "Ready")["message"]
     assert cond(status, "Stalled")["status"] == "True"
+
+
+def test_a_mirror_on_object_storage_needs_no_claim_to_be_ready() -> None:
+    s3 = RegistryMirrorSpec.model_validate(
+        {"upstream": {"url": "https://registry-1.docker.io"}, "replicas": 2, "storage": {"s3": {"bucket": "cache", "region": "eu-west-1"}}}
+    )
+    two = deployment(ready=2)
+    two["status"].update(replicas=2, updatedReplicas=2)
+    status = evaluate(observe(spec=s3, pvc=None, deployment=two), [], now="2026-01-01T00:00:00Z")
+    assert (cond(status, "StorageBound")["status"], cond(status, "StorageBound")["reason"]) == ("True", "ObjectStorage")
+    assert "bucket cache" in cond(status, "StorageBound")["message"]
+    assert status["storage"] == {"phase": "ObjectStorage"}
+    assert cond(status, "Ready")["status"] == "True", "an S3 mirror has no claim to wait for"
+    unavailable = evaluate(observe(spec=s3, pvc=None, deployment=deployment(ready=0, available=False)), [], now="2026-01-01T00:00:00Z")
+    assert cond(unavailable, "Ready")["status"] == "False", "a bucket that fails the registry's health check takes its pods out"
