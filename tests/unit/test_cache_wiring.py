@@ -169,7 +169,8 @@ def test_invalidation_requests_are_bounded_strings(raw: Any) -> None:
     out = invalidation_requests(annotation)
     assert len(out) <= MAX_INVALIDATIONS
     assert all(isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= 300 and 0 < len(v) <= 300 for k, v in out.items())
-    if isinstance(raw, dict) and len(raw) > MAX_INVALIDATIONS and all(isinstance(v, str) for v in raw.values()):
+    valid = isinstance(raw, dict) and all(isinstance(v, str) and 0 < len(v) <= 300 and 0 < len(k) <= 300 for k, v in raw.items())
+    if valid and len(raw) > MAX_INVALIDATIONS:
         assert min(out.values()) >= sorted(raw.values())[-MAX_INVALIDATIONS], "the most recent requests are kept"
 
 
