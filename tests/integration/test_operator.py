@@ -83,6 +83,22 @@ def test_mirror_becomes_ready_with_owned_children(cluster: LocalCluster, operato
     assert "https://registry-1.docker.io" in row and "True" in row and f"{nodes}/{nodes}" in row and status["endpoint"] in row
 
 
+def test_a_mirror_on_object_storage_becomes_ready_with_two_spread_replicas(
+    cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory
+) -> None:
+    mirrors.secret("bucket-key", accessKey="AKIAEXAMPLE", secretKey="not-a-real-secret")
+    s3 = {"endpoint": "http://s3.invalid:9000", "bucket": "mirrors", "credentialsSecretRef": {"name": "bucket-key"}}
+    mirrors.create("shared", replicas=2, storage={"s3": s3})
+    cluster.kubectl("wait", "--for=condition=Ready", "registrymirror/shared", "--timeout=120s", timeout=150)
+    body = get_mirror(cluster, "shared")
+    assert body["status"]["storage"] == {"phase": "ObjectStorage"}
+    assert condition(body, "StorageBound")["reason"] == "ObjectStorage"  # type: ignore[index]
+    assert body["status"]["readyReplicas"] == 2
+    assert child(cluster, "persistentvolumeclaim", "shared") is None, "no claim: the replicas share the bucket"
+    assert child(cluster, "poddisruptionbudget", "shared") is not None
+    assert "not-a-real-secret" not in json.dumps(body)
+
+
 def test_update_changes_deployment_and_config(cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory) -> None:
     name = "upd"
     mirrors.create(name, storage={"ephemeral": True, "size": "2Gi"})
