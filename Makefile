@@ -91,7 +91,7 @@ kind-e2e: install controlplane kind ## Only the kind e2e: the built image, `make
 	$(PY) -m pytest tests/e2e/test_kind.py -m kind -q -rs $(PYTEST_ARGS)
 
 test: lint setup ## Lint and every test suite (sets up what they need first)
-	$(PY) -m pytest tests -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -rs --durations=30 $(PYTEST_ARGS)
 
 dev: install controlplane ## Run the operator on a local control plane (Ctrl-C stops everything)
 	$(PY) -m harness.dev
