@@ -53,7 +53,10 @@ distribution: ## Build distribution's registry v3 (what mirrors run) for the met
 versitygw: ## Build versitygw, the S3-compatible server of the HA e2e tests (cached by version)
 	tests/tools/build.sh versitygw >/dev/null
 
-tools: controlplane containerd helm kind distribution versitygw ## Every Go-built binary the tests use (under ~/.cache/regmirror)
+crio: ## Build CRI-O (crio and pinns; runc and conmon come from Debian) for the CRI-O e2e tests (cached by version)
+	tests/e2e/build-crio.sh >/dev/null
+
+tools: controlplane containerd helm kind distribution versitygw crio ## Every Go-built binary the tests use (under ~/.cache/regmirror)
 
 setup: install system-packages tools ## Everything `make test` needs: venv, Debian packages, Go-built tools
 
@@ -91,7 +94,7 @@ kind-e2e: install controlplane kind ## Only the kind e2e: the built image, `make
 	$(PY) -m pytest tests/e2e/test_kind.py -m kind -q -rs $(PYTEST_ARGS)
 
 test: lint setup ## Lint and every test suite (sets up what they need first)
-	$(PY) -m pytest tests -q -rs $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -rs --durations=30 $(PYTEST_ARGS)
 
 dev: install controlplane ## Run the operator on a local control plane (Ctrl-C stops everything)
 	$(PY) -m harness.dev
@@ -113,4 +116,4 @@ undeploy: ## Delete every RegistryMirror (waits until the nodes' files are gone)
 	fi
 	$(KUBECTL) delete -k manifests/ --ignore-not-found --wait=true
 
-.PHONY: help install lock system-packages controlplane containerd helm kind tools setup crd chart-files docs lint unit integration e2e kind-e2e distribution versitygw test dev bench image deploy undeploy
+.PHONY: help install lock system-packages controlplane containerd helm kind tools setup crd chart-files docs lint unit integration e2e kind-e2e distribution versitygw crio test dev bench image deploy undeploy

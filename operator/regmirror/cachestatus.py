@@ -3,15 +3,21 @@
 - `pinned_digests(pods, hosts)`: the manifest digests of images running pods use
   that come from this mirror's hosts (status.containerStatuses[].imageID), for
   the `-cache` ConfigMap's pins.json (render/cache.py).
+- `merge_reports(reports, replicas, stale)`: one report for the whole mirror
+  from each replica's last /stats (untrusted JSON): counters summed, state
+  combined (controller/cache.py polls the replicas).
 - `next_cache_status(report, previous, last_write, now)`: what to write into
   status.cache from the sidecar's /stats (untrusted JSON), or None: nothing
   when nothing changed (a quiet cluster costs no write), counters at most every
   MIN_WRITE_SECONDS, state changes (an eviction, the upstream flipping, prewarm
-  progress, the cap exceeded) at once.
+  progress, the cap exceeded, a replica not answering) at once.
+- `invalidation_requests(annotation)`: the `regmirror.dev/invalidate`
+  annotation (untrusted JSON) as the `-cache` ConfigMap's invalidate.json.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -33,23 +39,38 @@ def image_registry(image: str) -> str:
     return c.DOCKER_HUB_NAME
 
 
+def pod_image_ids(pod: Mapping[str, Any]) -> list[str]:
+    """The imageIDs with a digest of a running (or starting) pod's containers; none for a finished pod."""
+    status = pod.get("status") or {}
+    if not isinstance(status, Mapping) or status.get("phase") in ("Succeeded", "Failed"):
+        return []
+    ids: set[str] = set()
+    for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
+        for cs in status.get(key) or []:
+            image_id = cs.get("imageID") if isinstance(cs, Mapping) else None
+            if isinstance(image_id, str) and _DIGEST.search(image_id):
+                ids.add(image_id)
+    return sorted(ids)
+
+
+def digests_by_registry(image_ids: Iterable[str]) -> dict[str, set[str]]:
+    """Registry host -> the manifest digests of these imageIDs (one pass over every pod, for every mirror)."""
+    index: dict[str, set[str]] = {}
+    for image_id in image_ids:
+        match = _DIGEST.search(image_id)
+        if match:
+            index.setdefault(image_registry(image_id), set()).add(match.group(1))
+    return index
+
+
+def pins_of(index: Mapping[str, Iterable[str]], hosts: Iterable[str]) -> frozenset[str]:
+    """A mirror's pins from `digests_by_registry`'s index: the digests of its hosts' images."""
+    return frozenset(d for h in {normalize_registry_host(h) for h in hosts} for d in index.get(h, ()))
+
+
 def pinned_digests(pods: Iterable[Mapping[str, Any]], hosts: Iterable[str]) -> set[str]:
     """Digests of the images running (or starting) pods use from these registry hosts."""
-    wanted = {normalize_registry_host(h) for h in hosts}
-    pins: set[str] = set()
-    for pod in pods:
-        status = pod.get("status") or {}
-        if status.get("phase") in ("Succeeded", "Failed"):
-            continue
-        for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
-            for cs in status.get(key) or []:
-                image_id = cs.get("imageID") if isinstance(cs, Mapping) else None
-                if not isinstance(image_id, str):
-                    continue
-                match = _DIGEST.search(image_id)
-                if match and image_registry(image_id) in wanted:
-                    pins.add(match.group(1))
-    return pins
+    return set(pins_of(digests_by_registry(i for pod in pods for i in pod_image_ids(pod)), hosts))
 
 
 def _count(report: Mapping[str, Any], key: str) -> int:
@@ -86,7 +107,68 @@ def parse_report(report: Mapping[str, Any]) -> CacheStatus:
         last_eviction=last,
         prewarm=prewarm,
         observed_at=observed if isinstance(observed, str) else None,
+        replicas=_count(report, "replicas"),
+        stale_replicas=_count(report, "staleReplicas"),
     )
+
+
+_SUMMED = ("hits", "misses", "bytesServed", "bytesFromUpstream", "diskUsed", "diskCap")
+
+
+def merge_reports(reports: Iterable[Any], replicas: int, stale: int) -> dict[str, Any]:
+    """One /stats-shaped report for a mirror from its replicas' last reports (untrusted; never raises).
+
+    Counters and disk figures add up (each replica counts its own requests and, unless the
+    storage is a shared bucket, where both are 0, has its own volume and cap); pinned images
+    are the same pins on every replica (the largest count); the upstream is reachable only
+    when every replica that knows says so; the most recent eviction wins; prewarm shows the
+    replica furthest behind; `observedAt` is the oldest figure's time, so it never overstates
+    freshness.
+    """
+    docs = [r for r in reports if isinstance(r, Mapping)]
+    out: dict[str, Any] = {key: sum(_count(r, key) for r in docs) for key in _SUMMED}
+    out["pinnedImages"] = max((_count(r, "pinnedImages") for r in docs), default=0)
+    verdicts = [r.get("upstreamReachable") for r in docs if isinstance(r.get("upstreamReachable"), bool)]
+    if False in verdicts:
+        out["upstreamReachable"] = False
+    else:
+        out["upstreamReachable"] = True if verdicts and len(verdicts) == len(docs) else None
+    evictions = [e for r in docs if isinstance(e := r.get("lastEviction"), Mapping) and isinstance(e.get("time"), str)]
+    out["lastEviction"] = max(evictions, key=lambda e: str(e["time"]), default=None)
+    prewarms = [p for r in docs if isinstance(p := r.get("prewarm"), Mapping)]
+    if prewarms:
+        out["prewarm"] = min(prewarms, key=lambda p: (_count(p, "ready"), -_count(p, "pending")))
+    times = [t for r in docs if isinstance(t := r.get("observedAt"), str)]
+    out["observedAt"] = min(times, default=None)
+    out["replicas"], out["staleReplicas"] = replicas, stale
+    return out
+
+
+# The annotation is user input: bounded before it reaches a ConfigMap (and the sidecar, which
+# also rejects references that are not repository:tag).
+MAX_INVALIDATIONS = 100
+MAX_INVALIDATION_LENGTH = 300
+
+
+def invalidation_requests(annotation: str | None) -> dict[str, str]:
+    """The `regmirror.dev/invalidate` annotation (a JSON object: reference -> request id) as the sidecar's input.
+
+    Malformed JSON or entries that are not short strings are left out (nothing to apply);
+    at most MAX_INVALIDATIONS, the most recent request ids first.
+    """
+    try:
+        doc = json.loads(annotation) if annotation else {}
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    entries = [
+        (ref, request_id)
+        for ref, request_id in doc.items()
+        if isinstance(request_id, str) and 0 < len(ref) <= MAX_INVALIDATION_LENGTH and 0 < len(request_id) <= MAX_INVALIDATION_LENGTH
+    ]
+    entries.sort(key=lambda e: (e[1], e[0]), reverse=True)
+    return dict(sorted(entries[:MAX_INVALIDATIONS]))
 
 
 def next_cache_status(report: Mapping[str, Any], previous: CacheStatus | None, last_write: float | None, now: float) -> CacheStatus | None:

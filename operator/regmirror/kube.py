@@ -50,7 +50,8 @@ class ResourceType:
     def path(self, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
         """The REST path of the collection, or of one object (and its subresource)."""
         prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        path = f"{prefix}/namespaces/{namespace}/{self.plural}" if self.namespaced else f"{prefix}/{self.plural}"
+        # A namespaced kind without a namespace is its collection across every namespace (the pods the caches pin).
+        path = f"{prefix}/namespaces/{namespace}/{self.plural}" if self.namespaced and namespace is not None else f"{prefix}/{self.plural}"
         if name:
             path += f"/{name}"
         if subresource:

@@ -1693,6 +1693,18 @@ class CacheStatus(Model):
     observed_at: Annotated[
         str | None, Field(description="When these figures were taken (RFC 3339).", json_schema_extra={"format": "date-time"})
     ] = None
+    replicas: Annotated[
+        int, Field(description="Ready mirror pods whose figures are summed here (each pod's counters start at its start).")
+    ] = 0
+    stale_replicas: Annotated[
+        int,
+        Field(
+            description=(
+                "Of those, pods whose stats endpoint did not answer the operator's last poll: their last figures are kept "
+                "(0 when every pod answered)."
+            )
+        ),
+    ] = 0
 
 
 class AccessStatus(Model):

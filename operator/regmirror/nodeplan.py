@@ -21,6 +21,7 @@ from pydantic import Field
 from regmirror.lowlevel import canonical_registry_host, default_registry_server
 from regmirror.lowlevel import mirror_order_key as mirror_order_key  # the operator's name for it; defined there for the agent
 from regmirror.models import (
+    AccessPolicy,
     Capability,
     FallbackPolicy,
     LabelSelector,
@@ -54,6 +55,16 @@ class MirrorEntry(Model):
             )
         ),
     ] = None
+    auth_required: Annotated[
+        bool,
+        Field(
+            description=(
+                "The mirror is Restricted: a node that cannot send the credential gets 401, so the node is not ready for it "
+                "until it can. False (Open): the credential is carried where the runtime can, so a switch to Restricted "
+                "needs no rollout, but a node that cannot carry it is still served."
+            )
+        ),
+    ] = False
     upstream_host: Annotated[
         str | None,
         Field(
@@ -153,7 +164,8 @@ def mirror_entry(
     `service` (`<namespace>/<name>` of the mirror's Service,
     `naming.child_name(name)` in the operator's namespace) lets agents watch
     its EndpointSlices. `auth_revision` is regmirror/access.py's
-    `plan_revision`: the credential the node must send (never its value).
+    `plan_revision`: the credential the node must send (never its value);
+    the entry says whether the mirror (Restricted) refuses requests without it.
     """
     scheme = "https" if spec.service.tls else "http"
     host = f"[{cluster_ip}]" if ":" in cluster_ip else cluster_ip
@@ -170,6 +182,7 @@ def mirror_entry(
         node_selector=spec.node_config.node_selector,
         ca_pem=ca_pem,
         auth_revision=auth_revision,
+        auth_required=auth_revision is not None and spec.effective_access_policy() == AccessPolicy.RESTRICTED,
         upstream_host=upstream_host(spec),
         service=service,
     )

@@ -87,6 +87,29 @@ class Settings(BaseModel):
             ge=0,
         ),
     ] = 600.0
+    cache_stats_interval: Annotated[
+        float,
+        Field(
+            description=(
+                "Seconds between two polls of every ready mirror pod's cache sidecar (/stats) for status.cache; "
+                "counters are written at most once a minute and only when they changed."
+            ),
+            gt=0,
+        ),
+    ] = 60.0
+    cache_stats_timeout: Annotated[
+        float, Field(description="Seconds one poll of a cache sidecar's /stats may take before the pod counts as not answering.", gt=0)
+    ] = 3.0
+    cache_pins_debounce: Annotated[
+        float,
+        Field(
+            description=(
+                "Seconds pod changes are gathered before the mirrors' pins (digests of images running pods use) are "
+                "recomputed: a burst of pod starts is one ConfigMap write per mirror, not one per pod."
+            ),
+            ge=0,
+        ),
+    ] = 5.0
     lease_name: Annotated[
         str,
         Field(

@@ -1,7 +1,8 @@
 """The PromQL of manifests/monitoring/ (dashboard and alert rules), and the metric names it depends on.
 
 One place for the tests that check those names against the components that
-export them: the operator (tests/integration/test_monitoring.py), distribution
+export them (EXPORTERS): the operator (tests/integration/test_monitoring.py),
+each mirror's cache sidecar (tests/e2e/test_cache_metrics.py), distribution
 (tests/e2e/test_registry_metrics.py), and, named here with their sources,
 kube-state-metrics and the kubelet, which this machine does not run.
 """
@@ -38,6 +39,13 @@ EXTERNAL_METRICS = frozenset(
         "up",
     }
 )
+
+# Who exports a metric, by the longest prefix of its name that is listed here.
+EXPORTERS = {
+    "regmirror_cache_": "sidecar",  # `regmirror cache serve` in each mirror pod, Service port `cache`
+    "regmirror_": "operator",  # the operator's metrics port
+    "registry_": "distribution",  # each mirror's registry, debug port `metrics`
+}
 
 _METRIC = re.compile(r"\b(regmirror_[a-z0-9_]+|registry_[a-z0-9_]+|kube_[a-z0-9_]+|kubelet_[a-z0-9_]+|up)\b(?=\s*[{\[)])")
 
@@ -85,3 +93,16 @@ def depended_on(prefix: str) -> set[str]:
     """The metric names starting with `prefix` that the dashboard or the alerts read."""
     names = metric_names(dashboard_queries()) | metric_names(rule_queries()) | variable_metrics()
     return {name for name in names if name.startswith(prefix)}
+
+
+def exporter(name: str) -> str | None:
+    """The component that exports metric `name` (EXPORTERS, longest prefix first), or None for an outside one."""
+    for prefix in sorted(EXPORTERS, key=len, reverse=True):
+        if name.startswith(prefix):
+            return EXPORTERS[prefix]
+    return None
+
+
+def read_from(component: str) -> set[str]:
+    """The metric names the dashboard or the alerts read that `component` exports."""
+    return {name for name in depended_on("") if exporter(name) == component}

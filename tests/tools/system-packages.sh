@@ -6,7 +6,7 @@
 #   tests/tools/system-packages.sh prometheus    # only promtool
 set -euo pipefail
 # package:command
-all="docker-registry:docker-registry containerd:containerd skopeo:skopeo docker.io:dockerd apache2-utils:htpasswd prometheus:promtool varnish:varnishd"
+all="docker-registry:docker-registry containerd:containerd skopeo:skopeo docker.io:dockerd apache2-utils:htpasswd prometheus:promtool varnish:varnishd runc:runc conmon:conmon"
 wanted=${*:-}
 need=()
 for pair in $all; do
@@ -20,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 if ! command -v apt-get >/dev/null; then
-  echo "missing packages ${need[*]} and no apt-get: install their equivalents (commands: docker-registry containerd skopeo dockerd htpasswd promtool varnishd)" >&2
+  echo "missing packages ${need[*]} and no apt-get: install their equivalents (commands: docker-registry containerd skopeo dockerd htpasswd promtool varnishd runc conmon)" >&2
   exit 1
 fi
 echo ">> apt-get install ${need[*]}" >&2

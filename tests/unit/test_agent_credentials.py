@@ -55,8 +55,9 @@ def agent(tmp: Path, plan: dict[str, Any], auth_dir: Path | None) -> Agent:
     return Agent(config, tracker=HealthTracker(probe=lambda url, timeout, ca: None))
 
 
-def with_auth(entry: dict[str, Any], revision: int) -> dict[str, Any]:
-    return {**entry, "authRevision": revision}
+def with_auth(entry: dict[str, Any], revision: int, *, required: bool = True) -> dict[str, Any]:
+    """The entry of a mirror whose nodes carry credential `revision`; `required`: the mirror is Restricted (authRequired)."""
+    return {**entry, "authRevision": revision, "authRequired": required}
 
 
 def hosts_toml(root: Path, host: str) -> Path:
@@ -332,3 +333,24 @@ def test_crio_without_the_run_containers_mount_is_reported_not_written_into_the_
     assert not (a.config.host_root / "run").exists()
     hub = a.readiness.get_report()["mirrors"]["hub"]
     assert hub["state"] == "Degraded" and "not mounted" in hub["findings"][0]["message"]
+
+
+def test_crio_that_cannot_carry_an_open_mirrors_credential_is_reported_and_still_ready(tmp_path: Path) -> None:
+    # Every mirror's entry names a credential (a switch to Restricted then needs no rollout); an Open one serves without it.
+    plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1, required=False)]}
+    a = agent(tmp_path, plan, node_secret(tmp_path, {"hub": {1: creds(1)}}))  # no /run/containers mount
+    assert a.step().ready, "an Open mirror does not hold the node back"
+    hub = a.readiness.get_report()["mirrors"]["hub"]
+    assert [f["reason"] for f in hub["findings"]] == ["CredentialUnsupported"], "but the node says it cannot carry it"
+    # The same mirror made Restricted: now the node cannot be served, and says so.
+    plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 1, required=True)]}
+    (tmp_path / "mirrors.json").write_text(json.dumps(plan))
+    assert not a.step().ready
+    assert a.readiness.get_report()["mirrors"]["hub"]["state"] == "Degraded"
+
+
+def test_crio_carries_an_open_mirrors_credential_where_it_can(tmp_path: Path) -> None:
+    plan = {"mirrors": [with_auth(crio_entry("hub", HUB, ["docker.io"]), 2, required=False)]}
+    a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {2: creds(2)}}))
+    assert a.step().ready
+    assert decoded(crio_auth(a.config.host_root)["auths"]["10.96.0.10:5000"]) == f"{creds(2).username}:{creds(2).password}"

@@ -66,14 +66,20 @@ def test_dashboard_panels_are_well_formed() -> None:
 
 
 def test_dashboard_covers_mirrors_and_operator() -> None:
-    """Ready, nodes configured, hit ratio, bytes saved, disk used, upstream errors, pull latency, reconciles."""
+    """Ready, nodes configured, hit ratio, bytes saved, disk used and cap, upstream, prewarm, pins, errors, latency, reconciles."""
     used = queries.metric_names(queries.dashboard_queries())
     for metric in (
         "regmirror_mirrors_ready",
         "kube_daemonset_status_number_ready",
-        "registry_proxy_hits_total",
-        "registry_proxy_pushed_bytes_total",
-        "registry_proxy_pulled_bytes_total",
+        "regmirror_cache_hits_total",
+        "regmirror_cache_misses_total",
+        "regmirror_cache_served_bytes_total",
+        "regmirror_cache_upstream_bytes_total",
+        "regmirror_cache_disk_used_bytes",
+        "regmirror_cache_disk_cap_bytes",
+        "regmirror_cache_upstream_up",
+        "regmirror_cache_prewarm_images",
+        "regmirror_cache_pinned_images",
         "kubelet_volume_stats_used_bytes",
         "registry_http_requests_total",
         "registry_http_request_duration_seconds_bucket",
@@ -81,6 +87,21 @@ def test_dashboard_covers_mirrors_and_operator() -> None:
         "regmirror_reconcile_duration_seconds_bucket",
     ):
         assert metric in used, metric
+
+
+def test_cache_figures_come_from_the_sidecar_not_the_registry() -> None:
+    """Hits the Varnish front serves never reach distribution: its registry_proxy_* counters understate hits and savings."""
+    everything = queries.depended_on("")
+    assert not {name for name in everything if name.startswith("registry_proxy_")}
+    # Every name has an exporter a test checks, or is a documented outside one.
+    assert {name for name in everything if queries.exporter(name) is None} <= queries.EXTERNAL_METRICS
+    assert queries.exporter("regmirror_cache_hits_total") == "sidecar"
+    assert queries.exporter("regmirror_reconciles_total") == "operator"
+
+
+def test_the_mirror_variable_lists_every_mirror() -> None:
+    """The `mirror` variable reads a series the sidecar exports from its first scrape, with or without a front, prewarm or pins."""
+    assert queries.variable_metrics() == {"regmirror_cache_upstream_up"}
 
 
 def test_metrics_from_outside_regmirror_are_known_names() -> None:

@@ -17,7 +17,7 @@ import json
 import posixpath
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from regmirror.agent.files import PRIVATE_MODE, atomic_write, on_host, symlink_on_the_way
@@ -111,6 +111,11 @@ def _unsupported(names: set[str], why: str) -> list[Finding]:
     ]
 
 
+def _only_required_block(findings: list[Finding], required: set[str]) -> list[Finding]:
+    """An Open mirror serves a CRI-O node without the credential: its findings are reported, and do not hold the node."""
+    return [f if f.mirror is None or f.mirror in required else replace(f, blocks_node=False) for f in findings]
+
+
 def apply_crio_auth(
     node_files: NodeFiles,
     plan_text: str,
@@ -119,7 +124,24 @@ def apply_crio_auth(
     host_root: Path,
     auth_file: str = nodeauth.CRIO_AUTH_FILE,
 ) -> CrioAuthResult:
-    """Write (or remove) the CRI-O auth file the plan's Restricted mirrors need; report what stops CRI-O from reading it.
+    """Write (or remove) the CRI-O auth file the plan's mirrors' credentials go in; report what stops CRI-O from reading it.
+
+    Findings hold the node back only for Restricted mirrors (`authRequired`); see `_apply_crio_auth`.
+    """
+    result = _apply_crio_auth(node_files, plan_text, auth_dir, host_root=host_root, auth_file=auth_file)
+    result.findings = _only_required_block(result.findings, nodeauth.plan_auth_required(plan_text))
+    return result
+
+
+def _apply_crio_auth(
+    node_files: NodeFiles,
+    plan_text: str,
+    auth_dir: Path | None,
+    *,
+    host_root: Path,
+    auth_file: str = nodeauth.CRIO_AUTH_FILE,
+) -> CrioAuthResult:
+    """Write (or remove) the CRI-O auth file with the plan's mirrors' credentials; report what stops CRI-O from reading it.
 
     CRI-O reads `auth_file` only while its global_auth_file is empty (the
     default) or names that file; another value, or a file there that is not

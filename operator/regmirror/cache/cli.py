@@ -20,7 +20,7 @@ import time
 
 from regmirror import constants as c
 
-ANNOTATION_INVALIDATE = f"{c.GROUP}/invalidate"
+ANNOTATION_INVALIDATE = c.ANNOTATION_INVALIDATE
 # Entries older than this are dropped when a new one is added, so the annotation stays small.
 KEEP_SECONDS = 7 * 24 * 3600
 

@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 from regmirror import constants as c
+from regmirror.controller.cache import mirror_invalidations, mirror_pins
 from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import (
     PLAN,
@@ -214,6 +215,8 @@ async def _apply_children(
         sidecar_image=ctx.settings.agent_image,
         access_enforced=rec.access.enforced if rec.access is not None else None,
         node_addresses=ctx.store.node_addresses(),
+        pins=mirror_pins(ctx, name, spec),
+        invalidations=mirror_invalidations(mirror),
     )
     desired.sort(key=lambda o: APPLY_ORDER.get(o["kind"], 9))
     later: float | None = None

@@ -39,6 +39,11 @@ Transform = Callable[[dict[str, Any]], dict[str, Any] | None]
 OnChange = Callable[[str, str, dict[str, Any] | None, dict[str, Any] | None], None]
 
 
+def object_name(obj: dict[str, Any]) -> str:
+    """An object's key in `items`: its name (unique within one namespace)."""
+    return str(obj.get("metadata", {}).get("name", ""))
+
+
 @dataclass(frozen=True)
 class Source:
     """One collection to watch: a kind, where, which objects, and what to keep of each."""
@@ -49,6 +54,8 @@ class Source:
     field_selector: str | None = None
     # Reduce an object to what the controller reads (None: not ours, do not keep it).
     transform: Transform = lambda obj: obj
+    # The key in `items` (and in change reports): the name, or namespace/name for a cluster-wide namespaced kind.
+    key: Callable[[dict[str, Any]], str] = object_name
 
 
 class WatchHealth:
@@ -138,7 +145,7 @@ class Informer:
         return self.health.blind_for()
 
     def _put(self, obj: dict[str, Any]) -> None:
-        name = obj.get("metadata", {}).get("name", "")
+        name = self.source.key(obj)
         new = self.source.transform(obj)
         old = self.items.get(name)
         if new is None:
@@ -165,7 +172,7 @@ class Informer:
             # listed object would differ from its rendering, and a restart would re-apply all.
             obj.setdefault("apiVersion", RESOURCES[s.kind].api_version)
             obj.setdefault("kind", s.kind)
-            seen.add(obj.get("metadata", {}).get("name", ""))
+            seen.add(self.source.key(obj))
             self._put(obj)
         for name in [n for n in self.items if n not in seen]:
             self._delete(name)
@@ -196,7 +203,7 @@ class Informer:
                 continue
             obj.setdefault("kind", s.kind)
             if type_ == "DELETED":
-                self._delete(obj.get("metadata", {}).get("name", ""))
+                self._delete(self.source.key(obj))
             else:
                 self._put(obj)
         self.health.confirmed()  # a stream the server closed on its timeout was healthy to the end

@@ -13,7 +13,9 @@ Routing (why each event queues what it does):
   (replicas, PVC phase): STATUS; a Service: the PLAN too (its ClusterIP);
 - a Secret: CHILDREN of the mirrors that use it (rotation rolls the pods);
 - a Node or an agent pod: ROLLOUT (accounting), which queues statuses;
-- the agent DaemonSet or node ConfigMap: PLAN (restored when edited or deleted).
+- the agent DaemonSet or node ConfigMap: PLAN (restored when edited or deleted);
+- any pod whose images' digests changed: PINS, debounced (controller/cache.py).
+The status.cache poll runs beside the workers, not through the queue.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from regmirror import constants as c
 from regmirror.access import NODE_SECRET_NAME, auth_secret_name, client_secret_name
-from regmirror.controller import access, children, hosts, plan, rollout, status
+from regmirror.controller import access, cache, children, hosts, plan, rollout, status
 from regmirror.controller.credentials import UpstreamChecker
 from regmirror.controller.informer import Informer
 from regmirror.controller.queue import ShutDown, WorkQueue
@@ -34,6 +36,7 @@ from regmirror.controller.state import (
     ACCESS,
     CHILDREN,
     HOSTS,
+    PINS,
     PLAN,
     ROLLOUT,
     STATUS,
@@ -62,6 +65,7 @@ RECONCILERS: dict[str, Reconciler] = {
     ROLLOUT: rollout.reconcile_rollout,
     HOSTS: hosts.reconcile_hosts,
     ACCESS: access.reconcile_access,
+    PINS: cache.reconcile_pins,
 }
 # Singletons gather bursts of events into one pass.
 SINGLETON_COALESCE = 0.05
@@ -89,12 +93,14 @@ class Manager:
         self.ctx.progress_budget = TokenBucket(rate=settings.status_progress_rate, burst=settings.status_progress_rate)
         self.checker = UpstreamChecker(self.ctx)
         self.ctx.on_credentials = self.checker.credentials_changed
+        self.cache_poller = cache.CachePoller(self.ctx)
         for source in sources(settings.namespace, settings.agent_namespace):
+            workload_pods = source.kind == "Pod" and source.namespace is None
             self.store.add(
                 Informer(
                     client,
                     source,
-                    self.on_change,
+                    self.on_workload_pod if workload_pods else self.on_change,
                     watch_timeout=settings.watch_timeout,
                     inactivity=settings.watch_inactivity,
                     on_relist=lambda kind: metrics.watch_restarts.labels(kind=kind).inc(),
@@ -171,6 +177,11 @@ class Manager:
             return
         if kind in ("DaemonSet", "ConfigMap"):
             enqueue(PLAN, after=SINGLETON_COALESCE)
+
+    def on_workload_pod(self, _kind: str, _name: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+        """A pod of any namespace changed: the pins are recomputed (debounced) when its images did."""
+        if self._started and (old or {}).get("images") != (new or {}).get("images"):
+            self.ctx.enqueue(PINS, after=self.settings.cache_pins_debounce)
 
     # ------------------------------------------------------------ workers
 
@@ -261,6 +272,7 @@ class Manager:
             self._tasks.append(loop.create_task(self._worker(), name=f"worker {i}"))
         self._tasks.append(loop.create_task(self._resync(), name="resync"))
         self._tasks.append(loop.create_task(self._gauges(), name="gauges"))
+        self.cache_poller.start()
         log.info(
             "controller started: %d mirrors, %d nodes, %d workers",
             len(self.store.mirrors()),
@@ -275,12 +287,14 @@ class Manager:
             await cancel_quietly(task)
         self._tasks.clear()
         await self.checker.stop()
+        await self.cache_poller.stop()
 
     def memory_holders(self) -> dict[str, Any]:
         """The controller's large objects by name, for the memory report."""
         holders: dict[str, Any] = {f"store {kind} ({ns or 'cluster'})": i.items for (kind, ns), i in self.store.informers.items()}
         holders |= {"mirror records": self.ctx.records, "node plan and history": self.ctx.plan, "node state": self.ctx.nodes}
         holders |= {"host routes": self.ctx.routes}
+        holders |= {"pin index": self.ctx.pin_index}
         return holders
 
     def liveness(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from regmirror.controller.queue import HIGH, NORMAL, WorkQueue
 from regmirror.controller.store import Store
 from regmirror.kube import KubeClient
 from regmirror.metrics import Metrics
-from regmirror.models import BootstrapConflict, RegistryMirrorSpec
+from regmirror.models import BootstrapConflict, CacheStatus, RegistryMirrorSpec
 from regmirror.nodeplan import MirrorEntry, NodePlan
 from regmirror.observe import RepairError
 from regmirror.rollout import NodeIndex, NodeRollout, PlanHistory, entry_digest
@@ -65,6 +65,7 @@ PLAN = "plan"  # singleton: the node plan ConfigMap and the agent DaemonSet
 ROLLOUT = "rollout"  # singleton: node accounting after node or agent pod changes
 HOSTS = "hosts"  # singleton: each mirror's place among the mirrors of its hosts
 ACCESS = "access"  # per mirror: its credentials, accepted set and access Secrets (controller/access.py)
+PINS = "pins"  # singleton: which mirrors' pins changed after pod changes (controller/cache.py)
 
 
 def key_priority(key: Key) -> int:
@@ -105,6 +106,10 @@ class MirrorRecord:
     announced: str | None = None  # "status/reason" of the Ready condition last announced by an Event
     rollout: NodeRollout | None = None
     access: Any = None  # controller.access.AccessView: the plan's revision, enforcement, status.access (no credential)
+    pins: frozenset[str] | None = None  # the pins the cache ConfigMap was last rendered with (controller/cache.py)
+    cache_reports: dict[str, Any] = field(default_factory=dict)  # mirror pod -> its sidecar's last /stats
+    cache_status: CacheStatus | None = None  # to write as status.cache (None: keep what the status holds)
+    cache_decided: float | None = None  # when cache_status last changed (the counters' rate rule)
 
     def spec_of(self, mirror: dict[str, Any]) -> RegistryMirrorSpec | ConfigError:
         """The typed spec (memoized per generation), or a ConfigError naming the invalid field."""
@@ -208,6 +213,8 @@ class Context:
     # whether the live Secret seeded it after a start.
     node_auth: dict[str, str] = field(default_factory=dict, repr=False)
     node_auth_seeded: bool = False
+    # Registry host -> digests of running pods' images (controller/cache.py); None: rebuild from the store.
+    pin_index: dict[str, set[str]] | None = None
 
     def record(self, name: str) -> MirrorRecord:
         """The mirror's record (created on first use)."""

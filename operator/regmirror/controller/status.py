@@ -137,6 +137,10 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         new = evaluate(obs, old.get("conditions") or [])
         if rec.access is not None:
             new["access"] = rec.access.status
+    # status.cache: the poller's figures (controller/cache.py), else what the status holds (never dropped).
+    cache = rec.cache_status.model_dump(mode="json", by_alias=True, exclude_none=True) if rec.cache_status is not None else old.get("cache")
+    if cache:
+        new["cache"] = cache
     if not status_changed(old, new):
         rec.progress_scheduled = False
         return Done()

@@ -13,14 +13,18 @@ child whose labels were edited away is still watched and repaired.
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from typing import Any
 
 from regmirror import constants as c
 from regmirror import naming
 from regmirror.access import ANNOTATION_ROTATE, NODE_SECRET_NAME
+from regmirror.cachestatus import pod_image_ids
 from regmirror.controller.informer import Informer, Source
 from regmirror.rollout import slim_agent_pod
 
+# Pods that may run: a finished pod's images are no longer in use.
+ACTIVE_PODS = "status.phase!=Succeeded,status.phase!=Failed"
 CHILD_KINDS = ("Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy")
 # Secret keys whose values are public certificates (nodes trust a TLS mirror's CA).
 PUBLIC_SECRET_KEYS = ("ca.crt", "tls.crt")
@@ -35,8 +39,9 @@ def slim_mirror(obj: dict[str, Any]) -> dict[str, Any]:
     """A RegistryMirror: identity, generation, deletion, finalizers, spec and status."""
     meta = _meta(obj, "name", "uid", "generation", "deletionTimestamp", "finalizers", "resourceVersion")
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
-    if ANNOTATION_ROTATE in annotations:
-        meta["annotations"] = {ANNOTATION_ROTATE: annotations[ANNOTATION_ROTATE]}
+    kept = {k: annotations[k] for k in (ANNOTATION_ROTATE, c.ANNOTATION_INVALIDATE) if k in annotations}
+    if kept:
+        meta["annotations"] = kept
     return {
         "apiVersion": obj.get("apiVersion", c.API_VERSION),
         "kind": c.KIND,
@@ -84,6 +89,29 @@ def slim_agent_object(obj: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in obj.items() if k not in ("metadata", "status")}, "metadata": meta}
 
 
+def workload_pod_key(obj: dict[str, Any]) -> str:
+    """namespace/name: pods of every namespace share one dict."""
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def slim_workload_pod(namespace: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+    """Any pod as what the cache reads: the imageIDs it runs (pins) and, for a mirror pod, its IP and
+    readiness (the stats poll); None for a pod that has neither (most pods before they run)."""
+    images = pod_image_ids(obj)
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    mirror = labels.get(c.LABEL_MIRROR) if labels.get(c.LABEL_COMPONENT) == "mirror" and meta.get("namespace") == namespace else None
+    if not images and mirror is None:
+        return None
+    slim: dict[str, Any] = {"images": images}
+    if mirror is not None:
+        status = obj.get("status") or {}
+        ready = any(cd.get("type") == "Ready" and cd.get("status") == "True" for cd in status.get("conditions") or [])
+        slim |= {"mirror": str(mirror), "ip": status.get("podIP"), "ready": ready and not meta.get("deletionTimestamp")}
+    return slim
+
+
 def sources(namespace: str, agent_namespace: str) -> list[Source]:
     """Every collection the controller watches."""
     agent = ",".join(f"{k}={v}" for k, v in naming.agent_selector_labels().items())
@@ -97,6 +125,9 @@ def sources(namespace: str, agent_namespace: str) -> list[Source]:
         Source("ConfigMap", agent_namespace, field_selector=f"metadata.name={c.NODE_CONFIG_NAME}", transform=slim_agent_object),
         # The nodes' credentials (hashes only): a hand that deletes or edits it queues the plan, which puts it back.
         Source("Secret", agent_namespace, field_selector=f"metadata.name={NODE_SECRET_NAME}", transform=slim_secret),
+        # Every pod, reduced to its images' digests (the caches' pins) and, for mirror pods, the stats address.
+        # Finished pods pin nothing: the API server drops them from the watch.
+        Source("Pod", transform=partial(slim_workload_pod, namespace), key=workload_pod_key, field_selector=ACTIVE_PODS),
     ]
 
 
@@ -154,6 +185,10 @@ class Store:
     def agent_pods(self) -> dict[str, dict[str, Any]]:
         """pod name -> slim agent pod."""
         return self._items("Pod", self.agent_namespace)
+
+    def workload_pods(self) -> dict[str, dict[str, Any]]:
+        """namespace/name -> slim pod (slim_workload_pod) of every namespace."""
+        return self._items("Pod", None)
 
     def agent_object(self, kind: str) -> dict[str, Any] | None:
         """The agent DaemonSet or the node ConfigMap."""

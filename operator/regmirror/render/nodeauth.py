@@ -290,6 +290,20 @@ def basic_to_userpass(value: str) -> tuple[str, str]:
     return user, password
 
 
+def plan_auth_required(plan_text: str) -> set[str]:
+    """Mirrors whose plan entry says they refuse requests without the credential (`authRequired`, Restricted)."""
+    try:
+        raw: Any = json.loads(plan_text)
+    except (ValueError, RecursionError):
+        return set()
+    mirrors = raw.get("mirrors") if isinstance(raw, dict) else None
+    return {
+        entry["name"]
+        for entry in (mirrors if isinstance(mirrors, list) else [])
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("authRequired") is True
+    }
+
+
 def plan_auth_revisions(plan_text: str) -> dict[str, int]:
     """Mirror name -> `authRevision` from the node plan's JSON (entries without one, or with a bad one, are left out)."""
     try:
