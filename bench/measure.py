@@ -80,6 +80,8 @@ def audit_requests(audit_log: Path, user: str, since: str = "", until: str = "\u
             received = event.get("requestReceivedTimestamp", "")
             if not since <= received < until:
                 continue
+            if (event.get("objectRef") or {}).get("resource") == "leases":
+                continue  # leader election's heartbeat (a GET and a renew every 2 s), not the work measured
             audit_id = event.get("auditID", "")
             # A watch logs ResponseStarted and ResponseComplete: keep one, the completed one if any.
             if audit_id not in seen or event.get("stage") == "ResponseComplete":

@@ -71,6 +71,7 @@ RESOURCES: dict[str, ResourceType] = {
     "DaemonSet": ResourceType("apps/v1", "daemonsets", True),
     "PodDisruptionBudget": ResourceType("policy/v1", "poddisruptionbudgets", True),
     "NetworkPolicy": ResourceType("networking.k8s.io/v1", "networkpolicies", True),
+    "Lease": ResourceType("coordination.k8s.io/v1", "leases", True),
     c.KIND: ResourceType(c.API_VERSION, c.PLURAL, False),
 }
 
@@ -237,8 +238,13 @@ class HttpKube:
         attempts: int = 4,
         on_retry: Callable[[], None] | None = None,
         on_write: Callable[[str, str], None] | None = None,
+        user_agent: str = c.FIELD_MANAGER,
+        may_write: Callable[[], bool] | None = None,
     ) -> None:
         self.credentials = credentials
+        self.user_agent = user_agent
+        # A fence checked before every write (and every retry of one): the leader's lease still holds.
+        self._may_write = may_write or (lambda: True)
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self._on_retry = on_retry or (lambda: None)
@@ -249,7 +255,7 @@ class HttpKube:
         if self._session is None or self._session.closed:
             # limit=0: concurrency is bounded by the workers and watches, not by the pool.
             connector = aiohttp.TCPConnector(limit=0, ssl=self.credentials.ssl_context)
-            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": c.FIELD_MANAGER})
+            self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": self.user_agent})
         return self._session
 
     async def close(self) -> None:
@@ -273,6 +279,8 @@ class HttpKube:
         data = json.dumps(body).encode() if body is not None else None
         delay = 0.2
         for attempt in range(1, self.attempts + 1):
+            if method != "GET" and not self._may_write():
+                raise ApiError(0, "NotLeader", "this replica no longer holds the leader lease: not writing")
             try:
                 async with self._client().request(
                     method,
@@ -309,6 +317,24 @@ class HttpKube:
             params={"fieldManager": c.FIELD_MANAGER, "force": "true"},
         )
         self._on_write(obj["kind"] + (f"/{subresource}" if subresource else ""), "apply")
+        return result
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create `obj` (409 when it exists): for objects written by compare-and-swap, like the leader Lease."""
+        meta = obj["metadata"]
+        result: dict[str, Any] = await self._request(
+            "POST", RESOURCES[obj["kind"]].path(meta.get("namespace")), body=obj, content_type="application/json"
+        )
+        self._on_write(obj["kind"], "create")
+        return result
+
+    async def replace(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Replace `obj` (PUT); its metadata.resourceVersion makes the write conditional: 409 when it changed since."""
+        meta = obj["metadata"]
+        result: dict[str, Any] = await self._request(
+            "PUT", RESOURCES[obj["kind"]].path(meta.get("namespace"), meta["name"]), body=obj, content_type="application/json"
+        )
+        self._on_write(obj["kind"], "update")
         return result
 
     async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:

@@ -22,3 +22,6 @@ class Metrics:
         self.watch_restarts = Counter(
             "regmirror_watch_restarts_total", "Watches re-listed after an error or an expired resourceVersion.", ["kind"], registry=registry
         )
+        self.leader = Gauge(
+            "regmirror_leader", "1 while this replica holds the leader Lease and runs the controller, else 0.", registry=registry
+        )

@@ -10,9 +10,10 @@ import os
 from collections.abc import Mapping
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from regmirror import constants as c
+from regmirror.election import Timing
 
 PREFIX = "REGMIRROR_"
 
@@ -109,6 +110,26 @@ class Settings(BaseModel):
             ge=0,
         ),
     ] = 5.0
+    lease_name: Annotated[
+        str,
+        Field(
+            description="Name of the leader-election Lease in the operator's namespace (the RBAC Role names it: change both).",
+            pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+        ),
+    ] = "regmirror-operator"
+    lease_duration: Annotated[
+        float, Field(description="Seconds a standby waits, from when it saw the leader's last renew, before taking over.", gt=0)
+    ] = 15.0
+    lease_renew_deadline: Annotated[
+        float, Field(description="Seconds the leader keeps leading without a successful renew; then it stops writing and stands by.", gt=0)
+    ] = 10.0
+    lease_retry_period: Annotated[float, Field(description="Seconds between two attempts to acquire or renew the Lease.", gt=0)] = 2.0
+
+    @model_validator(mode="after")
+    def _lease_timings_are_safe(self) -> Settings:
+        # The leader must give up before any standby may take over (see regmirror/election.py).
+        Timing(self.lease_duration, self.lease_renew_deadline, self.lease_retry_period)
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -27,12 +27,19 @@ def writes(
     *,
     resource: str | None = None,
     name: str | None = None,
+    leases: bool = False,
 ) -> list[dict[str, Any]]:
-    """Completed writes by ``user`` received in [since, until), optionally on one resource or object name."""
+    """Completed writes by ``user`` received in [since, until), optionally on one resource or object name.
+
+    The leader's Lease renewals (one every retry period, 2 s: leader election's heartbeat,
+    not reconciling work) are left out unless ``leases`` or ``resource="leases"``.
+    """
     found = []
     for event in cluster.write_events(user, since=since):
         ref = event.get("objectRef") or {}
         if until is not None and event.get("requestReceivedTimestamp", "") >= until:
+            continue
+        if ref.get("resource") == "leases" and not leases and resource != "leases":
             continue
         if resource is not None and ref.get("resource") != resource:
             continue

@@ -33,11 +33,15 @@ class OperatorProcess:
 
     ``relay`` is the TCP relay its kubeconfig points at (the fault tests cut it to
     partition the operator from the API server); Kopf's liveness endpoint is served
-    on ``liveness_port``.
+    on ``liveness_port``. ``identity`` is its pod name (POD_NAME: the leader Lease's
+    holderIdentity and its User-Agent's suffix); it stays across restarts, as a pod's does.
     """
 
-    def __init__(self, cluster: LocalCluster, kubeconfig: Path, log_path: Path, relay: TcpRelay | None = None) -> None:
+    def __init__(
+        self, cluster: LocalCluster, kubeconfig: Path, log_path: Path, relay: TcpRelay | None = None, identity: str = "regmirror-operator-0"
+    ) -> None:
         self.cluster = cluster
+        self.identity = identity
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.relay = relay
@@ -58,6 +62,7 @@ class OperatorProcess:
             # A rotation asked for waits this long after the previous one (600 s in a cluster, where a Secret
             # volume takes about a minute to reach the pods; here no pod mounts anything).
             "REGMIRROR_ACCESS_ROTATION_SPACING": "2",
+            "POD_NAME": self.identity,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         liveness = f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz"
@@ -133,6 +138,20 @@ class OperatorProcess:
         """The operator's Prometheus metrics page."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as rsp:
             return str(rsp.read().decode())
+
+    @property
+    def user_agent(self) -> str:
+        """The User-Agent of its requests: the audit log's way to tell replicas apart."""
+        return f"{c.FIELD_MANAGER}/{self.identity}"
+
+    def leads(self) -> bool | None:
+        """Whether it reports itself the leader (regmirror_leader 1); None when its metrics do not answer."""
+        try:
+            text = self.metrics()
+        except OSError:
+            return None
+        match = re.search(r"^regmirror_leader ([0-9.]+)$", text, re.M)
+        return match is not None and float(match.group(1)) == 1.0
 
 
 def install_crd_and_namespaces(cluster: LocalCluster) -> None:

@@ -177,7 +177,7 @@ def test_a_setting_that_the_chart_owns_cannot_be_overridden_twice() -> None:
     ("value", "message"),
     [
         ("namespaces.operator=Regmirror_System", "/namespaces/operator"),
-        ("operator.replicas=2", "'replicas' not allowed"),  # standalone Kopf: one replica, not a value
+        ("operator.replicas=0", "/operator/replicas"),  # one leads, the others stand by: at least one
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("image.tag=true", "/image/tag"),
@@ -214,11 +214,14 @@ class DeploymentProcess:
         container = pod["containers"][0]
         env = self.cluster.env()
         env["KUBECONFIG"] = str(self.cluster.service_account_kubeconfig(deployment["metadata"]["namespace"], pod["serviceAccountName"]))
+        # The Downward API's values for a pod of the Deployment (the only references the chart uses;
+        # anything else would need the kubelet). The name stays across restarts, as a container's does.
+        downward = {"metadata.namespace": deployment["metadata"]["namespace"], "metadata.name": "regmirror-operator-local"}
         for var in container["env"]:
             if "valueFrom" in var:
-                # The only reference the chart uses (the Downward API's namespace); anything else would need the kubelet.
-                assert var["valueFrom"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}, var
-                env[var["name"]] = deployment["metadata"]["namespace"]
+                field_path = var["valueFrom"]["fieldRef"]["fieldPath"]
+                assert var["valueFrom"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}} and field_path in downward, var
+                env[var["name"]] = downward[field_path]
             else:
                 env[var["name"]] = var["value"]
         # The ports are the pod's own in a cluster; here they must not collide with anything on the machine.

@@ -13,6 +13,7 @@ import yaml
 import regmirror
 from regmirror import constants as c
 from regmirror.render import agent as agent_render
+from regmirror.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -66,8 +67,9 @@ def test_service_accounts_match_the_rendered_workloads() -> None:
 def test_operator_deployment_settings_match_the_code() -> None:
     deployment = _operator_deployment()
     assert deployment["metadata"]["namespace"] == c.DEFAULT_NAMESPACE
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # standalone Kopf: never two at once
+    # Two replicas, one active (the Lease holder): a rolling update never leaves the cluster without one.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == c.DEFAULT_OPERATOR_IMAGE
     assert c.DEFAULT_OPERATOR_IMAGE.endswith(f":{regmirror.__version__}")
@@ -78,6 +80,7 @@ def test_operator_deployment_settings_match_the_code() -> None:
     assert env["REGMIRROR_AGENT_NAMESPACE"]["value"] == c.AGENT_NAMESPACE
     assert env["REGMIRROR_AGENT_IMAGE"]["value"] == c.DEFAULT_OPERATOR_IMAGE
     assert env["REGMIRROR_METRICS_PORT"]["value"] == "8000"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # the Lease's holderIdentity
     liveness = container["args"][2]
     assert liveness == "--liveness=http://0.0.0.0:8080/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -117,3 +120,35 @@ def test_operator_objects_are_not_mistaken_for_mirror_children() -> None:
     for doc in _all_docs(MANIFESTS):
         labels = (doc.get("metadata") or {}).get("labels") or {}
         assert labels.get(c.LABEL_MANAGED_BY) != c.MANAGED_BY, doc["metadata"]["name"]
+
+
+def test_operator_replicas_prefer_different_nodes_and_one_survives_a_drain() -> None:
+    deployment = _operator_deployment()
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["maxSkew"] == 1
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still runs both
+    assert spread["labelSelector"]["matchLabels"] == selector
+    (pdb,) = [d for d in _docs(MANIFESTS / "base" / "operator.yaml") if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert pdb["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == container["livenessProbe"]["httpGet"]  # a standby is ready
+
+
+def test_operator_may_write_only_its_own_lease() -> None:
+    settings = Settings()
+    rules = [
+        r
+        for d in _all_docs(MANIFESTS / "rbac")
+        if d["kind"] == "Role" and d["metadata"]["namespace"] == settings.namespace
+        for r in d["rules"]
+        if "leases" in r["resources"]
+    ]
+    assert [r["apiGroups"] for r in rules] == [["coordination.k8s.io"]] * 2
+    by_name = [r for r in rules if r.get("resourceNames")]
+    assert by_name == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [settings.lease_name], "verbs": ["get", "update"]}
+    ]
+    unnamed = [r for r in rules if not r.get("resourceNames")]
+    assert [r["verbs"] for r in unnamed] == [["create"]]  # a create cannot be limited by name
