@@ -119,10 +119,10 @@ class Settings(BaseModel):
     ] = "regmirror-operator"
     lease_duration: Annotated[
         float, Field(description="Seconds a standby waits, from when it saw the leader's last renew, before taking over.", gt=0)
-    ] = 15.0
+    ] = 11.0
     lease_renew_deadline: Annotated[
         float, Field(description="Seconds the leader keeps leading without a successful renew; then it stops writing and stands by.", gt=0)
-    ] = 10.0
+    ] = 7.0
     lease_retry_period: Annotated[float, Field(description="Seconds between two attempts to acquire or renew the Lease.", gt=0)] = 2.0
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ from regmirror.settings import Settings
 
 DEFAULTS = Settings()
 LEASE = DEFAULTS.lease_name
-# A behaviour bound, not a speed target: the standby must wait out the lease (15 s) and
+# A behaviour bound, not a speed target: the standby must wait out the lease (11 s) and
 # then win on its next attempt (2 s, jittered); anything near 30 s means it did not.
 FAILOVER_BOUND = 30.0
 
