@@ -11,8 +11,11 @@
 - cap: a stream of distinct images totalling 3x the cap, disk sampled every
   0.1 s by the benchmark itself; the pinned image intact; an evicted image
   pulls again;
-- outage: with the upstream blackholed, then answering 429, past the TTL: the
-  share of previously pulled images in use that still pull.
+- outage: with the upstream stopped, then blackholed, then answering 429, past
+  the TTL: the share of previously pulled images in use that still pull.
+
+A scenario that fails is recorded as ``{"error": ...}`` under its own key, and
+the others still run: one broken scenario costs its figures only.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +248,8 @@ def cap_stream(b: Bench, stream: list[BuiltImage]) -> dict[str, Any]:
 
 
 def outage(b: Bench, images: list[BuiltImage]) -> dict[str, Any]:
-    """Images in use, pulled before; TTL passed; then the upstream blackholed, then answering 429."""
-    kinds = ["blackholed", "429"] if iptables_works() else ["429"]
+    """Images in use, pulled before; TTL passed; then the upstream stopped, blackholed, answering 429."""
+    kinds = ["stopped", *(["blackholed"] if iptables_works() else []), "429"]
     out: dict[str, Any] = {}
     spec = _spec(b.upstream, cache={"ttl": "3s"})
     with b.pod(spec, pins=[i.top.digest for i in images]) as pod:
@@ -279,18 +283,18 @@ def run(work: Path, binaries: ContainerdBinaries, upstream: Registry, registry_b
     stream = [multi_layer_image(work / f"cache-s{i}", name=f"library/cache-s{i}", layer_sizes=(2 << 20, 512 << 10)) for i in range(9)]
     for image in [big, small, pre, *stream]:
         image.push(upstream.address)
+    scenarios: dict[str, Callable[[], dict[str, Any]]] = {
+        "fan_in": lambda: fan_in(b, big, fan_nodes, repeats),
+        "warm_prewarm": lambda: warm_and_prewarm(b, big, pre, repeats),
+        "cap_stream": lambda: cap_stream(b, stream),
+        "outage": lambda: outage(b, [small, stream[0]]),
+    }
     result: dict[str, Any] = {}
-    result["fan_in"] = fan_in(b, big, fan_nodes, repeats)
-    f = result["fan_in"]
-    _log(
-        f"fan-in {fan_nodes} nodes: front GETs/blob {f['front']['upstream_gets_per_blob']}, manifest GETs {f['front']['upstream_manifest_gets']}, "
-        f"slowest {f['front']['slowest']}s = {f['front']['slowest_over_direct_single']}x single direct, "
-        f"{f['front']['slowest_over_direct_concurrent']}x {fan_nodes} direct at once; bare distribution GETs/blob "
-        f"{f['bare_distribution']['upstream_gets_per_blob']}"
-    )
-    result["warm_prewarm"] = warm_and_prewarm(b, big, pre, repeats)
-    _log(f"warm/prewarm: {result['warm_prewarm']}")
-    result["cap_stream"] = cap_stream(b, stream)
-    _log(f"cap stream: {result['cap_stream']}")
-    result["outage"] = outage(b, [small, stream[0]])
+    for key, scenario in scenarios.items():
+        try:
+            result[key] = scenario()
+        except Exception as exc:
+            traceback.print_exc()
+            result[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        _log(f"{key}: {result[key]}")
     return result

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,7 +482,13 @@ def _metric_lines(text: str) -> dict[str, float]:
 # ------------------------------------------------------------------ all of it
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config, then: Callable[[LocalCluster, list[str]], None] | None = None) -> dict[str, Any]:
+    """The baseline and the operator on one cluster of `cfg.nodes` kwok nodes.
+
+    `then(cluster, node_names)` runs last, on the same cluster (the operator
+    stopped), so another scenario needs no control plane of its own; what it
+    raises is its own business (call it with its own error handling).
+    """
     out: dict[str, Any] = {"mirrors": cfg.mirrors, "nodes": cfg.nodes}
     with LocalCluster(nodes=0) as cluster:
         out["cluster_start_seconds"] = round(cluster.startup_seconds, 1)
@@ -513,6 +520,8 @@ def run(cfg: Config) -> dict[str, Any]:
         out["node_rollout_ratio"] = round(extra / bare, 2) if extra and bare else None
         after = (op.get("extra_mirror") or {}).get("bare_rollout_after_seconds")
         out["node_rollout_ratio_back_to_back"] = round(extra / after, 2) if extra and after else None
+        if then is not None:
+            then(cluster, names)
     return out
 
 

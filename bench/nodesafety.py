@@ -31,11 +31,14 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +107,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def failopen(work: Path) -> dict[str, Any]:
-    """Every release x failure mode; see the module docstring."""
+def failopen(work: Path, releases: Sequence[str] = RELEASES) -> dict[str, Any]:
+    """Every release in `releases` (entries of RELEASES; "2.4" means the newest 2.4.x built) x failure mode; see the module docstring."""
     if os.geteuid() != 0:
         return {"skipped": "needs root (containerd, iptables)"}
     reason = ensure_binaries()
@@ -127,7 +130,7 @@ def failopen(work: Path) -> dict[str, Any]:
     with Registry.start(work / "upstream", "127.0.0.2") as upstream:
         upstream.push_image("team/app", "v1", "bench\n")
         ref = f"{upstream.address}/team/app:v1"
-        for wanted in RELEASES:
+        for wanted in releases:
             matches = [b for r, b in sorted(found.items()) if (r == wanted or r.startswith(wanted + ".")) and b.crictl]
             if not matches:
                 out["releases"][wanted] = {"skipped": "not built"}
@@ -262,55 +265,107 @@ def _lift_burst(cluster: Any, batch: list[str], tokens: dict[str, Path]) -> dict
     }
 
 
-def taint(sizes: list[int]) -> dict[str, Any]:
-    """Lift the taint from N kwok nodes at once with the agent's code and tokens; latency to a watch seeing it gone."""
-    from harness import LocalCluster
+@contextmanager
+def _in_cluster_env(cluster: Any) -> Iterator[None]:
+    """The agent's client finds the API server the way it does in a pod; restored afterwards (the bench runs on)."""
+    saved = {k: os.environ.get(k) for k in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")}
+    os.environ["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
+    os.environ["KUBERNETES_SERVICE_PORT"] = str(cluster.port)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def taint_on(cluster: Any, names: list[str], sizes: list[int]) -> dict[str, Any]:
+    """On a running cluster whose nodes `names` exist: lift the taint from the first N of them at once, for each N in `sizes`.
+
+    The cluster may be one the control-plane benchmark already used (its
+    operator stopped): the RBAC and the admission policy are applied again
+    (server-side, idempotent), and each node gets a pod of the agent's
+    ServiceAccount to bind its token to, as the kubelet would.
+    """
     from harness.operator import AGENT_NS, install_crd_and_namespaces
 
+    sizes = [n for n in sizes if 0 < n <= len(names)]
+    if not sizes:
+        return {"error": f"no node count in the request fits the {len(names)} nodes there are"}
+    install_crd_and_namespaces(cluster)
+    cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
+    names = names[: max(sizes)]
+    tokens: dict[str, Path] = {}
+    base = Path(tempfile.mkdtemp(prefix="nodesafety-"))
+
+    def prepare(name: str) -> None:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"taint-agent-{name}", "namespace": AGENT_NS},
+            "spec": {
+                "nodeName": name,
+                "serviceAccountName": "regmirror-agent",
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": "agent", "image": "example.invalid/regmirror:bench"}],
+            },
+        }
+        created = cluster.api("POST", f"/api/v1/namespaces/{AGENT_NS}/pods", pod)
+        ref = {"apiVersion": "v1", "kind": "Pod", "name": created["metadata"]["name"], "uid": created["metadata"]["uid"]}
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"expirationSeconds": 3600, "boundObjectRef": ref},
+        }
+        token = cluster.api("POST", f"/api/v1/namespaces/{AGENT_NS}/serviceaccounts/regmirror-agent/token", request)["status"]["token"]
+        sa = base / name
+        sa.mkdir()
+        (sa / "token").write_text(token)
+        (sa / "ca.crt").write_bytes(cluster.ca_cert.read_bytes())
+        tokens[name] = sa
+
     out: dict[str, Any] = {}
-    with LocalCluster(nodes=0) as cluster:
-        install_crd_and_namespaces(cluster)
-        cluster.kubectl("apply", "--server-side", "-k", str(REPO / "manifests" / "rbac"))
-        os.environ["KUBERNETES_SERVICE_HOST"] = "127.0.0.1"
-        os.environ["KUBERNETES_SERVICE_PORT"] = str(cluster.port)
-        names = cluster.add_nodes(max(sizes), prefix="tainted-", wait=False)
-        log(f"{len(names)} kwok nodes created")
-        tokens: dict[str, Path] = {}
-        base = Path(tempfile.mkdtemp(prefix="nodesafety-"))
-
-        def prepare(name: str) -> None:
-            pod = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": f"agent-{name}", "namespace": AGENT_NS},
-                "spec": {
-                    "nodeName": name,
-                    "serviceAccountName": "regmirror-agent",
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [{"name": "agent", "image": "example.invalid/regmirror:bench"}],
-                },
-            }
-            created = cluster.api("POST", f"/api/v1/namespaces/{AGENT_NS}/pods", pod)
-            ref = {"apiVersion": "v1", "kind": "Pod", "name": created["metadata"]["name"], "uid": created["metadata"]["uid"]}
-            request = {
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenRequest",
-                "spec": {"expirationSeconds": 3600, "boundObjectRef": ref},
-            }
-            token = cluster.api("POST", f"/api/v1/namespaces/{AGENT_NS}/serviceaccounts/regmirror-agent/token", request)["status"]["token"]
-            sa = base / name
-            sa.mkdir()
-            (sa / "token").write_text(token)
-            (sa / "ca.crt").write_bytes(cluster.ca_cert.read_bytes())
-            tokens[name] = sa
-
+    try:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(prepare, names))
-        log("pods and bound tokens ready")
-        for size in sizes:
-            out[str(size)] = _lift_burst(cluster, names[:size], tokens)
-            log(f"taint, {size} nodes at once: {out[str(size)]}")
+        log(f"taint: pods and bound tokens ready on {len(names)} nodes")
+        with _in_cluster_env(cluster):
+            for size in sizes:
+                out[str(size)] = _lift_burst(cluster, names[:size], tokens)
+                log(f"taint, {size} nodes at once: {out[str(size)]}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     return out
+
+
+def taint(sizes: list[int]) -> dict[str, Any]:
+    """On a control plane of its own: kwok nodes, then `taint_on` them."""
+    from harness import LocalCluster
+
+    with LocalCluster(nodes=0) as cluster:
+        names = cluster.add_nodes(max(sizes), prefix="tainted-", wait=False)
+        log(f"{len(names)} kwok nodes created")
+        return taint_on(cluster, names, sizes)
+
+
+def probe_cost() -> dict[str, Any]:
+    """What the agent's probes cost a mirror, from its default settings (one GET /v2/ per mirror per interval per node)."""
+    return {
+        "requests_per_second_per_mirror_at_1000_nodes": round(1000 / DEFAULT_INTERVAL),
+        "requests_per_second_per_node_per_mirror": round(1 / DEFAULT_INTERVAL, 2),
+        "note": "one new TCP connection and GET /v2/ per probe; jittered +-25%",
+    }
+
+
+def parse_releases(text: str) -> list[str]:
+    """`--releases 1.6,2.4` -> ["1.6", "2.4"]; a release that is not one of RELEASES is an error, not a silent no-op."""
+    wanted = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in RELEASES]
+    if unknown or not wanted:
+        raise SystemExit(f"--releases: {', '.join(unknown) or 'none given'}; choose from {', '.join(RELEASES)}")
+    return wanted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,17 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", default="100,1000", help="kwok node counts for the taint (comma-separated)")
     p.add_argument("--skip-failopen", action="store_true")
     p.add_argument("--skip-taint", action="store_true")
+    p.add_argument(
+        "--releases",
+        default=",".join(RELEASES),
+        help=f"containerd releases for the fail-open part, comma-separated (default {','.join(RELEASES)})",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / f"nodesafety-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
     args = p.parse_args(argv)
-    result: dict[str, Any] = {
-        "probe_cost": {
-            "requests_per_second_per_mirror_at_1000_nodes": round(1000 / DEFAULT_INTERVAL),
-            "requests_per_second_per_node_per_mirror": round(1 / DEFAULT_INTERVAL, 2),
-            "note": "one new TCP connection and GET /v2/ per probe; jittered +-25%",
-        }
-    }
+    result: dict[str, Any] = {"probe_cost": probe_cost()}
     if not args.skip_failopen:
-        result["failopen"] = failopen(Path(tempfile.mkdtemp(prefix="nodesafety-failopen-")))
+        result["failopen"] = failopen(Path(tempfile.mkdtemp(prefix="nodesafety-failopen-")), parse_releases(args.releases))
     if not args.skip_taint:
         result["taint"] = taint([int(n) for n in args.nodes.split(",") if n])
     args.out.parent.mkdir(parents=True, exist_ok=True)
