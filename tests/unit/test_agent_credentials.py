@@ -354,3 +354,14 @@ def test_crio_carries_an_open_mirrors_credential_where_it_can(tmp_path: Path) ->
     a = crio_agent(tmp_path, plan, node_secret(tmp_path, {"hub": {2: creds(2)}}))
     assert a.step().ready
     assert decoded(crio_auth(a.config.host_root)["auths"]["10.96.0.10:5000"]) == f"{creds(2).username}:{creds(2).password}"
+
+
+def test_a_node_without_an_open_mirrors_credential_is_served_and_says_so(tmp_path: Path) -> None:
+    # The agent's Secret is not mounted yet: an Open mirror still serves the node, a Restricted one would answer 401.
+    open_plan = {"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 3, required=False)]}
+    a = agent(tmp_path, open_plan, None)
+    assert a.step().ready
+    assert [f["reason"] for f in a.readiness.get_report()["mirrors"]["hub"]["findings"]] == ["CredentialPending"]
+    assert "Authorization" not in hosts_toml(a.config.host_root, "docker.io").read_text()
+    (tmp_path / "mirrors.json").write_text(json.dumps({"mirrors": [with_auth(wire_entry("hub", HUB, ["docker.io"]), 3)]}))
+    assert not a.step().ready, "Restricted: the node cannot pull through it until it holds the credential"

@@ -83,13 +83,16 @@ def add_to_files(
         if on_host(host_root, f"{root}/{d}/{HOSTS_TOML}").is_file()
     }
     routed = {m.name for route in node_files.routes.values() for m in route.mirrors}
-    return nodeauth.add_credentials(
+    result = nodeauth.add_credentials(
         node_files,
         {n: v for n, v in creds.values.items() if n in routed},
         creds.pending & routed,
         containerd_config_path=containerd_config_path,
         existing=existing,
     )
+    # A node without an Open mirror's credential is still served: reported, not held back.
+    result.findings = _only_required_block(result.findings, nodeauth.plan_auth_required(plan_text))
+    return result
 
 
 @dataclass
@@ -112,7 +115,7 @@ def _unsupported(names: set[str], why: str) -> list[Finding]:
 
 
 def _only_required_block(findings: list[Finding], required: set[str]) -> list[Finding]:
-    """An Open mirror serves a CRI-O node without the credential: its findings are reported, and do not hold the node."""
+    """An Open mirror serves a node without the credential: its findings are reported, and do not hold the node."""
     return [f if f.mirror is None or f.mirror in required else replace(f, blocks_node=False) for f in findings]
 
 
