@@ -105,6 +105,40 @@ async def test_a_field_fight_is_won_back_with_growing_pauses() -> None:
     assert child(kit, "Deployment", "hub")["spec"]["replicas"] == 1  # type: ignore[index]
 
 
+async def test_seeing_our_own_repair_does_not_restart_the_fight() -> None:
+    """A co-owner forces a field every 3 s; between its writes other events make us look at the object and see our value."""
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.run("children", "hub")
+    await kit.run("children", "hub")
+    writes = 0
+    for _ in range(20):  # 60 s of intrusions
+        dep = child(kit, "Deployment", "hub")
+        assert dep is not None
+        dep["spec"]["replicas"] = 3
+        kit.kube.put(dep)
+        for _event in ("the intruder's", "another of the mirror's"):  # the second may find the object ours again
+            kit.kube.calls.clear()
+            await kit.run("children", "hub")
+            writes += len(kit.kube.writes())
+            kit.clock.advance(1.5)
+    assert writes <= 8, f"{writes} repairs against 20 intrusions in 60 s: the pauses must grow, not restart"
+    # Left alone long enough, the fight is forgotten: the next drift is repaired at once.
+    kit.clock.advance(3600)
+    for _ in range(2):
+        kit.kube.calls.clear()
+        await kit.run("children", "hub")
+    dep = child(kit, "Deployment", "hub")
+    assert dep is not None and dep["spec"]["replicas"] == 1
+    kit.clock.advance(3600)
+    await kit.run("children", "hub")  # sees our value after the quiet hour: forgets
+    dep["spec"]["replicas"] = 3
+    kit.kube.put(dep)
+    kit.kube.calls.clear()
+    await kit.run("children", "hub")
+    assert len(kit.kube.writes()) == 1, "a new fight starts with an immediate repair"
+
+
 async def test_a_rejected_child_reports_the_api_servers_field_error_and_stops_until_the_spec_changes() -> None:
     kit = Kit()
     await new_mirror(kit, replicas=1)

@@ -202,6 +202,11 @@ async def _reconcile_spec(ctx: Context, name: str, mirror: dict[str, Any], rec: 
         return _failed(ctx, name, rec, exc)
 
 
+def _repair_pause(repairs: int) -> float:
+    """Seconds to wait before repairing a child's drift again after `repairs` repairs in a row (1 s, 2 s, 4 s ... 300 s)."""
+    return float(min(REPAIR_BACKOFF_MAX, REPAIR_BACKOFF_BASE * 2 ** (repairs - 1)))
+
+
 async def _apply_children(
     ctx: Context, name: str, mirror: dict[str, Any], spec: RegistryMirrorSpec, creds: str | None, rec: MirrorRecord
 ) -> Result:
@@ -226,13 +231,18 @@ async def _apply_children(
         live = ctx.store.child(kind, name, child)
         digest = _digest(obj)
         if live is not None and not drifted(obj, live):
-            rec.drift_repairs.pop(key, None)
+            count, last = rec.drift_repairs.get(key, (0, 0.0))
+            # Forget a fight only once the object has stayed as we render it for twice the last pause: a pass that
+            # merely sees our own repair (any event of the mirror causes one) must not reset the backoff, or a
+            # co-owner forcing the field every few seconds gets a write from us every time.
+            if count and ctx.clock() - last > 2 * _repair_pause(count):
+                rec.drift_repairs.pop(key, None)
             continue
         if rec.applied.get(key) != digest:
             rec.drift_repairs.pop(key, None)  # a new rendering is applied at once
         count, last = rec.drift_repairs.get(key, (0, float("-inf")))
         if count:
-            wait = min(REPAIR_BACKOFF_MAX, REPAIR_BACKOFF_BASE * 2 ** (count - 1)) - (ctx.clock() - last)
+            wait = _repair_pause(count) - (ctx.clock() - last)
             if wait > 0:
                 later = wait if later is None else min(later, wait)
                 continue
