@@ -348,7 +348,7 @@ class Agent:
         if crio_auth.error:
             result.errors.append(crio_auth.error)
         # Per-mirror credential findings count against that mirror in the report (not only the node's readiness).
-        node_files.findings += creds.findings + crio_auth.findings
+        node_files.findings += nodeauth.held_only_by_restricted(creds.findings + crio_auth.findings, loaded.text)
         if result.changed:
             log("files.applied", written=result.written, removed=result.removed)
         findings = list(node_files.findings)

@@ -83,16 +83,13 @@ def add_to_files(
         if on_host(host_root, f"{root}/{d}/{HOSTS_TOML}").is_file()
     }
     routed = {m.name for route in node_files.routes.values() for m in route.mirrors}
-    result = nodeauth.add_credentials(
+    return nodeauth.add_credentials(
         node_files,
         {n: v for n, v in creds.values.items() if n in routed},
         creds.pending & routed,
         containerd_config_path=containerd_config_path,
         existing=existing,
     )
-    # A node without an Open mirror's credential is still served: reported, not held back.
-    result.findings = _only_required_block(result.findings, nodeauth.plan_auth_required(plan_text))
-    return result
 
 
 @dataclass
@@ -114,29 +111,14 @@ def _unsupported(names: set[str], why: str) -> list[Finding]:
     ]
 
 
-def _only_required_block(findings: list[Finding], required: set[str]) -> list[Finding]:
-    """An Open mirror serves a node without the credential: its findings are reported, and do not hold the node."""
+def held_only_by_restricted(findings: list[Finding], plan_text: str) -> list[Finding]:
+    """Credential findings as they count for the node: an Open mirror serves a node without its credential, so its
+    findings are reported and do not hold the node back; a Restricted one (`authRequired`) answers 401 without it."""
+    required = nodeauth.plan_auth_required(plan_text)
     return [f if f.mirror is None or f.mirror in required else replace(f, blocks_node=False) for f in findings]
 
 
 def apply_crio_auth(
-    node_files: NodeFiles,
-    plan_text: str,
-    auth_dir: Path | None,
-    *,
-    host_root: Path,
-    auth_file: str = nodeauth.CRIO_AUTH_FILE,
-) -> CrioAuthResult:
-    """Write (or remove) the CRI-O auth file the plan's mirrors' credentials go in; report what stops CRI-O from reading it.
-
-    Findings hold the node back only for Restricted mirrors (`authRequired`); see `_apply_crio_auth`.
-    """
-    result = _apply_crio_auth(node_files, plan_text, auth_dir, host_root=host_root, auth_file=auth_file)
-    result.findings = _only_required_block(result.findings, nodeauth.plan_auth_required(plan_text))
-    return result
-
-
-def _apply_crio_auth(
     node_files: NodeFiles,
     plan_text: str,
     auth_dir: Path | None,
