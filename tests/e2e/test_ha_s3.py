@@ -32,7 +32,6 @@ from _dataplane import (
     ContainerdBinaries,
     LoopbackMap,
     Registry,
-    blob_gets,
     build_containerd,
     ensure_binaries,
     ensure_commands,
@@ -200,7 +199,7 @@ def test_an_image_pulled_through_one_replica_is_warm_through_the_other(
         assert a.stats()["eviction"] == b.stats()["eviction"] == "off", "no sidecar evicts from the shared bucket"
         before = len(upstream.requests_log())
         cold = pull(binaries, configured_node(binaries, tmp_path / "n-a", a), ref(upstream, image))
-        fetched = blob_gets(upstream.requests_log()[before:], image.blobs_for_host)
+        fetched = upstream.blob_gets_logged(image.blobs_for_host, 1, since=before)
         assert fetched == dict.fromkeys(image.blobs_for_host, 1), "replica A fetched each blob once"
         stored = s3.client.list_keys(BUCKET, f"regmirror/{MIRROR}/")
         assert all(key in stored for key in blob_keys(s3, image)), "the blobs are in the bucket under the mirror's prefix"
@@ -267,7 +266,7 @@ def test_pulls_keep_working_when_one_replica_dies_and_stop_touching_the_upstream
                 assert all(n <= 1 for n in by_mirror.values()), f"{image.name}: {by_mirror}"
             since = len(upstream.requests_log())
             pull(binaries, node, ref(upstream, late_image))
-            assert blob_gets(upstream.requests_log()[since:], late_image.blobs_for_host) == dict.fromkeys(late_image.blobs_for_host, 1)
+            assert upstream.blob_gets_logged(late_image.blobs_for_host, 1, since=since) == dict.fromkeys(late_image.blobs_for_host, 1)
             print(
                 f"\npulls through the Service: first {first:.2f}s; warm with 2 replicas {both:.2f}s; "
                 f"warm with A dead but still an endpoint {dead_in_service:.2f}s ({len(fallback)} upstream requests "

@@ -167,6 +167,11 @@ class LoopbackMirror:
         with Registry.launch(self.workdir, argv, env, self.host, self.port) as registry:
             yield registry
 
+    def holds_blob(self, digest: str) -> bool:
+        """Whether the mirror has committed blob `digest` to its storage (distribution's filesystem layout)."""
+        algorithm, _, hex_digest = digest.partition(":")
+        return (self.workdir / "storage" / "docker/registry/v2/blobs" / algorithm / hex_digest[:2] / hex_digest / "data").is_file()
+
     def debug_vars(self) -> dict[str, Any]:
         """distribution's expvar counters (2.8 keeps its proxy hit/miss counters there, not in /metrics)."""
         with urllib.request.urlopen(f"http://{self.host}:{self.debug_port}/debug/vars", timeout=5) as resp:

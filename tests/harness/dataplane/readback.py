@@ -62,15 +62,19 @@ def read_node_plan(cluster: LocalCluster, operator: OperatorProcess, names: list
     return str(wait_for(plan, timeout, f"the node plan listing {names}", diagnose=operator.log_tail))
 
 
-def read_node_credentials(cluster: LocalCluster, operator: OperatorProcess, names: list[str], timeout: float = 90) -> dict[str, str]:
-    """The agent's Secret (regmirror-node/regmirror-agent-credentials) once it holds an entry for each of `names`.
+def read_node_credentials(cluster: LocalCluster, operator: OperatorProcess, plan_json: str, timeout: float = 90) -> dict[str, str]:
+    """The agent's Secret (regmirror-node/regmirror-agent-credentials) once it holds the revision `plan_json` names for each mirror.
 
-    Every node mounts it; a node without it reports CredentialPending for a mirror the plan names a revision of.
+    Every node mounts it; a node without the plan's revision reports CredentialPending
+    for that mirror (and a Restricted mirror holds the node back), so the Secret read
+    must match the plan read, not just hold a key per mirror.
     """
+    revisions = {m["name"]: m["authRevision"] for m in json.loads(plan_json).get("mirrors", []) if m.get("authRevision") is not None}
 
     def entries() -> dict[str, str] | None:
         secret = _kubectl_json(cluster, "get", "secret", NODE_SECRET_NAME, "-n", AGENT_NS)
         data = {k: base64.b64decode(v).decode() for k, v in ((secret or {}).get("data") or {}).items()}
-        return data if set(names) <= set(data) else None
+        held = {name: str(rev) in (json.loads(data[name]).get("authorizations") or {}) for name, rev in revisions.items() if name in data}
+        return data if len(held) == len(revisions) and all(held.values()) else None
 
-    return dict(wait_for(entries, timeout, f"{NODE_SECRET_NAME} holding {names}", diagnose=operator.log_tail))
+    return dict(wait_for(entries, timeout, f"{NODE_SECRET_NAME} holding the plan's revisions {revisions}", diagnose=operator.log_tail))

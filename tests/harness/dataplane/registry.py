@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.dataplane.images import Descriptor
-from harness.waiting import free_port, wait_for
+from harness.waiting import WaitTimeout, free_port, wait_for
 
 # A blob with its media type and digest: the same record the image builder uses.
 Blob = Descriptor
@@ -99,6 +99,25 @@ class Registry:
 
     def requests_log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def blob_gets_logged(self, digests: Iterable[str], at_least: int, *, since: int = 0, timeout: float = 30) -> dict[str, int]:
+        """`blob_gets` of the log after offset `since`, once each digest shows at least `at_least` GETs (or at `timeout`).
+
+        A registry logs a request when its handler returns, which can be after
+        the client has read the whole body; distribution 2.8 also stores a
+        missed blob with a second upstream GET of its own, after the client's
+        pull ended. Counting right after a pull can miss those lines. This
+        waits for the lines a test expects and returns the counts; the caller
+        asserts them (a count above `at_least` is returned as it is).
+        """
+        wanted = list(digests)
+
+        def counts() -> dict[str, int]:
+            return blob_gets(self.requests_log()[since:], wanted)
+
+        with contextlib.suppress(WaitTimeout):
+            wait_for(lambda: all(n >= at_least for n in counts().values()), timeout, f"{self.address} to log {at_least} GET(s) per blob")
+        return counts()
 
     @classmethod
     @contextlib.contextmanager
