@@ -78,6 +78,18 @@ def _count(report: Mapping[str, Any], key: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+# status.cache's counters as written (JSON names): progress, like node counts. Everything else in
+# it (the upstream's verdict, an eviction, pins, prewarm, the cap, replicas not answering) is news.
+_COUNTER_KEYS = frozenset(str(CacheStatus.model_fields[f].alias) for f in (*_COUNTERS, "observed_at"))
+
+
+def cache_state(cache: Any) -> dict[str, Any] | None:
+    """status.cache (JSON, as written) without its counters: what the status writer must not hold back."""
+    if not isinstance(cache, Mapping):
+        return None
+    return {key: value for key, value in cache.items() if key not in _COUNTER_KEYS}
+
+
 def parse_report(report: Mapping[str, Any]) -> CacheStatus:
     """The sidecar's /stats as a CacheStatus; anything malformed reads as absent or zero."""
     hits, misses = _count(report, "hits"), _count(report, "misses")

@@ -10,6 +10,7 @@ from fakekube import api_error
 from regmirror import constants as c
 from regmirror.conditions import get_condition
 from regmirror.controller.state import Done, RequeueAfter, Terminal, Transient
+from regmirror.models import CacheStatus
 from regmirror.observe import RepairError
 
 
@@ -218,3 +219,31 @@ async def test_a_mirror_whose_image_a_strict_mirror_holds_says_so_and_stops_sayi
     await kit.run("hosts")
     await kit.run("status", "quay")
     assert get_condition(status_of(kit, "quay").get("conditions"), "ImageIndependent") is None
+
+
+async def test_cache_counters_are_progress_but_a_cache_state_change_is_written_at_once() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    await kit.run("status", "hub")
+    rec = kit.ctx.records["hub"]
+    rec.cache_status = CacheStatus(hits=1, misses=3, bytes_served=10, replicas=1, upstream_reachable=True)
+    kit.kube.calls.clear()
+    assert await kit.run("status", "hub") == Done(), "the cache's first figures are news"
+    assert status_of(kit)["cache"]["misses"] == 3
+    rec.cache_status = rec.cache_status.model_copy(update={"hits": 9, "bytes_served": 90})
+    kit.kube.calls.clear()
+    result = await kit.run("status", "hub")
+    assert isinstance(result, RequeueAfter) and kit.kube.writes() == [], "more hits: progress, held back"
+    rec.cache_status = rec.cache_status.model_copy(update={"stale_replicas": 1})
+    assert await kit.run("status", "hub") == Done(), "a replica stopped answering: news"
+    assert len(kit.kube.writes()) == 1
+    assert (status_of(kit)["cache"]["staleReplicas"], status_of(kit)["cache"]["hits"]) == (1, 9)
+
+
+async def test_a_new_mirror_whose_pods_report_cache_figures_is_written_at_once() -> None:
+    kit = Kit()
+    kit.kube.put(mirror("hub", nodeConfig={"enabled": False}))
+    await kit.converge("hub")
+    kit.ctx.record("hub").cache_status = CacheStatus(misses=2, replicas=1)
+    assert await kit.run("status", "hub") == Done()
+    assert status_of(kit)["cache"]["misses"] == 2

@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from regmirror import constants as c
+from regmirror.cachestatus import cache_state
 from regmirror.conditions import get_condition
 from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result, Terminal, Transient
@@ -83,10 +84,12 @@ def _summary(status: dict[str, Any]) -> tuple[Any, ...]:
     # Ready, Stalled and UpstreamAuthenticated flips, and problem reasons, are news; Reconciling
     # and the phase follow progress (they flip back and forth while agents roll, and writing each
     # flip of 500 mirrors at once was a storm of thousands of writes in the large benchmark).
+    # status.cache: its state is news, its counters progress (the poller already writes them at
+    # most once a minute per mirror, cachestatus.next_cache_status).
     conds = {cd.get("type"): cd for cd in status.get("conditions") or []}
     flips = tuple((t, (conds.get(t) or {}).get("status")) for t in ("Ready", "Stalled", "UpstreamAuthenticated"))
     problems = tuple(sorted(_problem(str(cd.get("reason", ""))) for cd in conds.values()))
-    return (flips, problems, *(repr(status.get(k)) for k in URGENT_FIELDS))
+    return (flips, problems, *(repr(status.get(k)) for k in URGENT_FIELDS), repr(cache_state(status.get("cache"))))
 
 
 def _problem(reason: str) -> str:
@@ -149,7 +152,8 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         # A new mirror progressing normally (not Ready, no problem): its first status waits.
         ready = get_condition(new.get("conditions"), "Ready") or {}
         problems = any(_problem(str(cd.get("reason", ""))) for cd in new.get("conditions") or [])
-        deferrable = ready.get("status") != "True" and not _stalled(new) and not problems
+        # The cache's first figures (its pods answer) are not held back either.
+        deferrable = ready.get("status") != "True" and not _stalled(new) and not problems and not new.get("cache")
         last = rec.first_seen
     else:
         deferrable = not urgent(old, new)
