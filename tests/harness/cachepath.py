@@ -109,6 +109,10 @@ class CachePod:
     # Where the Service's target port listens: 0.0.0.0 lets clients reach the front from an address
     # that is not the pod's loopback (which the front treats as the pod's own containers).
     listen_host: str = "127.0.0.1"
+    # Where the cache sidecar listens: by default a free port on 127.0.0.1; a test that lets the
+    # operator poll it gives the pod an address of its own, and the sidecar takes the port the
+    # operator polls (CACHE_SIDECAR_PORT) there, as in the pod.
+    sidecar_host: str = "127.0.0.1"
 
     # ------------------------------------------------------------ rendered objects
 
@@ -139,7 +143,7 @@ class CachePod:
 
     @property
     def sidecar_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['sidecar']}"
+        return f"http://{self.sidecar_host}:{self.ports['sidecar']}"
 
     @property
     def storage(self) -> Path:
@@ -171,11 +175,11 @@ class CachePod:
             f":{c.REGISTRY_PORT}": f"{self.listen_host}:{self.ports['front']}",
             f":{REGISTRY_BACKEND_PORT}": f"{host}:{self.ports['backend']}",
             f":{c.REGISTRY_DEBUG_PORT}": f"{host}:{self.ports['debug']}",
-            f":{CACHE_SIDECAR_PORT}": f"{host}:{self.ports['sidecar']}",
+            f":{CACHE_SIDECAR_PORT}": f"{self.sidecar_host}:{self.ports['sidecar']}",
             f"127.0.0.1:{REGISTRY_BACKEND_PORT}": f"{host}:{self.ports['backend']}",
             f"127.0.0.1:{c.REGISTRY_PORT}": f"{host}:{self.ports['front']}",
             f"127.0.0.1:{c.REGISTRY_DEBUG_PORT}": f"{host}:{self.ports['debug']}",
-            f"127.0.0.1:{CACHE_SIDECAR_PORT}": f"{host}:{self.ports['sidecar']}",
+            f"127.0.0.1:{CACHE_SIDECAR_PORT}": f"{self.sidecar_host}:{self.ports['sidecar']}",
             f"{CLUSTER_IP}:{self.spec.service.port}": f"{host}:{self.ports['front']}",
         }
         paths = {
@@ -208,6 +212,10 @@ class CachePod:
     def map_vcl(self, vcl: str) -> str:
         vcl = vcl.replace(f'include "{ACCESS_FILE}";', f'include "{self.access_dir / ACCESS_FILE_KEY}";')
         vcl = vcl.replace(f'.port = "{REGISTRY_BACKEND_PORT}";', f'.port = "{self.ports["backend"]}";')
+        vcl = vcl.replace(
+            f'.host = "127.0.0.1";\n    .port = "{CACHE_SIDECAR_PORT}";',
+            f'.host = "{self.sidecar_host}";\n    .port = "{CACHE_SIDECAR_PORT}";',
+        )
         return vcl.replace(f'.port = "{CACHE_SIDECAR_PORT}";', f'.port = "{self.ports["sidecar"]}";')
 
     # ------------------------------------------------------------ control files (what the kubelet mounts)
@@ -215,8 +223,12 @@ class CachePod:
     def write_control(self, *, pins: list[str] | None = None, invalidations: Mapping[str, str] | None = None) -> None:
         """Write the `-cache` ConfigMap's files, as the operator would render them with these inputs."""
         cm = render_cache.render_control_config_map(self.name, "uid", self.spec, NAMESPACE, pins=pins or (), invalidations=invalidations)
+        self.mount_control(cm["data"])
+
+    def mount_control(self, data: Mapping[str, str]) -> None:
+        """Swap in the `-cache` ConfigMap's files as the operator wrote them, each file at once (as the kubelet does)."""
         self.control_dir.mkdir(parents=True, exist_ok=True)
-        for key, value in cm["data"].items():
+        for key, value in data.items():
             tmp = self.control_dir / f".{key}.tmp"
             tmp.write_text(value)
             os.replace(tmp, self.control_dir / key)
@@ -302,12 +314,25 @@ class CachePod:
         access: Mapping[str, str] | None = None,
         access_enforced: bool | None = None,
         listen_host: str = "127.0.0.1",
+        sidecar_host: str | None = None,
     ) -> Iterator[CachePod]:
         """Start registry, sidecar, front and front-stats (in that order: the front probes the sidecar)."""
         workdir.mkdir(parents=True, exist_ok=True)
         children = render_mirror.render_mirror_children(name, "uid", spec, NAMESPACE, access_enforced=access_enforced)
         ports = {k: free_port() for k in ("front", "backend", "debug", "sidecar")}
-        pod = cls(name, spec, workdir, children, ports, registry_binary, secrets or {}, listen_host=listen_host)
+        if sidecar_host is not None:
+            ports["sidecar"] = CACHE_SIDECAR_PORT
+        pod = cls(
+            name,
+            spec,
+            workdir,
+            children,
+            ports,
+            registry_binary,
+            secrets or {},
+            listen_host=listen_host,
+            sidecar_host=sidecar_host or "127.0.0.1",
+        )
         try:
             # The access Secret the operator creates before the Deployment (regmirror/access.py).
             pod.write_access(access if access is not None else decide_access(AccessInputs(name, spec, now=0.0)).auth_data)

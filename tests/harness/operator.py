@@ -47,6 +47,8 @@ class OperatorProcess:
         self.relay = relay
         self.metrics_port, self.liveness_port = free_ports(2)
         self.proc: subprocess.Popen[bytes] | None = None
+        # Settings a test module runs the operator with (applied at the next start or restart).
+        self.extra_env: dict[str, str] = {}
 
     def start(self) -> None:
         env = {
@@ -62,7 +64,13 @@ class OperatorProcess:
             # A rotation asked for waits this long after the previous one (600 s in a cluster, where a Secret
             # volume takes about a minute to reach the pods; here no pod mounts anything).
             "REGMIRROR_ACCESS_ROTATION_SPACING": "2",
+            # status.cache polls each ready mirror pod's sidecar at its pod IP. kwok's pods have IPs
+            # from POD_CIDR that nothing on this machine answers (the packets would leave loopback),
+            # so the poll runs once at start; tests/e2e/test_status_cache_e2e.py runs it every second
+            # against a mirror pod whose sidecar really listens at its IP.
+            "REGMIRROR_CACHE_STATS_INTERVAL": "86400",
             "POD_NAME": self.identity,
+            **self.extra_env,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process owns it
         liveness = f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz"

@@ -8,8 +8,8 @@ registry, in one write, and unpin it when the pod is gone. The invalidate annota
 must reach the same ConfigMap.
 
 Not here: status.cache. kwok pods run no container, so no `regmirror cache serve`
-answers at their IPs; the poll is tested against the real sidecar's HTTP handler on
-loopback in tests/unit/test_cache_wiring.py.
+answers at their IPs; tests/e2e/test_status_cache_e2e.py runs a real mirror pod on
+loopback and reports it as a kubelet would.
 """
 
 from __future__ import annotations
