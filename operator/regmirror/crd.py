@@ -185,8 +185,8 @@ def missing_descriptions(schema: dict[str, Any], path: str = "") -> list[str]:
 
 
 def api_reference_markdown() -> str:
-    """The spec fields as a Markdown table (the README's API reference is generated from this)."""
-    spec = render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    """The spec and status fields as a Markdown table (the README's API reference is generated from this)."""
+    schema = render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
     rows = ["| Field | Type | Default | Description |", "|---|---|---|---|"]
 
     def default_text(value: Any) -> str:
@@ -215,5 +215,6 @@ def api_reference_markdown() -> str:
             if items.get("properties"):
                 walk(items, here + "[]")
 
-    walk(spec, "spec")
+    walk(schema["spec"], "spec")
+    walk(schema["status"], "status")
     return "\n".join(rows) + "\n"
