@@ -6,7 +6,7 @@ Promises checked (issue 11, "After some API disruptions the operator is alive bu
   ``RECREATE_SECONDS``, whether the API server restarted during convergence, in a quiet
   period, or was down for minutes; and so do children deleted during a partition (with
   or without an API server restart meanwhile) once it heals;
-- no write storm after recovery: at most ``WRITE_BUDGET`` operator writes in the minute
+- no write storm after recovery: at most ``WRITE_BUDGET_BASE`` + 2 per mirror operator writes in the minute
   after it (re-creating what was deleted costs a handful; a retry storm costs hundreds);
 - status never keeps claiming Ready=True for a mirror whose Deployment vanished;
 - the operator's liveness endpoint reports failure while it cannot watch, and health again after.
@@ -40,8 +40,12 @@ PARTITION_SECONDS = 130
 #: The window after recovery in which the operator's writes are counted.
 STORM_WINDOW_SECONDS = 60
 #: Writes that window may hold: re-creating the deleted children (3), a new node plan
-#: (ConfigMap and DaemonSet), status updates of both mirrors and their Events.
-WRITE_BUDGET = 20
+#: (ConfigMap and DaemonSet), the two damaged mirrors' status flips and their Events, and,
+#: per mirror in the cluster, the progress of the new plan's rollout: written at most once
+#: per status_progress_interval (60 s), so twice in a window of that length (CI found 27
+#: writes with ten mirrors: 2 progress writes each for six of them). A storm is hundreds.
+WRITE_BUDGET_BASE = 16
+WRITE_BUDGET_PER_MIRROR = 2
 
 
 def delete_children(cluster: LocalCluster, mirror: str, kinds: tuple[str, ...]) -> dict[str, str]:
@@ -70,13 +74,14 @@ def recreated(cluster: LocalCluster, mirror: str, old_uids: dict[str, str]) -> l
     return []
 
 
-def write_storm(cluster: LocalCluster, since: str, since_at: float) -> list[str]:
-    """Wait for the end of the window after ``since`` and report a write storm in it, if any."""
+def write_storm(cluster: LocalCluster, since: str, since_at: float, mirrors: int) -> list[str]:
+    """Wait for the end of the window after ``since`` and report a write storm in it, if any (`mirrors`: how many exist)."""
     time.sleep(max(0.0, since_at + STORM_WINDOW_SECONDS - time.monotonic()))  # the measurement window
     writes = audit.writes(cluster, OPERATOR_USER, since)
-    if len(writes) <= WRITE_BUDGET:
+    budget = WRITE_BUDGET_BASE + WRITE_BUDGET_PER_MIRROR * mirrors
+    if len(writes) <= budget:
         return []
-    return [f"{len(writes)} operator writes in the {STORM_WINDOW_SECONDS}s after recovery (budget {WRITE_BUDGET}):", *audit.summary(writes)]
+    return [f"{len(writes)} operator writes in the {STORM_WINDOW_SECONDS}s after recovery (budget {budget}):", *audit.summary(writes)]
 
 
 def recovers(cluster: LocalCluster, mirrors: list[str]) -> list[str]:
@@ -88,7 +93,7 @@ def recovers(cluster: LocalCluster, mirrors: list[str]) -> list[str]:
         mirrors[1]: delete_children(cluster, mirrors[1], ("configmap", "deployment")),
     }
     problems = [p for mirror, uids in lost.items() for p in recreated(cluster, mirror, uids)]
-    return problems + write_storm(cluster, since, since_at)
+    return problems + write_storm(cluster, since, since_at, len(mirrors))
 
 
 def liveness_fails(operator: OperatorProcess, within: float, what: str) -> list[str]:
@@ -183,5 +188,5 @@ def test_partition_while_children_are_deleted(faults: Faults, apiserver_restart:
         problems += recreated(cluster, mirror, uids)
     problems += liveness_recovers(operator)
     problems += ownership_problems(cluster, [service_lost, deployment_lost])
-    problems += write_storm(cluster, healed, healed_at)
+    problems += write_storm(cluster, healed, healed_at, 2)
     assert not problems, "\n".join(problems)
