@@ -89,11 +89,6 @@ def ref(upstream: Registry, image: BuiltImage) -> str:
     return f"{upstream.address}/{image.name}:{image.tag}"
 
 
-def image_bytes(image: BuiltImage) -> int:
-    blobs = image.layout / "blobs" / "sha256"
-    return sum((blobs / d.removeprefix("sha256:")).stat().st_size for d in image.blobs_for_host)
-
-
 @contextlib.contextmanager
 def nodes(binaries: ContainerdBinaries, root: Path, pod: CachePod | None, count: int) -> Iterator[list[tuple[Any, Containerd]]]:
     """`count` configured nodes, each with its own containerd."""
@@ -160,7 +155,7 @@ def test_concurrent_pulls_fetch_each_blob_and_the_manifest_once_and_the_figures_
         assert len(manifest_gets) == 1, "the manifest came from the upstream once"
 
         manifest_size = len(image.top.data)
-        want_from_upstream = image_bytes(image) + manifest_size
+        want_from_upstream = image.bytes_for_host + manifest_size
         requests_per_pull = len(image.blobs_for_host) + 1  # the manifest and each blob
         figures = pod.wait_janitor(
             lambda s: s["bytesFromUpstream"] == want_from_upstream and s["hits"] + s["misses"] >= count * requests_per_pull,
@@ -183,7 +178,7 @@ def test_a_stream_of_images_stays_under_the_cap_keeps_the_pinned_image_and_an_ev
     binaries: ContainerdBinaries, registry_binary: str, upstream: Registry, images: dict[str, BuiltImage], tmp_path: Path
 ) -> None:
     stream = [images[f"img{i}"] for i in range(1, 8)]
-    one = image_bytes(stream[0]) + len(stream[0].top.data)
+    one = stream[0].bytes_for_host + len(stream[0].top.data)
     cap = 3 * one  # the stream is ~2.3x the cap
     spec = mirror_spec(upstream, cache={"maxSize": str(cap), "highWatermarkPercent": 90, "lowWatermarkPercent": 60})
     pinned_image = stream[0]

@@ -105,11 +105,6 @@ def pod_address() -> str:
     raise RuntimeError(f"no loopback address with port {CACHE_SIDECAR_PORT} free")
 
 
-def image_bytes(image: BuiltImage) -> int:
-    blobs = image.layout / "blobs" / "sha256"
-    return sum((blobs / d.removeprefix("sha256:")).stat().st_size for d in image.blobs_for_host)
-
-
 def pull_on_a_new_node(binaries: ContainerdBinaries, root: Path, pod: CachePod, reference: str) -> None:
     node = configured_node(binaries, root, pod)
     with Containerd.start(binaries, str(node.certs_dir)) as daemon:
@@ -220,7 +215,7 @@ def test_status_cache_shows_what_nodes_pulled_the_pins_the_operator_rendered_and
         with CachePod.run(spec, tmp_path / "pod", registry_binary, name=MIRROR, sidecar_host=address) as pod:
             pull_on_a_new_node(binaries, tmp_path / "cold", pod, reference)
             pull_on_a_new_node(binaries, tmp_path / "warm", pod, reference)
-            from_upstream = image_bytes(image) + len(image.top.data)
+            from_upstream = image.bytes_for_host + len(image.top.data)
             requests_per_pull = len(image.blobs_for_host) + 1  # the manifest and each blob
             stats = pod.wait_janitor(
                 lambda s: s["bytesFromUpstream"] == from_upstream and s["hits"] + s["misses"] >= 2 * requests_per_pull,

@@ -78,6 +78,12 @@ class BuiltImage:
         """The Docker short name (library/ dropped)."""
         return self.name.removeprefix("library/")
 
+    @property
+    def bytes_for_host(self) -> int:
+        """Bytes of the blobs a host-platform pull fetches (layers and config; the manifest is `top`)."""
+        blobs = self.layout / "blobs" / "sha256"
+        return sum((blobs / d.removeprefix("sha256:")).stat().st_size for d in self.blobs_for_host)
+
     def push(self, registry: str, *, creds: str | None = None) -> None:
         """skopeo copy the layout into `registry` (host:port, plain HTTP), all platforms, digests unchanged."""
         argv = ["skopeo", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false"]

@@ -169,8 +169,9 @@ class LoopbackMirror:
 
     def holds_blob(self, digest: str) -> bool:
         """Whether the mirror has committed blob `digest` to its storage (distribution's filesystem layout)."""
-        algorithm, _, hex_digest = digest.partition(":")
-        return (self.workdir / "storage" / "docker/registry/v2/blobs" / algorithm / hex_digest[:2] / hex_digest / "data").is_file()
+        from regmirror.cache import store
+
+        return (store.blob_dir(self.workdir / "storage", digest) / "data").is_file()
 
     def debug_vars(self) -> dict[str, Any]:
         """distribution's expvar counters (2.8 keeps its proxy hit/miss counters there, not in /metrics)."""
