@@ -35,15 +35,13 @@ from _dataplane import (
     Containerd,
     ContainerdBinaries,
     Registry,
-    ensure_binaries,
     ensure_commands,
     htpasswd_line,
-    system_containerd,
     wait_for,
 )
 from _images import BuiltImage, multi_layer_image
 
-from harness.cachepath import CLUSTER_IP, CachePod, distribution_v3
+from harness.cachepath import CLUSTER_IP, CachePod
 from regmirror import access as acc
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeplan import build_node_plan, mirror_entry
@@ -56,21 +54,12 @@ HOST_IP, NS_IP = "10.240.77.1", "10.240.77.2"
 
 
 @pytest.fixture(scope="module")
-def binaries() -> ContainerdBinaries:
-    reason = ensure_binaries() or ensure_commands({"varnish": "varnishd", "curl": "curl", "ip": "ip"})
+def binaries(binaries: ContainerdBinaries) -> ContainerdBinaries:
+    """The shared node binaries (tests/e2e/conftest.py), and curl and ip for the pod network namespace."""
+    reason = ensure_commands({"curl": "curl", "iproute2": "ip"})
     if reason:
         pytest.skip(reason)
-    found = system_containerd()
-    assert found is not None
-    return found
-
-
-@pytest.fixture(scope="module")
-def registry_binary(binaries: ContainerdBinaries) -> str:
-    binary, why = distribution_v3()
-    if binary is None:
-        pytest.skip(why)
-    return binary
+    return binaries
 
 
 @pytest.fixture(scope="module")

@@ -27,38 +27,17 @@ from _dataplane import (
     Containerd,
     ContainerdBinaries,
     Registry,
-    ensure_binaries,
-    ensure_commands,
     served_requests,
-    system_containerd,
     wait_for,
 )
 from _images import BuiltImage, multi_layer_image
 
-from harness.cachepath import CachePod, configured_node, distribution_v3, iptables_works, upstream_fault
+from harness.cachepath import CachePod, configured_node, iptables_works, upstream_fault
 from regmirror.models import RegistryMirrorSpec
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd, varnishd and registries as daemons: needs root")
 
 SMALL = (256 << 10, 64 << 10)  # two layers: pulls stay quick on a shared 2-core machine
-
-
-@pytest.fixture(scope="module")
-def binaries() -> ContainerdBinaries:
-    reason = ensure_binaries() or ensure_commands({"varnish": "varnishd"})
-    if reason:
-        pytest.skip(reason)
-    found = system_containerd()
-    assert found is not None
-    return found
-
-
-@pytest.fixture(scope="module")
-def registry_binary(binaries: ContainerdBinaries) -> str:
-    binary, why = distribution_v3()
-    if binary is None:
-        pytest.skip(why)
-    return binary
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _dataplane import Registry, ensure_commands, tiny_image, wait_for
+from _dataplane import Registry, tiny_image, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness.cachepath import CachePod, distribution_v3
+from harness.cachepath import CachePod
 from monitoring import queries
 from regmirror.models import RegistryMirrorSpec
 
@@ -34,17 +34,6 @@ PULLED, PREWARMED = ("library/hello", "v1", "pulled through the front\n"), ("lib
 OTHER_BODY_BYTES = 64
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture(scope="module")
-def registry_binary() -> str:
-    reason = ensure_commands({"varnish": "varnishd"})
-    if reason:
-        pytest.skip(reason)
-    binary, why = distribution_v3()
-    if binary is None:
-        pytest.skip(why)
-    return binary
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,14 @@ from _dataplane import (
     LoopbackMap,
     Registry,
     build_containerd,
-    ensure_binaries,
-    ensure_commands,
     free_port,
     map_to_loopback,
     served_requests,
-    system_containerd,
     wait_for,
 )
 from _images import BuiltImage, multi_layer_image
 
-from harness.cachepath import CLUSTER_IP, CachePod, configured_node, distribution_v3, iptables_works
+from harness.cachepath import CLUSTER_IP, CachePod, configured_node, iptables_works
 from harness.s3 import S3Server, versitygw_binary
 from harness.service import KernelService, LoopbackService, blackholed
 from regmirror.models import RegistryMirrorSpec
@@ -58,24 +55,6 @@ KEY_SECRET = "bucket-key"
 LAYERS = (384 << 10, 96 << 10)
 # A loopback address no other test uses: the emulated ClusterIP's DNAT rules match only it.
 VIRTUAL_IP = "127.0.0.77"
-
-
-@pytest.fixture(scope="module")
-def binaries() -> ContainerdBinaries:
-    reason = ensure_binaries() or ensure_commands({"varnish": "varnishd"})
-    if reason:
-        pytest.skip(reason)
-    found = system_containerd()
-    assert found is not None
-    return found
-
-
-@pytest.fixture(scope="module")
-def registry_binary(binaries: ContainerdBinaries) -> str:
-    binary, why = distribution_v3()
-    if binary is None:
-        pytest.skip(why)
-    return binary
 
 
 @pytest.fixture(scope="module")

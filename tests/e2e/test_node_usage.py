@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 import pytest
-from _dataplane import Containerd, ContainerdBinaries, Registry, ensure_binaries, ensure_commands, system_containerd, wait_for
+from _dataplane import Containerd, ContainerdBinaries, Registry, wait_for
 from _images import multi_layer_image
 
-from harness.cachepath import CachePod, configured_node, distribution_v3
+from harness.cachepath import CachePod, configured_node
 from regmirror.models import RegistryMirrorSpec
 from regmirror.nodeusage import usage
 
@@ -41,22 +41,16 @@ def node(name: str, ip: str) -> dict[str, object]:
     return {"metadata": {"name": name}, "spec": {}, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}
 
 
-def test_the_sidecar_names_the_clients_that_pulled_and_the_operator_maps_them_to_nodes(tmp_path: Path) -> None:
-    reason = ensure_binaries() or ensure_commands({"varnish": "varnishd"})
-    if reason:
-        pytest.skip(reason)
-    binary, why = distribution_v3()
-    if binary is None:
-        pytest.skip(why)
-    binaries: ContainerdBinaries | None = system_containerd()
-    assert binaries is not None
+def test_the_sidecar_names_the_clients_that_pulled_and_the_operator_maps_them_to_nodes(
+    tmp_path: Path, binaries: ContainerdBinaries, registry_binary: str
+) -> None:
     image = multi_layer_image(tmp_path / "img", name="library/usage", layer_sizes=(64 << 10,))
     with Registry.start(tmp_path / "upstream") as upstream:
         image.push(upstream.address)
         spec = RegistryMirrorSpec.model_validate(
             {"upstream": {"url": upstream.url, "hosts": [upstream.address]}, "storage": {"ephemeral": True, "size": "1Gi"}}
         )
-        with CachePod.run(spec, tmp_path / "pod", binary) as pod:
+        with CachePod.run(spec, tmp_path / "pod", registry_binary) as pod:
             assert pod.has_front
             configured = configured_node(binaries, tmp_path / "n1", pod)
             with Containerd.start(binaries, str(configured.certs_dir)) as daemon:

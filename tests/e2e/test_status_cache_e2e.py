@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _dataplane import Containerd, ContainerdBinaries, Registry, ensure_binaries, ensure_commands, system_containerd, wait_for
+from _dataplane import Containerd, ContainerdBinaries, Registry, wait_for
 from _images import BuiltImage, multi_layer_image
 
 from harness import LocalCluster
-from harness.cachepath import CachePod, configured_node, distribution_v3
+from harness.cachepath import CachePod, configured_node
 from harness.objects import MirrorFactory
 from harness.operator import OPERATOR_NS, OperatorProcess, get_mirror
 from regmirror import constants as c
@@ -46,24 +46,6 @@ WORKLOAD_NS = "default"
 NO_NODE = {"e2e.regmirror.dev/no-such-node": "true"}  # the mirror's own pods stay Pending
 NOT_SCHEDULED = "e2e-no-scheduler"  # the fake pods are reported by the test, never scheduled
 POLL_SECONDS = "1"
-
-
-@pytest.fixture(scope="module")
-def binaries() -> ContainerdBinaries:
-    reason = ensure_binaries() or ensure_commands({"varnish": "varnishd"})
-    if reason:
-        pytest.skip(reason)
-    found = system_containerd()
-    assert found is not None
-    return found
-
-
-@pytest.fixture(scope="module")
-def registry_binary(binaries: ContainerdBinaries) -> str:
-    binary, why = distribution_v3()
-    if binary is None:
-        pytest.skip(why)
-    return binary
 
 
 @pytest.fixture(scope="module")
