@@ -50,11 +50,22 @@ def writes(
 
 
 def summary(events: list[dict[str, Any]]) -> list[str]:
-    """``verb resource[/subresource] namespace/name -> code`` lines with counts, for failure messages."""
+    """``verb resource[/subresource] namespace/name -> code`` lines with counts, for failure messages;
+    a mirror's status write also says what its conditions were (the policy logs those bodies)."""
     counts: Counter[str] = Counter()
     for event in events:
         ref = event.get("objectRef") or {}
         resource = ref.get("resource", "") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
         code = (event.get("responseStatus") or {}).get("code")
-        counts[f"{event.get('verb')} {resource} {ref.get('namespace', '')}/{ref.get('name', '')} -> {code}"] += 1
+        line = f"{event.get('verb')} {resource} {ref.get('namespace', '')}/{ref.get('name', '')} -> {code}"
+        counts[line + conditions_written(event)] += 1
     return [f"{count}x {line}" for line, count in sorted(counts.items())]
+
+
+def conditions_written(event: dict[str, Any]) -> str:
+    """`` [Ready=True/AllNodesConfigured, ...]`` for a status write logged with its body, else ``""``."""
+    status = (event.get("requestObject") or {}).get("status")
+    if not isinstance(status, dict):
+        return ""
+    conditions = [cd for cd in status.get("conditions") or [] if isinstance(cd, dict)]
+    return " [" + ", ".join(f"{cd.get('type')}={cd.get('status')}/{cd.get('reason')}" for cd in conditions) + "]"
