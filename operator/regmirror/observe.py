@@ -56,6 +56,8 @@ class Observation:
     upstream_auth: tuple[bool | None, str, str] | None = None
     # The strict mirrors this mirror's own image can only be pulled through (None: it depends on none).
     bootstrap: BootstrapConflict | None = None
+    # status.nodes' pulledRecently / notPulledRecently (nodeusage.counts); None while unknown.
+    usage: dict[str, Any] | None = None
 
 
 def being_deleted(obj: dict[str, Any] | None) -> bool:
@@ -252,6 +254,7 @@ def evaluate(obs: Observation, existing_conditions: list[dict[str, Any]], now: s
             "updated": rollout.updated,
             "ready": rollout.ready,
             "notReady": list(rollout.not_ready[:MAX_NOT_READY_NAMES]),
+            **(obs.usage if obs.usage is not None and rollout.enabled else {}),
         },
         "nodesRatio": f"{rollout.ready}/{rollout.desired}" if rollout.enabled else "disabled",
         "hosts": [{"host": host, "position": position, "mirrors": head} for host, (position, head) in sorted(obs.host_routes.items())],

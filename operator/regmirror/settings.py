@@ -92,9 +92,11 @@ class Settings(BaseModel):
         Field(
             description=(
                 "Seconds between two polls of every ready mirror pod's cache sidecar (/stats) for status.cache; "
-                "counters are written at most once a minute and only when they changed."
+                "counters are written at most once a minute and only when they changed. 0 turns the polls off "
+                "(status.cache then keeps what it last said), e.g. where a NetworkPolicy keeps the operator "
+                "from the mirror pods."
             ),
-            gt=0,
+            ge=0,
         ),
     ] = 60.0
     cache_stats_timeout: Annotated[

@@ -13,7 +13,9 @@ label no node has, so no kwok pod with an unreachable IP joins the figures.
 The operator (restarted for this module with a 1 s poll instead of once a day, see
 harness/operator.py) must find the pod, poll it and write status.cache: the figures of
 what containerd pulled, the pin it rendered from a workload's imageID once the sidecar
-reads it, and a pod that stops answering as a stale replica with its last figures kept.
+reads it, and a pod that stops answering as a stale replica with its last figures kept;
+and status.nodes: the node whose address the pulls came from counts as pulling, the
+others are named.
 """
 
 from __future__ import annotations
@@ -147,6 +149,10 @@ def cache_status(cluster: LocalCluster) -> dict[str, Any]:
     return dict((get_mirror(cluster, MIRROR).get("status") or {}).get("cache") or {})
 
 
+def nodes_status(cluster: LocalCluster) -> dict[str, Any]:
+    return dict((get_mirror(cluster, MIRROR).get("status") or {}).get("nodes") or {})
+
+
 def control_data(cluster: LocalCluster) -> dict[str, str] | None:
     result = cluster.kubectl("get", "configmap", cache_control_name(MIRROR), "-n", OPERATOR_NS, "-o", "json", check=False)
     return dict(json.loads(result.stdout).get("data") or {}) if result.returncode == 0 else None
@@ -172,6 +178,7 @@ def test_status_cache_shows_what_nodes_pulled_the_pins_the_operator_rendered_and
         "cache": {"maxSize": "256Mi"},
         "nodeSelector": NO_NODE,
     }
+    added: list[str] = []
     try:
         mirrors.track_mirror(MIRROR)
         cluster.kubectl(
@@ -231,6 +238,29 @@ def test_status_cache_shows_what_nodes_pulled_the_pins_the_operator_rendered_and
             assert (written["replicas"], written["staleReplicas"]) == (1, 0)
             assert written["pinnedImages"] == 0
 
+            # Which nodes pulled (status.nodes): the front saw both pulls come from 127.0.0.1. A node
+            # with that address counts; the session's kwok nodes, which pulled nothing, are named.
+            kwok_nodes = sorted(n["metadata"]["name"] for n in cluster.fake_nodes())
+            (puller,) = cluster.add_nodes(1, prefix="cs-puller-")
+            added.append(puller)
+            cluster.kubectl(
+                "patch",
+                "node",
+                puller,
+                "--subresource=status",
+                "--type=json",
+                "-p",
+                json.dumps([{"op": "add", "path": "/status/addresses/-", "value": {"type": "ExternalIP", "address": "127.0.0.1"}}]),
+            )
+            usage = wait_for(
+                lambda: (n := nodes_status(cluster)).get("pulledRecently") == 1 and n,
+                30,
+                "status.nodes.pulledRecently = 1 (the node at 127.0.0.1)",
+                diagnose=lambda: json.dumps(get_mirror(cluster, MIRROR).get("status", {}).get("nodes"))[:2000] + "\n" + operator.log_tail(),
+            )
+            print(f"status.nodes after the pulls: {usage}")
+            assert usage["notPulledRecently"] == kwok_nodes[:5]
+
             # A workload runs the image: the operator pins it in the -cache ConfigMap, the kubelet
             # mounts that, the sidecar keeps it, and status.cache says so.
             digest = image.top.digest
@@ -256,4 +286,6 @@ def test_status_cache_shows_what_nodes_pulled_the_pins_the_operator_rendered_and
             assert {k: stale[k] for k in keep} == {k: before[k] for k in keep}, "a pod that does not answer keeps its last figures"
             assert stale["replicas"] == 1
     finally:
+        if added:
+            cluster.delete_nodes(added)
         mirrors.cleanup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -229,7 +230,7 @@ class Sidecar:
             front="http://127.0.0.1:9",
             registry_metrics=self.metrics.as_uri(),
             front_stats=None,
-            front_clients=None,
+            front_clients=str(root / "clients.txt"),
             eviction="on",
         )
         self.cache = server.Cache(args)
@@ -240,6 +241,14 @@ class Sidecar:
 
     def set(self, **counters: int) -> None:
         self.metrics.write_text(METRICS.format(**counters))
+
+    def pulled_from(self, *addresses: str) -> None:
+        """Pulls from these client addresses, as the front-stats container lists them from Varnish's log."""
+        assert self.cache.front_clients is not None
+        previous = self.cache.front_clients.read_text() if self.cache.front_clients.exists() else ""
+        self.cache.front_clients.write_text(previous + "".join(f"{a}\n" for a in addresses))
+        self.cache._clients_mtime = None  # the same second's write is still news
+        self.cache.clients_pass(time.time())
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -331,7 +340,7 @@ async def test_a_quiet_cache_costs_no_write_and_a_restart_none_either(sidecars: 
     await write_status(again)
     kit.kube.calls.clear()
     await poll(again, sidecars)
-    assert ("status", "hub") not in again.queued()
+    # The status is computed again (who pulled is learned anew after a restart), and equals the live one.
     await write_status(again)
     assert kit.kube.writes() == []
 
@@ -385,6 +394,99 @@ async def test_no_answer_ever_means_no_status_cache_and_no_write() -> None:
     await kit.run("status", "hub")
     assert status_cache(kit) is None
     assert kit.kube.writes() == []
+
+
+def kube_node(name: str, internal: str, *, pod_cidr: str | None = None, pool: str = "a") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"pool": pool}},
+        "spec": {"podCIDRs": [pod_cidr]} if pod_cidr else {},
+        "status": {"addresses": [{"type": "InternalIP", "address": internal}, {"type": "Hostname", "address": name}]},
+    }
+
+
+def nodes_status(kit: Kit) -> dict[str, Any]:
+    body = kit.kube.obj(c.KIND, None, "hub")
+    assert body is not None
+    nodes: dict[str, Any] = (body.get("status") or {}).get("nodes") or {}
+    return nodes
+
+
+async def test_status_names_the_selected_nodes_that_did_not_pull_through_the_mirror(sidecars: dict[str, Sidecar]) -> None:
+    kit = Kit()
+    for i in range(1, 5):
+        kit.kube.put(kube_node(f"node-{i}", f"192.168.0.{i}", pod_cidr=f"10.244.{i}.0/24", pool="b" if i == 4 else "a"))
+    kit.kube.put(mirror("hub", nodeConfig={"nodeSelector": {"matchLabels": {"pool": "a"}}}))
+    await kit.converge("hub")
+    await kit.run("status", "hub")
+    kit.clock.advance(120)
+    await kit.run("status", "hub")
+    kit.kube.put(mirror_pod("regmirror-hub-a", "127.0.0.1"))
+    kit.kube.put(mirror_pod("regmirror-hub-b", "127.0.0.2"))
+    await poll(kit, sidecars)
+    await write_status(kit)
+    before = nodes_status(kit)
+    assert (before["pulledRecently"], before["notPulledRecently"]) == (0, ["node-1", "node-2", "node-3"]), "a front that saw no pull"
+    # node-1 pulled through replica a; node-2's pull reached replica b on its own node (kube-proxy
+    # masquerades it to node-2's pod-network gateway); node-4 is not selected; node-3 never pulled.
+    sidecars["127.0.0.1"].pulled_from("192.168.0.1", "192.168.0.4", "203.0.113.9")
+    sidecars["127.0.0.2"].pulled_from("10.244.2.1")
+    await poll(kit, sidecars)
+    assert ("status", "hub") in kit.queued(), "who pulled changed: the status is computed again"
+    await write_status(kit)
+    assert nodes_status(kit) | {"desired": 3} == nodes_status(kit)
+    assert (nodes_status(kit)["pulledRecently"], nodes_status(kit)["notPulledRecently"]) == (2, ["node-3"])
+    # The same answers again: nothing changed, nothing written.
+    kit.kube.calls.clear()
+    await poll(kit, sidecars)
+    await write_status(kit)
+    assert kit.kube.writes() == []
+    # A node joins the pool: it is named until it pulls.
+    kit.kube.put(kube_node("node-4", "192.168.0.4", pod_cidr="10.244.4.0/24", pool="a"))
+    kit.kube.put(kube_node("node-5", "192.168.0.5", pool="a"))
+    await kit.run("rollout")
+    await write_status(kit)
+    assert (nodes_status(kit)["pulledRecently"], nodes_status(kit)["notPulledRecently"]) == (3, ["node-3", "node-5"])
+    # One replica goes away: what only it saw goes with it.
+    kit.kube.remove("Pod", NS, "regmirror-hub-b")
+    await poll(kit, sidecars)
+    await write_status(kit)
+    assert (nodes_status(kit)["pulledRecently"], nodes_status(kit)["notPulledRecently"]) == (2, ["node-2", "node-3", "node-5"])
+    # The operator restarts: before its first poll it keeps what the status says, after it finds the same.
+    again = Kit(kube=kit.kube)
+    await again.converge("hub")
+    kit.kube.calls.clear()
+    await write_status(again)
+    await poll(again, sidecars)
+    await write_status(again)
+    assert kit.kube.writes() == [], "a restart rewrites nothing"
+    # Anyone may write a status: a malformed one is not kept, and does not stop the operator's own.
+    body = kit.kube.obj(c.KIND, None, "hub")
+    assert body is not None
+    body["status"]["nodes"] |= {"pulledRecently": "lots", "notPulledRecently": [1, 2]}
+    kit.kube.put(body)
+    third = Kit(kube=kit.kube)
+    await third.converge("hub")
+    await write_status(third)
+    assert "pulledRecently" not in nodes_status(kit)
+    await poll(third, sidecars)
+    await write_status(third)
+    assert (nodes_status(kit)["pulledRecently"], nodes_status(kit)["notPulledRecently"]) == (2, ["node-2", "node-3", "node-5"])
+
+
+async def test_an_interval_of_zero_turns_the_polls_off_and_keeps_status_cache() -> None:
+    kit = Kit(cache_stats_interval=0)
+    await converged(kit)
+    kit.manager.cache_poller.start()
+    assert not kit.manager.cache_poller.running
+    on = Kit()
+    on.manager.cache_poller.start()
+    try:
+        assert on.manager.cache_poller.running
+    finally:
+        await on.manager.cache_poller.stop()
+    assert not on.manager.cache_poller.running
 
 
 def test_the_pod_watch_covers_every_namespace() -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from regmirror.cache.clients import WINDOW_SECONDS, ClientsSeen, parse_addresses
-from regmirror.nodeusage import usage
+from regmirror.nodeusage import NodeAddresses, NodeLocator, usage
 
 
 def rfc(ts: float) -> str:
@@ -60,3 +62,22 @@ def test_usage_counts_exactly_the_selected_nodes_seen(selected: list[int], pulli
     assert result["pulledRecently"] == len(set(selected) & pulling)
     missing = sorted(f"n{i}" for i in selected if i not in pulling)
     assert result["notPulledRecently"] == missing[:5]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.sampled_from([None, 24, 25, 26])), unique_by=lambda t: t[0], max_size=20),
+    st.sets(st.tuples(st.integers(0, 31), st.integers(0, 255)), max_size=30),
+    st.sets(st.integers(0, 40), max_size=10),
+)
+def test_the_locator_finds_exactly_the_nodes_a_scan_of_every_node_finds(
+    nodes: list[tuple[int, int | None]], pod_clients: set[tuple[int, int]], node_clients: set[int]
+) -> None:
+    """NodeLocator (one dict lookup per address and prefix length) against the plain definition:
+    a node pulled if one of its addresses, or an address in its pod network, is among the clients."""
+    # Node i: address 192.168.0.i, pod network 10.244.i.0/prefix (distinct networks, as a cluster has).
+    parsed = [NodeAddresses.of(f"n{i}", [f"192.168.0.{i}"], [f"10.244.{i}.0/{p}"] if p else []) for i, p in nodes]
+    clients = {ipaddress.ip_address(f"10.244.{a}.{b}") for a, b in pod_clients} | {
+        ipaddress.ip_address(f"192.168.0.{i}") for i in node_clients
+    }
+    scanned = {n.name for n in parsed if n.addresses & clients or any(c in net for c in clients for net in n.pod_cidrs)}
+    assert NodeLocator(parsed).nodes_of(clients) == scanned

@@ -20,6 +20,12 @@
   its last figures and is counted in `staleReplicas`; a mirror none of whose
   pods ever answered gets no status.cache (nothing to say yet) and costs no
   write. A poll never fails a reconcile: errors are a stale pod, nothing more.
+- status.nodes.pulledRecently: the same answers carry the client addresses
+  the front saw pulling in the last 24 h; the poll maps them to node names
+  at once (nodeusage.NodeLocator, built once per round from the store's
+  nodes) and keeps only the names per pod (`rec.cache_clients`); the status
+  reconciler counts the selected nodes among them (`node_usage`). A change
+  in who was seen queues STATUS like a counter change (progress, bounded).
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ import aiohttp
 
 from regmirror import constants as c
 from regmirror.cachestatus import digests_by_registry, invalidation_requests, merge_reports, next_cache_status, pins_of
-from regmirror.controller.state import CHILDREN, STATUS, Context, Done, Result
+from regmirror.controller.state import CHILDREN, STATUS, Context, Done, MirrorRecord, Result
 from regmirror.kube import cancel_quietly
 from regmirror.models import CacheStatus, RegistryMirrorSpec
+from regmirror.nodeusage import MAX_NAMED, NodeAddresses, NodeLocator, clients_of, counts, reports_clients
 from regmirror.render.front import CACHE_SIDECAR_PORT
 
 log = logging.getLogger("regmirror.cache")
@@ -59,6 +66,7 @@ REPORT_KEYS = (
     "lastEviction",
     "prewarm",
     "observedAt",
+    "clients",  # turned into node names at once (decide), never kept as addresses
 )
 
 
@@ -122,18 +130,72 @@ def seeded_status(mirror: Mapping[str, Any]) -> CacheStatus | None:
         return None
 
 
-def decide(ctx: Context, name: str, pods: Mapping[str, str], answers: Mapping[str, Any]) -> bool:
-    """Fold one poll of a mirror's pods into its record; True when status.cache must be written."""
+def node_locator(ctx: Context) -> NodeLocator:
+    """Client address -> node, from the store's nodes (built once per poll round)."""
+    return NodeLocator(
+        NodeAddresses.of(name, [*node.get("addresses", ()), *node.get("externalAddresses", ())], node.get("podCIDRs", ()))
+        for name, node in ctx.store.nodes().items()
+    )
+
+
+def nodes_seen(rec: MirrorRecord) -> frozenset[str] | None:
+    """Nodes any of the mirror's pods saw pulling in the last 24 h; None when no pod reports clients."""
+    if not rec.cache_clients:
+        return None
+    return frozenset().union(*rec.cache_clients.values())
+
+
+def node_usage(ctx: Context, rec: MirrorRecord, spec: RegistryMirrorSpec, live: object) -> dict[str, Any] | None:
+    """status.nodes' pulledRecently and notPulledRecently, or None while unknown (or no node is configured).
+
+    Before the first answer since the operator started, what the live status says (`live`,
+    its status.nodes) is kept: a restart rewrites nothing.
+    """
+    selector = spec.node_config.node_selector
+    if not spec.node_config.enabled or selector is None:
+        return None
+    seen = nodes_seen(rec)
+    if seen is None:
+        return None if rec.cache_reports else kept_usage(live)
+    return counts((name for name, node in ctx.store.nodes().items() if selector.matches(node["labels"])), seen)
+
+
+def kept_usage(live: object) -> dict[str, Any] | None:
+    """pulledRecently and notPulledRecently from a live status.nodes, if well formed (anyone can write a status)."""
+    if not isinstance(live, Mapping):
+        return None
+    count, names = live.get("pulledRecently"), live.get("notPulledRecently")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return {"pulledRecently": count, "notPulledRecently": names[:MAX_NAMED]}
+
+
+def decide(ctx: Context, name: str, pods: Mapping[str, str], answers: Mapping[str, Any], locator: NodeLocator | None = None) -> bool:
+    """Fold one poll of a mirror's pods into its record; True when its status must be computed again
+    (status.cache changed, or the nodes seen pulling did)."""
     mirror = ctx.store.mirror(name)
     if mirror is None:
         return False
     rec = ctx.record(name)
+    seen_before = nodes_seen(rec)
     # Pods that are gone take their figures with them (their counters started and ended with them).
     reports = {key: report for key, report in rec.cache_reports.items() if key in pods}
-    reports.update({key: report for key, report in answers.items() if report is not None})
-    rec.cache_reports = reports
+    clients = {key: seen for key, seen in rec.cache_clients.items() if key in pods}
+    for key, answer in answers.items():
+        if answer is None:
+            continue
+        report = dict(answer)
+        raw = report.pop("clients", None)
+        if reports_clients({"clients": raw}):
+            located = locator if locator is not None else node_locator(ctx)
+            clients[key] = located.nodes_of(clients_of([{"clients": raw}]))
+        reports[key] = report
+    rec.cache_reports, rec.cache_clients = reports, clients
+    seen_changed = nodes_seen(rec) != seen_before
     if not reports:
-        return False  # no pod ever answered: no figures to show yet
+        return seen_changed  # no pod ever answered: no figures to show yet
     stale = sum(1 for key in pods if answers.get(key) is None)
     report = merge_reports(reports.values(), len(pods), stale)
     if rec.cache_status is None:
@@ -141,7 +203,7 @@ def decide(ctx: Context, name: str, pods: Mapping[str, str], answers: Mapping[st
     now = ctx.clock()
     new = next_cache_status(report, rec.cache_status, rec.cache_decided, now)
     if new is None:
-        return False
+        return seen_changed
     rec.cache_status, rec.cache_decided = new, now
     return True
 
@@ -156,8 +218,16 @@ class CachePoller:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start polling (every `cache_stats_interval`, the first round at once)."""
+        """Start polling (every `cache_stats_interval`, the first round at once; never when it is 0)."""
+        if self.ctx.settings.cache_stats_interval <= 0:
+            log.info("status.cache polls are off (cache_stats_interval is 0)")
+            return
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cache stats")
+
+    @property
+    def running(self) -> bool:
+        """Whether the polls run."""
+        return self._task is not None and not self._task.done()
 
     async def stop(self) -> None:
         """Stop polling."""
@@ -188,8 +258,9 @@ class CachePoller:
         by_mirror: dict[str, dict[str, Any]] = {}
         for (name, key, _), answer in zip(keys, answers, strict=True):
             by_mirror.setdefault(name, {})[key] = answer
+        locator = node_locator(self.ctx) if any(reports_clients(a) for a in answers) else None
         for name, pods in targets.items():
-            if decide(self.ctx, name, pods, by_mirror.get(name, {})):
+            if decide(self.ctx, name, pods, by_mirror.get(name, {}), locator):
                 self.ctx.enqueue(STATUS, name, after=self.ctx.settings.status_coalesce)
 
     async def _run(self) -> None:

@@ -110,6 +110,7 @@ class MirrorRecord:
     cache_reports: dict[str, Any] = field(default_factory=dict)  # mirror pod -> its sidecar's last /stats
     cache_status: CacheStatus | None = None  # to write as status.cache (None: keep what the status holds)
     cache_decided: float | None = None  # when cache_status last changed (the counters' rate rule)
+    cache_clients: dict[str, frozenset[str]] = field(default_factory=dict)  # mirror pod -> nodes its front saw pulling (24 h)
 
     def spec_of(self, mirror: dict[str, Any]) -> RegistryMirrorSpec | ConfigError:
         """The typed spec (memoized per generation), or a ConfigError naming the invalid field."""

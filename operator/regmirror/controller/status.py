@@ -25,6 +25,7 @@ from typing import Any
 from regmirror import constants as c
 from regmirror.cachestatus import cache_state
 from regmirror.conditions import get_condition
+from regmirror.controller.cache import node_usage
 from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result, Terminal, Transient
 from regmirror.drift import status_changed
@@ -77,6 +78,7 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
         host_routes={host: routes[name] for host, routes in ctx.routes.items() if name in routes},
         upstream_auth=auth,
         bootstrap=ctx.bootstrap.get(name),
+        usage=None if deleting else node_usage(ctx, rec, spec, (mirror.get("status") or {}).get("nodes")),
     )
 
 

@@ -21,6 +21,7 @@ from regmirror import naming
 from regmirror.access import ANNOTATION_ROTATE, NODE_SECRET_NAME
 from regmirror.cachestatus import pod_image_ids
 from regmirror.controller.informer import Informer, Source
+from regmirror.nodeusage import pod_cidrs
 from regmirror.rollout import slim_agent_pod
 
 # Pods that may run: a finished pod's images are no longer in use.
@@ -78,9 +79,20 @@ def slim_secret(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def slim_node(obj: dict[str, Any]) -> dict[str, Any]:
-    """A Node as its labels (what a mirror's node selector reads) and InternalIP addresses (its NetworkPolicy admits them)."""
-    addresses = [a.get("address") for a in (obj.get("status") or {}).get("addresses") or [] if a.get("type") == "InternalIP"]
-    return {"labels": dict((obj.get("metadata") or {}).get("labels") or {}), "addresses": sorted(a for a in addresses if a)}
+    """A Node as its labels (what a mirror's node selector reads), InternalIP addresses (its NetworkPolicy
+    admits them), and ExternalIP addresses and pod networks (a mirror's front may see its pulls from those)."""
+    entries = [a for a in (obj.get("status") or {}).get("addresses") or [] if isinstance(a, dict) and a.get("address")]
+    slim: dict[str, Any] = {
+        "labels": dict((obj.get("metadata") or {}).get("labels") or {}),
+        "addresses": sorted(str(a["address"]) for a in entries if a.get("type") == "InternalIP"),
+    }
+    external = sorted(str(a["address"]) for a in entries if a.get("type") == "ExternalIP")
+    cidrs = pod_cidrs(obj.get("spec") or {})
+    if external:
+        slim["externalAddresses"] = external
+    if cidrs:
+        slim["podCIDRs"] = cidrs
+    return slim
 
 
 def slim_agent_object(obj: dict[str, Any]) -> dict[str, Any]:
