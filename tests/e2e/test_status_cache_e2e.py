@@ -254,7 +254,7 @@ def test_status_cache_shows_what_nodes_pulled_the_pins_the_operator_rendered_and
             )
             usage = wait_for(
                 lambda: (n := nodes_status(cluster)).get("pulledRecently") == 1 and n,
-                30,
+                90,  # progress, like the counters: written at most once a minute per mirror
                 "status.nodes.pulledRecently = 1 (the node at 127.0.0.1)",
                 diagnose=lambda: json.dumps(get_mirror(cluster, MIRROR).get("status", {}).get("nodes"))[:2000] + "\n" + operator.log_tail(),
             )
