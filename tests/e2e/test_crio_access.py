@@ -29,7 +29,6 @@ from test_access import (  # the Restricted front's harness: one place, not two
     binaries,  # noqa: F401  (fixture)
     image,  # noqa: F401  (fixture)
     netns,  # noqa: F401  (fixture)
-    registry_binary,  # noqa: F401  (fixture)
     spec_for,
     upstream,  # noqa: F401  (fixture)
     wait_front,
@@ -55,7 +54,7 @@ def test_crio_pulls_through_a_restricted_front_with_the_agent_file_and_gets_401_
     crio_bin: Path,  # noqa: F811
     crictl: str,  # noqa: F811
     binaries: ContainerdBinaries,  # noqa: F811
-    registry_binary: str,  # noqa: F811
+    registry_binary: str,
     netns: str,  # noqa: F811
     upstream: Registry,  # noqa: F811
     image: BuiltImage,  # noqa: F811
