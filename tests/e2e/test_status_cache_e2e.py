@@ -10,7 +10,7 @@ so the mirror's ReplicaSet does not adopt and delete it), then Running and Ready
 address through the status subresource. The mirror's own Deployment asks for a node
 label no node has, so no kwok pod with an unreachable IP joins the figures.
 
-The operator (restarted for this module with a 1 s poll instead of once a day, see
+The operator (restarted for this module with a 1 s poll; the session's operator does not poll, see
 harness/operator.py) must find the pod, poll it and write status.cache: the figures of
 what containerd pulled, the pin it rendered from a workload's imageID once the sidecar
 reads it, and a pod that stops answering as a stale replica with its last figures kept;
