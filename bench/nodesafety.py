@@ -11,7 +11,12 @@ blackholed, hanging), with a real upstream and a real mirror on loopback:
   rewrites the file; `detect` is how long after the failure, and the pull
   after that is timed;
 - the penalty of a pull started at any moment after the failure is the
-  stale penalty for pulls started within `detect`, the withdrawn one after.
+  stale penalty for pulls started within `detect`, the withdrawn one after;
+- `guarded`: the same pull at the moment of the failure, with the agent's
+  connection guard running (agent/guard.py, the DaemonSet's default): it
+  aborts the pull's connections to the dead mirror, so this is the worst
+  case with the guard. Its CPU is sampled while the mirror is healthy (the
+  guard's idle cost: ten netlink dumps a second).
 
 Startup taint, on the local control plane with kwok nodes: N nodes carry the
 taint; for each, a pod of the agent's ServiceAccount and a token bound to it
@@ -177,10 +182,38 @@ def failopen(work: Path, releases: Sequence[str] = RELEASES) -> dict[str, Any]:
                         "detect_seconds": round(detect, 2) if detect is not None else None,
                         "withdrawn_penalty": round(after - direct, 3) if after_ok else None,
                         "agent_cpu_fraction": round(cpu, 4),
+                        **_guarded(binaries, work / f"guard-{binaries.release}-{kind}", kind, upstream, ref, direct),
                     }
-                    log(f"containerd {binaries.release} {kind}: stale {stale:.2f}s ok={stale_ok}, detect {detect}, after {after:.2f}s")
+                    log(
+                        f"containerd {binaries.release} {kind}: stale {stale:.2f}s ok={stale_ok}, detect {detect}, after {after:.2f}s, "
+                        f"guarded {row[kind]['guarded_seconds']:.2f}s ok={row[kind]['guarded_ok']}"
+                    )
             out["releases"][binaries.release] = row
     return out
+
+
+def _guarded(binaries: ContainerdBinaries, work: Path, kind: str, upstream: Registry, ref: str, direct: float) -> dict[str, Any]:
+    """A pull that starts the moment the mirror dies, with the agent's connection guard running; and the guard's idle CPU."""
+    with Registry.start(work / "mirror", "127.0.0.3") as mirror:
+        mirror.push_image("team/app", "v1", "bench\n")
+        node = AgentNode("guard", work / "node", {}, runtime_version=binaries.runtime_version)
+        node.write_containerd_config()
+        with node.agent_loop(_plan(mirror.url, upstream), interval=2.0, extra=["--guard-connections"]) as agent:
+            agent.wait_event("files.applied")
+            time.sleep(1)
+            cpu_before, wall_before = _cpu_seconds(agent.proc.pid), time.monotonic()
+            time.sleep(5)
+            idle_cpu = (_cpu_seconds(agent.proc.pid) - cpu_before) / (time.monotonic() - wall_before)
+            with dead_mirror(kind, mirror):
+                seconds, ok = _cri_pull(binaries, node, ref, STALE_CAP)
+            aborted = sum(e.get("count", 0) for e in agent.events() if e.get("event") == "connections.aborted")
+    return {
+        "guarded_seconds": round(seconds, 3),
+        "guarded_ok": ok,
+        "guarded_penalty": round(seconds - direct, 3) if ok else None,
+        "guarded_aborted": aborted,
+        "guard_idle_cpu_fraction": round(idle_cpu, 4),
+    }
 
 
 # ------------------------------------------------------------------ startup taint

@@ -158,7 +158,19 @@ def _release_rows(rows: Rows, r: dict[str, Any], *, release: str) -> None:
             shown = f"{penalty:+.2f}s ({m['stale_seconds']:.2f}s, direct {r['direct']:.2f}s)"
         else:
             shown = f"no image after {m['stale_seconds']:.0f}s (given up)"
-        _row(rows, figure, shown, target, (penalty is not None and penalty <= 1.0) if two else None)
+        if "guarded_seconds" in m:
+            # The agent's connection guard is the DaemonSet's default: its figure carries the target, on every release.
+            guarded = m["guarded_penalty"] if m["guarded_ok"] else None
+            _row(
+                rows,
+                f"{figure}, connection guard on",
+                "failed" if guarded is None else f"{guarded:+.2f}s ({m['guarded_seconds']:.2f}s, {m.get('guarded_aborted', 0)} aborted)",
+                "<= +1 s",
+                guarded is not None and guarded <= 1.0,
+            )
+            _row(rows, "  without the guard", shown)
+        else:
+            _row(rows, figure, shown, target, (penalty is not None and penalty <= 1.0) if two else None)
         after = m.get("withdrawn_penalty")
         _row(
             rows,
@@ -185,6 +197,15 @@ def _probe_cost(rows: Rows, probe: dict[str, Any], failopen: Any) -> None:
         if isinstance(m, dict) and m.get("agent_cpu_fraction") is not None
     ]
     extra = f"; agent CPU {1000 * min(cpu):.1f}-{1000 * max(cpu):.1f} mCPU" if cpu else ""
+    guard_cpu = [
+        m["guard_idle_cpu_fraction"]
+        for r in (releases or {}).values()
+        if isinstance(r, dict)
+        for m in r.values()
+        if isinstance(m, dict) and m.get("guard_idle_cpu_fraction") is not None
+    ]
+    if guard_cpu:
+        extra += f"; with the connection guard, idle: {1000 * min(guard_cpu):.1f}-{1000 * max(guard_cpu):.1f} mCPU"
     _row(
         rows,
         "probe cost: GET /v2/ per second per mirror at 1,000 nodes",

@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     rnd.add_argument("--agent-image", default=c.DEFAULT_OPERATOR_IMAGE, help="image of the node agent (default: %(default)s)")
     rnd.add_argument(
+        "--no-agent-guard-connections",
+        action="store_true",
+        help="render the agent without hostNetwork and NET_ADMIN, as REGMIRROR_AGENT_GUARD_CONNECTIONS=false does",
+    )
+    rnd.add_argument(
         "--node-cidrs", default="", help="comma-separated node addresses or CIDRs for the NetworkPolicies (the operator reads the Nodes)"
     )
     what = rnd.add_mutually_exclusive_group()
@@ -132,7 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--node-labels: {exc}")
             return render_node_config(args.filename, args.node_config, cluster_ip=args.cluster_ip, node_labels=labels, client=args.name)
         cidrs = [x.strip() for x in args.node_cidrs.split(",") if x.strip()]
-        return render_file(args.filename, args.namespace, args.agent_namespace, args.cluster_ip, args.agent_image, cidrs)
+        return render_file(
+            args.filename,
+            args.namespace,
+            args.agent_namespace,
+            args.cluster_ip,
+            args.agent_image,
+            cidrs,
+            guard_connections=not args.no_agent_guard_connections,
+        )
     if args.command == "version":
         print(f"regmirror {regmirror.__version__}")
         return 0

@@ -104,7 +104,16 @@ def _cluster_ips(mirrors: list[RegistryMirror], cluster_ip: str) -> dict[str, st
     return out
 
 
-def render_file(path: str, namespace: str, agent_namespace: str, cluster_ip: str, image: str, node_cidrs: Sequence[str] = ()) -> int:
+def render_file(
+    path: str,
+    namespace: str,
+    agent_namespace: str,
+    cluster_ip: str,
+    image: str,
+    node_cidrs: Sequence[str] = (),
+    *,
+    guard_connections: bool = True,
+) -> int:
     """Everything the operator would create for the mirrors in a file, offline.
 
     Secrets are not printed: the access Secrets hold credentials the operator
@@ -124,7 +133,7 @@ def render_file(path: str, namespace: str, agent_namespace: str, cluster_ip: str
             entries.append(mirror_entry(mirror.name, mirror.spec, ips[mirror.name]))
     plan = build_node_plan(entries)
     objects.append(render_node_config_map(plan, agent_namespace))
-    objects.append(render_agent_daemonset(plan, agent_namespace, image))
+    objects.append(render_agent_daemonset(plan, agent_namespace, image, guard_connections=guard_connections))
     sys.stdout.write(dump_yaml(objects))
     return 0
 

@@ -27,6 +27,16 @@ class Settings(BaseModel):
     agent_namespace: Annotated[str, Field(description="Namespace of the node agent DaemonSet and its plan.")] = c.AGENT_NAMESPACE
     agent_image: Annotated[str, Field(description="Image the node agent runs (the operator's own).")] = c.DEFAULT_OPERATOR_IMAGE
     containerd_config_path: Annotated[str, Field(description="containerd's config_path on the nodes.")] = c.CONTAINERD_CONFIG_PATH
+    agent_guard_connections: Annotated[
+        bool,
+        Field(
+            description=(
+                "Run the node agent in the node's network namespace with CAP_NET_ADMIN, so that it aborts the node's "
+                "connections to a dead mirror and pulls already under way fall back at once; false: no hostNetwork, "
+                "no capability, and such pulls wait for containerd's own timeouts."
+            )
+        ),
+    ] = True
     metrics_port: Annotated[int, Field(description="Port of the Prometheus endpoint; 0 disables it.", ge=0, le=65535)] = 8000
     workers: Annotated[int, Field(description="Concurrent reconciles (each mostly waits for the API server).", ge=1, le=256)] = 16
     request_timeout: Annotated[float, Field(description="Seconds one API request may take before it counts as failed.", gt=0)] = 10.0

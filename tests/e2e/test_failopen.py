@@ -264,3 +264,130 @@ def test_one_replica_gone_dark_behind_the_cluster_ip_costs_a_dial_timeout_per_re
             f"containerd {binaries.release}, one of two replicas blackholed behind the ClusterIP: pulls {[round(t, 2) for t in timings]}s"
         )
         assert max(timings) < CONTAINERD_DEFAULT_DIAL / 3
+
+
+GUARD = ["--guard-connections"]
+
+
+@pytest.mark.parametrize("kind", ["blackholed", "hanging"])
+@pytest.mark.parametrize("wanted", release_params())
+def test_with_the_connection_guard_a_pull_already_waiting_on_a_dead_mirror_lets_go_at_once(
+    releases: dict[str, ContainerdBinaries], wanted: str, kind: str, mirror: Registry, upstream: Registry, tmp_path: Path
+) -> None:
+    """The pull starts the moment the mirror dies, with the mirror still in hosts.toml: the worst moment.
+
+    Without the guard it waits 30 s per request (blackholed, before dial_timeout) or until
+    containerd gives up on the response (hanging: 30 s per request on 2.3+, minutes before).
+    The guard (the agent shares this network namespace, as its DaemonSet shares the node's)
+    sees the request waiting, probes the mirror, withdraws it and aborts its connections: each
+    request fails over to the upstream, on every release.
+    """
+    binaries = binaries_for(releases, wanted)
+    if kind == "blackholed" and not iptables_usable():
+        pytest.skip("iptables is not usable here")
+    node = node_for(tmp_path, binaries)
+    hosts_toml = node.certs_dir / f"127.0.0.2_{upstream.port}_" / "hosts.toml"
+    ref = f"{upstream.address}/team/app:v1"
+    with Containerd.start(binaries, str(node.certs_dir)) as daemon, node.agent_loop(plan(mirror, upstream), 2.0, GUARD) as agent:
+        agent.wait_event("files.applied")
+        assert hosts_toml.exists()
+        ok, direct = timed_cri_pull(daemon, ref)
+        assert ok, daemon.log()[-2000:]
+        daemon.remove_image(ref)
+        before = served(upstream, "/v2/team/app/manifests/v1")
+        with dead_mirror(kind, mirror):
+            ok, seconds = timed_cri_pull(daemon, ref, timeout=60)
+            withdrawn = agent.wait_event("mirror.withdrawn", timeout=10)
+        aborted = sum(e["count"] for e in agent.events() if e.get("event") == "connections.aborted")
+        print(
+            f"containerd {binaries.release}, mirror {kind} with the guard: pull {seconds:.2f}s "
+            f"(through the healthy mirror {direct:.2f}s), {aborted} connections aborted; withdrawn: {withdrawn['error']}"
+        )
+        assert ok, daemon.log()[-2000:]
+        assert served(upstream, "/v2/team/app/manifests/v1") > before, "the upstream served it"
+        if kind == "hanging" or not dial_timeout_supported(binaries.runtime_version):
+            assert aborted >= 1, agent.events()[-20:]  # where containerd reads dial_timeout, it lets go of a blackhole itself
+        # A few seconds at most on a loaded machine; without the guard: 30 s per request, or never.
+        assert seconds < CONTAINERD_DEFAULT_DIAL / 6, agent.events()[-20:]
+
+
+@pytest.mark.parametrize("wanted", ["1.6", "2.0.5"])
+def test_with_the_connection_guard_one_dark_replica_costs_old_containerd_no_thirty_seconds(
+    releases: dict[str, ContainerdBinaries], wanted: str, upstream: Registry, tmp_path: Path
+) -> None:
+    """Releases without dial_timeout: a connection kube-proxy sends to a dead replica is let go by the guard.
+
+    Two replicas behind a kernel DNAT ClusterIP, one blackholed. The probes of the ClusterIP
+    may well land on the live one, so the mirror stays; each connect the kernel sends to the dark
+    one is aborted once it is late (the guard's connect timeout), and that request goes on to the
+    next host. Without the guard each such request waits 30 s.
+    """
+    binaries = binaries_for(releases, wanted)
+    if not iptables_usable():
+        pytest.skip("iptables is not usable here")
+    from harness.service import KernelService, blackholed
+
+    with (
+        Registry.start(tmp_path / "a", "127.0.0.3") as a,
+        Registry.start(tmp_path / "b", "127.0.0.4") as b,
+        KernelService.run("127.0.0.77", free_port("127.0.0.1"), [(a.host, a.port), (b.host, b.port)]) as service,
+    ):
+        for replica in (a, b):
+            replica.push_image("team/app", "v1", "from the upstream\n")
+        node = node_for(tmp_path, binaries)
+        ref = f"{upstream.address}/team/app:v1"
+        mirror_plan = plan(f"http://{service.address}:{service.port}", upstream)
+        with Containerd.start(binaries, str(node.certs_dir)) as daemon, node.agent_loop(mirror_plan, 2.0, GUARD) as agent:
+            agent.wait_event("files.applied")
+            with blackholed((a.host, a.port)):
+                timings = []
+                for _ in range(4):
+                    daemon.remove_image(ref)
+                    ok, seconds = timed_cri_pull(daemon, ref, timeout=90)
+                    assert ok, daemon.log()[-2000:]
+                    timings.append(seconds)
+            aborted = sum(e["count"] for e in agent.events() if e.get("event") == "connections.aborted")
+        print(
+            f"containerd {binaries.release}, one of two replicas blackholed, with the guard: pulls {[round(t, 2) for t in timings]}s, "
+            f"{aborted} connections aborted"
+        )
+        assert max(timings) < CONTAINERD_DEFAULT_DIAL / 6
+
+
+@pytest.mark.parametrize("wanted", ["1.6", "2.4"])
+def test_with_the_connection_guard_a_many_layer_pull_on_a_hanging_mirror_pays_once_not_per_layer(
+    releases: dict[str, ContainerdBinaries], wanted: str, upstream: Registry, tmp_path: Path
+) -> None:
+    """A cold image of ten layers: the pull pays for the mirror's death once, not once per layer.
+
+    (CRI here sends only its resolve to the mirror and fetches the rest from the host that
+    resolved the tag; any later request that still reaches the withdrawn mirror is aborted
+    within ABORT_INTERVAL.)
+    """
+    from _images import multi_layer_image
+
+    binaries = binaries_for(releases, wanted)
+    # Images of ten layers: one pulled while the mirror is healthy, the others (nothing of them on the node) once it hangs.
+    healthy, cold = (
+        multi_layer_image(tmp_path / name, name=f"team/{name}", layer_sizes=tuple((32 + i) << 10 for i in range(10)))
+        for name in ("warm", "cold")
+    )
+    with Registry.start(tmp_path / "mirror", "127.0.0.3") as mirror:
+        for image in (healthy, cold):
+            image.push(upstream.address)
+            image.push(mirror.address)
+        node = node_for(tmp_path, binaries)
+        with Containerd.start(binaries, str(node.certs_dir)) as daemon, node.agent_loop(plan(mirror, upstream), 2.0, GUARD) as agent:
+            agent.wait_event("files.applied")
+            ok, direct = timed_cri_pull(daemon, f"{upstream.address}/{healthy.name}:{healthy.tag}")
+            assert ok, daemon.log()[-2000:]
+            with dead_mirror("hanging", mirror):
+                ok, seconds = timed_cri_pull(daemon, f"{upstream.address}/{cold.name}:{cold.tag}", timeout=60)
+            aborted = sum(e["count"] for e in agent.events() if e.get("event") == "connections.aborted")
+    print(
+        f"containerd {binaries.release}, 10-layer image, mirror hanging, with the guard: {seconds:.2f}s "
+        f"(another through the healthy mirror {direct:.2f}s), {aborted} connections aborted"
+    )
+    assert ok, daemon.log()[-2000:]
+    assert aborted >= 1
+    assert seconds < CONTAINERD_DEFAULT_DIAL / 6

@@ -111,9 +111,9 @@ def test_operator_pod_passes_restricted_pod_security(cluster: LocalCluster) -> N
     assert "PodSecurity" not in result.stderr
 
 
-def _agent_daemonset() -> dict[str, Any]:
+def _agent_daemonset(*extra: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "regmirror", "render", "-f", str(REPO / "examples" / "dockerhub.yaml")],
+        [sys.executable, "-m", "regmirror", "render", "-f", str(REPO / "examples" / "dockerhub.yaml"), *extra],
         capture_output=True,
         text=True,
         check=True,
@@ -121,14 +121,24 @@ def _agent_daemonset() -> dict[str, Any]:
     return next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet")
 
 
+# What `baseline` finds in the agent pod, with and without the connection guard (hostNetwork and NET_ADMIN).
+BASELINE_VIOLATIONS = {
+    True: ["hostNetwork", "non-default capabilities", "hostPath volumes"],
+    False: ["hostPath volumes"],
+}
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "no-guard"])
 @pytest.mark.parametrize(
     ("level", "admitted"),
     [("privileged", True), ("baseline", False), ("restricted", False)],
 )
-def test_agent_pod_needs_privileged_only_for_host_path(cluster: LocalCluster, namespace: str, level: str, admitted: bool) -> None:
-    """The agent passes `privileged`; `baseline` rejects it for hostPath volumes and nothing else."""
+def test_agent_pod_needs_privileged_only_for_host_path_and_the_guard(
+    cluster: LocalCluster, namespace: str, level: str, admitted: bool, guard: bool
+) -> None:
+    """The agent passes `privileged`; `baseline` rejects it for hostPath volumes, plus hostNetwork and NET_ADMIN with the guard."""
     cluster.kubectl("label", "namespace", namespace, f"pod-security.kubernetes.io/enforce={level}", "--overwrite")
-    daemonset = _agent_daemonset()
+    daemonset = _agent_daemonset(*([] if guard else ["--no-agent-guard-connections"]))
     cluster.kubectl("create", "serviceaccount", daemonset["spec"]["template"]["spec"]["serviceAccountName"], "-n", namespace)
     result = _dry_run_pod(cluster, _pod_from_template(daemonset["spec"]["template"], "agent-psa", namespace))
     if admitted:
@@ -136,10 +146,12 @@ def test_agent_pod_needs_privileged_only_for_host_path(cluster: LocalCluster, na
         return
     assert result.returncode != 0 and "violates PodSecurity" in result.stderr, result.stderr
     if level == "baseline":
-        # e.g. `violates PodSecurity "baseline:latest": hostPath volumes (volumes "containerd-etc", "containerd-certs")`
+        # e.g. `violates PodSecurity "baseline:latest": host namespaces (hostNetwork=true), non-default capabilities
+        # (container "agent" must not include "NET_ADMIN" in securityContext.capabilities.add), hostPath volumes (volumes ...)`
         violations = result.stderr.split(':latest":', 1)[1]
-        assert violations.strip().startswith("hostPath volumes"), result.stderr
-        assert "), " not in violations.split("hostPath volumes", 1)[1], f"more than hostPath violates baseline: {result.stderr}"
+        found = [v for v in ("hostNetwork", "non-default capabilities", "hostPath volumes") if v in violations]
+        assert found == BASELINE_VIOLATIONS[guard], result.stderr
+        assert violations.count("), ") == len(found) - 1, f"more than {found} violates baseline: {result.stderr}"
 
 
 # ------------------------------------------------------------------ operator RBAC

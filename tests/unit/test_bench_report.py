@@ -341,3 +341,31 @@ def test_the_table_never_crashes_on_a_malformed_cache_or_nodesafety_result(data:
     figures = " | ".join(r["figure"] for r in rows)
     for part in ("cache", "containerd", "probe cost", "taint"):
         assert part in figures
+
+
+def test_with_the_guard_measured_its_pull_carries_the_target_on_every_release() -> None:
+    safety = copy.deepcopy(NODESAFETY)
+    guarded = {
+        "guarded_seconds": 0.62,
+        "guarded_ok": True,
+        "guarded_penalty": 0.454,
+        "guarded_aborted": 1,
+        "guard_idle_cpu_fraction": 0.004,
+    }
+    safety["failopen"]["releases"]["1.6.20"]["hanging"].update(guarded)
+    slow = {**guarded, "guarded_seconds": 1.5, "guarded_penalty": 1.334}
+    safety["failopen"]["releases"]["2.4.2"]["hanging"].update(slow)
+    failed = {**guarded, "guarded_ok": False, "guarded_penalty": None}
+    safety["failopen"]["releases"]["2.4.2"]["blackholed"].update(failed)
+    rows = rows_of(results(nodesafety=safety))
+    old = "containerd 1.6.20 (no dial_timeout), mirror hanging: pull at the failure, connection guard on"
+    assert rows[old] == ("+0.45s (0.62s, 1 aborted)", "<= +1 s", "pass"), "1.x is judged too: the guard gives it the same bound"
+    assert rows[f"{old} / without the guard"] == ("no image after 55s (given up)", "", "")
+    assert rows["containerd 2.4.2 (dial_timeout), mirror hanging: pull at the failure, connection guard on"][2] == "MISS"
+    assert rows["containerd 2.4.2 (dial_timeout), mirror blackholed: pull at the failure, connection guard on"] == (
+        "failed",
+        "<= +1 s",
+        "MISS",
+    )
+    probe = next(v for k, v in rows.items() if k.startswith("probe cost"))
+    assert "with the connection guard, idle: 4.0-4.0 mCPU" in probe[0]

@@ -324,11 +324,29 @@ def test_daemonset_shape() -> None:
     assert ctr["args"][:3] == ["agent", "--plan", "/etc/regmirror/plan/mirrors.json"]
     assert ctr["securityContext"]["privileged"] is False
     assert ctr["securityContext"]["runAsUser"] == 0
-    assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # The connection guard (the default): the node's network namespace and NET_ADMIN, nothing more.
+    assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "--guard-connections" in ctr["args"]
     assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
     assert ctr["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert ctr["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert ctr["env"][0]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def test_daemonset_without_the_guard_has_no_capability_and_its_own_network() -> None:
+    ds = render_agent_daemonset(plan_for(("quay", make_spec())), "regmirror-node", "img:1", guard_connections=False)
+    pod = ds["spec"]["template"]["spec"]
+    ctr = pod["containers"][0]
+    assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+    assert "--guard-connections" not in ctr["args"]
+    # The agent's own flags parse (the one place they are spelled out is the one the DaemonSet runs).
+    from regmirror.agent import _parser
+
+    assert _parser().parse_args(ds["spec"]["template"]["spec"]["containers"][0]["args"][1:]).guard_connections is False
+    guarded = render_agent_daemonset(plan_for(("quay", make_spec())), "regmirror-node", "img:1")
+    assert _parser().parse_args(guarded["spec"]["template"]["spec"]["containers"][0]["args"][1:]).guard_connections is True
 
 
 def host_paths(ds: dict[str, Any]) -> dict[str, dict[str, Any]]:

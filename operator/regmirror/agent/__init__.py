@@ -47,6 +47,20 @@ def _parser() -> argparse.ArgumentParser:
         default="100ms",
         help="containerd's dial_timeout for the mirrors, on containerd 2.0.7+/2.1+ (a Go duration such as 100ms; 0 never writes it)",
     )
+    p.add_argument(
+        "--guard-connections",
+        action="store_true",
+        help="abort the node's connections to dead mirrors so pulls under way fall back at once "
+        "(needs the host's network namespace and CAP_NET_ADMIN)",
+    )
+    p.add_argument(
+        "--guard-interval",
+        type=float,
+        default=0.25,
+        help="seconds between two looks at the node's connections to the mirrors while none is open (0.1 s while one is)",
+    )
+    p.add_argument("--stall-after", type=float, default=0.15, help="seconds a request may wait for a reply before its mirror is probed")
+    p.add_argument("--connect-timeout", type=float, default=0.1, help="seconds a connect to a mirror may take before the guard aborts it")
     p.add_argument("--no-watch-endpoints", action="store_true", help="do not watch the mirrors' EndpointSlices (probes alone decide)")
     p.add_argument("--docker-daemon-json", default="/etc/docker/daemon.json", help="Docker Engine's daemon.json on the host")
     p.add_argument("--docker-pidfile", default="/var/run/docker.pid", help="dockerd's pidfile on the host (to send it SIGHUP)")
@@ -97,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         probe_interval=args.probe_interval,
         dial_timeout=args.dial_timeout,
         watch_endpoints=not args.no_watch_endpoints,
+        guard_connections=args.guard_connections,
+        guard_interval=args.guard_interval,
+        stall_after=args.stall_after,
+        connect_timeout=args.connect_timeout,
         docker_daemon_json=args.docker_daemon_json,
         docker_pidfile=args.docker_pidfile,
         docker_reload=args.docker_reload == "signal",

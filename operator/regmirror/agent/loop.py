@@ -41,6 +41,7 @@ from regmirror import nodetaint
 from regmirror.agent import docker, foreign, nodeauth, report
 from regmirror.agent import files as agentfiles
 from regmirror.agent.endpoints import EndpointWatcher
+from regmirror.agent.guard import DEFAULT_CONNECT_TIMEOUT, DEFAULT_STALL_AFTER, ConnectionGuard, Guarded, ScanResult, mirror_destination
 from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
 from regmirror.agent.plan import PlanError, parse_plan
 from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, dial_timeout_supported, run_preflight
@@ -85,6 +86,14 @@ class AgentConfig:
     dial_timeout: str | None = DEFAULT_DIAL_TIMEOUT
     # Watch the mirrors' EndpointSlices (needs the API and RBAC to list/watch them).
     watch_endpoints: bool = True
+    # The connection guard (agent/guard.py): abort the node's connections to dead mirrors. Needs the host's
+    # network namespace and CAP_NET_ADMIN (the DaemonSet gives both); off, withdrawing alone helps later pulls only.
+    guard_connections: bool = False
+    guard_interval: float = 0.25
+    stall_after: float = DEFAULT_STALL_AFTER
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    # The probe a stalled request triggers: a registry answers /v2/ in milliseconds, so this can be short.
+    stall_probe_timeout: float = 0.3
     docker_daemon_json: str = docker.DAEMON_JSON
     docker_pidfile: str = docker.PIDFILE
     # Signal dockerd to reload daemon.json (False: only report that it must be reloaded).
@@ -152,11 +161,21 @@ class Agent:
         *,
         api: InClusterClient | None = None,
         tracker: HealthTracker | None = None,
+        guard: ConnectionGuard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.api = api
         self.tracker = tracker or HealthTracker(timeout=config.probe_timeout, interval=config.probe_interval)
+        self.guard = (
+            guard
+            if guard is not None
+            else ConnectionGuard(
+                clock=clock, interval=config.guard_interval, stall_after=config.stall_after, connect_timeout=config.connect_timeout
+            )
+            if config.guard_connections and not config.once
+            else None
+        )
         self.readiness = Readiness()
         self._clock = clock
         self._plan: LoadedPlan | None = None
@@ -296,6 +315,56 @@ class Agent:
             self._report_transition(t, strict=strict)
         return bool(transitions)
 
+    def _guarded(self) -> list[Guarded]:
+        """The selected mirrors the guard watches: those that fall back to the upstream, by their ClusterIP and port."""
+        unhealthy = self.tracker.unhealthy()
+        out = []
+        for m in self._selected:
+            destination = mirror_destination(m.url)
+            if destination is not None and not m.strict:
+                out.append(Guarded(m.name, destination, withdrawn=m.name in unhealthy))
+        return out
+
+    def _note_aborts(self, result: ScanResult) -> None:
+        for name, count in sorted(result.aborted.items()):
+            log(
+                "connections.aborted", "warning", mirror=name, count=count, total=self.guard.aborted_total.get(name) if self.guard else None
+            )
+
+    def _guard_scan(self) -> bool:
+        """One scan of the node's connections to the mirrors, if due; True when a suspect was withdrawn."""
+        guard = self.guard
+        if guard is None or guard.disabled is not None or self._clock() < guard.next_due:
+            return False
+        result = guard.scan(self._guarded())
+        self._note_aborts(result)
+        if guard.disabled is not None:
+            log("guard.disabled", "warning", reason=guard.disabled)
+            self._event("ConnectionGuardUnavailable", guard.disabled, warning=True)
+        if not result.suspects:
+            return False
+        selected = {m.name: m for m in self._selected}
+        targets = {n: Target(selected[n].url, selected[n].ca_pem) for n in result.suspects if n in selected}
+        transitions = self.tracker.suspect(targets, result.suspects, self.config.stall_probe_timeout)
+        strict = {m.name for m in self._selected if m.strict}
+        for t in transitions:
+            self._report_transition(t, strict=strict)
+        if transitions:
+            # The suspect is withdrawn now: let go of the requests already waiting on it without another interval.
+            self._note_aborts(guard.scan(self._guarded()))
+        return bool(transitions)
+
+    def _guard_report(self) -> dict[str, Any] | None:
+        guard = self.guard
+        if guard is None:
+            return None
+        return {
+            "enabled": guard.disabled is None,
+            "disabled": guard.disabled,
+            "lastError": guard.last_error,
+            "aborted": dict(sorted(guard.aborted_total.items())),
+        }
+
     # ------------------------------------------------------------ one step
 
     def step(self) -> StepResult:
@@ -310,6 +379,8 @@ class Agent:
 
         selected = nodeinput.selected_mirrors(checked, node.labels)
         self._selected = selected
+        if self.guard is not None:
+            self.guard.forget(m.name for m in selected)
         dial_timeout = self.config.dial_timeout if dial_timeout_supported(node.runtime_version) else None
         self._dial_timeout = dial_timeout
         self._probe()
@@ -404,6 +475,7 @@ class Agent:
                 "hosts": report.host_states(node_files),
                 "findings": [{"reason": f.reason, "message": f.message, "host": f.host} for f in findings if f.mirror is None],
                 "dialTimeout": dial_timeout,
+                "connectionGuard": self._guard_report(),
                 "docker": {"present": docker_result.present, "reloadPending": docker_result.reload_pending}
                 if docker_result.present
                 else None,
@@ -500,8 +572,12 @@ class Agent:
     # ------------------------------------------------------------ running
 
     def tick(self, full: bool) -> None:
-        """One wake-up: a full step, or only the probes that are due (and a full step if a mirror changed state)."""
+        """One wake-up: a full step, or only the probes and the guard's scan that are due (and a full step if a mirror changed state)."""
         if full or self._plan is None or self._probe():
+            self.step()
+            if self.guard is not None:
+                self.guard.next_due = self._clock()  # a mirror may have been withdrawn: its connections go now
+        if self._guard_scan():
             self.step()
 
     def run(self, stop: threading.Event) -> int:
@@ -518,11 +594,15 @@ class Agent:
                 self.readiness.set(False, "StepFailed", str(exc))
             if full:
                 next_full = now + self.config.interval
-            due = self.tracker.next_due()
-            wake_at = min(next_full, due) if due is not None else next_full
+            dues = [next_full, self.tracker.next_due()]
+            if self.guard is not None and self.guard.disabled is None and self._selected:
+                dues.append(self.guard.next_due)
+            wake_at = min(d for d in dues if d is not None)
             self.wake_event.wait(max(0.02, wake_at - self._clock()))
         for watcher in self._watchers.values():
             watcher.stop()
+        if self.guard is not None:
+            self.guard.close()
         log("agent.stopped", note="files left in place")
         return 0
 

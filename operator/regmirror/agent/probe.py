@@ -177,17 +177,49 @@ class HealthTracker:
     def _next_interval(self) -> float:
         return self.interval * self._rng.uniform(1 - self.jitter, 1 + self.jitter)
 
-    def _probe_one(self, target: Target) -> str | None:
+    def _probe_one(self, target: Target, timeout: float | None = None) -> str | None:
         """One mirror's probe (its URL, then each endpoint it lists); whatever it raises is that mirror's failure, never the step's."""
+        timeout = self.timeout if timeout is None else timeout
         try:
-            error = self._probe(target.url, self.timeout, target.ca_pem)
+            error = self._probe(target.url, timeout, target.ca_pem)
             for endpoint in target.endpoints if error is None else ():
-                failed = self._probe(endpoint, self.timeout, target.ca_pem)
+                failed = self._probe(endpoint, timeout, target.ca_pem)
                 if failed is not None:
                     return f"endpoint {endpoint} of its Service: {failed}"
             return error
         except Exception as exc:  # isolation: one mirror's data must not stop the others' probes
             return f"probe failed: {type(exc).__name__}: {exc}"
+
+    def _probe_all(self, names: list[str], targets: Mapping[str, Target], timeout: float | None = None) -> list[str | None]:
+        if len(names) == 1:
+            return [self._probe_one(targets[names[0]], timeout)]
+        with ThreadPoolExecutor(max_workers=min(len(names), 8)) as pool:
+            return list(pool.map(lambda n: self._probe_one(targets[n], timeout), names))
+
+    def suspect(self, targets: Mapping[str, Target], reasons: Mapping[str, str], timeout: float) -> list[Transition]:
+        """Probe these healthy mirrors now, because a connection to them stalled (agent/guard.py).
+
+        The stall counts as the first failure: a probe that fails too
+        withdraws the mirror at once, without the confirming second probe.
+        A mirror that answers is only slow (a cache miss fetched from its
+        upstream): nothing changes.
+        """
+        names = [n for n in reasons if n in targets and (state := self._state.get(n)) is not None and state.healthy]
+        if not names:
+            return []
+        errors = self._probe_all(names, targets, timeout)
+        now = self._clock()
+        transitions = []
+        for name, error in zip(names, errors, strict=True):
+            if error is None:
+                continue
+            state = self._state[name]
+            state.healthy = False
+            state.failures = max(state.failures + 1, self.failures_to_withdraw)
+            state.last_error = f"{reasons[name]}, and /v2/ did not answer either ({error})"
+            state.next_probe = now + self._next_interval()
+            transitions.append(Transition(name, targets[name].url, False, state.last_error))
+        return transitions
 
     def update(self, targets: Mapping[str, Target]) -> list[Transition]:
         """Probe the mirrors that are due (all of them in parallel) and return state changes."""
@@ -214,11 +246,7 @@ class HealthTracker:
                 due.append(name)
         if not due:
             return transitions
-        if len(due) == 1:
-            errors = [self._probe_one(targets[due[0]])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(len(due), 8)) as pool:
-                errors = list(pool.map(lambda n: self._probe_one(targets[n]), due))
+        errors = self._probe_all(due, targets)
         now = self._clock()
         for name, error in zip(due, errors, strict=True):
             state = self._state.get(name)

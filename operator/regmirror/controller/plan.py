@@ -187,6 +187,7 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
             ctx.settings.agent_image,
             containerd_config_path=ctx.settings.containerd_config_path,
             crio=any(Runtime.CRIO in e.runtimes for e in plan.mirrors),
+            guard_connections=ctx.settings.agent_guard_connections,
         ),
     ]
     for obj in objects:

@@ -26,14 +26,17 @@ CRIO_ETC_DIR = "/etc/crio"
 PLAN_DIR = "/etc/regmirror/plan"
 PLAN_PATH = f"{PLAN_DIR}/{c.NODE_CONFIG_KEY}"
 CONTAINERD_ETC_DIR = "/etc/containerd"
-HEALTH_PORT = 8081
+# With hostNetwork the health port is a port of the node: one no common node daemon uses
+# (kubelet and kube-proxy sit at 10248-10259, CSI liveness probes at 9808, node-exporter at 9100).
+HEALTH_PORT = 10273
 HEALTH_PORT_NAME = "health"
 SERVICE_ACCOUNT = "regmirror-agent"
 PRIORITY_CLASS = "system-node-critical"
 
 
-def agent_args(*, containerd_config_path: str = c.CONTAINERD_CONFIG_PATH) -> list[str]:
+def agent_args(*, containerd_config_path: str = c.CONTAINERD_CONFIG_PATH, guard_connections: bool = True) -> list[str]:
     """The agent's command line (after the `regmirror` entrypoint): the one place it is spelled out."""
+    guard = ["--guard-connections"] if guard_connections else []
     return [
         "agent",
         "--plan",
@@ -45,6 +48,7 @@ def agent_args(*, containerd_config_path: str = c.CONTAINERD_CONFIG_PATH) -> lis
         # Spelled out so the probes' port and the agent's listener cannot drift apart.
         "--health-port",
         str(HEALTH_PORT),
+        *guard,
     ]
 
 
@@ -84,8 +88,16 @@ def render_agent_daemonset(
     crio: bool | None = None,
     max_unavailable: str = "10%",
     containerd_etc_dir: str = CONTAINERD_ETC_DIR,
+    guard_connections: bool = True,
 ) -> dict[str, Any]:
     """The agent DaemonSet: hostPath only for what it reads or writes, no privileges.
+
+    `guard_connections` (the default) runs the agent in the node's network
+    namespace with CAP_NET_ADMIN, the one capability it keeps, so that it can
+    see the node's connections to the mirrors and abort those stuck on a dead
+    one (agent/guard.py); nothing else about the pod changes. Off, the pod
+    has its own network namespace and no capability, and a pull already
+    waiting on a dead mirror waits for containerd's own timeouts.
 
     `crio=None` mounts the CRI-O drop-in directory only when a mirror in the
     plan configures CRI-O. The containerd config directory is mounted
@@ -137,7 +149,7 @@ def render_agent_daemonset(
         "name": "agent",
         "image": image,
         "command": ["regmirror"],
-        "args": agent_args(containerd_config_path=containerd_config_path),
+        "args": agent_args(containerd_config_path=containerd_config_path, guard_connections=guard_connections),
         "ports": [{"name": HEALTH_PORT_NAME, "containerPort": HEALTH_PORT, "protocol": "TCP"}],
         "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "64Mi"}},
@@ -145,16 +157,32 @@ def render_agent_daemonset(
         "readinessProbe": probe("/readyz"),
         "livenessProbe": probe("/healthz"),
         "securityContext": {
-            # Root only to write root-owned host directories; no capabilities, no escalation.
+            # Root only to write root-owned host directories; no escalation; NET_ADMIN only to abort
+            # the node's connections to a dead mirror (the connection guard), else no capability.
             "runAsUser": 0,
             "runAsGroup": 0,
             "runAsNonRoot": False,
             "privileged": False,
             "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]} if guard_connections else {"drop": ["ALL"]},
             "readOnlyRootFilesystem": True,
         },
     }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": SERVICE_ACCOUNT,
+        "priorityClassName": PRIORITY_CLASS,
+        "enableServiceLinks": False,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        # An agent runs on every node, tainted control-plane nodes included.
+        "tolerations": [{"operator": "Exists"}],
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if guard_connections:
+        # The node's own connections (containerd's, kubelet's) live in its network namespace. The agent
+        # reaches the API server and the mirrors by address (KUBERNETES_SERVICE_HOST, ClusterIPs), not by name.
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
@@ -168,16 +196,7 @@ def render_agent_daemonset(
                     "labels": naming.labels(None, component="agent"),
                     "annotations": {c.ANNOTATION_NODE_CONFIG_HASH: plan.digest()},
                 },
-                "spec": {
-                    "serviceAccountName": SERVICE_ACCOUNT,
-                    "priorityClassName": PRIORITY_CLASS,
-                    "enableServiceLinks": False,
-                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                    # An agent runs on every node, tainted control-plane nodes included.
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [container],
-                    "volumes": volumes,
-                },
+                "spec": pod_spec,
             },
         },
     }

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ class AgentNode:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"version = 2\n{config_path_toml(2, config_path)}")
 
-    def agent_argv(self, *, once: bool, interval: float = 2.0) -> list[str]:
+    def agent_argv(self, *, once: bool, interval: float = 2.0, extra: Sequence[str] = ()) -> list[str]:
         argv = [
             sys.executable,
             "-m",
@@ -103,7 +103,7 @@ class AgentNode:
             "--auth-dir",
             str(self.auth_dir),
         ]
-        return [*argv, "--once"] if once else argv
+        return [*argv, *extra, "--once"] if once else [*argv, *extra]
 
     def agent_once(self, plan_json: str) -> tuple[int, list[dict[str, Any]]]:
         """`regmirror agent --once` with this plan; returns its exit code and JSON events."""
@@ -121,12 +121,12 @@ class AgentNode:
         return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
     @contextlib.contextmanager
-    def agent_loop(self, plan_json: str, interval: float = 0.5) -> Iterator[AgentLoop]:
-        """The agent as it runs in its DaemonSet (a loop), stopped with SIGTERM on exit."""
+    def agent_loop(self, plan_json: str, interval: float = 0.5, extra: Sequence[str] = ()) -> Iterator[AgentLoop]:
+        """The agent as it runs in its DaemonSet (a loop, `extra` arguments appended), stopped with SIGTERM on exit."""
         self.plan_file.write_text(plan_json)
         out = (self.root / "agent.log").open("wb")
         proc = subprocess.Popen(
-            self.agent_argv(once=False, interval=interval),
+            self.agent_argv(once=False, interval=interval, extra=extra),
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": OPERATOR_SRC},
