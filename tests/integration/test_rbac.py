@@ -121,9 +121,11 @@ def _agent_daemonset(*extra: str) -> dict[str, Any]:
     return next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet")
 
 
-# What `baseline` finds in the agent pod, with and without the connection guard (hostNetwork and NET_ADMIN).
+# What `baseline` finds in the agent pod, with and without the connection guard (hostNetwork, which makes
+# its health port a host port, and NET_ADMIN).
+VIOLATIONS = ("hostNetwork", "hostPort", "non-default capabilities", "hostPath volumes")
 BASELINE_VIOLATIONS = {
-    True: ["hostNetwork", "non-default capabilities", "hostPath volumes"],
+    True: ["hostNetwork", "hostPort", "non-default capabilities", "hostPath volumes"],
     False: ["hostPath volumes"],
 }
 
@@ -136,7 +138,7 @@ BASELINE_VIOLATIONS = {
 def test_agent_pod_needs_privileged_only_for_host_path_and_the_guard(
     cluster: LocalCluster, namespace: str, level: str, admitted: bool, guard: bool
 ) -> None:
-    """The agent passes `privileged`; `baseline` rejects it for hostPath volumes, plus hostNetwork and NET_ADMIN with the guard."""
+    """The agent passes `privileged`; `baseline` rejects it for hostPath volumes, plus hostNetwork (and so a hostPort) and NET_ADMIN with the guard."""
     cluster.kubectl("label", "namespace", namespace, f"pod-security.kubernetes.io/enforce={level}", "--overwrite")
     daemonset = _agent_daemonset(*([] if guard else ["--no-agent-guard-connections"]))
     cluster.kubectl("create", "serviceaccount", daemonset["spec"]["template"]["spec"]["serviceAccountName"], "-n", namespace)
@@ -149,7 +151,7 @@ def test_agent_pod_needs_privileged_only_for_host_path_and_the_guard(
         # e.g. `violates PodSecurity "baseline:latest": host namespaces (hostNetwork=true), non-default capabilities
         # (container "agent" must not include "NET_ADMIN" in securityContext.capabilities.add), hostPath volumes (volumes ...)`
         violations = result.stderr.split(':latest":', 1)[1]
-        found = [v for v in ("hostNetwork", "non-default capabilities", "hostPath volumes") if v in violations]
+        found = [v for v in VIOLATIONS if v in violations]
         assert found == BASELINE_VIOLATIONS[guard], result.stderr
         assert violations.count("), ") == len(found) - 1, f"more than {found} violates baseline: {result.stderr}"
 

@@ -20,7 +20,11 @@ each probe that is due (probe.py: jittered interval, a quick second probe to
 confirm a failure) and for every change of a mirror's ready endpoints
 (endpoints.py), and a mirror that changes state rewrites the node's files at
 once. So a dead mirror leaves the files about a second after it stops
-answering, and at once when its pods leave the Service.
+answering, and at once when its pods leave the Service. With the connection
+guard (agent/guard.py, on in the DaemonSet) the loop also wakes for each of
+the guard's looks at the node's connections: a request stalled on a mirror
+gets that mirror probed at once, and the connections of a withdrawn mirror
+are aborted, so pulls already under way fall back too.
 """
 
 from __future__ import annotations
