@@ -187,23 +187,22 @@ def _failopen(rows: Rows, failopen: dict[str, Any]) -> None:
         _section(rows, releases, release, f"fail-open, containerd {release}", "", functools.partial(_release_rows, release=release))
 
 
-def _probe_cost(rows: Rows, probe: dict[str, Any], failopen: Any) -> None:
+def _per_mode(failopen: Any, key: str) -> list[float]:
+    """One figure of every release x failure mode that has it."""
     releases = failopen.get("releases") if isinstance(failopen, dict) else None
-    cpu = [
-        m["agent_cpu_fraction"]
+    return [
+        m[key]
         for r in (releases or {}).values()
         if isinstance(r, dict)
         for m in r.values()
-        if isinstance(m, dict) and m.get("agent_cpu_fraction") is not None
+        if isinstance(m, dict) and m.get(key) is not None
     ]
+
+
+def _probe_cost(rows: Rows, probe: dict[str, Any], failopen: Any) -> None:
+    cpu = _per_mode(failopen, "agent_cpu_fraction")
     extra = f"; agent CPU {1000 * min(cpu):.1f}-{1000 * max(cpu):.1f} mCPU" if cpu else ""
-    guard_cpu = [
-        m["guard_idle_cpu_fraction"]
-        for r in (releases or {}).values()
-        if isinstance(r, dict)
-        for m in r.values()
-        if isinstance(m, dict) and m.get("guard_idle_cpu_fraction") is not None
-    ]
+    guard_cpu = _per_mode(failopen, "guard_idle_cpu_fraction")
     if guard_cpu:
         extra += f"; with the connection guard, idle: {1000 * min(guard_cpu):.1f}-{1000 * max(guard_cpu):.1f} mCPU"
     _row(

@@ -23,6 +23,7 @@ dial timeout"); the figures are in `make bench` (bench/dataplane.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -226,6 +227,23 @@ def test_the_agent_withdraws_a_dead_mirror_and_the_next_pull_goes_upstream_at_on
         assert noticed < 6
 
 
+@contextlib.contextmanager
+def two_replicas(tmp_path: Path) -> Iterator[tuple[Registry, str]]:
+    """Two warm replicas behind a kernel DNAT ClusterIP (as kube-proxy's iptables mode): the first one and the Service URL."""
+    from harness.service import KernelService
+
+    if not iptables_usable():
+        pytest.skip("iptables is not usable here")
+    with (
+        Registry.start(tmp_path / "a", "127.0.0.3") as a,
+        Registry.start(tmp_path / "b", "127.0.0.4") as b,
+        KernelService.run("127.0.0.77", free_port("127.0.0.1"), [(a.host, a.port), (b.host, b.port)]) as service,
+    ):
+        for replica in (a, b):
+            replica.push_image("team/app", "v1", "from the upstream\n")
+        yield a, f"http://{service.address}:{service.port}"
+
+
 @pytest.mark.parametrize("wanted", ["2.1", "2.4"])
 def test_one_replica_gone_dark_behind_the_cluster_ip_costs_a_dial_timeout_per_request_that_meets_it(
     releases: dict[str, ContainerdBinaries], wanted: str, upstream: Registry, tmp_path: Path
@@ -238,20 +256,12 @@ def test_one_replica_gone_dark_behind_the_cluster_ip_costs_a_dial_timeout_per_re
     connection instead: tests/e2e/test_ha_s3.py measures it, make bench too.)
     """
     binaries = binaries_for(releases, wanted)
-    if not iptables_usable():
-        pytest.skip("iptables is not usable here")
-    from harness.service import KernelService, blackholed
+    from harness.service import blackholed
 
-    with (
-        Registry.start(tmp_path / "a", "127.0.0.3") as a,
-        Registry.start(tmp_path / "b", "127.0.0.4") as b,
-        KernelService.run("127.0.0.77", free_port("127.0.0.1"), [(a.host, a.port), (b.host, b.port)]) as service,
-    ):
-        for replica in (a, b):
-            replica.push_image("team/app", "v1", "from the upstream\n")
+    with two_replicas(tmp_path) as (a, service_url):
         node = node_for(tmp_path, binaries)
         with Containerd.start(binaries, str(node.certs_dir)) as daemon:
-            rc, events = node.agent_once(plan(f"http://{service.address}:{service.port}", upstream))
+            rc, events = node.agent_once(plan(service_url, upstream))
             assert rc == 0, events
             with blackholed((a.host, a.port)):
                 timings = []
@@ -323,20 +333,12 @@ def test_with_the_connection_guard_one_dark_replica_costs_old_containerd_no_thir
     next host. Without the guard each such request waits 30 s.
     """
     binaries = binaries_for(releases, wanted)
-    if not iptables_usable():
-        pytest.skip("iptables is not usable here")
-    from harness.service import KernelService, blackholed
+    from harness.service import blackholed
 
-    with (
-        Registry.start(tmp_path / "a", "127.0.0.3") as a,
-        Registry.start(tmp_path / "b", "127.0.0.4") as b,
-        KernelService.run("127.0.0.77", free_port("127.0.0.1"), [(a.host, a.port), (b.host, b.port)]) as service,
-    ):
-        for replica in (a, b):
-            replica.push_image("team/app", "v1", "from the upstream\n")
+    with two_replicas(tmp_path) as (a, service_url):
         node = node_for(tmp_path, binaries)
         ref = f"{upstream.address}/team/app:v1"
-        mirror_plan = plan(f"http://{service.address}:{service.port}", upstream)
+        mirror_plan = plan(service_url, upstream)
         with Containerd.start(binaries, str(node.certs_dir)) as daemon, node.agent_loop(mirror_plan, 2.0, GUARD) as agent:
             agent.wait_event("files.applied")
             with blackholed((a.host, a.port)):
