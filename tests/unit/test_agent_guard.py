@@ -237,7 +237,7 @@ def sock(dest: Destination, cookie: int, *, state: int = TCP_ESTABLISHED, waitin
         inode=inode,
         retransmits=0,
         last_data_sent_ms=sent,
-        last_data_recv_ms=sent + 10 if waiting_ms is not None else 100,
+        last_data_recv_ms=sent + 10 if waiting_ms is not None else 4000,  # else: answered 4 s ago, quiet since
         bytes_received=10,
         data_segs_out=1,
         raw_id=bytes(48),
@@ -278,13 +278,22 @@ def guard_for(diag: ScriptedDiag, clock: Clock, own: frozenset[int] = frozenset(
     return ConnectionGuard(lambda: diag, clock, own_inodes=lambda: own)  # type: ignore[arg-type,return-value]
 
 
-def test_every_connection_to_a_withdrawn_mirror_is_aborted_and_nothing_else() -> None:
+def test_every_quiet_connection_to_a_withdrawn_mirror_is_aborted_and_nothing_else() -> None:
     diag = ScriptedDiag([sock(M1, 1), sock(M1, 2, waiting_ms=3000), sock(M2, 3, waiting_ms=50), sock(M1, 4, inode=7)])
     guard = guard_for(diag, Clock(), own=frozenset({7}))
     result = guard.scan([Guarded("one", M1, withdrawn=True), Guarded("two", M2, withdrawn=False)])
     assert sorted(diag.destroyed) == [(1, 0), (2, 0)], "the agent's own socket (inode 7) is exempt; mirror two is healthy"
     assert result.aborted == {"one": 2}
     assert result.suspects == {}, "a request waiting 50 ms is not a stall"
+
+
+def test_a_withdrawn_mirrors_connection_that_is_still_receiving_is_left_to_finish() -> None:
+    """A blob streaming in from a mirror withdrawn by one slow probe is not cut; a quiet one is."""
+    streaming = replace(sock(M1, 1), last_data_recv_ms=20, last_data_sent_ms=4000)
+    quiet = replace(sock(M1, 2), last_data_recv_ms=400, last_data_sent_ms=4000)
+    diag = ScriptedDiag([streaming, quiet])
+    result = guard_for(diag, Clock()).scan([Guarded("one", M1, withdrawn=True)])
+    assert diag.destroyed == [(2, 0)] and result.aborted == {"one": 1}
 
 
 def test_a_stalled_request_makes_its_mirror_a_suspect_once_and_touches_nothing() -> None:

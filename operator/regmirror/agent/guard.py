@@ -13,9 +13,12 @@ agent/sockdiag.py; the agent shares the host's network namespace) every
 `interval` and acts on what it sees:
 
 - a connection to a mirror the agent has withdrawn is aborted (SOCK_DESTROY,
-  as `ss -K` does): containerd's request fails with ECONNABORTED and goes to
-  the next host at once, so a pull already under way pays one poll interval
-  per request instead of 30 s or forever;
+  as `ss -K` does) once nothing has arrived on it for `stall_after`:
+  containerd's request fails with ECONNABORTED and goes to the next host at
+  once, so a pull already under way pays a fraction of a second per request
+  instead of 30 s or forever. A connection still receiving (a blob streaming
+  from a mirror that was withdrawn for a slow probe, not dead) is left to
+  finish;
 - a connect still unanswered after `connect_timeout` is aborted, whatever the
   mirror's state: the `dial_timeout` that containerd 1.x and 2.0.0-2.0.6
   cannot read, given to every release;
@@ -199,7 +202,10 @@ class ConnectionGuard:
             # A connect is late once it has been seen for connect_timeout, or at once when the kernel already
             # retransmitted its SYN (the initial retransmission timeout, 1 s, has passed).
             late_connect = sock.state == TCP_SYN_SENT and (now - first >= self.connect_timeout or sock.retransmits > 0)
-            hopeless = mirror.withdrawn or late_connect
+            # Of a withdrawn mirror, only connections that are not receiving: a blob still streaming in
+            # (a mirror withdrawn by a slow probe, not dead) finishes; a dead one's connections receive nothing.
+            quiet = sock.state == TCP_SYN_SENT or sock.last_data_recv_ms is None or sock.last_data_recv_ms >= self.stall_after * 1000
+            hopeless = (mirror.withdrawn and quiet) or late_connect
             waiting = sock.awaiting_reply_ms
             stalled = waiting is not None and waiting >= self.stall_after * 1000
             if not hopeless and not stalled:
