@@ -205,6 +205,7 @@ def _guarded(binaries: ContainerdBinaries, work: Path, kind: str, upstream: Regi
             time.sleep(5)
             idle_cpu = (_cpu_seconds(agent.proc.pid) - cpu_before) / (time.monotonic() - wall_before)
             with dead_mirror(kind, mirror):
+                log(f"guarded: {kind} from now")
                 seconds, ok = _cri_pull(binaries, node, ref, STALE_CAP)
             aborted = sum(e.get("count", 0) for e in agent.events() if e.get("event") == "connections.aborted")
     return {

@@ -331,15 +331,32 @@ def test_a_connect_whose_syn_was_retransmitted_is_aborted_at_first_sight() -> No
     assert result.aborted == {"one": 1} and "retransmission" in result.suspects["one"]
 
 
-def test_the_guard_looks_more_often_while_a_connection_to_a_mirror_is_open() -> None:
+def test_the_guard_looks_more_often_while_pulls_run_and_while_it_lets_go_of_a_dead_mirror() -> None:
     clock = Clock()
     diag = ScriptedDiag([])
     guard = guard_for(diag, clock)
-    guard.scan([Guarded("one", M1, withdrawn=False)])
+    healthy, dead = [Guarded("one", M1, withdrawn=False)], [Guarded("one", M1, withdrawn=True)]
+    guard.scan(healthy)
+    assert guard.next_due == clock.now + guard.interval, "idle"
+    diag.sockets.append(sock(M1, 1, waiting_ms=20))
+    guard.scan(healthy)
+    assert guard.next_due == clock.now + guard.active_interval < clock.now + guard.interval, "a connection is open"
+    diag.sockets.clear()
+    clock.now += 1
+    guard.scan(healthy)
+    assert guard.next_due == clock.now + guard.active_interval, "the pull's next request may come in a moment"
+    clock.now += 2
+    guard.scan(healthy)
+    assert guard.next_due == clock.now + guard.interval, "idle again"
+    diag.sockets.append(sock(M1, 2))
+    guard.scan(dead)
+    assert diag.destroyed == [(2, 0)]
+    clock.now += 3
+    guard.scan(dead)
+    assert guard.next_due - clock.now < guard.active_interval, "still letting go of a dead mirror's connections"
+    clock.now += 5
+    guard.scan(dead)
     assert guard.next_due == clock.now + guard.interval
-    diag.sockets.append(sock(M1, 1))
-    guard.scan([Guarded("one", M1, withdrawn=False)])
-    assert guard.next_due == clock.now + guard.active_interval < clock.now + guard.interval
 
 
 def test_a_node_that_cannot_abort_turns_the_guard_off_and_says_why() -> None:
@@ -387,6 +404,21 @@ def test_a_suspect_that_fails_its_probe_is_withdrawn_at_once_and_one_that_answer
     answers["http://10.96.0.10:5000"] = None
     clock.now += 10
     assert [(t.name, t.healthy) for t in tracker.update(targets)] == [("one", True)], "its scheduled probe restores it"
+
+
+def test_a_stall_on_a_mirror_whose_last_probe_failed_withdraws_it_without_another_probe() -> None:
+    answers: dict[str, str | None] = {"http://10.96.0.10:5000": None}
+    clock = Clock()
+    tracker = HealthTracker(lambda url, timeout, ca: answers[url], clock, confirm_delay=0.25)
+    targets = {"one": Target("http://10.96.0.10:5000")}
+    tracker.update(targets)
+    assert tracker.stalled("one", "http://10.96.0.10:5000", "a request waited 300 ms") is None, "a healthy record: probe first"
+    answers["http://10.96.0.10:5000"] = "TimeoutError: timed out"
+    clock.now += 10
+    assert tracker.update(targets) == [], "one failed probe: confirmation pending"
+    t = tracker.stalled("one", "http://10.96.0.10:5000", "a request waited 300 ms")
+    assert t is not None and not t.healthy and "its last probe failed too" in (t.error or "")
+    assert tracker.unhealthy() == {"one"}
 
 
 def test_a_suspect_never_seen_by_a_probe_is_left_to_the_scheduled_probes() -> None:

@@ -34,7 +34,8 @@ to the upstream: a NeverContactUpstream mirror's connections are left alone
 (there is no other host to go to). The agent's own probes are exempt.
 
 What it costs: one netlink dump per look, 4 a second while no connection to
-a mirror is open, 10 a second while one is (a pull is under way); the
+a mirror is open, 10 a second while one is and for 2 s after (a pull is
+under way), 20 a second for 5 s after it let go of a dead mirror's; the
 filtering is done in the kernel by destination. The kernel walks its whole
 TCP hash table for a dump, so the cost grows with the node's memory (the
 table's size), not with its connections: about 1.5-1.9 ms of CPU per dump
@@ -63,6 +64,9 @@ DEFAULT_INTERVAL = 0.25
 # While connections to a withdrawn mirror keep appearing (a pull under way sends each of its requests
 # there first), look again this soon: each request then costs at most this, however many layers it has.
 ABORT_INTERVAL = 0.05
+# How long each pace lasts after what set it: the pull's next request may come a moment after its last one.
+ACTIVE_LINGER = 2.0
+ABORT_LINGER = 5.0
 DEFAULT_STALL_AFTER = 0.15
 DEFAULT_CONNECT_TIMEOUT = 0.1
 DEFAULT_SUSPECT_SPACING = 1.0
@@ -149,6 +153,8 @@ class ConnectionGuard:
         self._first_seen: dict[tuple[int, int], float] = {}
         self._judged: set[tuple[int, int]] = set()
         self._last_suspected: dict[str, float] = {}
+        self._last_seen = float("-inf")  # last look that found a connection to a mirror
+        self._last_abort = float("-inf")  # last abort of a withdrawn mirror's connection
         self.aborted_total: dict[str, int] = {}
         self.next_due = clock()
 
@@ -174,7 +180,7 @@ class ConnectionGuard:
         """One look at the node's connections to these mirrors; aborts what must go, names the suspects."""
         result = ScanResult()
         now = self._clock()
-        self.next_due = now + self.interval
+        self.next_due = now + self._pace(now)
         by_destination = {m.destination: m for m in mirrors}
         if self.disabled is not None or not by_destination:
             self._first_seen.clear()
@@ -189,7 +195,8 @@ class ConnectionGuard:
             self.close()
             return result
         if sockets:
-            self.next_due = now + self.active_interval  # a pull is under way: look closely until it is over
+            self._last_seen = now  # a pull is under way: look closely until a while after it is over
+            self.next_due = now + self._pace(now)
         seen = {s.cookie for s in sockets}
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in seen}
         self._judged &= seen
@@ -216,7 +223,8 @@ class ConnectionGuard:
                 continue
             if hopeless:
                 if mirror.withdrawn:
-                    self.next_due = min(self.next_due, now + ABORT_INTERVAL)
+                    self._last_abort = now
+                    self.next_due = now + self._pace(now)
                 if self._abort(self._diag, sock):
                     result.aborted[mirror.name] = result.aborted.get(mirror.name, 0) + 1
                     self.aborted_total[mirror.name] = self.aborted_total.get(mirror.name, 0) + 1
@@ -229,6 +237,14 @@ class ConnectionGuard:
                 self._judged.add(sock.cookie)
                 self._suspect(result, mirror.name, f"a request to {mirror.destination} has waited {waiting} ms for a reply", now)
         return result
+
+    def _pace(self, now: float) -> float:
+        """Seconds to the next look: quick while a dead mirror's connections are being let go, then while pulls run, else idle."""
+        if now - self._last_abort < ABORT_LINGER:
+            return min(ABORT_INTERVAL, self.active_interval)
+        if now - self._last_seen < ACTIVE_LINGER:
+            return self.active_interval
+        return self.interval
 
     def _suspect(self, result: ScanResult, name: str, why: str, now: float) -> None:
         if name in result.suspects or now - self._last_suspected.get(name, float("-inf")) < self.suspect_spacing:

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -66,7 +67,9 @@ INFORMATIONAL = frozenset({"ForeignCertsCarried", "RuntimeIgnored"})
 
 def log(event: str, level: str = "info", **fields: Any) -> None:
     """One JSON object per line on stdout."""
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": level, "event": event, **fields}
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    record = {"time": stamp, "level": level, "event": event, **fields}
     sys.stdout.write(json.dumps(record, default=str, sort_keys=False) + "\n")
     sys.stdout.flush()
 
@@ -195,6 +198,11 @@ class Agent:
         self._taint_note: str | None = None
         # The dial_timeout the node's containerd reads (None: it has none, or none is written).
         self._dial_timeout: str | None = None
+        # A suspect probe under way (agent/guard.py): its targets, reasons, names and future.
+        self._suspect_probe: tuple[dict[str, Target], dict[str, str], list[str], Future[list[str | None]]] | None = None
+        self._suspect_pool: ThreadPoolExecutor | None = None
+        # Scheduled probes under way on the probe thread (with the guard): their targets, names and future.
+        self._scheduled_probe: tuple[dict[str, Target], list[str], Future[list[str | None]]] | None = None
 
     # ------------------------------------------------------------ inputs
 
@@ -311,13 +319,43 @@ class Agent:
         return tuple(f"http://{address}" for address in found) if len(found) > 1 else ()
 
     def _probe(self) -> bool:
-        """Probe what is due among the last step's mirrors; True when one changed state."""
+        """Probe what is due among the last step's mirrors; True when one changed state.
+
+        With the connection guard, scheduled probes run on a thread of their
+        own and their outcome is applied at a later tick: a probe waiting on a
+        dead mirror must not stop the guard from letting go of the pulls
+        waiting on it. A mirror's first probe still decides before any file
+        is written.
+        """
         targets = {m.name: Target(m.url, m.ca_pem, self._ready_endpoints(m), self._endpoint_urls(m)) for m in self._selected}
         strict = {m.name for m in self._selected if m.strict}
-        transitions = self.tracker.update(targets)
+        transitions = self._collect_scheduled()
+        if self.guard is None or self.guard.disabled is not None:
+            transitions += self.tracker.update(targets)
+        else:
+            found, due = self.tracker.plan(targets)
+            transitions += found
+            if due and not self.tracker.known(due):
+                transitions += self.tracker.record(targets, due, self.tracker.probe_all(due, targets))
+            elif due and self._scheduled_probe is None:
+                self.tracker.in_flight(due)
+                self._scheduled_probe = (targets, due, self._probe_pool().submit(self.tracker.probe_all, due, targets))
         for t in transitions:
             self._report_transition(t, strict=strict)
         return bool(transitions)
+
+    def _collect_scheduled(self) -> list[Transition]:
+        """Apply the scheduled probes that finished on the probe thread."""
+        if self._scheduled_probe is None or not self._scheduled_probe[2].done():
+            return []
+        targets, due, future = self._scheduled_probe
+        self._scheduled_probe = None
+        try:
+            errors = future.result()
+        except Exception as exc:  # the probes catch their own errors; this would be a bug
+            log("probe.failed", "error", error=f"{type(exc).__name__}: {exc}")
+            errors = [f"probe failed: {type(exc).__name__}: {exc}"] * len(due)
+        return self.tracker.record(targets, due, errors)
 
     def _guarded(self) -> list[Guarded]:
         """The selected mirrors the guard watches: those that fall back to the upstream, by their ClusterIP and port."""
@@ -336,26 +374,59 @@ class Agent:
             )
 
     def _guard_scan(self) -> bool:
-        """One scan of the node's connections to the mirrors, if due; True when a suspect was withdrawn."""
+        """One scan of the node's connections to the mirrors, if due; True when a suspect was withdrawn (files must change)."""
         guard = self.guard
-        if guard is None or guard.disabled is not None or self._clock() < guard.next_due:
+        if guard is None or guard.disabled is not None:
             return False
+        withdrawn = self._collect_suspects()
+        if not withdrawn and self._clock() < guard.next_due:
+            return False
+        # A suspect just withdrawn: its connections go now, before any file is written.
         result = guard.scan(self._guarded())
         self._note_aborts(result)
         if guard.disabled is not None:
             log("guard.disabled", "warning", reason=guard.disabled)
             self._event("ConnectionGuardUnavailable", guard.disabled, warning=True)
-        if not result.suspects:
-            return False
         selected = {m.name: m for m in self._selected}
-        targets = {n: Target(selected[n].url, selected[n].ca_pem) for n in result.suspects if n in selected}
-        transitions = self.tracker.suspect(targets, result.suspects, self.config.stall_probe_timeout)
+        strict = {m.name for m in self._selected if m.strict}
+        confirmed = [
+            t for n, why in result.suspects.items() if n in selected and (t := self.tracker.stalled(n, selected[n].url, why)) is not None
+        ]
+        for t in confirmed:
+            self._report_transition(t, strict=strict)
+        if confirmed:
+            self._note_aborts(guard.scan(self._guarded()))
+            withdrawn = True
+        names = [n for n in self.tracker.suspects_to_probe(result.suspects) if n in selected]
+        if names and self._suspect_probe is None:
+            # Probed on a thread of its own: the guard keeps letting go of late connects while it waits.
+            targets = {n: Target(selected[n].url, selected[n].ca_pem) for n in names}
+            future = self._probe_pool().submit(self.tracker.probe_suspects, targets, names, self.config.stall_probe_timeout)
+            self._suspect_probe = (targets, {n: result.suspects[n] for n in names}, names, future)
+            future.add_done_callback(lambda _done: self.wake())
+        return withdrawn
+
+    def _probe_pool(self) -> ThreadPoolExecutor:
+        """Two threads: the scheduled probes and a suspect's probe never wait for each other."""
+        if self._suspect_pool is None:
+            self._suspect_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="probe")
+        return self._suspect_pool
+
+    def _collect_suspects(self) -> bool:
+        """Apply a finished suspect probe; True when it withdrew a mirror (whose connections then go at once)."""
+        if self._suspect_probe is None or not self._suspect_probe[3].done():
+            return False
+        targets, reasons, names, future = self._suspect_probe
+        self._suspect_probe = None
+        try:
+            errors = dict(zip(names, future.result(), strict=True))
+        except Exception as exc:  # the probes catch their own errors; this is a bug, and one mirror's, not the loop's
+            log("guard.probe_failed", "error", error=f"{type(exc).__name__}: {exc}")
+            return False
+        transitions = self.tracker.confirm_suspects(targets, reasons, errors)
         strict = {m.name for m in self._selected if m.strict}
         for t in transitions:
             self._report_transition(t, strict=strict)
-        if transitions:
-            # The suspect is withdrawn now: let go of the requests already waiting on it without another interval.
-            self._note_aborts(guard.scan(self._guarded()))
         return bool(transitions)
 
     def _guard_report(self) -> dict[str, Any] | None:
@@ -577,12 +648,15 @@ class Agent:
 
     def tick(self, full: bool) -> None:
         """One wake-up: a full step, or only the probes and the guard's scan that are due (and a full step if a mirror changed state)."""
-        if full or self._plan is None or self._probe():
+        # The guard first: a finished suspect probe that withdrew a mirror lets go of its connections
+        # before any file work (a full step takes a while; the pulls waiting on the mirror matter more).
+        withdrew = self._guard_scan()
+        if full or withdrew or self._plan is None or self._probe():
             self.step()
             if self.guard is not None:
                 self.guard.next_due = self._clock()  # a mirror may have been withdrawn: its connections go now
-        if self._guard_scan():
-            self.step()
+            if self._guard_scan():
+                self.step()
 
     def run(self, stop: threading.Event) -> int:
         """Loop until `stop` is set (SIGTERM). Files are left in place on exit."""
@@ -607,6 +681,8 @@ class Agent:
             watcher.stop()
         if self.guard is not None:
             self.guard.close()
+        if self._suspect_pool is not None:
+            self._suspect_pool.shutdown(wait=False, cancel_futures=True)
         log("agent.stopped", note="files left in place")
         return 0
 

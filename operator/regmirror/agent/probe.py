@@ -39,7 +39,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -190,39 +190,72 @@ class HealthTracker:
         except Exception as exc:  # isolation: one mirror's data must not stop the others' probes
             return f"probe failed: {type(exc).__name__}: {exc}"
 
-    def _probe_all(self, names: list[str], targets: Mapping[str, Target], timeout: float | None = None) -> list[str | None]:
+    def probe_all(self, names: list[str], targets: Mapping[str, Target], timeout: float | None = None) -> list[str | None]:
+        """Probe these mirrors (in parallel), touching no state: safe on another thread."""
         if len(names) == 1:
             return [self._probe_one(targets[names[0]], timeout)]
         with ThreadPoolExecutor(max_workers=min(len(names), 8)) as pool:
             return list(pool.map(lambda n: self._probe_one(targets[n], timeout), names))
 
-    def suspect(self, targets: Mapping[str, Target], reasons: Mapping[str, str], timeout: float) -> list[Transition]:
-        """Probe these healthy mirrors now, because a connection to them stalled (agent/guard.py).
+    def stalled(self, name: str, url: str, reason: str) -> Transition | None:
+        """A stalled request to a mirror whose last probe failed: two failures, so it is withdrawn now, with no more probing."""
+        state = self._state.get(name)
+        if state is None or not state.healthy or state.failures < 1:
+            return None
+        state.healthy = False
+        state.failures = max(state.failures + 1, self.failures_to_withdraw)
+        state.last_error = f"{reason}, and its last probe failed too ({state.last_error})"
+        state.next_probe = self._clock() + self._next_interval()
+        return Transition(name, url, False, state.last_error)
 
-        The stall counts as the first failure: a probe that fails too
-        withdraws the mirror at once, without the confirming second probe.
-        A mirror that answers is only slow (a cache miss fetched from its
-        upstream): nothing changes.
-        """
-        names = [n for n in reasons if n in targets and (state := self._state.get(n)) is not None and state.healthy]
-        if not names:
-            return []
-        errors = self._probe_all(names, targets, timeout)
+    def suspects_to_probe(self, names: Iterable[str]) -> list[str]:
+        """Of these mirrors, those a stall makes worth a probe: tracked and healthy (a withdrawn one is probed on schedule)."""
+        return [n for n in names if (state := self._state.get(n)) is not None and state.healthy]
+
+    def probe_suspects(self, targets: Mapping[str, Target], names: list[str], timeout: float) -> list[str | None]:
+        """The probes of `suspect`, touching no state: safe on another thread while the loop goes on."""
+        return self.probe_all(names, targets, timeout)
+
+    def confirm_suspects(
+        self, targets: Mapping[str, Target], reasons: Mapping[str, str], errors: Mapping[str, str | None]
+    ) -> list[Transition]:
+        """Apply suspect probes' outcomes: a failed one withdraws its mirror at once (the stall was the first failure)."""
         now = self._clock()
         transitions = []
-        for name, error in zip(names, errors, strict=True):
-            if error is None:
-                continue
+        for name in self.suspects_to_probe(errors):
+            error = errors[name]
+            if error is None or name not in targets:
+                continue  # it answers: only slow (a cache miss fetched from its upstream)
             state = self._state[name]
             state.healthy = False
             state.failures = max(state.failures + 1, self.failures_to_withdraw)
-            state.last_error = f"{reasons[name]}, and /v2/ did not answer either ({error})"
+            state.last_error = f"{reasons.get(name, 'a request stalled')}, and /v2/ did not answer either ({error})"
             state.next_probe = now + self._next_interval()
             transitions.append(Transition(name, targets[name].url, False, state.last_error))
         return transitions
 
+    def suspect(self, targets: Mapping[str, Target], reasons: Mapping[str, str], timeout: float) -> list[Transition]:
+        """Probe these healthy mirrors now, because a connection to them stalled (agent/guard.py), and apply the outcome.
+
+        The stall counts as the first failure: a probe that fails too
+        withdraws the mirror at once, without the confirming second probe.
+        A mirror that answers is only slow: nothing changes.
+        """
+        names = [n for n in self.suspects_to_probe(reasons) if n in targets]
+        if not names:
+            return []
+        errors = dict(zip(names, self.probe_suspects(targets, names, timeout), strict=True))
+        return self.confirm_suspects(targets, reasons, errors)
+
     def update(self, targets: Mapping[str, Target]) -> list[Transition]:
         """Probe the mirrors that are due (all of them in parallel) and return state changes."""
+        transitions, due = self.plan(targets)
+        if due:
+            transitions += self.record(targets, due, self.probe_all(due, targets))
+        return transitions
+
+    def plan(self, targets: Mapping[str, Target]) -> tuple[list[Transition], list[str]]:
+        """The first half of `update`: forget gone mirrors, act on EndpointSlice counts, and say which mirrors are due."""
         for gone in set(self._state) - set(targets):
             del self._state[gone]
         now = self._clock()
@@ -244,11 +277,26 @@ class HealthTracker:
                 state.next_probe = now  # endpoints changed: look now
             if state is None or state.next_probe <= now:
                 due.append(name)
-        if not due:
-            return transitions
-        errors = self._probe_all(due, targets)
+        return transitions, due
+
+    def known(self, names: Iterable[str]) -> bool:
+        """Whether every one of these mirrors has been probed before (a first probe decides before any file is written)."""
+        return all(n in self._state for n in names)
+
+    def in_flight(self, names: Iterable[str]) -> None:
+        """These mirrors' probes run elsewhere (agent/loop.py): not due again until their results are recorded."""
+        later = self._clock() + self.timeout * 4 + 1.0
+        for name in names:
+            if name in self._state:
+                self._state[name].next_probe = later
+
+    def record(self, targets: Mapping[str, Target], due: list[str], errors: list[str | None]) -> list[Transition]:
+        """The second half of `update`: apply the probes' outcomes."""
         now = self._clock()
+        transitions: list[Transition] = []
         for name, error in zip(due, errors, strict=True):
+            if name not in targets:
+                continue
             state = self._state.get(name)
             url = targets[name].url
             if state is None:
