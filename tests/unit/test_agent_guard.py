@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 import struct
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -428,3 +430,81 @@ def test_a_suspect_never_seen_by_a_probe_is_left_to_the_scheduled_probes() -> No
 
 def test_a_connect_in_progress_owes_no_reply() -> None:
     assert replace(sock(M1, 1, waiting_ms=900), state=TCP_SYN_SENT).awaiting_reply_ms is None
+
+
+# ------------------------------------------------------------------ the agent's loop with the guard
+
+
+class StubWatcher:
+    """The EndpointSlice watcher as the agent asks it (ready count and addresses), with scripted answers."""
+
+    def __init__(self, addresses: tuple[str, ...]) -> None:
+        self.addresses = addresses
+
+    def ready(self, service: str) -> int | None:
+        return len(self.addresses)
+
+    def ready_addresses(self, service: str) -> tuple[str, ...]:
+        return self.addresses
+
+    def stop(self) -> None:
+        pass
+
+
+def test_the_agent_withdraws_a_stalled_mirror_and_lets_go_of_its_pods_connections_too(tmp_path: Path) -> None:
+    """A stalled request to the ClusterIP, a socket-LB connection to the pod's own address: both let go once the probe fails."""
+    from regmirror.agent.loop import Agent, AgentConfig
+    from regmirror.models import Capability, FallbackPolicy, Runtime
+    from regmirror.nodeplan import MirrorEntry, build_node_plan
+
+    url = "http://10.96.0.10:5000"
+    entry = MirrorEntry(
+        name="hub",
+        hosts=["docker.io"],
+        servers={"docker.io": "https://registry-1.docker.io"},
+        url=url,
+        priority=100,
+        capabilities=[Capability.PULL, Capability.RESOLVE],
+        fallback=FallbackPolicy.ALLOW_UPSTREAM,
+        runtimes=[Runtime.CONTAINERD],
+        service="regmirror-system/regmirror-hub",
+    )
+    plan = tmp_path / "mirrors.json"
+    plan.write_text(build_node_plan([entry]).to_json())
+    root = tmp_path / "host"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text(
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n'
+    )
+    labels = tmp_path / "node.json"
+    labels.write_text(
+        json.dumps({"metadata": {"name": "n1", "labels": {}}, "status": {"nodeInfo": {"containerRuntimeVersion": "containerd://1.6.20"}}})
+    )
+    answers: dict[str, str | None] = {url: None}
+    tracker = HealthTracker(lambda u, timeout, ca: answers[u], jitter=0)
+    pod = Destination.parse("10.244.1.7", 5000)
+    diag = ScriptedDiag([])
+    guard = ConnectionGuard(lambda: diag, own_inodes=frozenset)  # type: ignore[arg-type,return-value]
+    config = AgentConfig(plan_path=plan, host_root=root, node_labels_file=labels, health_port=0, guard_connections=True)
+    agent = Agent(config, tracker=tracker, guard=guard)
+    agent._watchers["regmirror-system"] = StubWatcher(("10.244.1.7:5000",))  # type: ignore[assignment]
+    agent.tick(full=True)
+    hosts_toml = root / "etc/containerd/certs.d/docker.io/hosts.toml"
+    assert "10.96.0.10:5000" in hosts_toml.read_text()
+
+    # The mirror hangs: containerd's request to the ClusterIP waits, another connection went to the pod itself.
+    answers[url] = "TimeoutError: timed out"
+    diag.sockets += [sock(M1, 1, waiting_ms=300), replace(sock(pod, 2), last_data_recv_ms=900, last_data_sent_ms=900)]
+    # (M1 is the ClusterIP here: the same address the plan names.)
+    assert mirror_destination(url) == M1
+    guard.next_due = 0
+    agent.tick(full=False)  # the look: a suspect, probed on the probe thread
+    deadline = time.monotonic() + 5
+    while not diag.destroyed and time.monotonic() < deadline:
+        time.sleep(0.02)
+        agent.tick(full=False)
+    assert sorted(diag.destroyed) == [(1, 0), (2, 0)], "the ClusterIP's waiting request and the pod's own connection"
+    assert tracker.unhealthy() == {"hub"}
+    assert not hosts_toml.exists() or "10.96.0.10" not in hosts_toml.read_text(), "withdrawn from the node's files"
+    report = agent.readiness.get_report()["connectionGuard"]
+    assert report["enabled"] is True and report["aborted"] == {"hub": 2}

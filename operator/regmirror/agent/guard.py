@@ -29,7 +29,9 @@ agent/sockdiag.py; the agent shares the host's network namespace) every
   that probe and nothing is touched.
 
 Only connections in this network namespace to a mirror's own `address:port`
-(its ClusterIP) are ever looked at, and only those of mirrors that fall back
+(its ClusterIP, and its pods' addresses from its EndpointSlices, where a
+socket-level load balancer such as Cilium's rewrites the destination at
+connect() time) are ever looked at, and only those of mirrors that fall back
 to the upstream: a NeverContactUpstream mirror's connections are left alone
 (there is no other host to go to). The agent's own probes are exempt.
 
@@ -92,6 +94,13 @@ class Guarded:
     destination: Destination
     # Withdrawn from the node's files: every connection to it is aborted.
     withdrawn: bool
+    # Its pods' own `address:port`s (from its EndpointSlices): where a load balancer that rewrites the
+    # destination at connect() time (Cilium's socket LB, without kube-proxy) points the node's sockets.
+    endpoints: frozenset[Destination] = frozenset()
+
+    @property
+    def destinations(self) -> frozenset[Destination]:
+        return frozenset({self.destination, *self.endpoints})
 
 
 @dataclass
@@ -181,7 +190,7 @@ class ConnectionGuard:
         result = ScanResult()
         now = self._clock()
         self.next_due = now + self._pace(now)
-        by_destination = {m.destination: m for m in mirrors}
+        by_destination = {d: m for m in mirrors for d in sorted(m.destinations, key=str)}
         if self.disabled is not None or not by_destination:
             self._first_seen.clear()
             return result
@@ -232,10 +241,10 @@ class ConnectionGuard:
                     return result
                 if sock.state == TCP_SYN_SENT and not mirror.withdrawn:
                     waited = f"{now - first:.2f} s" if not sock.retransmits else "its first SYN's retransmission timeout"
-                    self._suspect(result, mirror.name, f"a connection to {mirror.destination} got no answer in {waited}", now)
+                    self._suspect(result, mirror.name, f"a connection to {sock.destination} got no answer in {waited}", now)
             elif sock.cookie not in self._judged:
                 self._judged.add(sock.cookie)
-                self._suspect(result, mirror.name, f"a request to {mirror.destination} has waited {waiting} ms for a reply", now)
+                self._suspect(result, mirror.name, f"a request to {sock.destination} has waited {waiting} ms for a reply", now)
         return result
 
     def _pace(self, now: float) -> float:

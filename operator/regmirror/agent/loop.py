@@ -51,6 +51,7 @@ from regmirror.agent.nodeapi import ApiError, InClusterClient, NodeInfo
 from regmirror.agent.plan import PlanError, parse_plan
 from regmirror.agent.preflight import CONTAINERD_CONFIG, PreflightReport, dial_timeout_supported, run_preflight
 from regmirror.agent.probe import DEFAULT_INTERVAL, DEFAULT_TIMEOUT, HealthTracker, Target, Transition
+from regmirror.agent.sockdiag import Destination
 from regmirror.lowlevel import registry_host_spellings
 from regmirror.render import nodefiles, nodeinput
 from regmirror.render.nodeauth import CRIO_AUTH_FILE
@@ -61,6 +62,8 @@ NODE_REFRESH_SECONDS = 30.0
 # pull makes a handful of sequential requests, each paying this once while a
 # dead mirror is still in the file.
 DEFAULT_DIAL_TIMEOUT = "100ms"
+# How long the guard keeps watching a mirror pod's address after its EndpointSlices last listed it as ready.
+ENDPOINT_MEMORY = 600.0
 # Findings that need no action (posted as Normal Events).
 INFORMATIONAL = frozenset({"ForeignCertsCarried", "RuntimeIgnored"})
 
@@ -198,6 +201,8 @@ class Agent:
         self._taint_note: str | None = None
         # The dial_timeout the node's containerd reads (None: it has none, or none is written).
         self._dial_timeout: str | None = None
+        # Per mirror, its pods' addresses and when its EndpointSlices last listed each as ready (for the guard).
+        self._endpoints_seen: dict[str, dict[Destination, float]] = {}
         # A suspect probe under way (agent/guard.py): its targets, reasons, names and future.
         self._suspect_probe: tuple[dict[str, Target], dict[str, str], list[str], Future[list[str | None]]] | None = None
         self._suspect_pool: ThreadPoolExecutor | None = None
@@ -358,14 +363,30 @@ class Agent:
         return self.tracker.record(targets, due, errors)
 
     def _guarded(self) -> list[Guarded]:
-        """The selected mirrors the guard watches: those that fall back to the upstream, by their ClusterIP and port."""
+        """The selected mirrors the guard watches: those that fall back to the upstream, by their ClusterIP and port and their pods'."""
         unhealthy = self.tracker.unhealthy()
+        now = self._clock()
         out = []
         for m in self._selected:
             destination = mirror_destination(m.url)
-            if destination is not None and not m.strict:
-                out.append(Guarded(m.name, destination, withdrawn=m.name in unhealthy))
+            if destination is None or m.strict:
+                continue
+            out.append(Guarded(m.name, destination, withdrawn=m.name in unhealthy, endpoints=self._recent_endpoints(m, now)))
         return out
+
+    def _recent_endpoints(self, mirror: nodeinput.Mirror, now: float) -> frozenset[Destination]:
+        """The mirror's pod addresses seen ready in its EndpointSlices within ENDPOINT_MEMORY (a pod that stopped
+        answering leaves the ready list first; the node's connections to it must still be let go)."""
+        seen = self._endpoints_seen.setdefault(mirror.name, {})
+        watcher = self._watchers.get(mirror.service[0]) if mirror.service is not None else None
+        for address in watcher.ready_addresses(mirror.service[1]) if watcher is not None and mirror.service is not None else ():
+            host, _, port = address.rpartition(":")
+            found = Destination.parse(host, int(port)) if port.isdigit() else None
+            if found is not None:
+                seen[found] = now
+        for gone in [d for d, at in seen.items() if now - at > ENDPOINT_MEMORY]:
+            del seen[gone]
+        return frozenset(seen)
 
     def _note_aborts(self, result: ScanResult) -> None:
         for name, count in sorted(result.aborted.items()):
@@ -456,6 +477,7 @@ class Agent:
         self._selected = selected
         if self.guard is not None:
             self.guard.forget(m.name for m in selected)
+            self._endpoints_seen = {m.name: self._endpoints_seen.get(m.name, {}) for m in selected}
         dial_timeout = self.config.dial_timeout if dial_timeout_supported(node.runtime_version) else None
         self._dial_timeout = dial_timeout
         self._probe()
