@@ -41,8 +41,8 @@ under way), 20 a second for 5 s after it let go of a dead mirror's; the
 filtering is done in the kernel by destination. The kernel walks its whole
 TCP hash table for a dump, so the cost grows with the node's memory (the
 table's size), not with its connections: about 1.5-1.9 ms of CPU per dump
-with 262,144 buckets (a 24 GiB machine): the agent used 9.5 mCPU idle with
-the guard against 1.0 without it. No request to any mirror while requests
+with 262,144 buckets (a 24 GiB machine): the agent used 8-12 mCPU idle with
+the guard against 0.7-1.0 without it (`make bench`). No request to any mirror while requests
 are answered. A suspect costs one probe, at most one per `suspect_spacing` per
 mirror. It needs CAP_NET_ADMIN (aborting) and a kernel with
 CONFIG_INET_DIAG_DESTROY; without them the first abort fails, the guard turns
