@@ -61,6 +61,9 @@ RENDER_CLUSTER_IP: Final = "10.96.0.10"
 
 # The cluster-wide node agent.
 AGENT_NAME: Final = "regmirror-agent"
+# The agent's /healthz, /readyz and /report. With hostNetwork (the connection guard) it is a port of the
+# node: one no common node daemon uses (kubelet and kube-proxy 10248-10259, CSI probes 9808, node-exporter 9100).
+AGENT_HEALTH_PORT: Final = 10273
 NODE_CONFIG_NAME: Final = "regmirror-node-config"
 NODE_CONFIG_KEY: Final = "mirrors.json"
 # Recent plans' per-mirror entry digests, so a restarted operator still knows

@@ -35,7 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--node-labels-file", type=Path, default=None, help="JSON labels (or a Node object) instead of reading the Node from the API"
     )
-    p.add_argument("--health-port", type=int, default=8081, help="port of /healthz and /readyz; 0 disables")
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=c.AGENT_HEALTH_PORT,
+        help="port of /healthz, /readyz and /report; 0 disables (default %(default)s)",
+    )
     p.add_argument("--health-address", default="0.0.0.0", help="address of the health server")
     p.add_argument("--once", action="store_true", help="apply once and exit: 0 ok, 1 preflight failed, conflicts or errors")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between full reconciles")

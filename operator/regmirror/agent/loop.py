@@ -86,7 +86,7 @@ class AgentConfig:
     containerd_config_file: str = CONTAINERD_CONFIG
     node_name: str = ""
     node_labels_file: Path | None = None
-    health_port: int = 8081
+    health_port: int = c.AGENT_HEALTH_PORT
     health_address: str = "0.0.0.0"
     once: bool = False
     interval: float = 2.0

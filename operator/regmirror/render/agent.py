@@ -26,9 +26,7 @@ CRIO_ETC_DIR = "/etc/crio"
 PLAN_DIR = "/etc/regmirror/plan"
 PLAN_PATH = f"{PLAN_DIR}/{c.NODE_CONFIG_KEY}"
 CONTAINERD_ETC_DIR = "/etc/containerd"
-# With hostNetwork the health port is a port of the node: one no common node daemon uses
-# (kubelet and kube-proxy sit at 10248-10259, CSI liveness probes at 9808, node-exporter at 9100).
-HEALTH_PORT = 10273
+HEALTH_PORT = c.AGENT_HEALTH_PORT
 HEALTH_PORT_NAME = "health"
 SERVICE_ACCOUNT = "regmirror-agent"
 PRIORITY_CLASS = "system-node-critical"
