@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stall-after", type=float, default=0.15, help="seconds a request may wait for a reply before its mirror is probed")
     p.add_argument("--connect-timeout", type=float, default=0.1, help="seconds a connect to a mirror may take before the guard aborts it")
+    p.add_argument(
+        "--suspect-probe-timeout",
+        type=float,
+        default=0.3,
+        help="seconds the probe of a mirror with a stalled request may take before the mirror is withdrawn",
+    )
     p.add_argument("--no-watch-endpoints", action="store_true", help="do not watch the mirrors' EndpointSlices (probes alone decide)")
     p.add_argument("--docker-daemon-json", default="/etc/docker/daemon.json", help="Docker Engine's daemon.json on the host")
     p.add_argument("--docker-pidfile", default="/var/run/docker.pid", help="dockerd's pidfile on the host (to send it SIGHUP)")
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         guard_interval=args.guard_interval,
         stall_after=args.stall_after,
         connect_timeout=args.connect_timeout,
+        stall_probe_timeout=args.suspect_probe_timeout,
         docker_daemon_json=args.docker_daemon_json,
         docker_pidfile=args.docker_pidfile,
         docker_reload=args.docker_reload == "signal",
