@@ -54,7 +54,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -92,7 +92,7 @@ class Guarded:
 
     name: str
     destination: Destination
-    # Withdrawn from the node's files: every connection to it is aborted.
+    # Withdrawn from the node's files: its connections that receive nothing are aborted.
     withdrawn: bool
     # Its pods' own `address:port`s (from its EndpointSlices): where a load balancer that rewrites the
     # destination at connect() time (Cilium's socket LB, without kube-proxy) points the node's sockets.
@@ -205,7 +205,6 @@ class ConnectionGuard:
             return result
         if sockets:
             self._last_seen = now  # a pull is under way: look closely until a while after it is over
-            self.next_due = now + self._pace(now)
         seen = {s.cookie for s in sockets}
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in seen}
         self._judged &= seen
@@ -233,7 +232,6 @@ class ConnectionGuard:
             if hopeless:
                 if mirror.withdrawn:
                     self._last_abort = now
-                    self.next_due = now + self._pace(now)
                 if self._abort(self._diag, sock):
                     result.aborted[mirror.name] = result.aborted.get(mirror.name, 0) + 1
                     self.aborted_total[mirror.name] = self.aborted_total.get(mirror.name, 0) + 1
@@ -245,6 +243,7 @@ class ConnectionGuard:
             elif sock.cookie not in self._judged:
                 self._judged.add(sock.cookie)
                 self._suspect(result, mirror.name, f"a request to {sock.destination} has waited {waiting} ms for a reply", now)
+        self.next_due = now + self._pace(now)  # what this look saw sets the pace of the next
         return result
 
     def _pace(self, now: float) -> float:
@@ -261,7 +260,7 @@ class ConnectionGuard:
         self._last_suspected[name] = now
         result.suspects[name] = why
 
-    def forget(self, names: Mapping[str, object] | Iterable[str]) -> None:
+    def forget(self, names: Iterable[str]) -> None:
         """Drop per-mirror counters of mirrors no longer selected."""
         keep = set(names)
         self._last_suspected = {k: v for k, v in self._last_suspected.items() if k in keep}
