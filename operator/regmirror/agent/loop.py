@@ -378,8 +378,10 @@ class Agent:
         """The mirror's pod addresses seen ready in its EndpointSlices within ENDPOINT_MEMORY (a pod that stopped
         answering leaves the ready list first; the node's connections to it must still be let go)."""
         seen = self._endpoints_seen.setdefault(mirror.name, {})
-        watcher = self._watchers.get(mirror.service[0]) if mirror.service is not None else None
-        for address in watcher.ready_addresses(mirror.service[1]) if watcher is not None and mirror.service is not None else ():
+        service = mirror.service
+        watcher = self._watchers.get(service[0]) if service is not None else None
+        addresses = watcher.ready_addresses(service[1]) if watcher is not None and service is not None else ()
+        for address in addresses:
             host, _, port = address.rpartition(":")
             found = Destination.parse(host, int(port)) if port.isdigit() else None
             if found is not None:
