@@ -38,6 +38,7 @@ from regmirror.agent.sockdiag import (
     bytecode,
     parse_messages,
     parse_socket,
+    port_bytecode,
 )
 
 ROOT = os.geteuid() == 0
@@ -95,10 +96,10 @@ destinations = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(destinations)
-def test_the_bytecode_is_a_chain_the_kernel_audit_accepts(dests: list[Destination]) -> None:
+@given(destinations, st.booleans())
+def test_the_bytecode_is_a_chain_the_kernel_audit_accepts(dests: list[Destination], by_port: bool) -> None:
     """The rules of inet_diag_bc_audit: every op's "yes" steps to the next op, every "no" lands on an op or just past the end."""
-    code = bytecode(dests)
+    code = port_bytecode(socket.AF_INET6, (d.port for d in dests)) if by_port else bytecode(dests)
     starts = []
     offset = 0
     while offset < len(code):
@@ -219,6 +220,20 @@ def test_the_kernel_filter_finds_a_connection_exactly_when_its_destination_is_as
     finally:
         client.close()
         server.close()
+
+
+@pytest.mark.skipif(not ROOT, reason="SOCK_DESTROY needs CAP_NET_ADMIN (the agent has it on a node)")
+def test_hundreds_of_destinations_are_filtered_by_port_in_the_kernel_and_exactly_here(hanging: tuple[socket.socket, int]) -> None:
+    """A mirror with many pods, or many mirrors: the request stays small and the answer exact."""
+    _server, port = hanging
+    client = socket.create_connection(("127.0.0.1", port))
+    others = [Destination.parse(f"10.{i // 250}.{i % 250}.1", port) for i in range(300)]
+    others += [Destination.parse(f"fd00::{i:x}", port) for i in range(300)]
+    with SockDiag() as diag:
+        source = f"127.0.0.1:{client.getsockname()[1]}"
+        assert source in {s.source for s in diag.connections([*others, Destination.parse("127.0.0.1", port)])}
+        assert source not in {s.source for s in diag.connections(others)}, "same port, another address: not ours"
+    client.close()
 
 
 # ------------------------------------------------------------------ the guard's rules, on a scripted kernel

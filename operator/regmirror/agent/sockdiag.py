@@ -58,6 +58,8 @@ _TCP_INFO_LAST_DATA_RECV = (52, struct.Struct("=I"))
 _TCP_INFO_BYTES_RECEIVED = (128, struct.Struct("=Q"))  # since Linux 4.1
 _TCP_INFO_DATA_SEGS_OUT = (156, struct.Struct("=I"))  # since Linux 4.6
 MAX_MESSAGES = 100_000
+# Destinations matched exactly by the kernel's filter in one dump; past this, by port only.
+MAX_EXACT = 64
 
 
 class SockDiagError(Exception):
@@ -144,6 +146,16 @@ def bytecode(destinations: Iterable[Destination]) -> bytes:
         family = socket.AF_INET if dest.address.version == 4 else socket.AF_INET6
         addr = dest.address.packed
         conds.append(_HOSTCOND.pack(family, len(addr) * 8, dest.port) + addr)
+    return _or_chain(conds)
+
+
+def port_bytecode(family: int, ports: Iterable[int]) -> bytes:
+    """inet_diag bytecode accepting a socket whose destination port is any of these, whatever its address."""
+    zero = bytes(4 if family == socket.AF_INET else 16)
+    return _or_chain([_HOSTCOND.pack(family, 0, port) + zero for port in sorted(set(ports))])
+
+
+def _or_chain(conds: list[bytes]) -> bytes:
     blocks = []
     for i, cond in enumerate(conds):
         length = _BC_OP.size + len(cond)
@@ -164,10 +176,16 @@ def _rta(kind: int, payload: bytes) -> bytes:
 
 
 def dump_request(family: int, destinations: list[Destination], seq: int) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY dump request for TCP sockets of one family in SYN-SENT or ESTABLISHED."""
+    """A SOCK_DIAG_BY_FAMILY dump request for TCP sockets of one family in SYN-SENT or ESTABLISHED.
+
+    Up to MAX_EXACT destinations are matched exactly in the kernel; more (a
+    mirror with many pods, many mirrors) by port only, the caller matching
+    the addresses: the filter stays small whatever the EndpointSlices hold.
+    """
     states = (1 << TCP_ESTABLISHED) | (1 << TCP_SYN_SENT)
     body = _REQ_HEAD.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0, states) + b"\0" * _SOCKID.size
-    body += _rta(INET_DIAG_REQ_BYTECODE, bytecode(destinations))
+    code = bytecode(destinations) if len(destinations) <= MAX_EXACT else port_bytecode(family, (d.port for d in destinations))
+    body += _rta(INET_DIAG_REQ_BYTECODE, code)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
