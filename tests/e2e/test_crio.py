@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,97 @@ def test_crio_pulls_through_the_drop_in_honours_strictness_search_order_and_bloc
         blocked = daemon.crictl("pull", f"{blocked_upstream.address}/team/app:v1", timeout=30)
         assert blocked.returncode != 0 and "blocked" in (blocked.stderr + daemon.log()[-3000:]).lower()
         assert blocked_upstream.connections == []
+
+
+@contextlib.contextmanager
+def agent_loop(tmp_path: Path, dropins: Path, plan: dict[str, object], *extra: str) -> Iterator[Path]:
+    """The agent as its DaemonSet runs it (a loop), for CRI-O; yields its log file."""
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    node = {"metadata": {"name": "n1", "uid": "u1", "labels": {}}, "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.0"}}}
+    (tmp_path / "node.json").write_text(json.dumps(node))
+    argv = [
+        sys.executable,
+        "-m",
+        "regmirror",
+        "agent",
+        "--plan",
+        str(tmp_path / "plan.json"),
+        "--host-root",
+        "/",
+        "--node-labels-file",
+        str(tmp_path / "node.json"),
+        "--health-port",
+        "0",
+        "--containerd-config-path",
+        str(tmp_path / "certs.d"),
+        "--containerd-config",
+        str(tmp_path / "none.toml"),
+        "--crio-dropin-dir",
+        str(dropins),
+        *extra,
+    ]
+    log = tmp_path / "agent.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": OPERATOR_SRC})
+        try:
+            yield log
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def agent_events(log: Path, event: str) -> list[dict[str, object]]:
+    lines = log.read_text(errors="replace").splitlines()
+    return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == event]
+
+
+def test_crio_pulls_waiting_on_a_hanging_mirror_fall_back_with_the_connection_guard(crio_bin: Path, crictl: str, tmp_path: Path) -> None:
+    """CRI-O reads its drop-ins only on reload, so a hanging mirror stays in its configuration: the guard lets each pull go.
+
+    The mirror accepts connections and never answers. Without the guard each pull would wait on
+    it; with it, the first pull's request is seen waiting, the mirror is probed and withdrawn,
+    and every connection to it that receives nothing is aborted, so CRI-O goes on to the upstream
+    (the next pull too, although the drop-in that CRI-O still holds lists the mirror first).
+    """
+    from harness.dataplane.deadmirror import dead_mirror
+
+    dropins = tmp_path / "registries.conf.d"
+    dropins.mkdir()
+    with (
+        Registry.start(tmp_path / "mirror", "127.0.0.3") as mirror,
+        Registry.start(tmp_path / "upstream", "127.0.0.2") as upstream,
+        crio(crio_bin, dropins, crictl) as daemon,
+    ):
+        for tag in ("v1", "v2", "v3"):
+            mirror.push_image("team/app", tag, f"{tag}\n")
+            upstream.push_image("team/app", tag, f"{tag}\n")
+        plan = {"mirrors": [entry("team", mirror.url, upstream.address, upstream.url)]}
+        with agent_loop(tmp_path, dropins, plan, "--interval", "2", "--guard-connections") as log:
+            wait_for(lambda: bool(agent_events(log, "files.applied")), 30, "the agent's drop-in")
+            daemon.reload()
+            started = time.monotonic()
+            pulled = daemon.crictl("pull", f"{upstream.address}/team/app:v1")
+            healthy = time.monotonic() - started
+            assert pulled.returncode == 0, pulled.stderr + daemon.log()[-2000:]
+            assert "/v2/team/app/manifests/v1" in mirror.requests_log(), "through the mirror while it answers"
+            timings = []
+            with dead_mirror("hanging", mirror):
+                for tag in ("v2", "v3"):
+                    started = time.monotonic()
+                    pulled = daemon.crictl("pull", f"{upstream.address}/team/app:{tag}", timeout=60)
+                    timings.append(time.monotonic() - started)
+                    assert pulled.returncode == 0, pulled.stderr + daemon.log()[-2000:]
+            aborted = sum(int(e["count"]) for e in agent_events(log, "connections.aborted"))  # type: ignore[call-overload]
+            withdrawn = agent_events(log, "mirror.withdrawn")
+    print(
+        f"CRI-O, mirror hanging, with the guard: pulls {[round(t, 2) for t in timings]}s "
+        f"(through the healthy mirror {healthy:.2f}s), {aborted} connections aborted"
+    )
+    assert withdrawn, "the guard's probe withdrew the mirror"
+    assert aborted >= 2, "each pull's waiting request to the mirror was let go"
+    assert "/v2/team/app/manifests/v3" in upstream.requests_log(), "the upstream served the pulls"
+    assert max(timings) < 10, "seconds, not a hanging pull"

@@ -305,12 +305,13 @@ def test_every_quiet_connection_to_a_withdrawn_mirror_is_aborted_and_nothing_els
 
 
 def test_a_withdrawn_mirrors_connection_that_is_still_receiving_is_left_to_finish() -> None:
-    """A blob streaming in from a mirror withdrawn by one slow probe is not cut; a quiet one is."""
+    """A blob streaming in from a mirror withdrawn by one slow probe is not cut; a quiet one is, and one that never received a byte."""
     streaming = replace(sock(M1, 1), last_data_recv_ms=20, last_data_sent_ms=4000)
     quiet = replace(sock(M1, 2), last_data_recv_ms=400, last_data_sent_ms=4000)
-    diag = ScriptedDiag([streaming, quiet])
+    fresh = replace(sock(M1, 3), last_data_recv_ms=20, last_data_sent_ms=20, bytes_received=0)  # its request just went out
+    diag = ScriptedDiag([streaming, quiet, fresh])
     result = guard_for(diag, Clock()).scan([Guarded("one", M1, withdrawn=True)])
-    assert diag.destroyed == [(2, 0)] and result.aborted == {"one": 1}
+    assert sorted(diag.destroyed) == [(2, 0), (3, 0)] and result.aborted == {"one": 2}
 
 
 def test_a_stalled_request_makes_its_mirror_a_suspect_once_and_touches_nothing() -> None:

@@ -218,8 +218,14 @@ class ConnectionGuard:
             # retransmitted its SYN (the initial retransmission timeout, 1 s, has passed).
             late_connect = sock.state == TCP_SYN_SENT and (now - first >= self.connect_timeout or sock.retransmits > 0)
             # Of a withdrawn mirror, only connections that are not receiving: a blob still streaming in
-            # (a mirror withdrawn by a slow probe, not dead) finishes; a dead one's connections receive nothing.
-            quiet = sock.state == TCP_SYN_SENT or sock.last_data_recv_ms is None or sock.last_data_recv_ms >= self.stall_after * 1000
+            # (a mirror withdrawn by a slow probe, not dead) finishes; a dead one's connections receive nothing,
+            # and one that never received a byte goes at first sight (CRI-O sends each request there first).
+            quiet = (
+                sock.state == TCP_SYN_SENT
+                or not sock.bytes_received
+                or sock.last_data_recv_ms is None
+                or sock.last_data_recv_ms >= self.stall_after * 1000
+            )
             hopeless = (mirror.withdrawn and quiet) or late_connect
             waiting = sock.awaiting_reply_ms
             stalled = waiting is not None and waiting >= self.stall_after * 1000
