@@ -142,16 +142,16 @@ def entry(name: str, url: str, host: str, server: str, fallback: str = "AllowUps
     }
 
 
-def agent_once(tmp_path: Path, dropins: Path, plan: dict[str, object]) -> list[dict[str, object]]:
+def agent_argv(tmp_path: Path, dropins: Path, plan: dict[str, object], *extra: str) -> list[str]:
+    """`regmirror agent` for a CRI-O node (its plan and Node written under tmp_path), `extra` arguments appended."""
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     node = {"metadata": {"name": "n1", "uid": "u1", "labels": {}}, "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.0"}}}
     (tmp_path / "node.json").write_text(json.dumps(node))
-    argv = [
+    return [
         sys.executable,
         "-m",
         "regmirror",
         "agent",
-        "--once",
         "--plan",
         str(tmp_path / "plan.json"),
         "--host-root",
@@ -166,7 +166,12 @@ def agent_once(tmp_path: Path, dropins: Path, plan: dict[str, object]) -> list[d
         str(tmp_path / "none.toml"),
         "--crio-dropin-dir",
         str(dropins),
+        *extra,
     ]
+
+
+def agent_once(tmp_path: Path, dropins: Path, plan: dict[str, object]) -> list[dict[str, object]]:
+    argv = agent_argv(tmp_path, dropins, plan, "--once")
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "PYTHONPATH": OPERATOR_SRC})
     assert proc.returncode in (0, 1), proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -220,30 +225,7 @@ def test_crio_pulls_through_the_drop_in_honours_strictness_search_order_and_bloc
 @contextlib.contextmanager
 def agent_loop(tmp_path: Path, dropins: Path, plan: dict[str, object], *extra: str) -> Iterator[Path]:
     """The agent as its DaemonSet runs it (a loop), for CRI-O; yields its log file."""
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    node = {"metadata": {"name": "n1", "uid": "u1", "labels": {}}, "status": {"nodeInfo": {"containerRuntimeVersion": "cri-o://1.34.0"}}}
-    (tmp_path / "node.json").write_text(json.dumps(node))
-    argv = [
-        sys.executable,
-        "-m",
-        "regmirror",
-        "agent",
-        "--plan",
-        str(tmp_path / "plan.json"),
-        "--host-root",
-        "/",
-        "--node-labels-file",
-        str(tmp_path / "node.json"),
-        "--health-port",
-        "0",
-        "--containerd-config-path",
-        str(tmp_path / "certs.d"),
-        "--containerd-config",
-        str(tmp_path / "none.toml"),
-        "--crio-dropin-dir",
-        str(dropins),
-        *extra,
-    ]
+    argv = agent_argv(tmp_path, dropins, plan, *extra)
     log = tmp_path / "agent.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": OPERATOR_SRC})

@@ -20,10 +20,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from _agentkit import node_root, plan_json, wire_entry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from regmirror.agent.guard import ConnectionGuard, Guarded, mirror_destination
+from regmirror.agent.loop import Agent, AgentConfig
 from regmirror.agent.probe import HealthTracker, Target
 from regmirror.agent.sockdiag import (
     NLMSG_DONE,
@@ -469,29 +471,12 @@ class StubWatcher:
 
 def test_the_agent_withdraws_a_stalled_mirror_and_lets_go_of_its_pods_connections_too(tmp_path: Path) -> None:
     """A stalled request to the ClusterIP, a socket-LB connection to the pod's own address: both let go once the probe fails."""
-    from regmirror.agent.loop import Agent, AgentConfig
-    from regmirror.models import Capability, FallbackPolicy, Runtime
-    from regmirror.nodeplan import MirrorEntry, build_node_plan
-
     url = "http://10.96.0.10:5000"
-    entry = MirrorEntry(
-        name="hub",
-        hosts=["docker.io"],
-        servers={"docker.io": "https://registry-1.docker.io"},
-        url=url,
-        priority=100,
-        capabilities=[Capability.PULL, Capability.RESOLVE],
-        fallback=FallbackPolicy.ALLOW_UPSTREAM,
-        runtimes=[Runtime.CONTAINERD],
-        service="regmirror-system/regmirror-hub",
-    )
+    entry = wire_entry("hub", url, ["docker.io"])
+    entry["service"] = "regmirror-system/regmirror-hub"
     plan = tmp_path / "mirrors.json"
-    plan.write_text(build_node_plan([entry]).to_json())
-    root = tmp_path / "host"
-    (root / "etc/containerd").mkdir(parents=True)
-    (root / "etc/containerd/config.toml").write_text(
-        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n'
-    )
+    plan.write_text(plan_json(entry))
+    root = node_root(tmp_path)
     labels = tmp_path / "node.json"
     labels.write_text(
         json.dumps({"metadata": {"name": "n1", "labels": {}}, "status": {"nodeInfo": {"containerRuntimeVersion": "containerd://1.6.20"}}})
