@@ -16,7 +16,11 @@ class Metrics:
         )
         self.writes = Counter("regmirror_api_writes_total", "API writes by kind of object and verb.", ["kind", "verb"], registry=registry)
         self.api_retries = Counter("regmirror_api_retries_total", "API requests retried after 429, 5xx or a timeout.", registry=registry)
-        self.queue_depth = Gauge("regmirror_queue_depth", "Keys waiting in the work queue.", registry=registry)
+        # As client-go's workqueue_depth: keys ready to be worked on now. A key queued for later (a requeue-after, a
+        # backoff, a periodic recheck) counts in regmirror_queue_scheduled until its time comes, so an idle operator
+        # reads 0 here although some key always waits for its next look.
+        self.queue_depth = Gauge("regmirror_queue_depth", "Keys ready to be worked on now.", registry=registry)
+        self.queue_scheduled = Gauge("regmirror_queue_scheduled", "Keys queued for a later time.", registry=registry)
         self.mirrors = Gauge("regmirror_mirrors", "RegistryMirrors known to the operator.", registry=registry)
         self.mirrors_ready = Gauge("regmirror_mirrors_ready", "RegistryMirrors whose Ready condition is True.", registry=registry)
         self.watch_restarts = Counter(

@@ -219,7 +219,8 @@ class Manager:
                 await self._process(key)
             finally:
                 self.queue.done(key)
-                self.metrics.queue_depth.set(self.queue.pending())
+                self.metrics.queue_depth.set(len(self.queue))
+                self.metrics.queue_scheduled.set(self.queue.pending() - len(self.queue))
 
     async def _resync(self) -> None:
         """Every `resync_interval`, re-check every key from the store, spread over a tenth of the interval."""
