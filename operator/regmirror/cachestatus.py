@@ -2,7 +2,7 @@
 
 - `pinned_digests(pods, hosts)`: the manifest digests of images running pods use
   that come from this mirror's hosts (status.containerStatuses[].imageID), for
-  the `-cache` ConfigMap's pins.json (render/cache.py).
+  the mirror ConfigMap's pins.json (render/cache.py).
 - `merge_reports(reports, replicas, stale)`: one report for the whole mirror
   from each replica's last /stats (untrusted JSON): counters summed, state
   combined (controller/cache.py polls the replicas).
@@ -12,7 +12,7 @@
   MIN_WRITE_SECONDS, state changes (an eviction, the upstream flipping, prewarm
   progress, the cap exceeded, a replica not answering) at once.
 - `invalidation_requests(annotation)`: the `regmirror.dev/invalidate`
-  annotation (untrusted JSON) as the `-cache` ConfigMap's invalidate.json.
+  annotation (untrusted JSON) as the mirror ConfigMap's invalidate.json.
 """
 
 from __future__ import annotations

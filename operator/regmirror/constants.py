@@ -21,7 +21,7 @@ FIELD_MANAGER: Final = "regmirror-operator"
 
 # Kopf's finalizer and annotation prefix are ours, not kopf.zalando.org.
 FINALIZER: Final = f"{GROUP}/node-cleanup"
-# On a RegistryMirror: tags its cache must check again (`regmirror cache invalidate`, cache/cli.py); copied into its -cache ConfigMap.
+# On a RegistryMirror: tags its cache must check again (`regmirror cache invalidate`, cache/cli.py); copied into its ConfigMap.
 ANNOTATION_INVALIDATE: Final = f"{GROUP}/invalidate"
 ANNOTATION_PREFIX: Final = GROUP
 

@@ -10,18 +10,18 @@ def child_name(mirror: str) -> str:
     return f"regmirror-{mirror}"
 
 
-def cache_control_name(mirror: str) -> str:
-    """Name of the cache sidecar's live-input ConfigMap.
+def legacy_cache_config_name(mirror: str) -> str:
+    """Name of the cache sidecar's own ConfigMap in earlier versions (its keys now live in the
+    mirror's one ConfigMap); the operator deletes it where one remains.
 
-    A dot, which a mirror name (a DNS label) can never contain, keeps it from
-    colliding with another mirror's children: `regmirror-foo-cache` could be the
-    child of a mirror named `foo-cache`, `regmirror-foo.cache` cannot.
+    A dot, which a mirror name (a DNS label) can never contain, kept it from
+    colliding with another mirror's children.
     """
     return f"{child_name(mirror)}.cache"
 
 
 def mirror_of_child_name(name: str) -> str | None:
-    """The mirror a child is named after (`regmirror-<m>` or `regmirror-<m>.cache`), or None."""
+    """The mirror a child is named after (`regmirror-<m>`, or an earlier version's `regmirror-<m>.cache`), or None."""
     prefix = child_name("")
     if not name.startswith(prefix) or len(name) == len(prefix):
         return None

@@ -7,7 +7,7 @@ docker-registry, access log on) seeded with small images built here. Nodes are
 `regmirror agent --once` on a temporary host root plus a containerd of their
 own pulling through the hosts.toml the agent wrote.
 
-These tests feed the sidecar's `-cache` ConfigMap files directly, as the kubelet
+These tests feed the sidecar's mirror ConfigMap files directly, as the kubelet
 would mount what the operator renders, and read the figures from the sidecar's
 /stats. The operator's side (pins from running pods, the poll, status.cache) is
 tests/integration/test_cache_pins.py and tests/e2e/test_status_cache_e2e.py.

@@ -38,7 +38,7 @@ from harness.objects import MirrorFactory
 from harness.operator import OPERATOR_NS, OperatorProcess, get_mirror
 from regmirror import constants as c
 from regmirror.models import RegistryMirrorSpec
-from regmirror.naming import cache_control_name, child_name
+from regmirror.naming import child_name
 from regmirror.render.front import CACHE_SIDECAR_PORT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs containerd, varnishd and registries as daemons: needs root")
@@ -154,7 +154,7 @@ def nodes_status(cluster: LocalCluster) -> dict[str, Any]:
 
 
 def control_data(cluster: LocalCluster) -> dict[str, str] | None:
-    result = cluster.kubectl("get", "configmap", cache_control_name(MIRROR), "-n", OPERATOR_NS, "-o", "json", check=False)
+    result = cluster.kubectl("get", "configmap", child_name(MIRROR), "-n", OPERATOR_NS, "-o", "json", check=False)
     return dict(json.loads(result.stdout).get("data") or {}) if result.returncode == 0 else None
 
 
@@ -261,7 +261,7 @@ def test_status_cache_shows_what_nodes_pulled_the_pins_the_operator_rendered_and
             print(f"status.nodes after the pulls: {usage}")
             assert usage["notPulledRecently"] == kwok_nodes[:5]
 
-            # A workload runs the image: the operator pins it in the -cache ConfigMap, the kubelet
+            # A workload runs the image: the operator pins it in the mirror's ConfigMap, the kubelet
             # mounts that, the sidecar keeps it, and status.cache says so.
             digest = image.top.digest
             report_pod(cluster, mirrors, "cs-workload", WORKLOAD_NS, {}, running_status(image_id=f"{reference.rsplit(':', 1)[0]}@{digest}"))

@@ -7,7 +7,7 @@ its own args, env and config, only addresses and paths mapped:
   ConfigMap's config.yml;
 - `front`: Debian's varnishd (7.1) with the ConfigMap's front.vcl;
 - `front-stats`: the container's own shell loop around varnishstat;
-- `cache`: `python -m regmirror cache serve`, reading the `-cache` ConfigMap's
+- `cache`: `python -m regmirror cache serve`, reading the mirror ConfigMap's
   files from a directory the test can rewrite (as the kubelet does).
 
 Nodes: `configured_node` runs `regmirror agent --once` with the node plan of
@@ -221,12 +221,11 @@ class CachePod:
     # ------------------------------------------------------------ control files (what the kubelet mounts)
 
     def write_control(self, *, pins: list[str] | None = None, invalidations: Mapping[str, str] | None = None) -> None:
-        """Write the `-cache` ConfigMap's files, as the operator would render them with these inputs."""
-        cm = render_cache.render_control_config_map(self.name, "uid", self.spec, NAMESPACE, pins=pins or (), invalidations=invalidations)
-        self.mount_control(cm["data"])
+        """Write the cache sidecar's files, as the operator would render them with these inputs."""
+        self.mount_control(render_cache.control_data(self.spec, pins=pins or (), invalidations=invalidations))
 
     def mount_control(self, data: Mapping[str, str]) -> None:
-        """Swap in the `-cache` ConfigMap's files as the operator wrote them, each file at once (as the kubelet does)."""
+        """Swap in the sidecar's keys of the mirror's ConfigMap as the operator wrote them, each file at once (as the kubelet does)."""
         self.control_dir.mkdir(parents=True, exist_ok=True)
         for key, value in data.items():
             tmp = self.control_dir / f".{key}.tmp"

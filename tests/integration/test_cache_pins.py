@@ -3,7 +3,7 @@
 A kwok pod stands in for a workload: kwok runs it (Running, a pod IP), and the test
 then reports the imageID a kubelet would (kwok reports none), through the status
 subresource as a kubelet does. The operator must pin that digest in the mirror's
-`-cache` ConfigMap (the sidecar never evicts it), only for the mirror of that image's
+mirror ConfigMap (the sidecar never evicts it), only for the mirror of that image's
 registry, in one write, and unpin it when the pod is gone. The invalidate annotation
 must reach the same ConfigMap.
 
@@ -23,7 +23,7 @@ from harness.objects import MirrorFactory
 from harness.operator import OPERATOR_NS, OPERATOR_USER, OperatorProcess
 from harness.waiting import wait_for
 from regmirror import constants as c
-from regmirror.naming import cache_control_name
+from regmirror.naming import child_name
 
 WORKLOAD_NS = "default"
 HUB_DIGEST = "sha256:" + "1" * 64
@@ -31,7 +31,7 @@ QUAY_DIGEST = "sha256:" + "2" * 64
 
 
 def control_data(cluster: LocalCluster, mirror: str) -> dict[str, Any] | None:
-    result = cluster.kubectl("get", "configmap", cache_control_name(mirror), "-n", OPERATOR_NS, "-o", "json", check=False)
+    result = cluster.kubectl("get", "configmap", child_name(mirror), "-n", OPERATOR_NS, "-o", "json", check=False)
     if result.returncode != 0:
         return None
     return dict(json.loads(result.stdout).get("data") or {})
@@ -81,7 +81,7 @@ def test_a_running_pods_image_is_pinned_by_its_mirror_until_the_pod_is_gone(
     cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory
 ) -> None:
     mirrors.create("pins-hub")  # docker.io
-    wait_for(lambda: control_data(cluster, "pins-hub"), 60, "the -cache ConfigMap")
+    wait_for(lambda: control_data(cluster, "pins-hub"), 60, "the mirror's ConfigMap")
     assert pins(cluster, "pins-hub") == []
     pod = workload(cluster, mirrors, "pins-workload")
     since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -96,7 +96,7 @@ def test_a_running_pods_image_is_pinned_by_its_mirror_until_the_pod_is_gone(
     writes = [
         w
         for w in cluster.write_events(OPERATOR_USER, since=since)
-        if (w.get("objectRef") or {}).get("resource") == "configmaps" and w["objectRef"].get("name") == cache_control_name("pins-hub")
+        if (w.get("objectRef") or {}).get("resource") == "configmaps" and w["objectRef"].get("name") == child_name("pins-hub")
     ]
     assert len(writes) == 1, f"one ConfigMap write for one pin: {[w['verb'] for w in writes]}"
 
@@ -108,7 +108,7 @@ def test_the_invalidate_annotation_reaches_the_cache_configmap(
     cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory
 ) -> None:
     mirrors.create("inval-hub")
-    wait_for(lambda: control_data(cluster, "inval-hub"), 60, "the -cache ConfigMap")
+    wait_for(lambda: control_data(cluster, "inval-hub"), 60, "the mirror's ConfigMap")
     request = {"library/nginx:1.27": "1764490000.000"}
     # What `regmirror cache invalidate` does, with the admin's kubectl.
     cluster.kubectl("annotate", "--overwrite", c.SINGULAR, "inval-hub", f"{c.ANNOTATION_INVALIDATE}={json.dumps(request)}")
@@ -117,4 +117,4 @@ def test_the_invalidate_annotation_reaches_the_cache_configmap(
         data = control_data(cluster, "inval-hub") or {}
         return json.loads(data.get("invalidate.json", "{}")) == request or None
 
-    wait_for(applied, 30, "the invalidation in the -cache ConfigMap")
+    wait_for(applied, 30, "the invalidation in the mirror's ConfigMap")

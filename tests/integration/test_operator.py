@@ -30,7 +30,7 @@ from harness.operator import (
 )
 from harness.waiting import wait_for
 from harness.watch import MirrorWatch
-from regmirror.naming import cache_control_name, child_name
+from regmirror.naming import child_name
 from regmirror.settings import Settings
 
 #: The "0 writes in a quiet period" measurement: this long with nothing to do.
@@ -123,7 +123,7 @@ def test_update_changes_deployment_and_config(cluster: LocalCluster, operator: O
     assert env["HTTPS_PROXY"] == "http://proxy.corp:3128"
     assert env["NO_PROXY"] == "10.0.0.0/8,.svc"
     # The TTL is enforced by the cache sidecar (distribution's own blind TTL is off), so it lives in its policy.
-    control = cluster.kubectl_json("get", "configmap", cache_control_name(name), "-n", OPERATOR_NS)
+    control = cluster.kubectl_json("get", "configmap", child_name(name), "-n", OPERATOR_NS)
     assert json.loads(control["data"]["cache.json"])["ttlSeconds"] == 72 * 3600
     wait_condition(cluster, name, "Ready", "True")
     assert get_mirror(cluster, name)["status"]["readyReplicas"] == 2

@@ -44,7 +44,7 @@ def pod(namespace: str, name: str, *image_ids: str, phase: str = "Running", labe
 
 
 def control(kit: Kit, name: str) -> dict[str, Any]:
-    cm = kit.kube.obj("ConfigMap", NS, naming.cache_control_name(name))
+    cm = kit.kube.obj("ConfigMap", NS, naming.child_name(name))
     assert cm is not None
     return cm
 
@@ -54,7 +54,7 @@ def pins(kit: Kit, name: str) -> list[str]:
 
 
 def cm_writes(kit: Kit, name: str) -> list[tuple[str, str, str]]:
-    return [w for w in kit.kube.writes() if w == ("apply", "ConfigMap", naming.cache_control_name(name))]
+    return [w for w in kit.kube.writes() if w == ("apply", "ConfigMap", naming.child_name(name))]
 
 
 async def started(kit: Kit) -> None:

@@ -31,7 +31,8 @@ def test_render_every_example(example: Path) -> None:
     objects = list(yaml.safe_load_all(result.stdout))
     mirrors = [d for d in yaml.safe_load_all(example.read_text()) if d and d.get("kind") == c.KIND]
     kinds = [o["kind"] for o in objects]
-    assert kinds.count("Deployment") == kinds.count("Service") == (kinds.count("ConfigMap") - 1) // 2 == len(mirrors)
+    # One ConfigMap per mirror (registry config and cache inputs) and the node plan.
+    assert kinds.count("Deployment") == kinds.count("Service") == kinds.count("ConfigMap") - 1 == len(mirrors)
     assert kinds[-2:] == ["ConfigMap", "DaemonSet"]
     assert "Secret" not in kinds
     for mirror in mirrors:

@@ -9,6 +9,7 @@ from controller_kit import NS, Kit, mirror
 from fakekube import api_error
 
 from regmirror import constants as c
+from regmirror import naming
 from regmirror.controller.state import Done, RequeueAfter, Terminal, Transient
 
 
@@ -27,7 +28,8 @@ async def test_creates_the_service_first_then_the_rest_and_the_finalizer() -> No
     assert await kit.run("children", "hub") == Done()
     writes = [w[1] for w in kit.kube.writes()]
     assert sorted(writes[:2]) == sorted([c.KIND, "Service"]), "the finalizer and the Service go out together, first"
-    assert writes[2:] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Deployment"]  # registry config, cache inputs
+    # One ConfigMap holds the registry's config and the cache sidecar's inputs: one write, not two.
+    assert writes[2:] == ["ConfigMap", "PersistentVolumeClaim", "Deployment"]
     assert kit.kube.obj(c.KIND, None, "hub")["metadata"]["finalizers"] == [c.FINALIZER]  # type: ignore[index]
     assert ("plan", "") in kit.queued(), "a new ClusterIP queues the node plan"
     owners = child(kit, "Deployment", "hub")["metadata"]["ownerReferences"]  # type: ignore[index]
@@ -42,6 +44,38 @@ async def test_an_unchanged_cluster_costs_no_request() -> None:
     kit.kube.calls.clear()
     assert await kit.run("children", "hub") == Done()
     assert kit.kube.writes() == []
+
+
+async def test_the_cache_configmap_of_an_earlier_version_is_deleted_once_its_keys_moved() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.run("children", "hub")
+    uid = kit.kube.obj(c.KIND, None, "hub")["metadata"]["uid"]  # type: ignore[index]
+    legacy = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "regmirror-hub.cache",
+            "namespace": NS,
+            "labels": naming.labels("hub"),
+            "ownerReferences": [{"apiVersion": c.API_VERSION, "kind": c.KIND, "name": "hub", "uid": uid, "controller": True}],
+        },
+        "data": {"pins.json": "[]"},
+    }
+    kit.kube.put(legacy)
+    await kit.sync()
+    kit.kube.calls.clear()
+    assert await kit.run("children", "hub") == Done()
+    assert kit.kube.obj("ConfigMap", NS, "regmirror-hub.cache") is None
+    assert [w[:2] for w in kit.kube.writes()] == [("delete", "ConfigMap")]
+    cm = child(kit, "ConfigMap", "hub")
+    assert cm is not None and {"config.yml", "cache.json", "pins.json", "invalidate.json"} <= set(cm["data"])
+    volumes = child(kit, "Deployment", "hub")["spec"]["template"]["spec"]["volumes"]  # type: ignore[index]
+    assert all((v.get("configMap") or {}).get("name") in (None, "regmirror-hub") for v in volumes)
+    await kit.sync()
+    kit.kube.calls.clear()
+    assert await kit.run("children", "hub") == Done()
+    assert kit.kube.writes() == [], "nothing left to delete"
 
 
 async def test_drift_of_a_field_we_own_is_undone() -> None:

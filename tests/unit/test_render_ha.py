@@ -41,10 +41,7 @@ def s3_spec(replicas: int = 2, **s3: Any) -> RegistryMirrorSpec:
 def by_kind(spec: RegistryMirrorSpec, name: str = "quay") -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for obj in render_mirror_children(name, UID, spec, NS):
-        kind = obj["kind"]
-        if kind == "ConfigMap" and "config.yml" not in obj["data"]:
-            kind = "CacheConfigMap"
-        out[kind] = obj
+        out[obj["kind"]] = obj
     return out
 
 
@@ -184,7 +181,7 @@ def test_s3_turns_the_sidecars_eviction_off_and_liveness_does_not_follow_the_buc
     cts = containers(objs)
     args = cts["cache"]["args"]
     assert args[args.index("--eviction") + 1] == "off"
-    assert json.loads(objs["CacheConfigMap"]["data"]["cache.json"])["capBytes"] == 0
+    assert json.loads(objs["ConfigMap"]["data"]["cache.json"])["capBytes"] == 0
     assert cts["registry"]["livenessProbe"]["tcpSocket"] == {"port": "metrics"}
     # Readiness still follows the bucket: distribution's storage check fails /debug/health with it.
     assert cts["registry"]["readinessProbe"]["httpGet"]["path"] == render_mirror.HEALTH_PATH
@@ -232,7 +229,7 @@ def test_a_disruption_budget_only_with_more_than_one_replica() -> None:
     # The budget selects exactly the Deployment's pods.
     assert pdb["spec"]["selector"] == objs["Deployment"]["spec"]["selector"]
     kinds = [o["kind"] for o in render_mirror_children("quay", UID, s3_spec(replicas=2), NS)]
-    assert kinds == ["ConfigMap", "ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
+    assert kinds == ["ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
 
 
 def test_a_replica_on_a_dead_node_is_replaced_after_30s_not_300s() -> None:

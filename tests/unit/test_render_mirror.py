@@ -28,13 +28,10 @@ def make_spec(**overrides: Any) -> RegistryMirrorSpec:
 
 
 def children(spec: RegistryMirrorSpec, **kw: Any) -> dict[str, dict[str, Any]]:
-    """By kind; the registry's ConfigMap is "ConfigMap", the cache sidecar's live inputs "CacheConfigMap"."""
+    """By kind (one ConfigMap: the registry's and the front's configuration, the cache sidecar's live inputs)."""
     out: dict[str, dict[str, Any]] = {}
     for obj in render_mirror_children("quay", UID, spec, NS, **kw):
-        kind = obj["kind"]
-        if kind == "ConfigMap" and "config.yml" not in obj["data"]:
-            kind = "CacheConfigMap"
-        out[kind] = obj
+        out[obj["kind"]] = obj
     return out
 
 
@@ -54,10 +51,10 @@ def registry_config(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def test_children_in_apply_order_with_common_metadata() -> None:
     objs = render_mirror_children("quay", UID, make_spec(), NS)
-    assert [o["kind"] for o in objs] == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Service", "Deployment"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "PersistentVolumeClaim", "Service", "Deployment"]
     for obj in objs:
         meta = obj["metadata"]
-        assert meta["name"] in (naming.child_name("quay"), naming.cache_control_name("quay"))
+        assert meta["name"] == naming.child_name("quay")
         assert meta["namespace"] == NS
         assert meta["labels"] == naming.labels("quay")
         assert meta["ownerReferences"] == [
@@ -76,7 +73,7 @@ def test_registry_config_proxy_mode() -> None:
     # distribution's own TTL scheduler is off: it would delete what running pods use. The
     # sidecar enforces cache.ttl (with pins) from the live ConfigMap instead.
     assert config["proxy"] == {"remoteurl": "https://quay.io", "ttl": "0"}
-    assert json.loads(children(make_spec(cache={"ttl": "24h"}))["CacheConfigMap"]["data"]["cache.json"])["ttlSeconds"] == 86400
+    assert json.loads(children(make_spec(cache={"ttl": "24h"}))["ConfigMap"]["data"]["cache.json"])["ttlSeconds"] == 86400
     assert "cache" not in config["storage"], "no blobdescriptor cache: evicted blobs must read as unknown"
     assert config["storage"]["filesystem"]["rootdirectory"] == c.REGISTRY_STORAGE_PATH
     assert config["storage"]["delete"] == {"enabled": True}
@@ -165,6 +162,9 @@ def test_config_hash_follows_the_config() -> None:
     # The sidecar's live inputs (cap, TTL, prewarm) change without restarting the cache.
     live = children(make_spec(cache={"ttl": "1h", "maxSize": "5Gi"}, prewarm=[{"image": "org/app:v1"}]))
     assert template_hash(live) == template_hash(a)
+    pinned = children(make_spec(cache={"tagFreshness": "0"}), pins=["sha256:" + "1" * 64], invalidations={"org/app:v1": "r1"})
+    assert pinned["ConfigMap"]["data"]["pins.json"] != a["ConfigMap"]["data"]["pins.json"]
+    assert pinned["Deployment"]["spec"]["template"] == a["Deployment"]["spec"]["template"], "pins and invalidations restart nothing"
 
 
 def test_pvc_follows_storage_spec() -> None:
@@ -403,11 +403,17 @@ def test_the_cache_front_and_sidecar_join_the_registry_in_the_pod() -> None:
     vcl = objs["ConfigMap"]["data"]["front.vcl"]
     assert "set beresp.ttl = 300s;" in vcl, "a tag is kept for cache.tagFreshness"
     assert '.port = "5002"' in vcl and '.port = "5003"' in vcl
-    policy = json.loads(objs["CacheConfigMap"]["data"]["cache.json"])
+    policy = json.loads(objs["ConfigMap"]["data"]["cache.json"])
     assert policy["capBytes"] == 15 << 30 and policy["upstream"] == "https://quay.io"
     sidecar = pod["containers"][3]
     assert sidecar["args"][:2] == ["cache", "serve"]
     assert {m["name"] for m in sidecar["volumeMounts"]} >= {"storage", "cache-control"}
+    # The sidecar sees only its own keys of the mirror's one ConfigMap, the registry only config.yml.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    control = volumes["cache-control"]["configMap"]
+    assert control["name"] == objs["ConfigMap"]["metadata"]["name"]
+    assert sorted(i["key"] for i in control["items"]) == ["cache.json", "invalidate.json", "pins.json"]
+    assert [i["key"] for i in volumes["config"]["configMap"]["items"]] == ["config.yml"]
 
 
 def test_an_https_mirror_is_served_by_distribution_itself_without_a_front() -> None:

@@ -4,7 +4,7 @@
 records each reference with a fresh request id in the RegistryMirror's
 `regmirror.dev/invalidate` annotation (a JSON object), through kubectl and the
 caller's own credentials (so RBAC decides who may). The operator copies the
-annotation into the mirror's `-cache` ConfigMap, and the sidecar bans each
+annotation into the mirror's ConfigMap, and the sidecar bans each
 (reference, id) pair it has not applied yet. Why an annotation: it is an
 action, not desired state (a spec field would make GitOps tools fight over it),
 and `kubectl annotate` works without this CLI too.

@@ -10,7 +10,7 @@ HTTP API (one port, see render/cache.py; read-only except /events):
 Loops: the janitor (every JANITOR_SECONDS, sooner after pulls) scans the volume
 and evicts per policy.py; the probe asks the upstream every PROBE_SECONDS; the
 prewarmer works through spec.prewarm; control files (cache.json, pins.json,
-invalidate.json, mounted from the `-cache` ConfigMap) are re-read when they change.
+invalidate.json, mounted from the mirror's ConfigMap) are re-read when they change.
 State that must survive a restart (last pulled per digest, invalidations
 applied, prewarm digests, the last eviction) is a JSON file on the volume.
 """
@@ -466,7 +466,9 @@ def parse_listen(value: str) -> tuple[str, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `regmirror cache serve`."""
     parser.add_argument("--storage", required=True, help="distribution's storage root (the cache volume)")
-    parser.add_argument("--control-dir", required=True, help="mounted <mirror>-cache ConfigMap: cache.json, pins.json, invalidate.json")
+    parser.add_argument(
+        "--control-dir", required=True, help="the mounted keys of the mirror's ConfigMap: cache.json, pins.json, invalidate.json"
+    )
     parser.add_argument("--listen", default=":5003", help="address of the sidecar's HTTP API")
     parser.add_argument("--registry-metrics", required=True, help="distribution's Prometheus endpoint")
     parser.add_argument("--front", required=True, help="URL of the front (or of the registry when there is no front)")

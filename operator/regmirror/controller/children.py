@@ -1,4 +1,4 @@
-"""The children reconciler: one mirror's Deployment, Service, PVC and ConfigMap, and its finalizer.
+"""The children reconciler: one mirror's Deployment, Service, PVC and ConfigMap (and the optional ones), and its finalizer.
 
 desired = render(spec); apply what drifted (only the fields we render count,
 see drift.py); the store tells what exists, so an unchanged cluster costs no
@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 from regmirror import constants as c
+from regmirror import naming
 from regmirror.controller.cache import mirror_invalidations, mirror_pins
 from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import (
@@ -227,7 +228,7 @@ async def _apply_children(
     later: float | None = None
     for obj in desired:
         kind, child = obj["kind"], obj["metadata"]["name"]
-        key = f"{kind}/{child}"  # a mirror has two ConfigMaps: keyed by name, not kind
+        key = f"{kind}/{child}"  # a mirror has two Services with an external one: keyed by name, not kind
         live = ctx.store.child(kind, name, child)
         digest = _digest(obj)
         if live is not None and not drifted(obj, live):
@@ -263,6 +264,11 @@ async def _apply_children(
         rec.applied[key] = digest
         if kind == "Service":
             ctx.enqueue(PLAN)
+    legacy = naming.legacy_cache_config_name(name)
+    if ctx.store.child("ConfigMap", name, legacy) is not None:
+        # Left by an earlier version; the Deployment just applied mounts the keys from the one ConfigMap.
+        log.info("deleting ConfigMap %s/%s of mirror %s: its keys moved into %s", ns, legacy, name, naming.child_name(name))
+        await ctx.client.delete("ConfigMap", ns, legacy)
     rec.rejected = None
     _set_config_error(ctx, name, rec, None)
     _set_repair(ctx, name, rec, None)

@@ -9,10 +9,13 @@ Three containers join distribution in the pod:
   pulled eviction under the size cap, TTL as an upper bound, pins, prewarm,
   the upstream health the front reads, and the figures for status.cache.
 
-The sidecar's live inputs (policy, prewarm list, pins, tag invalidations) are a
-second ConfigMap, `<child>-cache`, mounted as a volume and NOT hashed into the
-pod template: changing them never restarts the cache; the kubelet refreshes
-the files within about a minute and the sidecar re-reads them.
+The sidecar's live inputs (policy, prewarm list, pins, tag invalidations) are
+three keys of the mirror's one ConfigMap, beside config.yml, projected into
+their own volume and NOT hashed into the pod template (only the registry's and
+the front's configuration are): changing them never restarts the cache; the
+kubelet refreshes the files within about a minute and the sidecar re-reads them.
+(Until 0.x they were a second ConfigMap, `regmirror-<mirror>.cache`: one more
+write per mirror; the children reconciler deletes that one where it remains.)
 """
 
 from __future__ import annotations
@@ -49,11 +52,6 @@ FRONT_STORE_MIN = 512 << 20
 FRONT_STORE_MAX = 4 << 30
 
 
-def control_name(mirror: str) -> str:
-    """Name of the sidecar's live-input ConfigMap."""
-    return naming.cache_control_name(mirror)
-
-
 def cap_bytes(spec: RegistryMirrorSpec) -> int:
     """The size cap: cache.maxSize, or DEFAULT_CAP_PERCENT of storage.size; 0 (none) on an s3 bucket."""
     if spec.storage.s3 is not None:
@@ -81,37 +79,20 @@ def cache_policy(spec: RegistryMirrorSpec) -> dict[str, Any]:
     }
 
 
-def render_control_config_map(
-    name: str,
-    uid: str,
-    spec: RegistryMirrorSpec,
-    namespace: str,
-    *,
-    pins: Iterable[str] = (),
-    invalidations: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """The sidecar's live inputs.
+CONTROL_KEYS = (CACHE_CONFIG_KEY, PINS_KEY, INVALIDATE_KEY)
+
+
+def control_data(spec: RegistryMirrorSpec, *, pins: Iterable[str] = (), invalidations: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The sidecar's live inputs, as ConfigMap keys (CONTROL_KEYS).
 
     `pins`: manifest digests of images running pods use (never evicted);
     `invalidations`: image reference -> request id (any string; a new id for the
     same reference invalidates it again). Both come from the operator.
     """
-    from regmirror.render.mirror import owner_reference
-
     return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": control_name(name),
-            "namespace": namespace,
-            "labels": naming.labels(name),
-            "ownerReferences": [owner_reference(name, uid)],
-        },
-        "data": {
-            CACHE_CONFIG_KEY: json.dumps(cache_policy(spec), sort_keys=True),
-            PINS_KEY: json.dumps(sorted(set(pins))),
-            INVALIDATE_KEY: json.dumps(dict(sorted((invalidations or {}).items()))),
-        },
+        CACHE_CONFIG_KEY: json.dumps(cache_policy(spec), sort_keys=True),
+        PINS_KEY: json.dumps(sorted(set(pins))),
+        INVALIDATE_KEY: json.dumps(dict(sorted((invalidations or {}).items()))),
     }
 
 
@@ -262,7 +243,8 @@ def sidecar_container(spec: RegistryMirrorSpec, image: str, env: list[dict[str, 
 
 def cache_volumes(name: str, spec: RegistryMirrorSpec, front: bool) -> list[dict[str, Any]]:
     """Volumes the front and the sidecar add to the pod."""
-    volumes: list[dict[str, Any]] = [{"name": "cache-control", "configMap": {"name": control_name(name)}}]
+    items = [{"key": key, "path": key} for key in CONTROL_KEYS]
+    volumes: list[dict[str, Any]] = [{"name": "cache-control", "configMap": {"name": naming.child_name(name), "items": items}}]
     if front:
         # The accepted credentials (render/front.py): the mirror's access Secret, which the operator
         # creates before the Deployment; not optional, so the front never starts without it.

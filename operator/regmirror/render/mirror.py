@@ -244,15 +244,27 @@ def front_settings(spec: RegistryMirrorSpec) -> FrontSettings:
 
 
 def render_config_map(
-    name: str, uid: str, spec: RegistryMirrorSpec, namespace: str, *, access_enforced: bool | None = None
+    name: str,
+    uid: str,
+    spec: RegistryMirrorSpec,
+    namespace: str,
+    *,
+    access_enforced: bool | None = None,
+    pins: Iterable[str] = (),
+    invalidations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The ConfigMap holding config.yml (and the front's VCL; the accepted credentials are in the access Secret)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(name, uid, namespace),
-        "data": _config_data(name, spec, access_enforced),
-    }
+    """The mirror's one ConfigMap: config.yml and the front's VCL (hashed into the pod template, see
+    `pod_config_hash`), and the cache sidecar's live inputs (not hashed: render/cache.py). The
+    accepted credentials are in the access Secret."""
+    data = _config_data(name, spec, access_enforced)
+    data |= render_cache.control_data(spec, pins=pins, invalidations=invalidations)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(name, uid, namespace), "data": data}
+
+
+def pod_config_hash(config_map: Mapping[str, Any]) -> str:
+    """The hash of what the pods read only at start (config.yml and the VCL): a change restarts them."""
+    data = config_map["data"]
+    return config_hash("".join(data[key] for key in (CONFIG_KEY, FRONT_CONFIG_KEY) if key in data))
 
 
 def _config_data(name: str, spec: RegistryMirrorSpec, access_enforced: bool | None = None) -> dict[str, str]:
@@ -686,7 +698,7 @@ def render_mirror_children(
     access_enforced: bool | None = None,
     node_addresses: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
-    """ConfigMaps (registry and front config; the cache's live inputs), PVC (unless ephemeral or s3),
+    """ConfigMap (registry and front config, the cache's live inputs), PVC (unless ephemeral or s3),
     Service (and the external one), NetworkPolicy, PodDisruptionBudget (more than one replica) and
     Deployment, in the order to apply them.
 
@@ -696,9 +708,8 @@ def render_mirror_children(
     NetworkPolicy when access.networkPolicy.nodeSources is empty. The access Secret the pods mount
     is not among these: the operator applies it first (render/access.py).
     """
-    config_map = render_config_map(name, uid, spec, namespace, access_enforced=access_enforced)
-    control = render_cache.render_control_config_map(name, uid, spec, namespace, pins=pins, invalidations=invalidations)
-    children = [config_map, control]
+    config_map = render_config_map(name, uid, spec, namespace, access_enforced=access_enforced, pins=pins, invalidations=invalidations)
+    children = [config_map]
     pvc = render_pvc(name, uid, spec, namespace)
     if pvc is not None:
         children.append(pvc)
@@ -718,7 +729,7 @@ def render_mirror_children(
             uid,
             spec,
             namespace,
-            config_hash=config_hash("".join(config_map["data"].values())),
+            config_hash=pod_config_hash(config_map),
             credentials_hash=credentials_hash,
             sidecar_image=sidecar_image,
         )
