@@ -27,9 +27,10 @@ async def test_creates_the_service_first_then_the_rest_and_the_finalizer() -> No
     await new_mirror(kit)
     assert await kit.run("children", "hub") == Done()
     writes = [w[1] for w in kit.kube.writes()]
-    assert sorted(writes[:2]) == sorted([c.KIND, "Service"]), "the finalizer and the Service go out together, first"
-    # One ConfigMap holds the registry's config and the cache sidecar's inputs: one write, not two.
-    assert writes[2:] == ["ConfigMap", "PersistentVolumeClaim", "Deployment"]
+    # The finalizer and every child the pods need go out together; the Deployment only after them. One
+    # ConfigMap holds the registry's config and the cache sidecar's inputs: one write, not two.
+    assert sorted(writes[:4]) == sorted([c.KIND, "Service", "ConfigMap", "PersistentVolumeClaim"])
+    assert writes[4:] == ["Deployment"]
     assert kit.kube.obj(c.KIND, None, "hub")["metadata"]["finalizers"] == [c.FINALIZER]  # type: ignore[index]
     assert ("plan", "") in kit.queued(), "a new ClusterIP queues the node plan"
     owners = child(kit, "Deployment", "hub")["metadata"]["ownerReferences"]  # type: ignore[index]
@@ -212,6 +213,31 @@ async def test_transient_failures_are_retried_and_not_reported_at_first() -> Non
         assert rec.repair is not None and rec.repair.transient
     assert await kit.run("children", "hub") == Done()
     assert kit.ctx.records["hub"].repair is None, "success clears it"
+
+
+async def test_a_failing_child_of_the_first_wave_keeps_the_deployment_back_and_keeps_what_did_go_out() -> None:
+    kit = Kit()
+    await new_mirror(kit, access={"networkPolicy": {"enabled": True}})
+    kit.kube.fail("apply", api_error(500), kind="NetworkPolicy")
+    assert isinstance(await kit.run("children", "hub"), Transient)
+    assert child(kit, "Deployment", "hub") is None, "no pod may start before the policy that guards it"
+    assert child(kit, "Service", "hub") is not None and child(kit, "PersistentVolumeClaim", "hub") is not None
+    kit.kube.calls.clear()
+    assert await kit.run("children", "hub") == Done()
+    assert [w[1] for w in kit.kube.writes()] == ["NetworkPolicy", "Deployment"], "the rest was recorded: only the missing ones"
+
+    kit = Kit()
+    await new_mirror(kit)
+    kit.kube.fail("apply", api_error(500), kind="Service")
+    kit.kube.fail(
+        "apply",
+        api_error(422, 'PersistentVolumeClaim "regmirror-hub" is invalid', causes=[("spec.resources", "bad")]),
+        kind="PersistentVolumeClaim",
+    )
+    result = await kit.run("children", "hub")
+    assert isinstance(result, Terminal), "a rejection is the user's to fix, whatever else failed beside it"
+    err = kit.ctx.records["hub"].config_error
+    assert err is not None and "PersistentVolumeClaim" in err.message and "spec.resources: bad" in err.message
 
 
 async def test_forbidden_is_a_repair_that_needs_someone() -> None:
