@@ -6,9 +6,10 @@ needs a lock: an informer callback, a reconciler between two awaits and the
 upstream checker never run at the same time.
 
 Routing (why each event queues what it does):
-- a RegistryMirror's spec, generation, deletion or finalizers: its CHILDREN
-  and STATUS, the PLAN and the HOSTS order; its status alone (often our own
-  write echoed back): nothing;
+- a RegistryMirror's spec, generation, annotations or deletion: its ACCESS,
+  CHILDREN and STATUS, the PLAN and the HOSTS order; its finalizers alone
+  (our own patch echoed back, or someone removing ours): CHILDREN; its status
+  alone (often our own write echoed back): nothing;
 - a child's spec or metadata (drift, deletion): CHILDREN; its status
   (replicas, PVC phase): STATUS; a Service: the PLAN too (its ClusterIP);
 - a Secret: CHILDREN of the mirrors that use it (rotation rolls the pods);
@@ -71,10 +72,10 @@ RECONCILERS: dict[str, Reconciler] = {
 SINGLETON_COALESCE = 0.05
 
 
-def _without(obj: dict[str, Any] | None, *drop: str) -> dict[str, Any]:
+def _without(obj: dict[str, Any] | None, *drop: str, meta_too: tuple[str, ...] = ()) -> dict[str, Any]:
     if obj is None:
         return {}
-    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields")}
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields", *meta_too)}
     return {**{k: v for k, v in obj.items() if k not in drop and k != "metadata"}, "metadata": meta}
 
 
@@ -126,6 +127,11 @@ class Manager:
                 enqueue(HOSTS, after=SINGLETON_COALESCE)
                 return
             if _without(old, "status") != _without(new, "status"):
+                if _without(old, "status", meta_too=("finalizers",)) == _without(new, "status", meta_too=("finalizers",)):
+                    # Only the finalizers: mostly our own patch echoed back. Only the children reconciler reads
+                    # them (it puts ours back if someone removed it); every other pass would change nothing.
+                    enqueue(CHILDREN, name)
+                    return
                 enqueue(ACCESS, name)
                 enqueue(CHILDREN, name)
                 enqueue(STATUS, name, after=coalesce)
