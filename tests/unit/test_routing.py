@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 from typing import Any
 
-from controller_kit import Kit, mirror
+from controller_kit import NS, Kit, mirror
 
 from regmirror import constants as c
-from regmirror.controller.store import slim_mirror
+from regmirror.access import STATE_KEY, auth_secret_name
+from regmirror.controller.store import slim_mirror, slim_secret
 
 
 def routed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> set[tuple[str, str]]:
@@ -45,3 +47,30 @@ def test_a_status_echo_queues_nothing() -> None:
     new = copy.deepcopy(old)
     new["status"] = {"conditions": [{"type": "Ready", "status": "True"}]}
     assert routed(old, new) == set()
+
+
+async def access_secret_event(change: str) -> set[tuple[str, str]]:
+    """What a watch event about the access Secret the reconciler just applied queues."""
+    kit = Kit()
+    kit.kube.put(mirror("hub"))
+    await kit.run("access", "hub")
+    kit.manager._started = True
+    name = auth_secret_name("hub")
+    written = kit.kube.obj("Secret", NS, name)
+    assert written is not None
+    assert ("access", "hub") not in kit.queued()
+    if change == "echo":
+        kit.manager.on_change("Secret", name, None, slim_secret(written))
+    elif change == "edit":
+        edited = copy.deepcopy(written)
+        edited["data"][STATE_KEY] = base64.b64encode(b"{}").decode()
+        kit.manager.on_change("Secret", name, slim_secret(written), slim_secret(edited))
+    else:
+        kit.manager.on_change("Secret", name, slim_secret(written), None)
+    return kit.queued()
+
+
+async def test_our_own_access_secret_echoed_back_costs_no_pass_but_a_hand_edit_or_deletion_does() -> None:
+    assert ("access", "hub") not in await access_secret_event("echo")
+    assert ("access", "hub") in await access_secret_event("edit"), "edited by hand: the access reconciler restores it"
+    assert ("access", "hub") in await access_secret_event("delete"), "deleted: restored"

@@ -17,7 +17,6 @@ deleting or editing one) queue it at once.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 from regmirror import access as acc
 from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import CHILDREN, PLAN, STATUS, ConfigError, Context, Done, RequeueAfter, Result, Transient
+from regmirror.controller.store import slim_secret
 from regmirror.kube import ApiError
 from regmirror.models import RegistryMirrorSpec
 from regmirror.render.access import decode_data, render_auth_secret, render_client_secret
@@ -49,10 +49,7 @@ class AccessView:
 def _fingerprint_matches(ctx: Context, secret: dict[str, Any]) -> bool:
     """Whether the store's hashes of a live Secret equal the rendered one (then nothing is written)."""
     live = ctx.store.secret(secret["metadata"]["name"])
-    if live is None:
-        return False
-    want = {k: hashlib.sha256(str(v).encode()).hexdigest() for k, v in secret["data"].items()}
-    return bool(live.get("fingerprint") == want)
+    return live is not None and bool(live.get("fingerprint") == slim_secret(secret)["fingerprint"])
 
 
 def _published(ctx: Context, name: str, spec: RegistryMirrorSpec) -> acc.Published | None:
@@ -119,6 +116,8 @@ async def reconcile_access(ctx: Context, name: str) -> Result:
             if not _fingerprint_matches(ctx, secret):
                 log.info("applying Secret %s/%s for mirror %s", ns, secret["metadata"]["name"], name)
                 await ctx.client.apply(secret)
+            # The watch echoes our own write back: that event needs no pass (manager.on_change).
+            rec.access_written[secret["metadata"]["name"]] = slim_secret(secret)["fingerprint"]
     except ApiError as exc:
         return Transient(str(exc))
     for reason, message in decision.events:

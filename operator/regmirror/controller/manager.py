@@ -159,8 +159,10 @@ class Manager:
                 if name in rec.secret_names:
                     enqueue(CHILDREN, mirror)
                     enqueue(PLAN, after=SINGLETON_COALESCE)
-                if name == auth_secret_name(mirror) or name.startswith(client_secret_name(mirror, "")):
-                    enqueue(ACCESS, mirror)  # its access Secret or an access client's, edited or deleted by hand
+                ours = name == auth_secret_name(mirror) or name.startswith(client_secret_name(mirror, ""))
+                # Its access Secret or an access client's, edited or deleted by hand; not our own write echoed.
+                if ours and (new is None or rec.access_written.get(name) != new.get("fingerprint")):
+                    enqueue(ACCESS, mirror)
             return
         if kind == "Node" and (old or {}).get("addresses") != (new or {}).get("addresses"):
             # The NetworkPolicies admit the nodes' addresses.

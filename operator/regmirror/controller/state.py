@@ -106,6 +106,7 @@ class MirrorRecord:
     announced: str | None = None  # "status/reason" of the Ready condition last announced by an Event
     rollout: NodeRollout | None = None
     access: Any = None  # controller.access.AccessView: the plan's revision, enforcement, status.access (no credential)
+    access_written: dict[str, dict[str, str]] = field(default_factory=dict)  # access Secret -> hashes of what we applied
     pins: frozenset[str] | None = None  # the pins the mirror's ConfigMap was last rendered with (controller/cache.py)
     cache_reports: dict[str, Any] = field(default_factory=dict)  # mirror pod -> its sidecar's last /stats
     cache_status: CacheStatus | None = None  # to write as status.cache (None: keep what the status holds)
