@@ -246,3 +246,28 @@ def test_a_foreign_file_under_the_other_spelling_of_a_host_is_respected(tmp_path
     assert main([*args, "--once"]) == 1
     assert not (certs / "registry.corp_5443_").exists()
     assert (certs / "registry.corp:5443" / "hosts.toml").read_text() == 'server = "https://registry.corp:5443"\n'
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--guard-interval", "0"),
+        ("--guard-interval", "-1"),
+        ("--stall-after", "nan"),
+        ("--connect-timeout", "100"),
+        ("--suspect-probe-timeout", "0"),
+        ("--interval", "0"),
+        ("--probe-interval", "inf"),
+        ("--probe-timeout", "soon"),
+    ],
+)
+def test_a_pace_or_timeout_out_of_range_is_refused_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    args = setup_node(tmp_path, GOOD)
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--once", flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and ("out of range" in err or "not a number" in err), err
+    assert not hosts_toml(tmp_path).exists(), "refused before anything is written"

@@ -14,6 +14,7 @@ import argparse
 import re
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -43,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--health-address", default="0.0.0.0", help="address of the health server")
     p.add_argument("--once", action="store_true", help="apply once and exit: 0 ok, 1 preflight failed, conflicts or errors")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between full reconciles")
-    p.add_argument("--probe-interval", type=float, default=2.0, help="seconds between a mirror's probes (jittered by +-25%%)")
-    p.add_argument("--probe-timeout", type=float, default=0.5, help="seconds before a mirror probe counts as failed")
+    p.add_argument("--interval", type=_seconds(0.1, 3600), default=2.0, help="seconds between full reconciles")
+    p.add_argument("--probe-interval", type=_seconds(0.1, 3600), default=2.0, help="seconds between a mirror's probes (jittered by +-25%%)")
+    p.add_argument("--probe-timeout", type=_seconds(0.02, 60), default=0.5, help="seconds before a mirror probe counts as failed")
     p.add_argument(
         "--dial-timeout",
         type=_duration,
@@ -60,15 +61,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--guard-interval",
-        type=float,
+        type=_seconds(0.02, 10),
         default=0.25,
         help="seconds between two looks at the node's connections to the mirrors while none is open (0.1 s while one is)",
     )
-    p.add_argument("--stall-after", type=float, default=0.15, help="seconds a request may wait for a reply before its mirror is probed")
-    p.add_argument("--connect-timeout", type=float, default=0.1, help="seconds a connect to a mirror may take before the guard aborts it")
+    p.add_argument(
+        "--stall-after", type=_seconds(0.02, 30), default=0.15, help="seconds a request may wait for a reply before its mirror is probed"
+    )
+    p.add_argument(
+        "--connect-timeout", type=_seconds(0.02, 30), default=0.1, help="seconds a connect to a mirror may take before the guard aborts it"
+    )
     p.add_argument(
         "--suspect-probe-timeout",
-        type=float,
+        type=_seconds(0.02, 30),
         default=0.3,
         help="seconds the probe of a mirror with a stalled request may take before the mirror is withdrawn",
     )
@@ -89,6 +94,21 @@ def _parser() -> argparse.ArgumentParser:
         help="the mounted regmirror-agent-credentials Secret (mirror credentials)",
     )
     return p
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: seconds within [low, high] (a zero or negative pace would spin the agent or never act)."""
+
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+        if not low <= seconds <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{value} s is out of range: between {low:g} and {high:g} s")
+        return seconds
+
+    return parse
 
 
 def _duration(value: str) -> str | None:
