@@ -28,6 +28,8 @@ from pathlib import Path
 import pytest
 from _dataplane import HERE, OPERATOR_SRC, ConnectionRecorder, Registry, build_containerd, free_port, short_tmpdir, wait_for
 
+from harness.processes import stop_process
+
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs CRI-O: needs root")
 
 
@@ -106,12 +108,7 @@ class Crio:
         wait_for(lambda: self.log().count("Configuration reload completed") > before, 10, "CRI-O to reload")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
         self.log_file.close()
         subprocess.run(["umount", "-R", str(self.workdir)], capture_output=True, check=False)
 
@@ -232,12 +229,7 @@ def agent_loop(tmp_path: Path, dropins: Path, plan: dict[str, object], *extra: s
         try:
             yield log
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 10)
 
 
 def agent_events(log: Path, event: str) -> list[dict[str, object]]:

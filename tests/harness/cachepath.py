@@ -52,6 +52,7 @@ from _dataplane import (  # noqa: E402
     wait_for,
 )
 
+from harness.processes import stop_process  # noqa: E402
 from regmirror import constants as c  # noqa: E402
 from regmirror.access import AccessInputs, decide_access  # noqa: E402
 from regmirror.models import RegistryMirrorSpec  # noqa: E402
@@ -290,13 +291,7 @@ class CachePod:
     def stop(self) -> None:
         for name in reversed(list(self.procs)):
             proc = self.procs[name]
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
+            stop_process(proc, 10, group=True)
         self.procs.clear()
 
     @classmethod

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.dataplane.binaries import ContainerdBinaries
+from harness.processes import stop_process
 from harness.waiting import wait_for
 
 
@@ -120,13 +121,7 @@ class Containerd:
                 raise RuntimeError(f"containerd {binaries.version} exited {proc.returncode}:\n{daemon.log()[-3000:]}")
             yield daemon
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 15)
             log.close()
             subprocess.run(["umount", "-R", str(workdir)], capture_output=True, check=False)
             shutil.rmtree(workdir, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.dataplane.containerd import short_tmpdir
+from harness.processes import stop_process
 from harness.waiting import wait_for
 
 
@@ -73,13 +73,7 @@ class Dockerd:
                 raise RuntimeError(f"dockerd exited {proc.returncode}:\n{daemon.log()[-3000:]}")
             yield daemon
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
+            stop_process(proc, 30, group=True)
             log.close()
             subprocess.run(["umount", "-R", str(workdir)], capture_output=True, check=False)
             shutil.rmtree(workdir, ignore_errors=True)

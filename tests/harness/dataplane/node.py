@@ -14,6 +14,7 @@ from typing import Any
 
 from harness.cluster import REPO_ROOT
 from harness.dataplane.containerd import config_path_toml
+from harness.processes import stop_process
 from harness.waiting import wait_for
 
 CONTAINERD_NODE_CONFIG = "/etc/containerd/config.toml"
@@ -135,12 +136,7 @@ class AgentNode:
         try:
             yield loop
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 10)
             out.close()
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.dataplane.images import Descriptor
+from harness.processes import stop_process
 from harness.waiting import WaitTimeout, free_port, wait_for
 
 # A blob with its media type and digest: the same record the image builder uses.
@@ -173,13 +174,8 @@ class Registry:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
     def _put_blob(self, repo: str, blob: Blob) -> None:
         req = urllib.request.Request(f"{self.url}/v2/{repo}/blobs/uploads/", method="POST")
