@@ -130,6 +130,27 @@ async def test_a_restarted_operator_announces_nothing_new() -> None:
     assert restarted.kube.events == []
 
 
+async def test_a_restarted_operator_whose_status_pass_comes_before_its_access_pass_keeps_status_access() -> None:
+    kit = Kit()
+    await serving_mirror(kit)
+    await kit.run("access", "hub")
+    await kit.run("status", "hub")
+    access = status_of(kit).get("access")
+    assert access and access["policy"] == "Open"
+    restarted = Kit(kit.kube)  # same cluster, fresh controller: no access pass yet
+    for _ in range(4):
+        await restarted.run("children", "hub")
+    await restarted.run("plan")
+    await restarted.run("rollout")
+    restarted.kube.calls.clear()
+    await restarted.run("status", "hub")
+    assert restarted.kube.writes() == [], "status.access is kept until the access pass says otherwise, not dropped"
+    await restarted.run("access", "hub")
+    await restarted.run("status", "hub")
+    assert restarted.kube.writes() == []
+    assert status_of(restarted).get("access") == access
+
+
 async def test_recovery_from_a_problem_is_announced() -> None:
     kit = Kit()
     await serving_mirror(kit)

@@ -140,8 +140,11 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         new = invalid_status(generation, old.get("conditions") or [], obs.reason, obs.message)
     else:
         new = evaluate(obs, old.get("conditions") or [])
-        if rec.access is not None:
-            new["access"] = rec.access.status
+    # status.access: the access reconciler's view; until its first pass after a start, what the status holds
+    # (a restarted operator's first status pass would otherwise drop it and write it back a moment later).
+    access = rec.access.status if rec.access is not None else old.get("access")
+    if access:
+        new["access"] = access
     # status.cache: the poller's figures (controller/cache.py), else what the status holds (never dropped).
     cache = rec.cache_status.model_dump(mode="json", by_alias=True, exclude_none=True) if rec.cache_status is not None else old.get("cache")
     if cache:
