@@ -294,3 +294,25 @@ async def test_deletion_waits_for_the_nodes_then_releases_the_finalizer() -> Non
     # No nodes in this cluster: once the plan without the mirror is out, nothing is waited for.
     assert await kit.run("children", "hub") == Done()
     assert kit.kube.obj(c.KIND, None, "hub") is None
+
+
+async def test_the_rendering_is_kept_while_a_mirror_converges_and_dropped_once_it_is_ready() -> None:
+    kit = Kit()
+    await new_mirror(kit)
+    await kit.run("children", "hub")
+    assert await kit.run("children", "hub") == Done()
+    assert kit.ctx.records["hub"].rendered is not None, "events keep coming while it converges: rendered once"
+    body = kit.kube.obj(c.KIND, None, "hub")
+    assert body is not None
+    body["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "MirrorReady"}]}
+    kit.kube.put(body)
+    kit.kube.calls.clear()
+    assert await kit.run("children", "hub") == Done()
+    assert kit.kube.writes() == []
+    assert kit.ctx.records["hub"].rendered is None, "a Ready mirror with nothing to apply keeps no rendering"
+    dep = child(kit, "Deployment", "hub")
+    assert dep is not None
+    dep["spec"]["replicas"] = 0
+    kit.kube.put(dep)
+    await kit.run("children", "hub")
+    assert child(kit, "Deployment", "hub")["spec"]["replicas"] == 1, "drift of a Ready mirror is still undone"  # type: ignore[index]

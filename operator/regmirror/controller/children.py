@@ -30,6 +30,7 @@ from typing import Any
 
 from regmirror import constants as c
 from regmirror import naming
+from regmirror.conditions import get_condition
 from regmirror.controller.cache import mirror_invalidations, mirror_pins
 from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import (
@@ -297,6 +298,10 @@ async def _apply_children(
     rec.rejected = None
     _set_config_error(ctx, name, rec, None)
     _set_repair(ctx, name, rec, None)
+    ready = get_condition((mirror.get("status") or {}).get("conditions"), "Ready") or {}
+    if not any(waves) and later is None and ready.get("status") == "True":
+        # Converged: the rendering (about 40 KB a mirror) is kept only while events keep coming.
+        rec.rendered = None
     return RequeueAfter(later) if later is not None else Done()
 
 
