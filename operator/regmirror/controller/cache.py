@@ -5,7 +5,7 @@
   (store.py slim_workload_pod); pod changes queue the PINS singleton after
   `cache_pins_debounce`, which rebuilds one index (registry host -> digests)
   and queues CHILDREN only for the mirrors whose pins changed; the children
-  reconciler renders the mirror ConfigMap with `mirror_pins`. A burst of
+  reconciler renders the mirror's ConfigMap with `mirror_pins`. A burst of
   pod starts is thus one ConfigMap write per affected mirror, and a pod event
   that changes no digest (readiness, restarts) costs nothing.
 - Invalidations: the `regmirror.dev/invalidate` annotation is kept in the
@@ -78,7 +78,7 @@ def pin_index(ctx: Context) -> dict[str, set[str]]:
 
 
 def mirror_pins(ctx: Context, name: str, spec: RegistryMirrorSpec) -> frozenset[str]:
-    """The pins to render into a mirror's mirror ConfigMap (remembered: PINS compares against them)."""
+    """The pins to render into a mirror's ConfigMap (remembered: PINS compares against them)."""
     pins = pins_of(pin_index(ctx), spec.upstream.effective_hosts())
     ctx.record(name).pins = pins
     return pins

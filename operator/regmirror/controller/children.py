@@ -224,9 +224,9 @@ async def _apply_children(
     addresses, pins, invalidations = ctx.store.node_addresses(), mirror_pins(ctx, name, spec), mirror_invalidations(mirror)
     # Every event about a child (a Deployment's status, a claim's phase) runs this pass; rendering (config.yml is
     # YAML) was a tenth of the operator's CPU while 50 mirrors converged. The spec is memoized per generation, so
-    # these inputs determine the rendering.
+    # these inputs determine the rendering (without a generation, as in a hand-made object, nothing is memoized).
     inputs = (uid, rec.generation, creds, enforced, tuple(addresses), pins, tuple(sorted(invalidations.items())))
-    if rec.rendered is None or rec.rendered[0] != inputs:
+    if rec.generation is None or rec.rendered is None or rec.rendered[0] != inputs:
         children = render_mirror_children(
             name,
             uid,

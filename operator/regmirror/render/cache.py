@@ -14,8 +14,8 @@ three keys of the mirror's one ConfigMap, beside config.yml, projected into
 their own volume and NOT hashed into the pod template (only the registry's and
 the front's configuration are): changing them never restarts the cache; the
 kubelet refreshes the files within about a minute and the sidecar re-reads them.
-(Until 0.x they were a second ConfigMap, `regmirror-<mirror>.cache`: one more
-write per mirror; the children reconciler deletes that one where it remains.)
+(Earlier versions kept them in a second ConfigMap, `regmirror-<mirror>.cache`:
+one more write per mirror; the children reconciler deletes it where it remains.)
 """
 
 from __future__ import annotations
