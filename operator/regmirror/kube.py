@@ -138,6 +138,15 @@ def _seconds(value: str | None) -> float | None:
 WatchEvent = tuple[str, dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class ListPage:
+    """One page of a list: its items, the list's resourceVersion, and where the next page starts ("" when last)."""
+
+    items: list[dict[str, Any]]
+    resource_version: str
+    continue_token: str = ""
+
+
 class KubeClient(Protocol):
     """What the controller needs from the API; `HttpKube` is the real one, tests use a fake."""
 
@@ -150,9 +159,16 @@ class KubeClient(Protocol):
         ...
 
     async def list_objects(
-        self, kind: str, namespace: str | None = None, *, label_selector: str | None = None, field_selector: str | None = None
-    ) -> tuple[list[dict[str, Any]], str]:
-        """Every object of a kind, and the list's resourceVersion."""
+        self,
+        kind: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> ListPage:
+        """One page of a kind's objects (at most `limit`; all without it), from `continue_token` on."""
         ...
 
     def watch(
@@ -348,13 +364,30 @@ class HttpKube:
         return result
 
     async def list_objects(
-        self, kind: str, namespace: str | None = None, *, label_selector: str | None = None, field_selector: str | None = None
-    ) -> tuple[list[dict[str, Any]], str]:
-        """Every object of a kind (one request; our collections are bounded by the cluster's size)."""
-        params = {k: v for k, v in (("labelSelector", label_selector), ("fieldSelector", field_selector)) if v}
+        self,
+        kind: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> ListPage:
+        """One page of a kind's objects; an expired `continue_token` raises ApiError 410 (start the list again)."""
+        params = {
+            k: str(v)
+            for k, v in (
+                ("labelSelector", label_selector),
+                ("fieldSelector", field_selector),
+                ("limit", limit),
+                ("continue", continue_token),
+            )
+            if v
+        }
         result = await self._request("GET", RESOURCES[kind].path(namespace), params=params)
+        meta = result.get("metadata") or {}
         items: list[dict[str, Any]] = result.get("items") or []
-        return items, str((result.get("metadata") or {}).get("resourceVersion", ""))
+        return ListPage(items, str(meta.get("resourceVersion", "")), str(meta.get("continue") or ""))
 
     async def watch(
         self,

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from regmirror.kube import ApiError, WatchEvent
+from regmirror.kube import ApiError, ListPage, WatchEvent
 
 ObjKey = tuple[str, str | None, str]
 
@@ -147,14 +147,25 @@ class FakeKube:
         return self.obj(kind, namespace, name)
 
     async def list_objects(
-        self, kind: str, namespace: str | None = None, *, label_selector: str | None = None, field_selector: str | None = None
-    ) -> tuple[list[dict[str, Any]], str]:
+        self,
+        kind: str,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
+    ) -> ListPage:
+        # Pages as the API server cuts them: in key order, the token says where the next one starts.
         self._check("list", kind, "")
-        items = [copy.deepcopy(o) for (k, ns, _), o in self.objects.items() if k == kind and (namespace is None or ns == namespace)]
+        keys = sorted((ns or "", name) for (k, ns, name) in self.objects if k == kind and (namespace is None or ns == namespace))
+        start = int(continue_token) if continue_token else 0
+        end = len(keys) if limit is None else min(len(keys), start + limit)
+        items = [copy.deepcopy(self.objects[(kind, ns or None, name)]) for ns, name in keys[start:end]]
         for item in items:  # as the API server sends them: list items have no apiVersion and kind
             item.pop("apiVersion", None)
             item.pop("kind", None)
-        return items, str(next(self._rv))
+        return ListPage(items, str(next(self._rv)), str(end) if end < len(keys) else "")
 
     async def watch(
         self,
