@@ -51,6 +51,7 @@ class Settings(BaseModel):
         Field(
             description=(
                 "Seconds between two status writes that only report progress (node counts, replicas); "
+                "while a mirror is not Ready, each such write in a row waits twice as long (up to 16 times this); "
                 "Ready flips, problems and new generations are written at once."
             ),
             ge=0,

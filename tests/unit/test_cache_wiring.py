@@ -27,6 +27,7 @@ from regmirror import constants as c
 from regmirror import naming
 from regmirror.cache import server
 from regmirror.cachestatus import MAX_INVALIDATIONS, invalidation_requests, merge_reports
+from regmirror.controller.state import RequeueAfter
 from regmirror.kube import RESOURCES
 from regmirror.render.cache import INVALIDATE_KEY, PINS_KEY
 
@@ -289,9 +290,15 @@ def status_cache(kit: Kit) -> dict[str, Any] | None:
 
 
 async def write_status(kit: Kit) -> None:
-    """The status reconciler, once the per-mirror progress interval since its last write is over."""
+    """The status reconciler, once the per-mirror progress interval since its last write is over.
+
+    (A mirror that is not Ready waits longer after each progress write: the clock goes as far as it asks.)
+    """
     kit.clock.advance(61)
-    await kit.run("status", "hub")
+    result = await kit.run("status", "hub")
+    if isinstance(result, RequeueAfter):
+        kit.clock.advance(result.seconds)
+        await kit.run("status", "hub")
 
 
 async def converged(kit: Kit) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from controller_kit import NS, Kit, mirror
@@ -268,3 +269,43 @@ async def test_a_new_mirror_whose_pods_report_cache_figures_is_written_at_once()
     kit.ctx.record("hub").cache_status = CacheStatus(misses=2, replicas=1)
     assert await kit.run("status", "hub") == Done()
     assert status_of(kit)["cache"]["misses"] == 2
+
+
+async def test_progress_of_a_converging_mirror_is_written_less_and_less_often_until_news() -> None:
+    """A long rollout costs log2(duration) progress writes; Ready (news) is written at once and starts over."""
+    kit = Kit()
+    kit.kube.put(mirror("hub", nodeConfig={"enabled": False}))
+    await kit.converge("hub")
+    rec = kit.ctx.records["hub"]
+    rec.cache_status = CacheStatus(hits=0, misses=1, replicas=1)
+    assert await kit.run("status", "hub") == Done(), "the cache's first figures are news"
+    assert ready(status_of(kit))[0] == "False"
+    written = [kit.clock()]
+    for hits in range(1, 8):
+        rec.cache_status = rec.cache_status.model_copy(update={"hits": hits})  # progress only
+        kit.kube.calls.clear()
+        result = await kit.run("status", "hub")
+        assert isinstance(result, RequeueAfter) and kit.kube.writes() == [], "progress waits"
+        kit.clock.advance(result.seconds)
+        assert await kit.run("status", "hub") == Done()
+        assert len(kit.kube.writes()) == 1 and status_of(kit)["cache"]["hits"] == hits
+        written.append(kit.clock())
+    gaps = [round(b - a) for a, b in itertools.pairwise(written)]
+    assert gaps == [60, 120, 240, 480, 960, 960, 960], gaps
+    # Ready is news: written at once, and the spacing starts over.
+    make_serving(kit)
+    kit.kube.calls.clear()
+    assert await kit.run("status", "hub") == Done() and len(kit.kube.writes()) == 1
+    assert ready(status_of(kit)) == ("True", "MirrorReady")
+    rec.cache_status = rec.cache_status.model_copy(update={"hits": 100})
+    result = await kit.run("status", "hub")
+    assert isinstance(result, RequeueAfter) and result.seconds <= 60
+    kit.clock.advance(result.seconds)
+    assert await kit.run("status", "hub") == Done() and status_of(kit)["cache"]["hits"] == 100
+    # A Ready mirror's progress (cache counters, node counts) keeps the plain interval.
+    for hits in (101, 102):
+        rec.cache_status = rec.cache_status.model_copy(update={"hits": hits})
+        result = await kit.run("status", "hub")
+        assert isinstance(result, RequeueAfter) and result.seconds <= 60
+        kit.clock.advance(result.seconds)
+        assert await kit.run("status", "hub") == Done()

@@ -104,6 +104,7 @@ class MirrorRecord:
     drift_repairs: dict[str, tuple[int, float]] = field(default_factory=dict)  # "kind/name" -> (repairs in a row, last)
     last_status_write: float | None = None
     progress_scheduled: bool = False
+    progress_writes: int = 0  # progress-only status writes since the last one a reader acts on
     announced: str | None = None  # "status/reason" of the Ready condition last announced by an Event
     rollout: NodeRollout | None = None
     access: Any = None  # controller.access.AccessView: the plan's revision, enforcement, status.access (no credential)

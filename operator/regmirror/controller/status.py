@@ -5,12 +5,18 @@ What is written, and when:
 - at once, when something a reader acts on changed: Ready, Stalled or
   UpstreamAuthenticated flipped, a problem reason appeared or changed, or the
   observed generation, the endpoint or a host position changed;
-- otherwise (node counts, replica counts, messages) at most once per
-  `status_progress_interval` per mirror, and at most `status_progress_rate`
-  per second for all mirrors together; a new mirror that is progressing
-  normally gets its first status when it is Ready, has a problem, or after
-  that interval. Rollout progress of 500 mirrors thus costs a bounded number
-  of writes, and a mirror that converges quickly is written once.
+- otherwise (node counts, replica counts, cache counters, messages) as
+  progress: at most once per `status_progress_interval` per mirror, and at
+  most `status_progress_rate` per second for all mirrors together. While a
+  mirror is not Ready, each progress write in a row waits twice as long as
+  the one before (60 s, 120 s, 240 s ... at most 16 intervals apart) until a
+  write a reader acts on (Ready, a problem) starts the count again. A new
+  mirror that is progressing normally gets its first status when it is
+  Ready, has a problem, or after that interval. So a mirror that converges
+  quickly is written once, and one whose rollout takes T seconds costs about
+  log2(T / interval) progress writes, not T / interval: the writes per mirror
+  of a convergence barely grow with the cluster (the large benchmark wrote
+  about 14 per mirror over an 11-minute convergence at a fixed interval).
 
 Events: a Warning when Ready turns False for a reason an admin must act on,
 and a Normal MirrorReady when a mirror recovers from one. What was announced
@@ -33,6 +39,9 @@ from regmirror.kube import ApiError
 from regmirror.observe import Observation, evaluate, invalid_status, typed_status
 
 log = logging.getLogger("regmirror.status")
+
+# While a mirror converges, progress-only writes in a row are spaced 1, 2, 4, 8, then 16 intervals apart.
+PROGRESS_BACKOFF_STEPS = 4
 
 # Ready reasons worth a Warning Event and an immediate write: the operator cannot fix them alone.
 # Not AgentNotReady: a node's agent reports that itself (an Event on the Node), and during a
@@ -163,7 +172,9 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
     else:
         deferrable = not urgent(old, new)
         last = rec.last_status_write if rec.last_status_write is not None else float("-inf")
-    due = last + ctx.settings.status_progress_interval - now
+    converging = (get_condition(new.get("conditions"), "Ready") or {}).get("status") != "True"
+    spacing = 2 ** min(rec.progress_writes, PROGRESS_BACKOFF_STEPS) if converging else 1
+    due = last + ctx.settings.status_progress_interval * spacing - now
     if deferrable and due <= 0:
         # Progress of every mirror together is written at a bounded rate, too.
         due = ctx.progress_budget.take(now)
@@ -180,6 +191,7 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         return Terminal(str(exc)) if exc.invalid else Transient(str(exc))
     rec.last_status_write = now
     rec.progress_scheduled = False
+    rec.progress_writes = rec.progress_writes + 1 if deferrable and converging else 0
     mirror["status"] = result.get("status") or new
     mirror["metadata"]["resourceVersion"] = (result.get("metadata") or {}).get("resourceVersion", mirror["metadata"].get("resourceVersion"))
     await _announce(ctx, mirror, rec, mirror["status"])
