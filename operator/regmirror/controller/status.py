@@ -91,16 +91,19 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
     )
 
 
-def _summary(status: dict[str, Any]) -> tuple[Any, ...]:
+def _summary(status: dict[str, Any]) -> dict[str, Any]:
     # Ready, Stalled and UpstreamAuthenticated flips, and problem reasons, are news; Reconciling
     # and the phase follow progress (they flip back and forth while agents roll, and writing each
     # flip of 500 mirrors at once was a storm of thousands of writes in the large benchmark).
     # status.cache: its state is news, its counters progress (the poller already writes them at
     # most once a minute per mirror, cachestatus.next_cache_status).
     conds = {cd.get("type"): cd for cd in status.get("conditions") or []}
-    flips = tuple((t, (conds.get(t) or {}).get("status")) for t in ("Ready", "Stalled", "UpstreamAuthenticated"))
-    problems = tuple(sorted(_problem(str(cd.get("reason", ""))) for cd in conds.values()))
-    return (flips, problems, *(repr(status.get(k)) for k in URGENT_FIELDS), repr(cache_state(status.get("cache"))))
+    summary: dict[str, Any] = {t: (conds.get(t) or {}).get("status") for t in ("Ready", "Stalled", "UpstreamAuthenticated")}
+    summary["problems"] = sorted(p for p in (_problem(str(cd.get("reason", ""))) for cd in conds.values()) if p)
+    summary["conditions"] = sorted(str(t) for t in conds)  # one appearing (ImageIndependent) or going
+    summary |= {k: status.get(k) for k in URGENT_FIELDS}
+    summary["cache"] = cache_state(status.get("cache"))
+    return summary
 
 
 def _problem(reason: str) -> str:
@@ -108,9 +111,15 @@ def _problem(reason: str) -> str:
     return reason if reason.endswith(PROBLEM_SUFFIXES) or reason.startswith(("Upstream", "Apply", "Retrying")) else ""
 
 
-def urgent(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether the difference is one a reader acts on (not only progress counts or messages)."""
-    return _summary(old) != _summary(new)
+def news(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What a reader acts on that differs between two statuses (empty: only progress counts or messages)."""
+    before, after = _summary(old), _summary(new)
+    out = []
+    for key, value in after.items():
+        if before[key] != value:
+            short = key in ("Ready", "Stalled", "UpstreamAuthenticated", "problems", "conditions", "observedGeneration", "cache")
+            out.append(f"{key} {before[key]} -> {value}" if short else key)
+    return out
 
 
 def _ready_key(status: dict[str, Any]) -> str | None:
@@ -168,9 +177,12 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         problems = any(_problem(str(cd.get("reason", ""))) for cd in new.get("conditions") or [])
         # The cache's first figures (its pods answer) are not held back either.
         deferrable = ready.get("status") != "True" and not _stalled(new) and not problems and not new.get("cache")
+        why = "progress (first status)" if deferrable else "first status"
         last = rec.first_seen
     else:
-        deferrable = not urgent(old, new)
+        changes = news(old, new)
+        deferrable = not changes
+        why = "progress" if deferrable else "; ".join(changes)
         last = rec.last_status_write if rec.last_status_write is not None else float("-inf")
     converging = (get_condition(new.get("conditions"), "Ready") or {}).get("status") != "True"
     spacing = 2 ** min(rec.progress_writes, PROGRESS_BACKOFF_STEPS) if converging else 1
@@ -189,6 +201,7 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
             return Done()
         log.warning("status of %s not written: %s", name, exc)
         return Terminal(str(exc)) if exc.invalid else Transient(str(exc))
+    log.info("status of %s written: %s", name, why)
     rec.last_status_write = now
     rec.progress_scheduled = False
     rec.progress_writes = rec.progress_writes + 1 if deferrable and converging else 0
