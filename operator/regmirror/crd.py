@@ -13,7 +13,7 @@ import copy
 from typing import Any
 
 from regmirror import constants as c
-from regmirror.models import RegistryMirror, RegistryMirrorSpec, RegistryMirrorStatus
+from regmirror.models import UNWRITTEN_STATUS, RegistryMirror, RegistryMirrorSpec, RegistryMirrorStatus
 
 _DROP_KEYS = frozenset({"title", "$defs", "examples"})
 _FORBIDDEN_KEYS = frozenset({"$ref", "anyOf", "oneOf", "const", "uniqueItems", "title", "$defs", "definitions", "allOf"})
@@ -77,7 +77,10 @@ def _ready_column() -> dict[str, Any]:
 def render_crd() -> dict[str, Any]:
     """The RegistryMirror CustomResourceDefinition."""
     spec_schema = openapi_schema(RegistryMirrorSpec)
-    status_schema = openapi_schema(RegistryMirrorStatus)
+    # A new mirror reads `status.observedGeneration: 0` until the operator's first status (the API
+    # server defaults it on every read; nothing is stored). kstatus (Flux, kpt) would otherwise call a
+    # mirror with no status Current: healthy before the operator has even seen it.
+    status_schema = {**openapi_schema(RegistryMirrorStatus), "default": dict(UNWRITTEN_STATUS)}
     root = {
         "type": "object",
         "description": "RegistryMirror runs a pull-through cache for one upstream registry and routes the selected nodes' pulls of that registry through it.",

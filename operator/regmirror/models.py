@@ -1727,6 +1727,17 @@ class AccessStatus(Model):
     message: Annotated[str, Field(description="What the access state means, or what it waits for.")] = ""
 
 
+#: What a RegistryMirror's status reads before the operator wrote one: the CRD defaults it on every
+#: read, so kstatus sees generation 1 not yet observed (in progress) instead of no status (current).
+UNWRITTEN_STATUS: Mapping[str, Any] = {"observedGeneration": 0}
+
+
+def status_written(status: Mapping[str, Any] | None) -> bool:
+    """Whether a status holds anything written (not only defaults: the API server shows a new mirror
+    `{observedGeneration: 0, conditions: [], hosts: []}`, the nested defaults included)."""
+    return any(value not in (None, 0, "", [], {}) for value in (status or {}).values())
+
+
 class RegistryMirrorStatus(Model):
     """Observed state, following metav1.Condition and kstatus conventions."""
 

@@ -81,7 +81,16 @@ class ResourceWatch:
             self.seen.append(Seen(time.monotonic(), type_, body["metadata"]["name"], body))
 
     def _list(self) -> None:
-        listed = self.cluster.api("GET", self.path)
+        # Right after a CRD is installed or changed its storage is "(re)initializing" for a moment: 429.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                listed = self.cluster.api("GET", self.path)
+                break
+            except ApiError as exc:
+                if exc.status != 429 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         for item in listed.get("items", []):
             self._record("LISTED", item)
         self._version = listed["metadata"]["resourceVersion"]

@@ -29,7 +29,7 @@ from harness.operator import (
     wait_settled,
 )
 from harness.waiting import wait_for
-from harness.watch import MirrorWatch
+from harness.watch import MirrorWatch, ResourceWatch, ready_of
 from regmirror.naming import child_name
 from regmirror.settings import Settings
 
@@ -284,3 +284,39 @@ def test_metrics_endpoint_reports_reconciles(cluster: LocalCluster, operator: Op
     assert 'regmirror_reconciles_total{outcome="success"}' in text
     assert "regmirror_mirrors_ready" in text
     assert get_mirror(cluster, "metrics")["status"]["phase"] == "Ready"
+
+
+def kstatus(body: dict[str, Any]) -> str:
+    """What kstatus (Flux's health checks, kpt) computes for a resource it has no specific rules for.
+
+    The generic rules of sigs.k8s.io/cli-utils pkg/kstatus/status (generic.go): a missing
+    status.observedGeneration counts as observed; Reconciling=True is InProgress, Stalled=True
+    Failed; anything else Current.
+    """
+    meta, status = body["metadata"], body.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return "Terminating"
+    if status.get("observedGeneration", meta.get("generation")) != meta.get("generation"):
+        return "InProgress"
+    conds = {cd.get("type"): cd.get("status") for cd in status.get("conditions") or []}
+    if conds.get("Reconciling") == "True":
+        return "InProgress"
+    if conds.get("Stalled") == "True":
+        return "Failed"
+    return "Current"
+
+
+def test_kstatus_never_calls_a_new_mirror_current_before_it_is_ready(
+    cluster: LocalCluster, operator: OperatorProcess, mirrors: MirrorFactory
+) -> None:
+    """Flux waits for kstatus Current: from its first version on, a new mirror is InProgress until Ready."""
+    with ResourceWatch(cluster) as watch:
+        mirrors.create("kstatus")
+        wait_condition(cluster, "kstatus", "Ready", "True", timeout=120)
+        wait_for(lambda: any(ready_of(s.body)[0] == "True" for s in watch.versions("kstatus")), 30, "the watch to see Ready")
+    versions = [s.body for s in watch.versions("kstatus")]
+    first = versions[0].get("status") or {}
+    assert (first.get("observedGeneration"), first.get("conditions")) == (0, []), "before the operator's first status: the CRD's default"
+    early = [(kstatus(b), ready_of(b)) for b in versions if ready_of(b)[0] != "True"]
+    assert early and all(state == "InProgress" for state, _ in early), early
+    assert kstatus(versions[-1]) == "Current"

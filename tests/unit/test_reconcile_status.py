@@ -11,7 +11,7 @@ from fakekube import api_error
 from regmirror import constants as c
 from regmirror.conditions import get_condition
 from regmirror.controller.state import Done, RequeueAfter, Terminal, Transient
-from regmirror.models import CacheStatus
+from regmirror.models import UNWRITTEN_STATUS, CacheStatus
 from regmirror.observe import RepairError
 
 
@@ -309,3 +309,19 @@ async def test_progress_of_a_converging_mirror_is_written_less_and_less_often_un
         assert isinstance(result, RequeueAfter) and result.seconds <= 60
         kit.clock.advance(result.seconds)
         assert await kit.run("status", "hub") == Done()
+
+
+async def test_the_crds_default_status_counts_as_no_status_yet() -> None:
+    """The API server shows a new mirror `status.observedGeneration: 0` (the CRD's default, so kstatus says in
+    progress); the operator still treats it as a mirror without status: its first write waits as usual."""
+    kit = Kit()
+    body = mirror("hub", nodeConfig={"enabled": False})
+    body["status"] = {**UNWRITTEN_STATUS, "conditions": [], "hosts": []}  # as the API server shows it, nested defaults too
+    kit.kube.put(body)
+    await kit.converge("hub")
+    kit.kube.calls.clear()
+    result = await kit.run("status", "hub")
+    assert isinstance(result, RequeueAfter) and kit.kube.writes() == [], "no news: the first status waits"
+    make_serving(kit)
+    assert await kit.run("status", "hub") == Done()
+    assert status_of(kit)["observedGeneration"] == 1 and ready(status_of(kit)) == ("True", "MirrorReady")

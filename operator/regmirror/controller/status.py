@@ -36,6 +36,7 @@ from regmirror.controller.rollout import mirror_rollout
 from regmirror.controller.state import ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result, Terminal, Transient
 from regmirror.drift import status_changed
 from regmirror.kube import ApiError
+from regmirror.models import status_written
 from regmirror.observe import Observation, evaluate, invalid_status, typed_status
 
 log = logging.getLogger("regmirror.status")
@@ -171,7 +172,7 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         rec.progress_scheduled = False
         return Done()
     now = ctx.clock()
-    if not old:
+    if not status_written(old):
         # A new mirror progressing normally (not Ready, no problem): its first status waits.
         ready = get_condition(new.get("conditions"), "Ready") or {}
         problems = any(_problem(str(cd.get("reason", ""))) for cd in new.get("conditions") or [])
