@@ -35,6 +35,8 @@ def deep_size(root: object) -> int:
             stack.extend(obj)
         elif hasattr(obj, "__dict__") and not callable(obj):
             stack.append(vars(obj))
+        elif not callable(obj):  # an object with __slots__ (a packed child, store.py)
+            stack.extend(getattr(obj, s) for cls in type(obj).__mro__ for s in getattr(cls, "__slots__", ()) if hasattr(obj, s))
     return total
 
 

@@ -36,8 +36,9 @@ from regmirror.kube import RESOURCES, ApiError, KubeClient
 
 log = logging.getLogger("regmirror.informer")
 
-Transform = Callable[[dict[str, Any]], dict[str, Any] | None]
-OnChange = Callable[[str, str, dict[str, Any] | None, dict[str, Any] | None], None]
+# What the store keeps of an object (a slim dict, or a packed child: store.py), or None: not ours.
+Transform = Callable[[dict[str, Any]], Any]
+OnChange = Callable[[str, str, Any, Any], None]
 
 
 def object_name(obj: dict[str, Any]) -> str:
@@ -134,7 +135,7 @@ class Informer:
         # managed fields) decode to tens of MiB at once; 100 keeps a restart's peak near its steady state.
         self.page_size = page_size
         self._on_relist = on_relist or (lambda _kind: None)
-        self.items: dict[str, dict[str, Any]] = {}
+        self.items: dict[str, Any] = {}
         self.synced = asyncio.Event()
         self.resource_version = ""
         self.health = WatchHealth(clock)

@@ -51,7 +51,7 @@ from regmirror.controller.state import (
     Transient,
     key_priority,
 )
-from regmirror.controller.store import CHILD_KINDS, Store, mirror_of_child, sources
+from regmirror.controller.store import CHILD_KINDS, PackedChild, Store, sources
 from regmirror.kube import KubeClient, cancel_quietly
 from regmirror.metrics import Metrics
 from regmirror.settings import Settings
@@ -113,7 +113,7 @@ class Manager:
 
     # ------------------------------------------------------------ events
 
-    def on_change(self, kind: str, name: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+    def on_change(self, kind: str, name: str, old: Any, new: Any) -> None:
         """Route one store change to the keys it affects (see the module docstring)."""
         if not self._started:
             return  # the first lists fill the store; start() then queues every key once
@@ -138,14 +138,11 @@ class Manager:
                 enqueue(PLAN, after=SINGLETON_COALESCE)
                 enqueue(HOSTS, after=SINGLETON_COALESCE)
             return
-        if (
-            kind in CHILD_KINDS
-            and (new or old or {}).get("metadata", {}).get("namespace", self.settings.namespace) == self.settings.namespace
-        ):
-            mirror = mirror_of_child(new or old or {})
-            if mirror is None or self.store.mirror(mirror) is None:
+        if kind in CHILD_KINDS and isinstance(child := new or old, PackedChild):
+            mirror = child.mirror
+            if self.store.mirror(mirror) is None:
                 return
-            if new is None or _without(old, "status") != _without(new, "status"):
+            if new is None or not new.same_but_status(old):
                 enqueue(CHILDREN, mirror)
             enqueue(STATUS, mirror, after=coalesce)
             if kind == "Service":

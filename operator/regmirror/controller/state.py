@@ -100,7 +100,7 @@ class MirrorRecord:
     repair_since: float | None = None
     last_good: MirrorEntry | None = None  # the entry nodes keep while the spec is broken
     applied: dict[str, str] = field(default_factory=dict)  # "kind/name" -> digest of the rendering we last applied
-    rendered: tuple[Any, list[tuple[dict[str, Any], str]]] | None = None  # (inputs, [(child, digest)]) last rendered
+    rendered: tuple[Any, str, tuple[str, ...]] | None = None  # (inputs, JSON of the children, their digests) last rendered
     drift_repairs: dict[str, tuple[int, float]] = field(default_factory=dict)  # "kind/name" -> (repairs in a row, last)
     last_status_write: float | None = None
     progress_scheduled: bool = False

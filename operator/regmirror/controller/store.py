@@ -13,6 +13,8 @@ child whose labels were edited away is still watched and repaired.
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -61,12 +63,48 @@ def mirror_of_child(obj: dict[str, Any]) -> str | None:
     return naming.mirror_of_child_name(str(meta.get("name", "")))
 
 
-def slim_child(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """A mirror's child without managedFields (None for objects that are no mirror's child)."""
-    if mirror_of_child(obj) is None:
+@dataclass(frozen=True, slots=True, eq=True)
+class PackedChild:
+    """A mirror's child as the store keeps it: metadata and status decoded, the rest compact JSON.
+
+    A Deployment as the API server returns it (every default filled in) is about
+    36 KB of Python objects and 8 KB of JSON; at 500 mirrors the decoded children
+    and renderings were the largest part of the operator's memory while they
+    converged. What is read often (metadata, status) stays decoded; the spec or
+    data, read only by a children pass's drift check, is decoded when asked for
+    (`Store.child`), about 50 us for a Deployment.
+    """
+
+    mirror: str
+    metadata: dict[str, Any]
+    status: dict[str, Any] | None
+    rest: str  # JSON of every other top-level field (apiVersion, kind, spec or data ...)
+
+    def unpack(self) -> dict[str, Any]:
+        """The object as a new dict (metadata and status are shared with the store: read them, do not change them)."""
+        obj: dict[str, Any] = json.loads(self.rest)
+        obj["metadata"] = self.metadata
+        if self.status is not None:
+            obj["status"] = self.status
+        return obj
+
+    def same_but_status(self, other: PackedChild | None) -> bool:
+        """Whether only the status (or resourceVersion) differs: such an event needs no children pass."""
+        if other is None or self.rest != other.rest:
+            return False
+        ignore = ("resourceVersion",)
+        return {k: v for k, v in self.metadata.items() if k not in ignore} == {k: v for k, v in other.metadata.items() if k not in ignore}
+
+
+def slim_child(obj: dict[str, Any]) -> PackedChild | None:
+    """A mirror's child without managedFields, packed (None for objects that are no mirror's child)."""
+    mirror = mirror_of_child(obj)
+    if mirror is None:
         return None
     meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k not in ("managedFields", "selfLink")}
-    return {**{k: v for k, v in obj.items() if k != "metadata"}, "metadata": meta}
+    rest = {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+    status = obj.get("status")
+    return PackedChild(mirror, meta, status if isinstance(status, dict) else None, json.dumps(rest, separators=(",", ":")))
 
 
 def slim_secret(obj: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +193,7 @@ class Store:
         """Register an informer (its dict becomes part of the store)."""
         self.informers[(informer.source.kind, informer.source.namespace)] = informer
 
-    def _items(self, kind: str, namespace: str | None) -> dict[str, dict[str, Any]]:
+    def _items(self, kind: str, namespace: str | None) -> dict[str, Any]:
         informer = self.informers.get((kind, namespace))
         return informer.items if informer is not None else {}
 
@@ -168,8 +206,9 @@ class Store:
         return self.mirrors().get(name)
 
     def child(self, kind: str, mirror: str, name: str | None = None) -> dict[str, Any] | None:
-        """A mirror's child of a kind, by its name (default: the mirror's main child name)."""
-        return self._items(kind, self.namespace).get(name or naming.child_name(mirror))
+        """A mirror's child of a kind, by its name (default: the mirror's main child name), as a new dict."""
+        packed = self._items(kind, self.namespace).get(name or naming.child_name(mirror))
+        return packed.unpack() if isinstance(packed, PackedChild) else None
 
     def put_child(self, obj: dict[str, Any]) -> None:
         """Record what a write returned, so the next reconcile compares against it before the watch reports it."""

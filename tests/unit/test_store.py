@@ -1,0 +1,90 @@
+"""The store's packed children: what goes in comes out, a status-only event is told apart, and it is small."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from regmirror import constants as c
+from regmirror.controller.store import PackedChild, slim_child
+from regmirror.memory import deep_size
+from regmirror.models import RegistryMirrorSpec
+from regmirror.render.mirror import render_mirror_children
+
+NS = "regmirror"
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def owned(name: str, mirror: str, **top: Any) -> dict[str, Any]:
+    ref = {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": mirror, "uid": "u1"}
+    meta = {"name": name, "namespace": NS, "resourceVersion": "7", "ownerReferences": [ref]}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, **top}
+
+
+def rendered_deployment() -> dict[str, Any]:
+    spec = RegistryMirrorSpec.model_validate({"upstream": {"url": "https://registry-1.docker.io"}})
+    children = render_mirror_children("m1", "u1", spec, NS, credentials_hash="0" * 64, node_addresses=["10.0.0.1"])
+    return next(o for o in children if o["kind"] == "Deployment")
+
+
+@given(spec=json_values, status=st.none() | st.dictionaries(st.text(max_size=6), json_values, max_size=4), extra=json_values)
+def test_a_packed_child_unpacks_to_the_object_without_managed_fields(spec: Any, status: Any, extra: Any) -> None:
+    obj = owned("regmirror-m1", "m1", spec=spec, data=extra)
+    if status is not None:
+        obj["status"] = status
+    live = copy.deepcopy(obj)
+    live["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    packed = slim_child(live)
+    assert isinstance(packed, PackedChild)
+    assert packed.mirror == "m1"
+    assert packed.unpack() == obj
+
+
+def test_a_child_of_no_mirror_is_not_kept() -> None:
+    stranger = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kubernetes", "namespace": NS}, "spec": {}}
+    assert slim_child(stranger) is None
+
+
+def test_a_status_only_change_is_told_apart_from_a_spec_or_metadata_change() -> None:
+    base = owned("regmirror-m1", "m1", spec={"replicas": 1}, status={"readyReplicas": 0})
+    packed = slim_child(base)
+    assert packed is not None
+    status_only = copy.deepcopy(base)
+    status_only["status"]["readyReplicas"] = 1
+    status_only["metadata"]["resourceVersion"] = "8"
+    assert slim_child(status_only) != packed  # the store takes it (the status pass reads it) ...
+    assert packed.same_but_status(slim_child(status_only))  # ... but it needs no children pass
+    scaled = copy.deepcopy(base)
+    scaled["spec"]["replicas"] = 0
+    relabelled = copy.deepcopy(base)
+    relabelled["metadata"]["labels"] = {"app": "other"}
+    for changed in (scaled, relabelled):
+        assert not packed.same_but_status(slim_child(changed))
+    assert not packed.same_but_status(None)
+
+
+def test_an_unpacked_child_is_a_new_dict_each_time() -> None:
+    packed = slim_child(owned("regmirror-m1", "m1", spec={"replicas": 1}))
+    assert packed is not None
+    first = packed.unpack()
+    first["spec"]["replicas"] = 5
+    assert packed.unpack()["spec"]["replicas"] == 1
+
+
+def test_a_packed_deployment_is_a_fraction_of_the_decoded_one() -> None:
+    deployment = rendered_deployment()
+    deployment["metadata"]["ownerReferences"] = [{"apiVersion": c.API_VERSION, "kind": c.KIND, "name": "m1", "uid": "u1"}]
+    packed = slim_child(deployment)
+    assert packed is not None
+    # deep_size follows __slots__: the packed child is measured with its JSON, not as an empty shell.
+    assert deep_size(packed) > len(packed.rest) > len(json.dumps(deployment["spec"])) // 2
+    assert deep_size(packed) < deep_size(deployment) / 2
