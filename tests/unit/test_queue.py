@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from regmirror.controller.queue import HIGH, NORMAL, ShutDown, WorkQueue
 
@@ -62,6 +66,30 @@ async def test_backoff_doubles_per_failure_up_to_the_cap_and_forget_resets_it() 
     assert q.add_rate_limited("a") == 0.5
 
 
+async def test_backoff_is_per_key_and_forgetting_one_key_leaves_the_others_backing_off() -> None:
+    q, _ = queue(base_delay=1.0, max_delay=60.0)
+    assert [q.add_rate_limited("a") for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert q.add_rate_limited("b") == 1.0, "another key's failures do not lengthen this one's pause"
+    q.forget("b")
+    assert q.add_rate_limited("a") == 8.0, "forgetting b does not reset a"
+    assert (q.failures("a"), q.failures("b")) == (4, 0)
+
+
+async def test_a_key_that_comes_due_while_a_worker_holds_it_runs_once_after_done() -> None:
+    q, clock = queue()
+    q.add("a")
+    assert await take(q) == "a"
+    q.add_rate_limited("a")  # the pass failed: its retry is due in 0.5 s
+    q.add_after("a", 0.2)  # an event meanwhile asks for an earlier look: the earlier time wins
+    clock.now = 1.0
+    assert await take(q) is None, "still held by its worker"
+    q.done("a")
+    assert await take(q) == "a"
+    q.done("a")
+    assert await take(q) is None, "once, not once per request"
+    assert q.failures("a") == 1, "a requeue does not forget the failures: only a success does"
+
+
 async def test_a_rate_limited_key_waits_for_its_delay() -> None:
     q, clock = queue(base_delay=2.0)
     q.add_rate_limited("a")
@@ -111,3 +139,89 @@ async def test_shutdown_releases_waiting_workers() -> None:
     q.shutdown()
     with pytest.raises(ShutDown):
         await asyncio.wait_for(waiter, timeout=1)
+
+
+async def take_now(q: WorkQueue[str]) -> str | None:
+    """The key a worker would get without waiting, or None (no real time passes)."""
+    task = asyncio.ensure_future(q.get())
+    await asyncio.sleep(0)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+KEYS = st.sampled_from(["a", "b"])
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), KEYS),
+        st.tuples(st.just("after"), KEYS, st.sampled_from([-1.0, 0.0, 0.5, 2.0, 7.0])),
+        st.tuples(st.just("limited"), KEYS),
+        st.tuples(st.just("forget"), KEYS),
+        st.tuples(st.just("tick"), st.sampled_from([0.1, 1.0, 5.0])),
+        st.tuples(st.just("take")),
+        st.tuples(st.just("done"), KEYS),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+@example([("after", "a", 0.5), ("after", "a", 7.0), ("tick", 1.0), ("take",)])  # a later request never postpones
+@example([("add", "a"), ("take",), ("add", "a"), ("done", "a"), ("take",)])  # re-added while held: runs again after
+def test_any_sequence_hands_each_wanted_key_out_once_when_due_and_never_to_two_workers(ops: list[tuple[object, ...]]) -> None:
+    """A model of the semantics: a key is wanted from the earliest time anyone asked for it; it is handed
+    out once that time came and no worker holds it; asking again while it waits changes nothing else;
+    the backoff is base * 2^failures (capped) since the key was last forgotten."""
+    asyncio.run(_check_model(ops))
+
+
+async def _check_model(ops: list[tuple[object, ...]]) -> None:
+    q, clock = queue(base_delay=0.5, max_delay=4.0)
+    wanted: dict[str, float] = {}  # key -> earliest time it must be handed out
+    holding: set[str] = set()
+    failures: dict[str, int] = {}
+    for op in ops:
+        kind = op[0]
+        if kind == "add":
+            key = str(op[1])
+            q.add(key)
+            wanted[key] = min(wanted.get(key, math.inf), clock.now)
+        elif kind == "after":
+            key, delay = str(op[1]), float(op[2])  # type: ignore[arg-type]
+            q.add_after(key, delay)
+            wanted[key] = min(wanted.get(key, math.inf), clock.now + max(delay, 0.0))
+        elif kind == "limited":
+            key = str(op[1])
+            expected = min(4.0, 0.5 * 2.0 ** failures.get(key, 0))
+            failures[key] = failures.get(key, 0) + 1
+            assert q.add_rate_limited(key) == expected
+            wanted[key] = min(wanted.get(key, math.inf), clock.now + expected)
+        elif kind == "forget":
+            q.forget(str(op[1]))
+            failures.pop(str(op[1]), None)
+        elif kind == "tick":
+            clock.now += float(op[1])  # type: ignore[arg-type]
+        elif kind == "take":
+            due = {k for k, at in wanted.items() if at <= clock.now and k not in holding}
+            got = await take_now(q)
+            assert (got is None) == (not due), (got, due)
+            if got is not None:
+                assert got in due, "never a key that is not due, nor one a worker holds"
+                holding.add(got)
+                del wanted[got]
+        elif kind == "done" and str(op[1]) in holding:
+            holding.discard(str(op[1]))
+            q.done(str(op[1]))
+        assert q.failures("a") == failures.get("a", 0)
+    # Every worker finishes and time passes: each wanted key comes out exactly once, nothing else.
+    for held in sorted(holding):
+        q.done(held)
+    clock.now += 100
+    drained = []
+    while (out := await take_now(q)) is not None:
+        drained.append(out)
+    assert sorted(drained) == sorted(wanted)

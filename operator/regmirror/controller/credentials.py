@@ -9,6 +9,13 @@ mirror performs the check in a thread, caches the verdict by fingerprint,
 and queues the mirror's status when the verdict changes. An inconclusive or
 failed verdict is checked again after `upstream_recheck`; a good one only
 when the credentials change. The children are applied whatever the verdict.
+
+When the API server does not hand out the Secrets, nothing is checked. A
+refusal someone must fix (403) is reported at once (UpstreamAuthenticated
+Unknown, CheckFailed, naming the Secret); a failure that may pass (409, 429,
+5xx, timeouts) is retried with backoff, and reported only when it lasted the
+`transient_grace` and no verdict for these credentials stands: an API hiccup
+never turns a known verdict into Unknown.
 """
 
 from __future__ import annotations
@@ -18,11 +25,26 @@ import base64
 import logging
 
 from regmirror.controller.state import STATUS, Context
-from regmirror.kube import cancel_quietly
+from regmirror.kube import ApiError, cancel_quietly
 from regmirror.models import RegistryMirrorSpec
 from regmirror.upstream import Proxies, UpstreamCheck, check_upstream
 
 log = logging.getLogger("regmirror.credentials")
+
+
+class SecretUnreadable(Exception):
+    """The API server did not hand out a Secret the check reads."""
+
+    def __init__(self, namespace: str, name: str, error: ApiError) -> None:
+        super().__init__(f"{namespace}/{name}: {error}")
+        self.namespace, self.name, self.error = namespace, name, error
+
+    def verdict(self) -> UpstreamCheck:
+        """What UpstreamAuthenticated says (the API server's words name no Secret value)."""
+        message = f"the credentials check could not read Secret {self.namespace}/{self.name}: {self.error}"
+        if self.error.status == 403:
+            message += "; someone must let the operator's ServiceAccount get Secrets in its namespace (RBAC)"
+        return UpstreamCheck(None, "CheckFailed", message)
 
 
 class UpstreamChecker:
@@ -72,8 +94,12 @@ class UpstreamChecker:
         ca_ref = spec.upstream.tls.ca_secret_ref if spec.upstream.tls else None
         # The values are read for this check only (the store keeps hashes), each Secret once.
         secrets: dict[str, dict[str, str]] = {}
-        for name in {ref.name, *([ca_ref.name] if ca_ref is not None else [])}:
-            secrets[name] = (await self.ctx.client.get("Secret", self.ctx.settings.namespace, name) or {}).get("data") or {}
+        namespace = self.ctx.settings.namespace
+        for name in sorted({ref.name, *([ca_ref.name] if ca_ref is not None else [])}):
+            try:
+                secrets[name] = (await self.ctx.client.get("Secret", namespace, name) or {}).get("data") or {}
+            except ApiError as exc:
+                raise SecretUnreadable(namespace, name, exc) from None
 
         def value(name: str, key: str) -> str:
             encoded = secrets.get(name, {}).get(key, "")
@@ -85,14 +111,32 @@ class UpstreamChecker:
         return await asyncio.to_thread(check_upstream, spec.upstream.url, username, password, ca_pem=ca_pem, proxies=proxies)
 
     async def _run(self, name: str, spec: RegistryMirrorSpec) -> None:
+        settings = self.ctx.settings
+        decided = False  # whether this task (these credentials) published a verdict
+        failing_since: float | None = None
+        pause = settings.backoff_base
         while True:
             try:
                 verdict = await self._verdict(spec)
+                failing_since, pause = None, settings.backoff_base
             except asyncio.CancelledError:
                 raise
+            except SecretUnreadable as exc:
+                if exc.error.transient:
+                    now = self.ctx.clock()
+                    failing_since = now if failing_since is None else failing_since
+                    if decided or now - failing_since < settings.transient_grace:
+                        # Retried quietly: the verdict that stands (if any) is still the best one there is.
+                        log.info("upstream check of %s: %s; retrying in %.1fs", name, exc, pause)
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, settings.upstream_recheck)
+                        continue
+                log.warning("upstream check of %s: %s", name, exc)
+                verdict = exc.verdict()
             except Exception as exc:  # the check only ever yields a verdict
                 verdict = UpstreamCheck(None, "CheckFailed", f"the credentials check could not run: {type(exc).__name__}")
                 log.warning("upstream check of %s failed: %s", name, type(exc).__name__)
+            decided = True
             result = (verdict.ok, verdict.reason, verdict.message)
             if self.ctx.upstream_verdicts.get(name) != result:
                 self.ctx.upstream_verdicts[name] = result
