@@ -13,21 +13,30 @@ HTTPS registry's config.yml) and the status.
 A pass that waits for something (nodes to apply a revision, fronts to load a
 new accepted set, the next rotation) requeues itself; Secret events (a hand
 deleting or editing one) queue it at once.
+
+A read or a write the API server refuses fails the pass (retried with
+backoff: the Secrets are ours, so even a 403 or a 422 may pass once RBAC or
+the API server is fixed) and changes nothing else: a Secret that could not be
+read is never taken for a lost one, and the record keeps the last decision
+that went out. The decision's Events about Secrets that did go out are
+posted even so (the next pass decides from them and has nothing to say).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from regmirror import access as acc
 from regmirror.controller.rollout import mirror_rollout
-from regmirror.controller.state import CHILDREN, PLAN, STATUS, ConfigError, Context, Done, RequeueAfter, Result, Transient
+from regmirror.controller.state import CHILDREN, PLAN, STATUS, ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result, Transient
 from regmirror.controller.store import slim_secret
 from regmirror.kube import ApiError
 from regmirror.models import RegistryMirrorSpec
+from regmirror.observe import RepairError
 from regmirror.render.access import decode_data, render_auth_secret, render_client_secret
 from regmirror.units import duration_seconds
 
@@ -93,7 +102,7 @@ async def reconcile_access(ctx: Context, name: str) -> Result:
         await seed_node_auth(ctx)
         node_copy = ctx.node_auth.get(name)
     except ApiError as exc:
-        return Transient(str(exc))
+        return _failed(ctx, name, rec, "reading its access Secrets", exc)
     decision = acc.decide_access(
         acc.AccessInputs(
             name,
@@ -111,18 +120,23 @@ async def reconcile_access(ctx: Context, name: str) -> Result:
     uid = mirror["metadata"]["uid"]
     secrets = [render_auth_secret(name, uid, ns, decision.auth_data)]
     secrets += [render_client_secret(name, uid, ns, client, data) for client, data in sorted(decision.client_data.items())]
-    try:
-        for secret in secrets:
+    went_out: set[str] = set()
+    for secret in secrets:
+        secret_name = secret["metadata"]["name"]
+        try:
             if not _fingerprint_matches(ctx, secret):
-                log.info("applying Secret %s/%s for mirror %s", ns, secret["metadata"]["name"], name)
+                log.info("applying Secret %s/%s for mirror %s", ns, secret_name, name)
                 await ctx.client.apply(secret)
-            # The watch echoes our own write back: that event needs no pass (manager.on_change).
-            rec.access_written[secret["metadata"]["name"]] = slim_secret(secret)["fingerprint"]
-    except ApiError as exc:
-        return Transient(str(exc))
-    for reason, message in decision.events:
-        log.info("mirror %s: %s", name, message)
-        await ctx.client.create_event(mirror, reason=reason, message=message)
+        except ApiError as exc:
+            await _announce(ctx, mirror, decision, _events_about(name, decision.events, sorted(decision.client_data), went_out))
+            return _failed(ctx, name, rec, f"applying Secret {ns}/{secret_name}", exc)
+        went_out.add(secret_name)
+        # The watch echoes our own write back: that event needs no pass (manager.on_change).
+        rec.access_written[secret_name] = slim_secret(secret)["fingerprint"]
+    await _announce(ctx, mirror, decision, decision.events)
+    if rec.access_repair is not None:
+        rec.access_repair, rec.access_repair_since = None, None
+        ctx.enqueue(STATUS, name)
     if ctx.node_auth.get(name) != decision.node_entry:
         ctx.node_auth[name] = decision.node_entry
         ctx.enqueue(PLAN)
@@ -146,3 +160,42 @@ async def reconcile_access(ctx: Context, name: str) -> Result:
     if period > 0:
         return RequeueAfter(max(WAITING_RECHECK, state.rotated_at + period - time.time()))
     return Done()
+
+
+def _failed(ctx: Context, name: str, rec: MirrorRecord, what: str, exc: ApiError) -> Result:
+    """A read or write of the pass failed: retried with backoff, logged with the field the API server rejected,
+    and shown in the mirror's status once it lasts (a 403 at once: someone must act)."""
+    why = f"{exc.status} {exc.reason}: {exc.field_error()}" if exc.invalid else str(exc)
+    if exc.transient:
+        log.info("mirror %s: %s failed: %s; retrying with backoff", name, what, why)
+    else:
+        log.warning("mirror %s: %s failed: %s; retrying with backoff", name, what, why)
+    # The status names the fields only: a rejected access Secret's values are credentials, and the API
+    # server's words about them may quote them.
+    fields = ", ".join(sorted({f for f, _ in exc.causes if f}))
+    shown = f"{exc.status} {exc.reason}" + (f" ({fields})" if fields else "") if exc.invalid else str(exc)
+    reason = "APIUnavailable" if exc.transient else "ApplyForbidden" if exc.status == 403 else "ApplyFailed"
+    if rec.access_repair_since is None:
+        rec.access_repair_since = ctx.clock()
+    rec.access_repair = RepairError(exc.transient, reason, f"{what} failed: {shown}")
+    ctx.enqueue(STATUS, name, after=0.0 if not exc.transient else ctx.settings.transient_grace)
+    return Transient(why)
+
+
+def _events_about(name: str, events: Iterable[tuple[str, str]], clients: Iterable[str], secrets: Collection[str]) -> list[tuple[str, str]]:
+    """The decision's events about the given Secrets: one whose message ends naming an access client's Secret is
+    about that Secret, any other about the mirror's own."""
+    client_secrets = [acc.client_secret_name(name, client) for client in clients]
+    out = []
+    for reason, message in events:
+        about = next((s for s in client_secrets if message.endswith(f" in {s}")), acc.auth_secret_name(name))
+        if about in secrets:
+            out.append((reason, message))
+    return out
+
+
+async def _announce(ctx: Context, mirror: dict[str, Any], decision: acc.AccessDecision, events: Iterable[tuple[str, str]]) -> None:
+    """Post the decision's events (the client makes them best effort)."""
+    for reason, message in events:
+        log.info("mirror %s: %s", decision.mirror, message)
+        await ctx.client.create_event(mirror, reason=reason, message=message)

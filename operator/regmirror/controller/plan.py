@@ -89,9 +89,20 @@ async def _apply_node_auth(ctx: Context, plan: NodePlan) -> Result | None:
     try:
         await ctx.client.apply(secret)
     except ApiError as exc:
-        log.error("node plan: applying the nodes' credentials failed: %s", exc)
-        return Transient(str(exc))
+        return _failed("the nodes' credentials", exc)
     return None
+
+
+def _failed(what: str, exc: ApiError) -> Result:
+    """A write of the plan failed: nothing after it goes out (no plan before the credentials it names).
+
+    Even a rejection is retried with backoff: the plan is ours, not the user's.
+    The log names the field the API server rejected (its causes, which
+    `str(exc)` leaves out) or what it forbids.
+    """
+    why = f"{exc.status} {exc.reason}: {exc.field_error()}" if exc.invalid else str(exc)
+    log.error("node plan: applying %s failed: %s; retrying with backoff", what, why)
+    return Transient(why)
 
 
 def desired_plan(ctx: Context) -> tuple[NodePlan, int]:
@@ -201,9 +212,7 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
         try:
             result = await ctx.client.apply(obj)
         except ApiError as exc:
-            # Even a rejection is retried with backoff: the plan is ours, not the user's.
-            log.error("node plan: applying %s failed: %s", obj["kind"], exc)
-            return Transient(str(exc))
+            return _failed(obj["kind"], exc)
         ctx.store.put_agent_object(result)
         ctx.plan.last_apply = ctx.clock()
     old = dict(ctx.plan.entries) if previous is not None else {}

@@ -98,6 +98,8 @@ class MirrorRecord:
     rejected: tuple[int | None, str | None] | None = None  # (generation, credentials) the API server rejected
     repair: RepairError | None = None
     repair_since: float | None = None
+    access_repair: RepairError | None = None  # the access pass's failing read or write (controller/access.py)
+    access_repair_since: float | None = None
     last_good: MirrorEntry | None = None  # the entry nodes keep while the spec is broken
     applied: dict[str, str] = field(default_factory=dict)  # "kind/name" -> digest of the rendering we last applied
     rendered: tuple[Any, str, tuple[str, ...]] | None = None  # (inputs, JSON of the children, their digests) last rendered

@@ -37,7 +37,7 @@ from regmirror.controller.state import ConfigError, Context, Done, MirrorRecord,
 from regmirror.drift import status_changed
 from regmirror.kube import ApiError
 from regmirror.models import status_written
-from regmirror.observe import Observation, evaluate, invalid_status, typed_status
+from regmirror.observe import Observation, RepairError, evaluate, invalid_status, typed_status
 
 log = logging.getLogger("regmirror.status")
 
@@ -62,14 +62,8 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
     deleting = bool(mirror["metadata"].get("deletionTimestamp"))
     rollout = mirror_rollout(ctx, name, rec, deleting=deleting)
     rec.rollout = rollout
-    repair = rec.repair
-    if (
-        repair is not None
-        and repair.transient
-        and rec.repair_since is not None
-        and ctx.clock() - rec.repair_since < ctx.settings.transient_grace
-    ):
-        repair = None  # retried before anyone is told
+    # The children's failing writes first, then the access Secrets': each retried before anyone is told.
+    repair = _told(ctx, rec.repair, rec.repair_since) or _told(ctx, rec.access_repair, rec.access_repair_since)
     auth = ctx.upstream_verdicts.get(name) if spec.upstream.credentials_secret_ref is not None else None
     error = rec.config_error
     return Observation(
@@ -90,6 +84,13 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
         bootstrap=ctx.bootstrap.get(name),
         usage=None if deleting else node_usage(ctx, rec, spec, (mirror.get("status") or {}).get("nodes")),
     )
+
+
+def _told(ctx: Context, repair: RepairError | None, since: float | None) -> RepairError | None:
+    """A failing repair as the status shows it: a transient one only once it lasted the grace period."""
+    if repair is not None and repair.transient and since is not None and ctx.clock() - since < ctx.settings.transient_grace:
+        return None
+    return repair
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:
@@ -200,8 +201,13 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
     except ApiError as exc:
         if exc.status == 404:
             return Done()
-        log.warning("status of %s not written: %s", name, exc)
-        return Terminal(str(exc)) if exc.invalid else Transient(str(exc))
+        if exc.invalid:
+            # Sending the same status again cannot help: the next change (or the resync) tries a new one.
+            message = f"the API server rejected the status of {name}: {exc.field_error()}"
+            log.error("%s", message)
+            return Terminal(message)
+        log.warning("status of %s not written: %s; retrying with backoff", name, exc)
+        return Transient(str(exc))
     log.info("status of %s written: %s", name, why)
     rec.last_status_write = now
     rec.progress_scheduled = False
