@@ -8,6 +8,7 @@ from fakekube import FakeKube
 from prometheus_client import CollectorRegistry
 
 from regmirror import constants as c
+from regmirror.conditions import get_condition
 from regmirror.controller.manager import RECONCILERS, Manager
 from regmirror.controller.state import Key, Result
 from regmirror.metrics import Metrics
@@ -79,3 +80,34 @@ class Kit:
         await self.run("hosts")
         await self.run("plan")
         await self.run("rollout")
+
+
+def make_serving(kit: Kit, name: str = "hub") -> None:
+    """What kube-controller-manager and kwok would report: Deployment available, PVC bound."""
+    dep = kit.kube.obj("Deployment", NS, f"regmirror-{name}")
+    assert dep is not None
+    dep["status"] = {
+        "observedGeneration": dep["metadata"]["generation"],
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "readyReplicas": 1,
+        "conditions": [{"type": "Available", "status": "True"}],
+    }
+    kit.kube.put(dep)
+    pvc = kit.kube.obj("PersistentVolumeClaim", NS, f"regmirror-{name}")
+    assert pvc is not None
+    pvc["status"] = {"phase": "Bound", "capacity": {"storage": "1Gi"}}
+    kit.kube.put(pvc)
+
+
+def status_of(kit: Kit, name: str = "hub") -> dict[str, Any]:
+    """The mirror's status as the fake API server holds it."""
+    body = kit.kube.obj(c.KIND, None, name)
+    assert body is not None
+    return dict(body.get("status") or {})
+
+
+def ready(status: dict[str, Any]) -> tuple[str, str]:
+    """The Ready condition's status and reason."""
+    cond = get_condition(status.get("conditions"), "Ready") or {}
+    return str(cond.get("status")), str(cond.get("reason"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from controller_kit import AGENT_NS, NS, Kit, mirror
+from controller_kit import AGENT_NS, NS, Kit, make_serving, mirror, ready, status_of
 from fakekube import FakeKube, api_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -160,35 +160,6 @@ def node_secret(kit: Kit) -> dict[str, str]:
     return decode_data(kit.kube.obj("Secret", AGENT_NS, acc.NODE_SECRET_NAME))
 
 
-def status_of(kit: Kit, name: str) -> dict[str, Any]:
-    body = kit.kube.obj(c.KIND, None, name)
-    assert body is not None
-    return dict(body.get("status") or {})
-
-
-def ready(status: dict[str, Any]) -> tuple[str, str]:
-    cond = get_condition(status.get("conditions"), "Ready") or {}
-    return str(cond.get("status")), str(cond.get("reason"))
-
-
-def make_serving(kit: Kit, name: str) -> None:
-    """What kube-controller-manager would report: Deployment available, PVC bound."""
-    dep = kit.kube.obj("Deployment", NS, f"regmirror-{name}")
-    assert dep is not None
-    dep["status"] = {
-        "observedGeneration": dep["metadata"]["generation"],
-        "replicas": 1,
-        "updatedReplicas": 1,
-        "readyReplicas": 1,
-        "conditions": [{"type": "Available", "status": "True"}],
-    }
-    kit.kube.put(dep)
-    pvc = kit.kube.obj("PersistentVolumeClaim", NS, f"regmirror-{name}")
-    assert pvc is not None
-    pvc["status"] = {"phase": "Bound", "capacity": {"storage": "1Gi"}}
-    kit.kube.put(pvc)
-
-
 def assert_plan_names_only_credentials_nodes_hold(kit: Kit) -> None:
     """Every revision the live plan names is in the agents' Secret (a node never waits for a credential that is not there)."""
     held = node_secret(kit)
@@ -221,17 +192,23 @@ async def worker_pass(kit: Kit, key: Key) -> float | None:
 # ------------------------------------------------------------------ access
 
 
+async def new_private_mirror() -> Kit:
+    """A new private mirror "q" (upstream credentials, an access client) whose children went out; no access pass yet."""
+    kit = Kit(RecordingKube())
+    quay_secret(kit)
+    kit.kube.put(mirror("q", **PRIVATE))
+    for _ in range(4):
+        await kit.run("children", "q")
+    return kit
+
+
 @pytest.mark.parametrize("code", CODES)
 @pytest.mark.parametrize("target", ["auth", "client"])
 async def test_a_failed_access_secret_write_hands_nodes_no_credential_and_the_next_pass_converges(
     code: str, target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    kit = Kit(RecordingKube())
-    quay_secret(kit)
-    kit.kube.put(mirror("q", **PRIVATE))
-    for _ in range(4):
-        await kit.run("children", "q")
+    kit = await new_private_mirror()
     name = acc.auth_secret_name("q") if target == "auth" else acc.client_secret_name("q", "ci")
     assert isinstance(kit.kube, RecordingKube)
     kit.kube.fail_named("apply", name, fault(code, "Secret", name))
@@ -261,11 +238,7 @@ async def test_a_failed_access_secret_write_hands_nodes_no_credential_and_the_ne
 async def test_a_failing_access_secret_write_is_shown_in_status_once_someone_must_know(code: str, caplog: pytest.LogCaptureFixture) -> None:
     """A new private mirror whose access Secret cannot be written waits for its nodes: the status says why."""
     caplog.set_level(logging.INFO)
-    kit = Kit(RecordingKube())
-    quay_secret(kit)
-    kit.kube.put(mirror("q", **PRIVATE))
-    for _ in range(4):
-        await kit.run("children", "q")
+    kit = await new_private_mirror()
     name = acc.auth_secret_name("q")
     assert isinstance(kit.kube, RecordingKube)
     for _ in range(2 if code in TRANSIENT else 1):  # one failing pass each
@@ -302,11 +275,10 @@ async def test_a_failing_access_secret_write_is_shown_in_status_once_someone_mus
 async def test_an_unreadable_access_secret_is_never_taken_for_a_lost_one(code: str, read: str, caplog: pytest.LogCaptureFixture) -> None:
     """A restarted operator whose reads fail must not issue new credentials: that would fail every node's pulls."""
     caplog.set_level(logging.INFO)
-    kube = RecordingKube()
-    kit = Kit(kube)
-    quay_secret(kit)
-    kit.kube.put(mirror("q", **PRIVATE))
+    kit = await new_private_mirror()
     await kit.converge("q")
+    kube = kit.kube
+    assert isinstance(kube, RecordingKube)
     make_serving(kit, "q")
     kit.clock.advance(61)
     await kit.run("status", "q")
@@ -352,11 +324,10 @@ async def test_a_restored_access_secret_is_announced_even_when_a_later_write_of_
     code: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    kube = RecordingKube()
-    kit = Kit(kube)
-    quay_secret(kit)
-    kit.kube.put(mirror("q", **PRIVATE))
+    kit = await new_private_mirror()
     await kit.converge("q")
+    kube = kit.kube
+    assert isinstance(kube, RecordingKube)
     before = acc.parse_state(decode_data(kube.obj("Secret", NS, acc.auth_secret_name("q")))[acc.STATE_KEY])
     kube.events.clear()
     kube.remove("Secret", NS, acc.auth_secret_name("q"))

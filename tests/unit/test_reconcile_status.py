@@ -6,7 +6,7 @@ import itertools
 import json
 from typing import Any
 
-from controller_kit import NS, Kit, mirror
+from controller_kit import NS, Kit, make_serving, mirror, ready, status_of
 from fakekube import api_error
 
 from regmirror import constants as c
@@ -14,35 +14,6 @@ from regmirror.conditions import get_condition
 from regmirror.controller.state import Done, RequeueAfter, Terminal, Transient
 from regmirror.models import UNWRITTEN_STATUS, CacheStatus
 from regmirror.observe import RepairError
-
-
-def status_of(kit: Kit, name: str = "hub") -> dict[str, Any]:
-    body = kit.kube.obj(c.KIND, None, name)
-    assert body is not None
-    return dict(body.get("status") or {})
-
-
-def ready(status: dict[str, Any]) -> tuple[str, str]:
-    cond = get_condition(status.get("conditions"), "Ready") or {}
-    return str(cond.get("status")), str(cond.get("reason"))
-
-
-def make_serving(kit: Kit, name: str = "hub") -> None:
-    """What kube-controller-manager and kwok would report: Deployment available, PVC bound."""
-    dep = kit.kube.obj("Deployment", NS, f"regmirror-{name}")
-    assert dep is not None
-    dep["status"] = {
-        "observedGeneration": dep["metadata"]["generation"],
-        "replicas": 1,
-        "updatedReplicas": 1,
-        "readyReplicas": 1,
-        "conditions": [{"type": "Available", "status": "True"}],
-    }
-    kit.kube.put(dep)
-    pvc = kit.kube.obj("PersistentVolumeClaim", NS, f"regmirror-{name}")
-    assert pvc is not None
-    pvc["status"] = {"phase": "Bound", "capacity": {"storage": "1Gi"}}
-    kit.kube.put(pvc)
 
 
 async def serving_mirror(kit: Kit, name: str = "hub", **spec: Any) -> None:
