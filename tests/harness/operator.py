@@ -17,6 +17,7 @@ from harness.cluster import LocalCluster
 from harness.proxy import TcpRelay
 from harness.waiting import free_ports, wait_for
 from regmirror import constants as c
+from regmirror import naming
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "registrymirrors.regmirror.dev.yaml"
@@ -208,7 +209,25 @@ def wait_condition(
         return dict(cluster.wait_until(check, timeout=timeout, what=f"{name} {type_}={status} {reason or ''}"))
     except Exception:
         print(json.dumps(get_mirror(cluster, name).get("status"), indent=1))
+        print(_children_view(cluster, name))
         raise
+
+
+def _children_view(cluster: LocalCluster, name: str) -> str:
+    """What the API server says of the mirror's Deployment and pods: tells an operator that missed a change
+    from pods that never became Ready (unscheduled, on a vanished node)."""
+    child = naming.child_name(name)
+    lines = [f"--- Deployment {child} and its pods, as the API server has them:"]
+    deployment = cluster.kubectl("get", "deployment", child, "-n", OPERATOR_NS, "-o", "json", check=False)
+    if deployment.returncode == 0:
+        body = json.loads(deployment.stdout)
+        lines.append(f"resourceVersion {body['metadata'].get('resourceVersion')}, status {json.dumps(body.get('status'))}")
+    else:
+        lines.append(deployment.stderr.strip())
+    selector = ",".join(f"{k}={v}" for k, v in naming.selector_labels(name).items())
+    pods = cluster.kubectl("get", "pods", "-n", OPERATOR_NS, "-l", selector, "-o", "wide", check=False)
+    lines.append(pods.stdout.strip() or pods.stderr.strip())
+    return "\n".join(lines)
 
 
 def agent_rollout_complete(cluster: LocalCluster) -> bool:

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from regmirror import constants as c
-from regmirror.controller.store import PackedChild, slim_child
+from regmirror.controller.informer import Informer, Source
+from regmirror.controller.store import PackedChild, Store, slim_child
 from regmirror.memory import deep_size
 from regmirror.models import RegistryMirrorSpec
 from regmirror.render.mirror import render_mirror_children
@@ -88,3 +89,56 @@ def test_a_packed_deployment_is_a_fraction_of_the_decoded_one() -> None:
     # deep_size follows __slots__: the packed child is measured with its JSON, not as an empty shell.
     assert deep_size(packed) > len(packed.rest) > len(json.dumps(deployment["spec"])) // 2
     assert deep_size(packed) < deep_size(deployment) / 2
+
+
+@given(
+    versions=st.integers(min_value=2, max_value=8),
+    responses=st.lists(st.tuples(st.integers(min_value=1, max_value=8), st.integers(min_value=0, max_value=8)), max_size=6),
+)
+def test_a_late_write_response_never_hides_what_the_watch_reported_since(versions: int, responses: list[tuple[int, int]]) -> None:
+    """Versions 1..n of a Deployment (the last one Ready) reach the store through the watch, in order; write
+    responses for some of them arrive late, each at any point after its own version exists. The store ends
+    with the newest version (the readiness the status reads), whatever the interleaving.
+
+    Before responses were compared by resourceVersion, a response overtaken by the watch put the stale
+    copy back for good: a mirror stayed "0/1 registry pods ready" though its pod was Ready (CI run G)."""
+
+    store = Store(NS, "agents")
+    informer = Informer(None, Source("Deployment", NS, transform=slim_child), lambda *_: None)  # type: ignore[arg-type]
+    store.add(informer)
+
+    def version(n: int) -> dict[str, Any]:
+        obj = owned("regmirror-m1", "m1", spec={"replicas": 1}, status={"readyReplicas": 1 if n == versions else 0})
+        obj["metadata"]["resourceVersion"] = str(100 + n)
+        return obj
+
+    late: dict[int, list[int]] = {}
+    for of, after in responses:
+        of = min(of, versions)
+        late.setdefault(max(of, min(after, versions)), []).append(of)
+    for n in range(1, versions + 1):
+        informer._put(version(n))
+        for of in late.get(n, []):
+            store.put_child(version(of))
+    child = store.child("Deployment", "m1")
+    assert child is not None
+    assert child["metadata"]["resourceVersion"] == str(100 + versions)
+    assert child["status"] == {"readyReplicas": 1}
+
+
+def test_a_write_response_replaces_an_older_copy_and_an_unnumbered_one() -> None:
+    """The response of our own write is newer than what the watch reported so far: it is kept at once."""
+
+    store = Store(NS, "agents")
+    informer = Informer(None, Source("Deployment", NS, transform=slim_child), lambda *_: None)  # type: ignore[arg-type]
+    store.add(informer)
+    old = owned("regmirror-m1", "m1", spec={"replicas": 1})
+    informer._put(old)
+    new = owned("regmirror-m1", "m1", spec={"replicas": 2})
+    new["metadata"]["resourceVersion"] = "8"
+    store.put_child(new)
+    assert store.child("Deployment", "m1")["spec"] == {"replicas": 2}  # type: ignore[index]
+    odd = owned("regmirror-m1", "m1", spec={"replicas": 3})
+    odd["metadata"]["resourceVersion"] = "not-a-number"
+    store.put_child(odd)
+    assert store.child("Deployment", "m1")["spec"] == {"replicas": 3}  # type: ignore[index]

@@ -46,6 +46,30 @@ def object_name(obj: dict[str, Any]) -> str:
     return str(obj.get("metadata", {}).get("name", ""))
 
 
+def resource_version(obj: Any) -> int | None:
+    """An object's resourceVersion as a number (a slim dict's or a packed child's); None when it has none."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else getattr(obj, "metadata", None)
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    try:
+        return int(version) if version is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def older(candidate: Any, stored: Any) -> bool:
+    """Whether `candidate` is an older version of the object than `stored` (both with numeric resourceVersions).
+
+    A write's response can reach the operator after the watch reported a later
+    change of the same object (the Deployment controller's status update); the
+    response must not replace it, or the store keeps the stale copy until the
+    object changes again. A resourceVersion is an increasing integer that clients
+    may compare for objects of one resource (KEP-5504, stable in Kubernetes 1.35,
+    client-go's `CompareResourceVersion`); one that is not is never compared.
+    """
+    new, old = resource_version(candidate), resource_version(stored)
+    return new is not None and old is not None and new < old
+
+
 @dataclass(frozen=True)
 class Source:
     """One collection to watch: a kind, where, which objects, and what to keep of each."""
@@ -162,6 +186,16 @@ class Informer:
         self.items[name] = new
         if old != new:
             self.on_change(self.source.kind, name, old, new)
+
+    def offer(self, name: str, new: Any) -> bool:
+        """Record what a write returned (transformed), unless the watch already reported a newer version.
+
+        No change is reported: the writer acts on its own result; the watch's echo then compares equal.
+        """
+        if older(new, self.items.get(name)):
+            return False
+        self.items[name] = new
+        return True
 
     def _delete(self, name: str) -> None:
         old = self.items.pop(name, None)

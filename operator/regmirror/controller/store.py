@@ -215,7 +215,7 @@ class Store:
         slim = slim_child(obj)
         informer = self.informers.get((obj["kind"], self.namespace))
         if slim is not None and informer is not None:
-            informer.items[obj["metadata"]["name"]] = slim
+            informer.offer(obj["metadata"]["name"], slim)
 
     def secret(self, name: str) -> dict[str, Any] | None:
         """A Secret's fingerprint and public certificates."""
@@ -250,13 +250,7 @@ class Store:
         """Record what a write of the DaemonSet or node ConfigMap returned."""
         informer = self.informers.get((obj["kind"], self.agent_namespace))
         if informer is not None:
-            informer.items[obj["metadata"]["name"]] = slim_agent_object(obj)
-
-    def put_mirror_status(self, name: str, status: dict[str, Any]) -> None:
-        """Record a status we wrote (the watch echoes it later)."""
-        mirror = self.mirror(name)
-        if mirror is not None:
-            mirror["status"] = status
+            informer.offer(obj["metadata"]["name"], slim_agent_object(obj))
 
     def synced(self) -> bool:
         """Every collection was listed at least once."""
