@@ -210,9 +210,9 @@ async def test_transient_failures_are_retried_and_not_reported_at_first() -> Non
         assert isinstance(result, Transient), error
         rec = kit.ctx.records["hub"]
         assert rec.config_error is None, "an API hiccup is not a configuration fault"
-        assert rec.repair is not None and rec.repair.transient
+        assert rec.repair.error is not None and rec.repair.error.transient
     assert await kit.run("children", "hub") == Done()
-    assert kit.ctx.records["hub"].repair is None, "success clears it"
+    assert kit.ctx.records["hub"].repair.error is None, "success clears it"
 
 
 async def test_a_failing_child_of_the_first_wave_keeps_the_deployment_back_and_keeps_what_did_go_out() -> None:
@@ -245,8 +245,9 @@ async def test_forbidden_is_a_repair_that_needs_someone() -> None:
     await new_mirror(kit)
     kit.kube.fail("apply", api_error(403, 'services "regmirror-hub" is forbidden'), kind="Service")
     assert isinstance(await kit.run("children", "hub"), Transient)
-    repair = kit.ctx.records["hub"].repair
+    repair = kit.ctx.records["hub"].repair.error
     assert repair is not None and not repair.transient and repair.reason == "ApplyForbidden"
+    assert ("status", "hub") in kit.manager.queue._queued, "someone must act: the status pass is queued at once, not after the grace"
 
 
 async def test_a_missing_secret_is_a_configuration_error_until_it_appears() -> None:

@@ -79,7 +79,7 @@ async def test_a_transient_failure_is_hidden_during_the_grace_period_then_shown_
     await serving_mirror(kit)
     await kit.run("status", "hub")
     rec = kit.ctx.records["hub"]
-    rec.repair, rec.repair_since = RepairError(True, "APIUnavailable", "503 ServiceUnavailable: etcd leader changed"), kit.clock()
+    rec.repair.failed(RepairError(True, "APIUnavailable", "503 ServiceUnavailable: etcd leader changed"), kit.clock())
     kit.kube.calls.clear()
     await kit.run("status", "hub")
     assert kit.kube.writes() == [], "retried before anyone is told"

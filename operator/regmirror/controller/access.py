@@ -32,11 +32,22 @@ from typing import Any
 
 from regmirror import access as acc
 from regmirror.controller.rollout import mirror_rollout
-from regmirror.controller.state import CHILDREN, PLAN, STATUS, ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result, Transient
+from regmirror.controller.state import (
+    CHILDREN,
+    PLAN,
+    STATUS,
+    ConfigError,
+    Context,
+    Done,
+    MirrorRecord,
+    RequeueAfter,
+    Result,
+    Transient,
+    failure,
+)
 from regmirror.controller.store import slim_secret
 from regmirror.kube import ApiError
 from regmirror.models import RegistryMirrorSpec
-from regmirror.observe import RepairError
 from regmirror.render.access import decode_data, render_auth_secret, render_client_secret
 from regmirror.units import duration_seconds
 
@@ -134,8 +145,7 @@ async def reconcile_access(ctx: Context, name: str) -> Result:
         # The watch echoes our own write back: that event needs no pass (manager.on_change).
         rec.access_written[secret_name] = slim_secret(secret)["fingerprint"]
     await _announce(ctx, mirror, decision, decision.events)
-    if rec.access_repair is not None:
-        rec.access_repair, rec.access_repair_since = None, None
+    if rec.access_repair.cleared():
         ctx.enqueue(STATUS, name)
     if ctx.node_auth.get(name) != decision.node_entry:
         ctx.node_auth[name] = decision.node_entry
@@ -174,10 +184,7 @@ def _failed(ctx: Context, name: str, rec: MirrorRecord, what: str, exc: ApiError
     # server's words about them may quote them.
     fields = ", ".join(sorted({f for f, _ in exc.causes if f}))
     shown = f"{exc.status} {exc.reason}" + (f" ({fields})" if fields else "") if exc.invalid else str(exc)
-    reason = "APIUnavailable" if exc.transient else "ApplyForbidden" if exc.status == 403 else "ApplyFailed"
-    if rec.access_repair_since is None:
-        rec.access_repair_since = ctx.clock()
-    rec.access_repair = RepairError(exc.transient, reason, f"{what} failed: {shown}")
+    rec.access_repair.failed(failure(exc, f"{what} failed: {shown}"), ctx.clock())
     ctx.enqueue(STATUS, name, after=0.0 if not exc.transient else ctx.settings.transient_grace)
     return Transient(why)
 

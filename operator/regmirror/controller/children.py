@@ -44,11 +44,11 @@ from regmirror.controller.state import (
     Result,
     Terminal,
     Transient,
+    failure,
 )
 from regmirror.drift import drifted
 from regmirror.kube import ApiError
 from regmirror.models import RegistryMirrorSpec
-from regmirror.observe import RepairError
 from regmirror.render.mirror import render_mirror_children
 
 log = logging.getLogger("regmirror.children")
@@ -100,16 +100,9 @@ def _set_config_error(ctx: Context, name: str, rec: MirrorRecord, error: ConfigE
         ctx.enqueue(PLAN)
 
 
-def _set_repair(ctx: Context, name: str, rec: MirrorRecord, repair: RepairError | None) -> None:
-    if repair is None:
-        if rec.repair is not None:
-            rec.repair, rec.repair_since = None, None
-            ctx.enqueue(STATUS, name)
-        return
-    if rec.repair_since is None:
-        rec.repair_since = ctx.clock()
-    rec.repair = repair
-    ctx.enqueue(STATUS, name, after=ctx.settings.transient_grace)
+def _repaired(ctx: Context, name: str, rec: MirrorRecord) -> None:
+    if rec.repair.cleared():
+        ctx.enqueue(STATUS, name)
 
 
 async def _ensure_finalizer(ctx: Context, mirror: dict[str, Any]) -> None:
@@ -299,7 +292,7 @@ async def _apply_children(
         await ctx.client.delete("ConfigMap", ns, legacy)
     rec.rejected = None
     _set_config_error(ctx, name, rec, None)
-    _set_repair(ctx, name, rec, None)
+    _repaired(ctx, name, rec)
     ready = get_condition((mirror.get("status") or {}).get("conditions"), "Ready") or {}
     if not any(waves) and later is None and ready.get("status") == "True":
         # Converged: the rendering is kept only while events keep coming.
@@ -308,11 +301,9 @@ async def _apply_children(
 
 
 def _failed(ctx: Context, name: str, rec: MirrorRecord, exc: ApiError) -> Result:
-    if exc.transient:
-        _set_repair(ctx, name, rec, RepairError(True, "APIUnavailable", f"the API server did not take a write: {exc}"))
-        log.info("mirror %s: %s; retrying with backoff", name, exc)
-    else:
-        reason = "ApplyForbidden" if exc.status == 403 else "ApplyFailed"
-        _set_repair(ctx, name, rec, RepairError(False, reason, f"applying the children failed: {exc}"))
-        log.warning("mirror %s: %s; retrying with backoff", name, exc)
+    message = f"the API server did not take a write: {exc}" if exc.transient else f"applying the children failed: {exc}"
+    rec.repair.failed(failure(exc, message), ctx.clock())
+    # A transient failure is shown once it lasted the grace period; one that needs someone (403) at once.
+    ctx.enqueue(STATUS, name, after=ctx.settings.transient_grace if exc.transient else 0.0)
+    log.log(logging.INFO if exc.transient else logging.WARNING, "mirror %s: %s; retrying with backoff", name, exc)
     return Transient(str(exc))

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from regmirror.controller.queue import HIGH, NORMAL, WorkQueue
 from regmirror.controller.store import Store
-from regmirror.kube import KubeClient
+from regmirror.kube import ApiError, KubeClient
 from regmirror.metrics import Metrics
 from regmirror.models import BootstrapConflict, CacheStatus, RegistryMirrorSpec
 from regmirror.nodeplan import MirrorEntry, NodePlan
@@ -85,6 +85,39 @@ class ConfigError:
     message: str
 
 
+def failure(exc: ApiError, message: str) -> RepairError:
+    """A failing request as the status names it: APIUnavailable (429, 5xx, no answer: retried), ApplyForbidden
+    (403: someone must grant it), else ApplyFailed."""
+    reason = "APIUnavailable" if exc.transient else "ApplyForbidden" if exc.status == 403 else "ApplyFailed"
+    return RepairError(exc.transient, reason, message)
+
+
+@dataclass
+class Failing:
+    """One concern's failing requests (the children's applies, the access pass's reads and writes)."""
+
+    error: RepairError | None = None
+    since: float | None = None  # the first failure in a row
+
+    def failed(self, error: RepairError, now: float) -> None:
+        """Another failure: the latest error, the time of the first."""
+        if self.since is None:
+            self.since = now
+        self.error = error
+
+    def cleared(self) -> bool:
+        """The concern succeeded; whether it had been failing (the status then changes)."""
+        was = self.error is not None
+        self.error, self.since = None, None
+        return was
+
+    def shown(self, now: float, grace: float) -> RepairError | None:
+        """The error as the status shows it: a transient one only once it lasted `grace` seconds."""
+        if self.error is not None and self.error.transient and self.since is not None and now - self.since < grace:
+            return None
+        return self.error
+
+
 @dataclass
 class MirrorRecord:
     """Everything the controller remembers about one mirror."""
@@ -96,10 +129,8 @@ class MirrorRecord:
     credentials: str | None = None  # fingerprint of every Secret value the pods use
     config_error: ConfigError | None = None  # from the children reconcile (Secret missing, apply rejected)
     rejected: tuple[int | None, str | None] | None = None  # (generation, credentials) the API server rejected
-    repair: RepairError | None = None
-    repair_since: float | None = None
-    access_repair: RepairError | None = None  # the access pass's failing read or write (controller/access.py)
-    access_repair_since: float | None = None
+    repair: Failing = field(default_factory=Failing)  # the children's failing applies (controller/children.py)
+    access_repair: Failing = field(default_factory=Failing)  # the access pass's failing reads and writes (controller/access.py)
     last_good: MirrorEntry | None = None  # the entry nodes keep while the spec is broken
     applied: dict[str, str] = field(default_factory=dict)  # "kind/name" -> digest of the rendering we last applied
     rendered: tuple[Any, str, tuple[str, ...]] | None = None  # (inputs, JSON of the children, their digests) last rendered

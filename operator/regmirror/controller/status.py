@@ -37,7 +37,7 @@ from regmirror.controller.state import ConfigError, Context, Done, MirrorRecord,
 from regmirror.drift import status_changed
 from regmirror.kube import ApiError
 from regmirror.models import status_written
-from regmirror.observe import Observation, RepairError, evaluate, invalid_status, typed_status
+from regmirror.observe import Observation, evaluate, invalid_status, typed_status
 
 log = logging.getLogger("regmirror.status")
 
@@ -63,7 +63,8 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
     rollout = mirror_rollout(ctx, name, rec, deleting=deleting)
     rec.rollout = rollout
     # The children's failing writes first, then the access Secrets': each retried before anyone is told.
-    repair = _told(ctx, rec.repair, rec.repair_since) or _told(ctx, rec.access_repair, rec.access_repair_since)
+    now, grace = ctx.clock(), ctx.settings.transient_grace
+    repair = rec.repair.shown(now, grace) or rec.access_repair.shown(now, grace)
     auth = ctx.upstream_verdicts.get(name) if spec.upstream.credentials_secret_ref is not None else None
     error = rec.config_error
     return Observation(
@@ -84,13 +85,6 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
         bootstrap=ctx.bootstrap.get(name),
         usage=None if deleting else node_usage(ctx, rec, spec, (mirror.get("status") or {}).get("nodes")),
     )
-
-
-def _told(ctx: Context, repair: RepairError | None, since: float | None) -> RepairError | None:
-    """A failing repair as the status shows it: a transient one only once it lasted the grace period."""
-    if repair is not None and repair.transient and since is not None and ctx.clock() - since < ctx.settings.transient_grace:
-        return None
-    return repair
 
 
 def _summary(status: dict[str, Any]) -> dict[str, Any]:
