@@ -66,6 +66,15 @@ async def test_backoff_doubles_per_failure_up_to_the_cap_and_forget_resets_it() 
     assert q.add_rate_limited("a") == 0.5
 
 
+async def test_a_retry_after_longer_than_the_backoff_wins_and_still_counts_as_a_failure() -> None:
+    q, _ = queue(base_delay=0.5, max_delay=4.0)
+    assert q.add_rate_limited("a", at_least=3.0) == 3.0, "the server asked for 3 s"
+    assert q.add_rate_limited("a", at_least=0.2) == 1.0, "a shorter one does not cut the backoff"
+    assert q.add_rate_limited("a", at_least=None) == 2.0
+    assert q.add_rate_limited("a", at_least=10.0) == 10.0, "beyond the cap too: the client already bounds Retry-After"
+    assert q.failures("a") == 4
+
+
 async def test_backoff_is_per_key_and_forgetting_one_key_leaves_the_others_backing_off() -> None:
     q, _ = queue(base_delay=1.0, max_delay=60.0)
     assert [q.add_rate_limited("a") for _ in range(3)] == [1.0, 2.0, 4.0]

@@ -496,6 +496,8 @@ async def test_a_lasting_fault_is_retried_with_doubling_pauses_never_in_a_loop(c
         kit.clock.advance(pause)
     if concern == STATUS and code == "422":
         assert pauses == [None], "a rejected status waits for a change (an event, the resync), not a timer"
+    elif code == "429":
+        assert pauses == [2.0, 2.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "never sooner than the server's Retry-After (2 s)"
     else:
         assert pauses == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], "per-key backoff, doubling"
     kit.kube.failures.clear()

@@ -186,7 +186,7 @@ def _failed(ctx: Context, name: str, rec: MirrorRecord, what: str, exc: ApiError
     shown = f"{exc.status} {exc.reason}" + (f" ({fields})" if fields else "") if exc.invalid else str(exc)
     rec.access_repair.failed(failure(exc, f"{what} failed: {shown}"), ctx.clock())
     ctx.enqueue(STATUS, name, after=0.0 if not exc.transient else ctx.settings.transient_grace)
-    return Transient(why)
+    return Transient(why, exc.retry_after)
 
 
 def _events_about(name: str, events: Iterable[tuple[str, str]], clients: Iterable[str], secrets: Collection[str]) -> list[tuple[str, str]]:

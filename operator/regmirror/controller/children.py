@@ -306,4 +306,4 @@ def _failed(ctx: Context, name: str, rec: MirrorRecord, exc: ApiError) -> Result
     # A transient failure is shown once it lasted the grace period; one that needs someone (403) at once.
     ctx.enqueue(STATUS, name, after=ctx.settings.transient_grace if exc.transient else 0.0)
     log.log(logging.INFO if exc.transient else logging.WARNING, "mirror %s: %s; retrying with backoff", name, exc)
-    return Transient(str(exc))
+    return Transient(str(exc), exc.retry_after)

@@ -208,7 +208,7 @@ class Manager:
             self.queue.add_after(key, result.seconds)
         elif isinstance(result, Transient):
             self.metrics.reconciles.labels(outcome="error").inc()
-            delay = self.queue.add_rate_limited(key)
+            delay = self.queue.add_rate_limited(key, at_least=result.after)
             log.debug("%s of %r: %s; retry in %.1fs", concern, name, result.error, delay)
         elif isinstance(result, Terminal):
             self.metrics.reconciles.labels(outcome="terminal").inc()

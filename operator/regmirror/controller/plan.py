@@ -77,7 +77,7 @@ async def _apply_node_auth(ctx: Context, plan: NodePlan) -> Result | None:
     try:
         await seed_node_auth(ctx)
     except ApiError as exc:
-        return Transient(str(exc))
+        return Transient(str(exc), exc.retry_after)
     wanted = {e.name: ctx.node_auth[e.name] for e in plan.mirrors if e.auth_revision is not None and e.name in ctx.node_auth}
     secret = render_node_auth_secret(wanted, ctx.settings.agent_namespace)
     live = ctx.store.node_auth_secret()
@@ -102,7 +102,7 @@ def _failed(what: str, exc: ApiError) -> Result:
     """
     why = f"{exc.status} {exc.reason}: {exc.field_error()}" if exc.invalid else str(exc)
     log.error("node plan: applying %s failed: %s; retrying with backoff", what, why)
-    return Transient(why)
+    return Transient(why, exc.retry_after)
 
 
 def desired_plan(ctx: Context) -> tuple[NodePlan, int]:

@@ -84,11 +84,11 @@ class WorkQueue(Generic[K]):
         heapq.heappush(self._delayed, (due, next(self._seq), key))
         self._wakeup.set()
 
-    def add_rate_limited(self, key: K) -> float:
-        """Queue a key after its next backoff delay; returns the delay."""
+    def add_rate_limited(self, key: K, at_least: float | None = None) -> float:
+        """Queue a key after its next backoff delay, or `at_least` seconds if that is longer; returns the delay."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
-        delay = min(self.max_delay, self.base_delay * 2.0**failures)
+        delay = max(min(self.max_delay, self.base_delay * 2.0**failures), at_least or 0.0)
         self.add_after(key, delay)
         return delay
 

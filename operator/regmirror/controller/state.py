@@ -45,6 +45,8 @@ class Transient:
     """Failed in a way that may pass (API unavailable, 429, conflict): retry with per-key backoff."""
 
     error: str
+    # The API server's Retry-After (429, 503), when it gave one: the key is not retried sooner than that.
+    after: float | None = None
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
             log.error("%s", message)
             return Terminal(message)
         log.warning("status of %s not written: %s; retrying with backoff", name, exc)
-        return Transient(str(exc))
+        return Transient(str(exc), exc.retry_after)
     log.info("status of %s written: %s", name, why)
     rec.last_status_write = now
     rec.progress_scheduled = False
