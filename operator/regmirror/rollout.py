@@ -55,9 +55,9 @@ class PlanHistory:
     plans: OrderedDict[str, dict[str, str]] = field(default_factory=OrderedDict)
     limit: int = PLAN_HISTORY
 
-    def remember(self, plan: NodePlan) -> str:
-        """Record a plan (as the newest); returns its digest."""
-        digest = plan.digest()
+    def remember(self, plan: NodePlan, digest: str | None = None) -> str:
+        """Record a plan (as the newest; `digest` if the caller has it); returns its digest."""
+        digest = digest or plan.digest()
         self.plans[digest] = {e.name: entry_digest(e) for e in plan.mirrors}
         self.plans.move_to_end(digest)
         while len(self.plans) > self.limit:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from controller_kit import AGENT_NS, Kit, mirror
 from fakekube import api_error
 
 from regmirror import constants as c
+from regmirror.controller import plan as plan_module
 from regmirror.controller.state import Done, RequeueAfter, Transient
 from regmirror.nodeplan import NodePlan
 
@@ -50,6 +54,25 @@ async def test_the_wait_for_services_lasts_while_they_keep_coming_and_is_bounded
     assert [m.name for m in live_plan(kit).mirrors] == ["a", "b"]
 
 
+async def test_the_wait_sleeps_until_it_would_end_and_services_wake_it() -> None:
+    """No polling while waiting: the timer is set to when the wait ends (3 s without a new ClusterIP), and each
+    Service that appears queues the pass itself (the 0.2 s poll recomputed 500 mirrors' plan 5 times a second)."""
+    kit = Kit(plan_wait_for_services=20)
+    for name in ("a", "b", "c"):
+        kit.kube.put(mirror(name))
+    await kit.admit("a")
+    first = await kit.run("plan")
+    assert isinstance(first, RequeueAfter) and first.seconds == 3.0
+    kit.clock.advance(1)
+    await kit.admit("b")
+    assert ("plan", "") in kit.manager.queue._queued or ("plan", "") in kit.manager.queue._due, "the Service queued the pass"
+    again = await kit.run("plan")
+    assert isinstance(again, RequeueAfter) and again.seconds == 3.0, "progress: the stall timer starts over"
+    kit.clock.advance(2)
+    late = await kit.run("plan")
+    assert isinstance(late, RequeueAfter) and abs(late.seconds - 1.0) < 1e-9
+
+
 async def test_an_unchanged_plan_costs_no_write_and_a_deleted_one_is_restored() -> None:
     kit = Kit()
     kit.kube.put(mirror("a"))
@@ -62,6 +85,40 @@ async def test_an_unchanged_plan_costs_no_write_and_a_deleted_one_is_restored() 
     kit.kube.remove("ConfigMap", AGENT_NS, c.NODE_CONFIG_NAME)
     assert await kit.run("plan") == Done()
     assert {w[1] for w in kit.kube.writes()} == {"ConfigMap", "DaemonSet"}
+
+
+async def test_an_edited_agent_daemonset_is_restored_though_the_plan_did_not_change() -> None:
+    """The pass skips rendering while neither object changed since it matched: an edit of the spec (the API server
+    bumps the generation), of a label, or of the ConfigMap is still seen and undone."""
+    kit = Kit()
+    kit.kube.put(mirror("a"))
+    await kit.converge("a")
+    rendered = kit.kube.obj("DaemonSet", AGENT_NS, c.AGENT_NAME)
+    assert rendered is not None
+    for edit in ("image", "label", "configmap"):
+        kit.kube.calls.clear()
+        if edit == "configmap":
+            cm = kit.kube.obj("ConfigMap", AGENT_NS, c.NODE_CONFIG_NAME)
+            assert cm is not None
+            cm["data"][c.NODE_CONFIG_KEY] = '{"mirrors":[]}'
+            kit.kube.put(cm)
+        else:
+            ds = kit.kube.obj("DaemonSet", AGENT_NS, c.AGENT_NAME)
+            assert ds is not None
+            if edit == "image":
+                ds["spec"]["template"]["spec"]["containers"][0]["image"] = "example.com/not-the-agent:1"
+                ds["metadata"]["generation"] += 1
+            else:
+                ds["metadata"].setdefault("labels", {})["app.kubernetes.io/name"] = "edited"
+            kit.kube.put(ds)
+        assert await kit.run("plan") == Done()
+        assert [w[1] for w in kit.kube.writes()] == ["ConfigMap" if edit == "configmap" else "DaemonSet"], edit
+        live = kit.kube.obj("DaemonSet", AGENT_NS, c.AGENT_NAME)
+        assert live is not None and live["spec"] == rendered["spec"], edit
+        assert [m.name for m in live_plan(kit).mirrors] == ["a"], edit
+    kit.kube.calls.clear()
+    assert await kit.run("plan") == Done()
+    assert kit.kube.writes() == [], "nothing changed since: nothing rendered, nothing written"
 
 
 async def test_a_broken_spec_keeps_the_entry_nodes_have() -> None:
@@ -114,3 +171,31 @@ async def test_no_agent_is_deployed_before_the_first_mirror() -> None:
     kit.clock.advance(5)
     assert await kit.run("plan") == Done()
     assert live_plan(kit).mirrors == [], "once deployed, an empty plan is written so agents remove their files"
+
+
+async def test_a_pass_over_an_unchanged_plan_renders_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Service event queues the plan pass; once the plan and the live objects match, it renders nothing."""
+    kit = Kit()
+    for name in ("a", "b"):
+        kit.kube.put(mirror(name))
+        await kit.converge(name)
+    rendered: list[str] = []
+    original = plan_module.render_node_config_map
+
+    def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        rendered.append("ConfigMap")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "render_node_config_map", counting)
+    kit.clock.advance(2)  # past the interval between two plan versions
+    assert await kit.run("plan") == Done()  # b's entry goes out; what matched is recorded
+    rendered.clear()
+    for _ in range(3):
+        assert await kit.run("plan") == Done()
+    assert rendered == []
+    kit.kube.put(mirror("c"))
+    await kit.converge("c")
+    kit.clock.advance(2)
+    assert await kit.run("plan") == Done()
+    assert rendered, "a new mirror changes the plan: rendered and applied"
+    assert [m.name for m in live_plan(kit).mirrors] == ["a", "b", "c"]

@@ -10,7 +10,7 @@ from controller_kit import NS, Kit, mirror
 
 from regmirror import constants as c
 from regmirror.access import STATE_KEY, auth_secret_name
-from regmirror.controller.store import slim_mirror, slim_secret
+from regmirror.controller.store import slim_agent_object, slim_mirror, slim_secret
 
 
 def routed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> set[tuple[str, str]]:
@@ -74,3 +74,30 @@ async def test_our_own_access_secret_echoed_back_costs_no_pass_but_a_hand_edit_o
     assert ("access", "hub") not in await access_secret_event("echo")
     assert ("access", "hub") in await access_secret_event("edit"), "edited by hand: the access reconciler restores it"
     assert ("access", "hub") in await access_secret_event("delete"), "deleted: restored"
+
+
+def test_an_agent_daemonset_status_update_queues_no_plan_pass_but_an_edit_does() -> None:
+    """A rollout to 1,000 nodes updates the DaemonSet's status hundreds of times; the plan pass compares none of it."""
+    ds = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": c.AGENT_NAME, "namespace": "regmirror-node", "resourceVersion": "5", "generation": 2},
+        "spec": {"template": {"spec": {"containers": [{"name": "agent", "image": "agent:1"}]}}},
+        "status": {"numberReady": 10},
+    }
+    later = copy.deepcopy(ds)
+    later["metadata"]["resourceVersion"] = "6"
+    later["status"]["numberReady"] = 11
+    edited = copy.deepcopy(later)
+    edited["metadata"]["resourceVersion"], edited["metadata"]["generation"] = "7", 3
+    edited["spec"]["template"]["spec"]["containers"][0]["image"] = "elsewhere:1"
+
+    def route(old: dict[str, Any] | None, new: dict[str, Any] | None) -> set[tuple[str, str]]:
+        kit = Kit()
+        kit.manager._started = True
+        kit.manager.on_change("DaemonSet", c.AGENT_NAME, old and slim_agent_object(old), new and slim_agent_object(new))
+        return kit.queued()
+
+    assert route(ds, later) == set()
+    assert route(later, edited) == {("plan", "")}
+    assert route(later, None) == {("plan", "")}, "deleted: the plan pass puts it back"

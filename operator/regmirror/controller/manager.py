@@ -180,7 +180,9 @@ class Manager:
             if pod:
                 enqueue(ROLLOUT, after=SINGLETON_COALESCE)
             return
-        if kind in ("DaemonSet", "ConfigMap"):
+        if kind in ("DaemonSet", "ConfigMap") and (old is None or new is None or _without(old) != _without(new)):
+            # Not for a DaemonSet status update (its status is not kept, so only the resourceVersion moved):
+            # a rollout to 1,000 nodes brings hundreds, and none changes what the plan pass compares.
             enqueue(PLAN, after=SINGLETON_COALESCE)
 
     def on_workload_pod(self, _kind: str, _name: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:

@@ -134,6 +134,7 @@ class MirrorRecord:
     repair: Failing = field(default_factory=Failing)  # the children's failing applies (controller/children.py)
     access_repair: Failing = field(default_factory=Failing)  # the access pass's failing reads and writes (controller/access.py)
     last_good: MirrorEntry | None = None  # the entry nodes keep while the spec is broken
+    entry_inputs: tuple[Any, ...] | None = None  # (spec, ClusterIP, CA, credential revision) `last_good` was built from
     applied: dict[str, str] = field(default_factory=dict)  # "kind/name" -> digest of the rendering we last applied
     rendered: tuple[Any, str, tuple[str, ...]] | None = None  # (inputs, JSON of the children, their digests) last rendered
     drift_repairs: dict[str, tuple[int, float]] = field(default_factory=dict)  # "kind/name" -> (repairs in a row, last)
@@ -182,6 +183,8 @@ class PlanState:
     """The node plan the controller last applied, and what recent plans carried."""
 
     plan: NodePlan | None = None
+    digest: str | None = None  # plan.digest(), computed once
+    checked: dict[str, str | None] = field(default_factory=dict)  # kind -> resourceVersion last found matching `plan`
     entries: dict[str, str] = field(default_factory=dict)  # mirror -> entry digest in `plan`
     history: PlanHistory = field(default_factory=PlanHistory)
     seeded: bool = False
@@ -190,9 +193,9 @@ class PlanState:
     waiting: int = 0  # how many Services it waited for at the last look
     last_progress: float = 0.0  # when that number last went down
 
-    def set(self, plan: NodePlan) -> None:
-        """The plan nodes now get (its entry digests computed once, not per status)."""
-        self.plan = plan
+    def set(self, plan: NodePlan, digest: str) -> None:
+        """The plan nodes now get, with its digest (its entry digests computed once, not per status)."""
+        self.plan, self.digest = plan, digest
         self.entries = {e.name: entry_digest(e) for e in plan.mirrors}
 
 
