@@ -72,7 +72,8 @@ class Settings(BaseModel):
         Field(
             description=(
                 "Longest a new node plan waits for mirrors whose Service has no ClusterIP yet, so a burst becomes one rollout "
-                "(it stops waiting sooner when no new ClusterIP appeared for 3 s)."
+                "(it stops waiting sooner when no new ClusterIP appeared for 3 s and the operator has no pass left to run for the "
+                "mirrors it waits for)."
             ),
             ge=0,
         ),

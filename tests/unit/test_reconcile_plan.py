@@ -73,6 +73,38 @@ async def test_the_wait_sleeps_until_it_would_end_and_services_wake_it() -> None
     assert isinstance(late, RequeueAfter) and abs(late.seconds - 1.0) < 1e-9
 
 
+async def worker_took(kit: Kit, key: tuple[str, str]) -> None:
+    """A worker took `key` from the queue and finished it (keys ahead of it too)."""
+    queue = kit.manager.queue
+    while (taken := await queue.get()) != key:
+        queue.done(taken)
+    queue.done(key)
+    queue.forget(key)
+
+
+async def test_the_wait_lasts_while_the_operator_still_has_passes_to_run_for_the_mirrors_waited_for() -> None:
+    """On a busy operator the Services of a burst come late because their children passes are still queued: that
+    is progress still to come, not a stall. A mirror whose pass fails (backing off) is not waited for past 3 s."""
+    kit = Kit(plan_wait_for_services=20)
+    for name in ("a", "b", "c"):
+        kit.kube.put(mirror(name))
+    await kit.admit("a")
+    kit.ctx.enqueue("children", "b")  # b's first children pass has not run yet
+    kit.manager.queue.add_rate_limited(("children", "c"))  # c's failed: it backs off
+    assert isinstance(await kit.run("plan"), RequeueAfter)
+    for _ in range(3):
+        kit.clock.advance(3.5)
+        assert isinstance(await kit.run("plan"), RequeueAfter), "b's pass is still to run: keep waiting"
+    assert kit.kube.obj("ConfigMap", AGENT_NS, c.NODE_CONFIG_NAME) is None
+    await kit.admit("b")
+    await worker_took(kit, ("children", "b"))
+    kit.clock.advance(0.5)
+    assert isinstance(await kit.run("plan"), RequeueAfter), "b came: progress"
+    kit.clock.advance(3.5)
+    assert await kit.run("plan") == Done(), "only c is left, and its pass is failing: 3 s without progress end the wait"
+    assert [m.name for m in live_plan(kit).mirrors] == ["a", "b"]
+
+
 async def test_an_unchanged_plan_costs_no_write_and_a_deleted_one_is_restored() -> None:
     kit = Kit()
     kit.kube.put(mirror("a"))

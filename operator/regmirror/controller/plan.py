@@ -5,9 +5,10 @@ ClusterIP; a mirror whose spec broke keeps the last entry nodes had, so a
 broken spec never takes a working node configuration down. Each plan version
 rolls the DaemonSet (its digest is on the pod template), so versions are
 rationed: at most one per `plan_interval`, and a new plan waits while mirrors
-that will be in it still lack a ClusterIP and their Services keep appearing
+that will be in it still lack a ClusterIP, as long as their Services keep
+appearing or the operator still has their children or access passes to run
 (at most `plan_wait_for_services`), which turns a burst of new mirrors into
-one rollout even when the API server is slow.
+one rollout even when the API server or the operator is slow.
 
 After a restart the live ConfigMap seeds the history (which plan digest
 carried which mirror entry) and the last good entries.
@@ -24,6 +25,8 @@ from typing import Any
 from regmirror import constants as c
 from regmirror.controller.access import seed_node_auth
 from regmirror.controller.state import (
+    ACCESS,
+    CHILDREN,
     ROLLOUT,
     STATUS,
     ConfigError,
@@ -106,10 +109,10 @@ def _failed(what: str, exc: ApiError) -> Result:
     return Transient(why, exc.retry_after)
 
 
-def desired_plan(ctx: Context) -> tuple[NodePlan, int]:
-    """The plan from the store, and how many mirrors that belong in it still lack a ClusterIP."""
+def desired_plan(ctx: Context) -> tuple[NodePlan, list[str]]:
+    """The plan from the store, and the mirrors that belong in it but still lack a ClusterIP (or a credential)."""
     entries: list[MirrorEntry] = []
-    waiting = 0
+    waiting: list[str] = []
     for name, mirror in ctx.store.mirrors().items():
         if mirror["metadata"].get("deletionTimestamp"):
             continue
@@ -126,7 +129,7 @@ def desired_plan(ctx: Context) -> tuple[NodePlan, int]:
         if ip is None or (rec.access is None and rec.last_good is None):
             # No ClusterIP yet, or a new mirror whose credential is not decided yet (controller/access.py):
             # its entry waits, so nodes get the route and the credential in one plan (one rollout, not two).
-            waiting += 1
+            waiting.append(name)
             if rec.last_good is not None:
                 entries.append(rec.last_good)
             continue
@@ -166,6 +169,11 @@ def _seed_from_live(ctx: Context) -> None:
     ctx.plan.set(plan, plan.digest())
 
 
+def _working_on(ctx: Context, names: list[str]) -> bool:
+    """Whether a children or access pass of one of these mirrors is still to run (queued, running, not failing)."""
+    return any(ctx.queue.in_progress((concern, name)) for name in names for concern in (CHILDREN, ACCESS))
+
+
 def _version(obj: dict[str, Any]) -> str | None:
     """What changes when someone edits the object: a ConfigMap's resourceVersion; a DaemonSet's generation (its
     status, updated all through a rollout, moves the resourceVersion but not what we render), labels and annotations."""
@@ -192,12 +200,14 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
     # Equal plans serialize (and hash) equally; comparing the models spares the JSON of every pass.
     changed = ctx.plan.plan is None or plan != ctx.plan.plan
     if changed and waiting:
-        # Wait while Services keep appearing (a burst under load can take tens of seconds),
-        # but not for one that does not come: no progress for PLAN_STALL seconds ends the wait.
-        if ctx.plan.waiting_since is None or waiting < ctx.plan.waiting:
+        # Wait while Services keep appearing (a burst under load can take tens of seconds), but not for one
+        # that does not come: PLAN_STALL seconds with no new one, and no pass of the operator's own still to
+        # run for the mirrors waited for, end the wait. (Counting only new ClusterIPs, a burst of 500 on a busy
+        # operator went out as three plans, each one restarting the agent rollout on 1,000 nodes.)
+        if ctx.plan.waiting_since is None or len(waiting) < ctx.plan.waiting or _working_on(ctx, waiting):
             ctx.plan.last_progress = now
         ctx.plan.waiting_since = ctx.plan.waiting_since or now
-        ctx.plan.waiting = waiting
+        ctx.plan.waiting = len(waiting)
         give_up = min(ctx.plan.waiting_since + ctx.settings.plan_wait_for_services, ctx.plan.last_progress + PLAN_STALL)
         if now < give_up:
             # Every ClusterIP that appears (a Service event) and every credential decided queues this key: the

@@ -154,6 +154,11 @@ class WorkQueue(Generic[K]):
         """Keys waiting now or later."""
         return len(self) + len(self._due)
 
+    def in_progress(self, key: K) -> bool:
+        """Whether the key is waiting for a worker or held by one, and not backing off after a failure."""
+        busy = key in self._queued or key in self._processing or key in self._due
+        return busy and key not in self._failures
+
     def is_processing(self, key: K) -> bool:
         """Whether a worker holds the key right now."""
         return key in self._processing
