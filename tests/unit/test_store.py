@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from regmirror import constants as c
 from regmirror.controller.informer import Informer, Source
-from regmirror.controller.store import PackedChild, Store, slim_child
+from regmirror.controller.store import VIEW_SPEC, PackedChild, Store, slim_child
 from regmirror.memory import deep_size
 from regmirror.models import RegistryMirrorSpec
+from regmirror.observe import cluster_ip
 from regmirror.render.mirror import render_mirror_children
 
 NS = "regmirror"
@@ -29,6 +30,14 @@ def owned(name: str, mirror: str, **top: Any) -> dict[str, Any]:
     ref = {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": mirror, "uid": "u1"}
     meta = {"name": name, "namespace": NS, "resourceVersion": "7", "ownerReferences": [ref]}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, **top}
+
+
+def store_with(kind: str) -> tuple[Store, Informer]:
+    """A store with one children informer (filled by the test, no API behind it)."""
+    store = Store(NS, "agents")
+    informer = Informer(None, Source(kind, NS, transform=slim_child), lambda *_: None)  # type: ignore[arg-type]
+    store.add(informer)
+    return store, informer
 
 
 def rendered_deployment() -> dict[str, Any]:
@@ -48,6 +57,33 @@ def test_a_packed_child_unpacks_to_the_object_without_managed_fields(spec: Any, 
     assert isinstance(packed, PackedChild)
     assert packed.mirror == "m1"
     assert packed.unpack() == obj
+
+
+@given(
+    kind=st.sampled_from(["Deployment", "Service", "PersistentVolumeClaim"]),
+    spec=st.dictionaries(st.sampled_from(["clusterIP", "replicas", "type", "ports"]), json_values, max_size=4) | json_values,
+    status=st.none() | st.dictionaries(st.text(max_size=6), json_values, max_size=4),
+)
+def test_a_childs_view_is_the_unpacked_object_less_the_spec_fields_no_pass_reads(kind: str, spec: Any, status: Any) -> None:
+    """The status and node plan passes read `view()` (nothing decoded): it must agree with the whole object
+    on metadata, status and the spec fields those passes read (a Service's clusterIP)."""
+    obj = owned("regmirror-m1", "m1", spec=spec) | {"kind": kind}
+    if status is not None:
+        obj["status"] = status
+    packed = slim_child(obj)
+    assert packed is not None
+    view, whole = packed.view(), packed.unpack()
+    assert view["metadata"] == whole["metadata"]
+    assert view.get("status") == whole.get("status")
+    whole_spec = whole["spec"] if isinstance(whole["spec"], dict) else {}
+    assert view["spec"] == {k: whole_spec[k] for k in VIEW_SPEC.get(kind, ()) if k in whole_spec}
+
+
+def test_a_services_cluster_ip_is_read_from_its_view() -> None:
+    store, informer = store_with("Service")
+    informer._put(owned("regmirror-m1", "m1", spec={"clusterIP": "10.96.0.7", "ports": [{"port": 5000}]}) | {"kind": "Service"})
+    assert cluster_ip(store.child_view("Service", "m1")) == "10.96.0.7"
+    assert store.child_view("Service", "m2") is None
 
 
 def test_a_child_of_no_mirror_is_not_kept() -> None:
@@ -103,9 +139,7 @@ def test_a_late_write_response_never_hides_what_the_watch_reported_since(version
     Before responses were compared by resourceVersion, a response overtaken by the watch put the stale
     copy back for good: a mirror stayed "0/1 registry pods ready" though its pod was Ready (CI run G)."""
 
-    store = Store(NS, "agents")
-    informer = Informer(None, Source("Deployment", NS, transform=slim_child), lambda *_: None)  # type: ignore[arg-type]
-    store.add(informer)
+    store, informer = store_with("Deployment")
 
     def version(n: int) -> dict[str, Any]:
         obj = owned("regmirror-m1", "m1", spec={"replicas": 1}, status={"readyReplicas": 1 if n == versions else 0})
@@ -129,9 +163,7 @@ def test_a_late_write_response_never_hides_what_the_watch_reported_since(version
 def test_a_write_response_replaces_an_older_copy_and_an_unnumbered_one() -> None:
     """The response of our own write is newer than what the watch reported so far: it is kept at once."""
 
-    store = Store(NS, "agents")
-    informer = Informer(None, Source("Deployment", NS, transform=slim_child), lambda *_: None)  # type: ignore[arg-type]
-    store.add(informer)
+    store, informer = store_with("Deployment")
     old = owned("regmirror-m1", "m1", spec={"replicas": 1})
     informer._put(old)
     new = owned("regmirror-m1", "m1", spec={"replicas": 2})

@@ -125,7 +125,7 @@ def desired_plan(ctx: Context) -> tuple[NodePlan, list[str]]:
             continue
         if not spec.node_config.enabled:
             continue
-        ip = cluster_ip(ctx.store.child("Service", name))
+        ip = cluster_ip(ctx.store.child_view("Service", name))
         if ip is None or (rec.access is None and rec.last_good is None):
             # No ClusterIP yet, or a new mirror whose credential is not decided yet (controller/access.py):
             # its entry waits, so nodes get the route and the credential in one plan (one rollout, not two).
