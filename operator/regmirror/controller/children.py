@@ -100,11 +100,6 @@ def _set_config_error(ctx: Context, name: str, rec: MirrorRecord, error: ConfigE
         ctx.enqueue(PLAN)
 
 
-def _repaired(ctx: Context, name: str, rec: MirrorRecord) -> None:
-    if rec.repair.cleared():
-        ctx.enqueue(STATUS, name)
-
-
 async def _ensure_finalizer(ctx: Context, mirror: dict[str, Any]) -> None:
     meta = mirror["metadata"]
     finalizers = list(meta.get("finalizers") or [])
@@ -292,7 +287,8 @@ async def _apply_children(
         await ctx.client.delete("ConfigMap", ns, legacy)
     rec.rejected = None
     _set_config_error(ctx, name, rec, None)
-    _repaired(ctx, name, rec)
+    if rec.repair.cleared():
+        ctx.enqueue(STATUS, name)
     ready = get_condition((mirror.get("status") or {}).get("conditions"), "Ready") or {}
     if not any(waves) and later is None and ready.get("status") == "True":
         # Converged: the rendering is kept only while events keep coming.

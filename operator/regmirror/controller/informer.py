@@ -187,15 +187,13 @@ class Informer:
         if old != new:
             self.on_change(self.source.kind, name, old, new)
 
-    def offer(self, name: str, new: Any) -> bool:
+    def offer(self, name: str, new: Any) -> None:
         """Record what a write returned (transformed), unless the watch already reported a newer version.
 
         No change is reported: the writer acts on its own result; the watch's echo then compares equal.
         """
-        if older(new, self.items.get(name)):
-            return False
-        self.items[name] = new
-        return True
+        if not older(new, self.items.get(name)):
+            self.items[name] = new
 
     def _delete(self, name: str) -> None:
         old = self.items.pop(name, None)

@@ -165,8 +165,7 @@ def _seed_from_live(ctx: Context) -> None:
         rec = ctx.records.get(entry.name)
         if rec is not None and rec.last_good is None:
             rec.last_good = entry
-    ctx.plan.history.remember(plan)
-    ctx.plan.set(plan, plan.digest())
+    ctx.plan.set(plan, ctx.plan.history.remember(plan))
 
 
 def _working_on(ctx: Context, names: list[str]) -> bool:
