@@ -383,9 +383,29 @@ async def test_a_failed_plan_write_keeps_the_previous_plan_on_the_nodes_and_the_
         assert after["ConfigMap"] == before["ConfigMap"], "no plan goes out before the credentials it names"
     assert_plan_names_only_credentials_nodes_hold(kit)
     assert kit.ctx.plan.plan is not None and kit.ctx.plan.plan.digest() == old_digest, "the controller knows what nodes have"
+    # b's nodes wait for this plan: its status says why (a transient failure once it lasted the grace period);
+    # a's nodes keep their entry, so its status does not change.
+    make_serving(kit, "a")
+    assert (STATUS, "b") in kit.queued()
+
+    async def plan_problem(name: str) -> str:
+        await kit.run("status", name)
+        conditions = status_of(kit, name).get("conditions") or []
+        return " ".join(m for cd in conditions if "node plan" in (m := str(cd.get("message", ""))))
+
+    if code in TRANSIENT:
+        assert await plan_problem("b") == "", "retried before anyone is told"
+        kit.clock.advance(31)
+    told = await plan_problem("b")
+    assert f"{kind} {AGENT_NS}/{PLAN_OBJECTS[kind]} failed" in told, status_of(kit, "b")
+    if code not in TRANSIENT:
+        stalled = get_condition(status_of(kit, "b").get("conditions"), "Stalled") or {}
+        assert stalled.get("reason") == ("ApplyForbidden" if code == "403" else "ApplyFailed")
+    assert await plan_problem("a") == "", "a's nodes are not waiting for this plan"
     # The fault clears: the next pass rolls the plan with both mirrors.
     kit.clock.advance(5)
     assert await kit.run("plan") == Done()
+    assert await plan_problem("b") == "", "the problem clears with the plan that goes out"
     assert [e.name for e in live_plan(kit).mirrors] == ["a", "b"]
     ds = kit.kube.obj("DaemonSet", AGENT_NS, c.AGENT_NAME)
     assert ds is not None and ds["spec"]["template"]["metadata"]["annotations"][c.ANNOTATION_NODE_CONFIG_HASH] == live_plan(kit).digest()

@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 from regmirror import constants as c
+from regmirror.access import NODE_SECRET_NAME
 from regmirror.controller.access import seed_node_auth
 from regmirror.controller.state import (
     ACCESS,
@@ -36,6 +37,7 @@ from regmirror.controller.state import (
     RequeueAfter,
     Result,
     Transient,
+    failure,
 )
 from regmirror.drift import drifted
 from regmirror.kube import ApiError
@@ -44,6 +46,7 @@ from regmirror.nodeplan import MirrorEntry, NodePlan, build_node_plan, mirror_en
 from regmirror.observe import cluster_ip
 from regmirror.render.access import render_node_auth_secret
 from regmirror.render.agent import render_agent_daemonset, render_node_config_map
+from regmirror.rollout import entry_digest
 
 log = logging.getLogger("regmirror.plan")
 
@@ -81,7 +84,7 @@ async def _apply_node_auth(ctx: Context, plan: NodePlan) -> Result | None:
     try:
         await seed_node_auth(ctx)
     except ApiError as exc:
-        return Transient(str(exc), exc.retry_after)
+        return _failed(ctx, plan, f"reading Secret {ctx.settings.agent_namespace}/{NODE_SECRET_NAME}", exc)
     wanted = {e.name: ctx.node_auth[e.name] for e in plan.mirrors if e.auth_revision is not None and e.name in ctx.node_auth}
     secret = render_node_auth_secret(wanted, ctx.settings.agent_namespace)
     live = ctx.store.node_auth_secret()
@@ -93,20 +96,45 @@ async def _apply_node_auth(ctx: Context, plan: NodePlan) -> Result | None:
     try:
         await ctx.client.apply(secret)
     except ApiError as exc:
-        return _failed("the nodes' credentials", exc)
+        return _failed(ctx, plan, f"applying Secret {ctx.settings.agent_namespace}/{NODE_SECRET_NAME}", exc)
     return None
 
 
-def _failed(what: str, exc: ApiError) -> Result:
-    """A write of the plan failed: nothing after it goes out (no plan before the credentials it names).
+def _failed(ctx: Context, plan: NodePlan, what: str, exc: ApiError) -> Result:
+    """A request of the plan pass failed: nothing after it goes out (no plan before the credentials it names).
 
     Even a rejection is retried with backoff: the plan is ours, not the user's.
     The log names the field the API server rejected (its causes, which
-    `str(exc)` leaves out) or what it forbids.
+    `str(exc)` leaves out) or what it forbids. The mirrors whose entries this
+    plan would change (and only those: the others' nodes keep what they have)
+    show it in their status, a transient failure once it lasted the grace period.
     """
     why = f"{exc.status} {exc.reason}: {exc.field_error()}" if exc.invalid else str(exc)
-    log.error("node plan: applying %s failed: %s; retrying with backoff", what, why)
+    log.error("node plan: %s failed: %s; retrying with backoff", what, why)
+    failing = ctx.plan.failing
+    before = failing.error
+    now = ctx.clock()
+    failing.failed(failure(exc, f"the node plan cannot be rolled out: {what} failed: {why}"), now)
+    kept = {e.name for e in plan.mirrors}
+    changed = {e.name for e in plan.mirrors if ctx.plan.entries.get(e.name) != entry_digest(e)}
+    blocked = frozenset(changed | (set(ctx.plan.entries) - kept))  # new or changed entries, and removals
+    # Statuses to compute again: every blocked mirror when the failure is new or now needs someone, else the
+    # mirrors that joined or left the blocked ones; a transient failure is shown once it lasted the grace period.
+    due = blocked if before is None or before.transient != exc.transient else blocked ^ ctx.plan.blocked
+    ctx.plan.blocked = blocked
+    since = failing.since if failing.since is not None else now
+    after = max(0.0, since + ctx.settings.transient_grace - now) if exc.transient else 0.0
+    for name in due:
+        ctx.enqueue(STATUS, name, after=after)
     return Transient(why, exc.retry_after)
+
+
+def _succeeded(ctx: Context) -> None:
+    """The plan pass got through: a failure it showed clears from the mirrors' statuses."""
+    if ctx.plan.failing.cleared():
+        for name in ctx.plan.blocked:
+            ctx.enqueue(STATUS, name)
+    ctx.plan.blocked = frozenset()
 
 
 def desired_plan(ctx: Context) -> tuple[NodePlan, list[str]]:
@@ -221,6 +249,7 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
         # Nothing to configure and nothing to clean up: no agent on any node until the first
         # mirror (whose plan then creates the DaemonSet, which is faster than a rolling update).
         ctx.plan.set(plan, digest)
+        _succeeded(ctx)
         return Done()
     waiting_for_credentials = await _apply_node_auth(ctx, plan)
     if waiting_for_credentials is not None:
@@ -228,6 +257,7 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
     if not changed and all(_unchanged_since_checked(ctx, kind) for kind in ("ConfigMap", "DaemonSet")):
         # Same plan, and neither object changed since it last matched: rendering 500 entries to compare
         # them again is the one cost of this pass (it runs on every Service event).
+        _succeeded(ctx)
         return Done()
     if changed:
         ctx.plan.history.remember(plan, digest)
@@ -258,10 +288,11 @@ async def reconcile_plan(ctx: Context, _name: str = "") -> Result:
             result = await ctx.client.apply(obj)
         except ApiError as exc:
             ctx.plan.checked.clear()
-            return _failed(obj["kind"], exc)
+            return _failed(ctx, plan, f"applying {obj['kind']} {ns}/{obj['metadata']['name']}", exc)
         ctx.store.put_agent_object(result)
         ctx.plan.checked[obj["kind"]] = _version(result)
         ctx.plan.last_apply = ctx.clock()
+    _succeeded(ctx)
     if not changed:
         return Done()
     old = dict(ctx.plan.entries) if previous is not None else {}

@@ -192,6 +192,8 @@ class PlanState:
     waiting_since: float | None = None  # first time a plan waited for Services
     waiting: int = 0  # how many Services it waited for at the last look
     last_progress: float = 0.0  # when that number last went down
+    failing: Failing = field(default_factory=Failing)  # the plan pass's failing requests
+    blocked: frozenset[str] = frozenset()  # mirrors whose entries the failing plan would change (their statuses show it)
 
     def set(self, plan: NodePlan, digest: str) -> None:
         """The plan nodes now get, with its digest (its entry digests computed once, not per status)."""

@@ -62,9 +62,12 @@ def observation(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorReco
     deleting = bool(mirror["metadata"].get("deletionTimestamp"))
     rollout = mirror_rollout(ctx, name, rec, deleting=deleting)
     rec.rollout = rollout
-    # The children's failing writes first, then the access Secrets': each retried before anyone is told.
+    # The children's failing writes first, then the access Secrets', then the node plan's if it holds this
+    # mirror's entry back: each retried before anyone is told.
     now, grace = ctx.clock(), ctx.settings.transient_grace
     repair = rec.repair.shown(now, grace) or rec.access_repair.shown(now, grace)
+    if repair is None and name in ctx.plan.blocked:
+        repair = ctx.plan.failing.shown(now, grace)
     auth = ctx.upstream_verdicts.get(name) if spec.upstream.credentials_secret_ref is not None else None
     error = rec.config_error
     return Observation(
