@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from regmirror import constants as c
 from regmirror.controller.informer import Informer, Source
-from regmirror.controller.store import VIEW_SPEC, PackedChild, Store, slim_child
+from regmirror.controller.store import VIEW_SPEC, PackedChild, Store, slim_child, slim_node
 from regmirror.memory import deep_size
 from regmirror.models import RegistryMirrorSpec
 from regmirror.observe import cluster_ip
@@ -174,3 +174,28 @@ def test_a_write_response_replaces_an_older_copy_and_an_unnumbered_one() -> None
     odd["metadata"]["resourceVersion"] = "not-a-number"
     store.put_child(odd)
     assert store.child("Deployment", "m1")["spec"] == {"replicas": 3}  # type: ignore[index]
+
+
+def test_node_addresses_follow_every_node_change_and_are_not_gathered_again_otherwise() -> None:
+    """Every children pass reads the nodes' addresses (its NetworkPolicy); they are gathered again only after a
+    Node changed in what the store keeps, so a heartbeat costs nothing and an address change is never missed."""
+    store = Store(NS, "agents")
+    informer = Informer(None, Source("Node", transform=slim_node), lambda *_: None)  # type: ignore[arg-type]
+    store.add(informer)
+
+    def node(name: str, address: str, heartbeat: str = "t0") -> dict[str, Any]:
+        conditions = [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]
+        status = {"addresses": [{"type": "InternalIP", "address": address}], "conditions": conditions}
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "status": status}
+
+    assert store.node_addresses() == ()
+    informer._put(node("n1", "10.0.0.2"))
+    informer._put(node("n2", "10.0.0.1"))
+    first = store.node_addresses()
+    assert first == ("10.0.0.1", "10.0.0.2")
+    informer._put(node("n1", "10.0.0.2", heartbeat="t1"))
+    assert store.node_addresses() is first, "a heartbeat changes nothing the store keeps"
+    informer._put(node("n1", "10.0.0.3"))
+    assert store.node_addresses() == ("10.0.0.1", "10.0.0.3")
+    informer._delete("n2")
+    assert store.node_addresses() == ("10.0.0.3",)

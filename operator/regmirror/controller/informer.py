@@ -160,6 +160,7 @@ class Informer:
         self.page_size = page_size
         self._on_relist = on_relist or (lambda _kind: None)
         self.items: dict[str, Any] = {}
+        self.changes = 0  # how many changes were reported: what is derived from `items` is current while it stays
         self.synced = asyncio.Event()
         self.resource_version = ""
         self.health = WatchHealth(clock)
@@ -181,10 +182,12 @@ class Informer:
         if new is None:
             if old is not None:
                 del self.items[name]
+                self.changes += 1
                 self.on_change(self.source.kind, name, old, None)
             return
         self.items[name] = new
         if old != new:
+            self.changes += 1
             self.on_change(self.source.kind, name, old, new)
 
     def offer(self, name: str, new: Any) -> None:
@@ -198,6 +201,7 @@ class Informer:
     def _delete(self, name: str) -> None:
         old = self.items.pop(name, None)
         if old is not None:
+            self.changes += 1
             self.on_change(self.source.kind, name, old, None)
 
     async def relist(self) -> None:

