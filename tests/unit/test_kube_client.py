@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -137,3 +138,30 @@ async def test_absent_is_none_and_watch_errors_carry_their_code() -> None:
             async for type_, obj in client.watch("Service", "ns", resource_version="1", timeout_seconds=5, inactivity=5):
                 seen.append((type_, obj["metadata"]["name"]))
     assert seen == [("ADDED", "a")] and err.value.status == 410
+
+
+def test_a_rotated_in_cluster_token_is_used_within_the_recheck_period(tmp_path: Any) -> None:
+    """The kubernetes package's in-cluster loader re-reads the projected token file through its refresh hook; the
+    client runs that hook at most once per TOKEN_RECHECK_SECONDS (per request it cost 3% of the operator's CPU)."""
+    from kubernetes.client import Configuration
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    from regmirror.kube import TOKEN_RECHECK_SECONDS, bearer_token
+
+    token_file, ca_file = tmp_path / "token", tmp_path / "ca.crt"
+    token_file.write_text("first")
+    ca_file.write_text("not read here")
+    loader = InClusterConfigLoader(
+        str(token_file), str(ca_file), environ={"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    )
+    loader._token_refresh_period = datetime.timedelta(0)  # the kubelet rotated it: re-read at every hook run
+    cfg = Configuration()
+    loader.load_and_set(cfg)
+    now = [100.0]
+    token = bearer_token(cfg, clock=lambda: now[0])
+    assert token() == "bearer first"
+    token_file.write_text("second")
+    now[0] += TOKEN_RECHECK_SECONDS / 2
+    assert token() == "bearer first", "within the period the token is reused, the hook not run"
+    now[0] += TOKEN_RECHECK_SECONDS
+    assert token() == "bearer second", "the rotated token is picked up once the period is over"
