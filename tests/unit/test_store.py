@@ -168,8 +168,12 @@ def test_a_write_response_replaces_an_older_copy_and_an_unnumbered_one() -> None
     informer._put(old)
     new = owned("regmirror-m1", "m1", spec={"replicas": 2})
     new["metadata"]["resourceVersion"] = "8"
+    seen = informer.changes
     store.put_child(new)
     assert store.child("Deployment", "m1")["spec"] == {"replicas": 2}  # type: ignore[index]
+    assert informer.changes == seen + 1, "what is derived from the store sees the write's result"
+    store.put_child(new)
+    assert informer.changes == seen + 1, "the same response again changes nothing"
     odd = owned("regmirror-m1", "m1", spec={"replicas": 3})
     odd["metadata"]["resourceVersion"] = "not-a-number"
     store.put_child(odd)

@@ -160,7 +160,7 @@ class Informer:
         self.page_size = page_size
         self._on_relist = on_relist or (lambda _kind: None)
         self.items: dict[str, Any] = {}
-        self.changes = 0  # how many changes were reported: what is derived from `items` is current while it stays
+        self.changes = 0  # how often `items` changed (events and write responses): what is derived from it is current while this stays
         self.synced = asyncio.Event()
         self.resource_version = ""
         self.health = WatchHealth(clock)
@@ -195,8 +195,10 @@ class Informer:
 
         No change is reported: the writer acts on its own result; the watch's echo then compares equal.
         """
-        if not older(new, self.items.get(name)):
+        old = self.items.get(name)
+        if not older(new, old):
             self.items[name] = new
+            self.changes += old != new
 
     def _delete(self, name: str) -> None:
         old = self.items.pop(name, None)
