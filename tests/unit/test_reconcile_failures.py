@@ -398,6 +398,9 @@ async def test_a_failed_plan_write_keeps_the_previous_plan_on_the_nodes_and_the_
         kit.clock.advance(31)
     told = await plan_problem("b")
     assert f"{kind} {AGENT_NS}/{PLAN_OBJECTS[kind]} failed" in told, status_of(kit, "b")
+    if code == "422":
+        field_path, words = FIELD_ERRORS[kind]
+        assert field_path in told and words not in told, "status names the field, never the API server's words (they may quote credentials)"
     if code not in TRANSIENT:
         stalled = get_condition(status_of(kit, "b").get("conditions"), "Stalled") or {}
         assert stalled.get("reason") == ("ApplyForbidden" if code == "403" else "ApplyFailed")

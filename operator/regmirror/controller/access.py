@@ -44,6 +44,7 @@ from regmirror.controller.state import (
     Result,
     Transient,
     failure,
+    said,
 )
 from regmirror.controller.store import slim_secret
 from regmirror.kube import ApiError
@@ -180,11 +181,7 @@ def _failed(ctx: Context, name: str, rec: MirrorRecord, what: str, exc: ApiError
         log.info("mirror %s: %s failed: %s; retrying with backoff", name, what, why)
     else:
         log.warning("mirror %s: %s failed: %s; retrying with backoff", name, what, why)
-    # The status names the fields only: a rejected access Secret's values are credentials, and the API
-    # server's words about them may quote them.
-    fields = ", ".join(sorted({f for f, _ in exc.causes if f}))
-    shown = f"{exc.status} {exc.reason}" + (f" ({fields})" if fields else "") if exc.invalid else str(exc)
-    rec.access_repair.failed(failure(exc, f"{what} failed: {shown}"), ctx.clock())
+    rec.access_repair.failed(failure(exc, f"{what} failed: {said(exc)}"), ctx.clock())
     ctx.enqueue(STATUS, name, after=0.0 if not exc.transient else ctx.settings.transient_grace)
     return Transient(why, exc.retry_after)
 

@@ -38,6 +38,7 @@ from regmirror.controller.state import (
     Result,
     Transient,
     failure,
+    said,
 )
 from regmirror.drift import drifted
 from regmirror.kube import ApiError
@@ -114,7 +115,8 @@ def _failed(ctx: Context, plan: NodePlan, what: str, exc: ApiError) -> Result:
     failing = ctx.plan.failing
     before = failing.error
     now = ctx.clock()
-    failing.failed(failure(exc, f"the node plan cannot be rolled out: {what} failed: {why}"), now)
+    # The log has the API server's words; the statuses the fields only (the plan's Secret holds node credentials).
+    failing.failed(failure(exc, f"the node plan cannot be rolled out: {what} failed: {said(exc)}"), now)
     kept = {e.name for e in plan.mirrors}
     changed = {e.name for e in plan.mirrors if ctx.plan.entries.get(e.name) != entry_digest(e)}
     blocked = frozenset(changed | (set(ctx.plan.entries) - kept))  # new or changed entries, and removals

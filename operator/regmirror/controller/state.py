@@ -94,6 +94,15 @@ def failure(exc: ApiError, message: str) -> RepairError:
     return RepairError(exc.transient, reason, message)
 
 
+def said(exc: ApiError) -> str:
+    """What a status may say about a failed request: a rejection by the fields it names only (the API server's
+    words about a Secret's data may quote the values we sent, credentials among them), else the error."""
+    if not exc.invalid:
+        return str(exc)
+    fields = ", ".join(sorted({f for f, _ in exc.causes if f}))
+    return f"{exc.status} {exc.reason}" + (f" ({fields})" if fields else "")
+
+
 @dataclass
 class Failing:
     """One concern's failing requests (the children's applies, the access pass's reads and writes)."""
