@@ -44,6 +44,7 @@ from regmirror.controller.state import (
     Result,
     Transient,
     failure,
+    logged,
     said,
 )
 from regmirror.controller.store import slim_secret
@@ -176,7 +177,7 @@ async def reconcile_access(ctx: Context, name: str) -> Result:
 def _failed(ctx: Context, name: str, rec: MirrorRecord, what: str, exc: ApiError) -> Result:
     """A read or write of the pass failed: retried with backoff, logged with the field the API server rejected,
     and shown in the mirror's status once it lasts (a 403 at once: someone must act)."""
-    why = f"{exc.status} {exc.reason}: {exc.field_error()}" if exc.invalid else str(exc)
+    why = logged(exc)
     if exc.transient:
         log.info("mirror %s: %s failed: %s; retrying with backoff", name, what, why)
     else:

@@ -38,6 +38,7 @@ from regmirror.controller.state import (
     Result,
     Transient,
     failure,
+    logged,
     said,
 )
 from regmirror.drift import drifted
@@ -110,13 +111,13 @@ def _failed(ctx: Context, plan: NodePlan, what: str, exc: ApiError) -> Result:
     plan would change (and only those: the others' nodes keep what they have)
     show it in their status, a transient failure once it lasted the grace period.
     """
-    why = f"{exc.status} {exc.reason}: {exc.field_error()}" if exc.invalid else str(exc)
+    why = logged(exc)
     log.error("node plan: %s failed: %s; retrying with backoff", what, why)
     failing = ctx.plan.failing
     before = failing.error
     now = ctx.clock()
     # The log has the API server's words; the statuses the fields only (the plan's Secret holds node credentials).
-    failing.failed(failure(exc, f"the node plan cannot be rolled out: {what} failed: {said(exc)}"), now)
+    since = failing.failed(failure(exc, f"the node plan cannot be rolled out: {what} failed: {said(exc)}"), now)
     kept = {e.name for e in plan.mirrors}
     changed = {e.name for e in plan.mirrors if ctx.plan.entries.get(e.name) != entry_digest(e)}
     blocked = frozenset(changed | (set(ctx.plan.entries) - kept))  # new or changed entries, and removals
@@ -124,7 +125,6 @@ def _failed(ctx: Context, plan: NodePlan, what: str, exc: ApiError) -> Result:
     # mirrors that joined or left the blocked ones; a transient failure is shown once it lasted the grace period.
     due = blocked if before is None or before.transient != exc.transient else blocked ^ ctx.plan.blocked
     ctx.plan.blocked = blocked
-    since = failing.since if failing.since is not None else now
     after = max(0.0, since + ctx.settings.transient_grace - now) if exc.transient else 0.0
     for name in due:
         ctx.enqueue(STATUS, name, after=after)

@@ -94,6 +94,12 @@ def failure(exc: ApiError, message: str) -> RepairError:
     return RepairError(exc.transient, reason, message)
 
 
+def logged(exc: ApiError) -> str:
+    """What the operator's log says about a failed request: a rejection with the fields and the API server's
+    words about them (which `str(exc)` leaves out), else the error. Not for statuses: see `said`."""
+    return f"{exc.status} {exc.reason}: {exc.field_error()}" if exc.invalid else str(exc)
+
+
 def said(exc: ApiError) -> str:
     """What a status may say about a failed request: a rejection by the fields it names only (the API server's
     words about a Secret's data may quote the values we sent, credentials among them), else the error."""
@@ -110,11 +116,12 @@ class Failing:
     error: RepairError | None = None
     since: float | None = None  # the first failure in a row
 
-    def failed(self, error: RepairError, now: float) -> None:
-        """Another failure: the latest error, the time of the first."""
+    def failed(self, error: RepairError, now: float) -> float:
+        """Another failure: keep the latest error; returns the time of the first failure in this row."""
         if self.since is None:
             self.since = now
         self.error = error
+        return self.since
 
     def cleared(self) -> bool:
         """The concern succeeded; whether it had been failing (the status then changes)."""
