@@ -89,6 +89,90 @@ def audit_requests(audit_log: Path, user: str, since: str = "", until: str = "\u
     return list(seen.values())
 
 
+#: kwok's identity in the harness (tests/harness/cluster.py): it provisions and binds every claim.
+KWOK_USER = "kwok-controller"
+CLAIM_RESOURCES = frozenset({"persistentvolumeclaims", "persistentvolumes"})
+
+
+def window_load(audit_log: Path, since: str, until: str) -> dict[str, Any]:
+    """Who loaded the API server in [since, until), and what that did to claim binding.
+
+    kwok v0.8.0 plays the stages of a non-pod resource with one worker
+    (`PlayStageParallelism: 1` in pkg/kwok/controllers/controller.go), so it
+    provisions claims one at a time, four requests each (create the PV, patch
+    the claim's metadata, spec, status), then binds each PV with one more. How
+    fast claims bind is then the latency of those requests, which grows with
+    everything else the API server serves on the same cores. Returned:
+    completed non-watch requests by user (node leases counted apart), and
+    kwok's claim and volume requests: count, server latency, and their sum
+    (the time the one worker spent waiting on the API server)."""
+    by_user: Counter[str] = Counter()
+    leases = 0
+    claim_latency: list[float] = []
+    with open(audit_log, encoding="utf-8") as f:
+        for line in f:
+            if '"stage":"ResponseComplete"' not in line or '"verb":"watch"' in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not since <= event.get("requestReceivedTimestamp", "") < until:
+                continue
+            resource = (event.get("objectRef") or {}).get("resource", "")
+            if resource == "leases":
+                leases += 1
+                continue
+            user = (event.get("user") or {}).get("username", "?")
+            by_user[user] += 1
+            if user == KWOK_USER and resource in CLAIM_RESOURCES and event.get("verb") != "list":
+                try:
+                    claim_latency.append(_seconds(event["stageTimestamp"]) - _seconds(event["requestReceivedTimestamp"]))
+                except (KeyError, ValueError):
+                    continue
+    return {
+        "requests_by_user": dict(by_user.most_common()),
+        "lease_requests": leases,
+        "kwok_claim_requests": {
+            **percentiles(claim_latency),
+            "sum_seconds": round(sum(claim_latency), 1),
+        },
+    }
+
+
+def ready_status_write(events: list[dict[str, Any]], children_ready: dict[str, float], ready_seen: dict[str, float]) -> dict[str, Any]:
+    """Where "Ready after children ready" goes, per mirror, from the operator's audit events.
+
+    ``children_ready`` and ``ready_seen`` are ``time.monotonic()`` stamps of the
+    bench's own watches. The status write that made a mirror Ready is its last
+    status patch received before the bench saw Ready. Split: children ready ->
+    that request received (the operator's watch, queue and pass), received ->
+    answered (the API server), answered -> seen (the watch back to the bench)."""
+    offset = time.time() - time.monotonic()
+    writes: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        ref = e.get("objectRef") or {}
+        if e.get("verb") != "patch" or ref.get("subresource") != "status" or e.get("stage") != "ResponseComplete":
+            continue
+        try:
+            writes.setdefault(ref.get("name", ""), []).append((_seconds(e["requestReceivedTimestamp"]), _seconds(e["stageTimestamp"])))
+        except (KeyError, ValueError):
+            continue
+    decided, served, delivered = [], [], []
+    for name, ready in ready_seen.items():
+        if name not in children_ready:
+            continue
+        seen = ready + offset
+        before = [w for w in writes.get(name, []) if w[0] <= seen]
+        if not before:
+            continue
+        received, answered = max(before)
+        decided.append(received - (children_ready[name] + offset))
+        served.append(answered - received)
+        delivered.append(seen - answered)
+    return {"operator": percentiles(decided), "api_server": percentiles(served), "watch": percentiles(delivered)}
+
+
 def _resource(event: dict[str, Any]) -> str:
     ref = event.get("objectRef") or {}
     resource = ref.get("resource", "?")

@@ -277,7 +277,7 @@ def table(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
             "<= 1.3x baseline",
             None if all_ratio is None else all_ratio <= 1.3 and bool(op.get("complete")),
         )
-        _row(rows, "  baseline: all children ready", _s(base.get("converged_seconds")))
+        _row(rows, "  baseline: all children ready (from its first apply)", _s(base.get("converged_seconds")))
         _row(rows, "  node plans written while converging", len(op.get("plan_versions") or []))
         req = op.get("requests_converging") or {}
         per_verb = ", ".join(f"{k} {v}" for k, v in (req.get("per_mirror_by_verb") or {}).items())

@@ -1,0 +1,108 @@
+"""`bench.measure`'s audit-log readings: who loaded the API server in a window, and where the Ready write's time went.
+
+The lines are in the shape kube-apiserver writes them (the harness's audit
+policy, Metadata level); the log here is written by the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.measure import KWOK_USER, ready_status_write, window_load
+
+
+def _event(user: str, verb: str, resource: str, received: str, took_ms: int, stage: str = "ResponseComplete") -> str:
+    seconds = float(received[17:26]) + took_ms / 1000
+    done = f"{received[:17]}{seconds:09.6f}Z"
+    return json.dumps(
+        {
+            "kind": "Event",
+            "apiVersion": "audit.k8s.io/v1",
+            "level": "Metadata",
+            "auditID": f"{user}-{received}-{stage}",
+            "stage": stage,
+            "verb": verb,
+            "user": {"username": user},
+            "objectRef": {"resource": resource},
+            "requestReceivedTimestamp": received,
+            "stageTimestamp": done,
+        },
+        separators=(",", ":"),
+    )
+
+
+def test_counts_users_and_kwoks_claim_requests_in_the_window(tmp_path: Path) -> None:
+    lines = [
+        _event(KWOK_USER, "create", "persistentvolumes", "2026-12-01T10:00:01.000000Z", 40),
+        _event(KWOK_USER, "patch", "persistentvolumeclaims", "2026-12-01T10:00:01.100000Z", 60, stage="ResponseStarted"),
+        _event(KWOK_USER, "patch", "persistentvolumeclaims", "2026-12-01T10:00:01.100000Z", 60),
+        _event(KWOK_USER, "patch", "pods", "2026-12-01T10:00:02.000000Z", 500),  # not a claim
+        _event(KWOK_USER, "update", "leases", "2026-12-01T10:00:02.000000Z", 5),  # node heartbeat
+        _event(KWOK_USER, "watch", "persistentvolumeclaims", "2026-12-01T10:00:02.000000Z", 9000),
+        _event("regmirror", "patch", "deployments", "2026-12-01T10:00:03.000000Z", 20),
+        _event("regmirror", "patch", "deployments", "2026-12-01T10:00:09.000000Z", 20),  # after the window
+        _event(KWOK_USER, "patch", "persistentvolumeclaims", "2026-12-01T09:59:59.000000Z", 700),  # before it
+        "not json",
+    ]
+    log = tmp_path / "audit.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+
+    load = window_load(log, "2026-12-01T10:00:00.000000Z", "2026-12-01T10:00:05.000000Z")
+
+    assert load["requests_by_user"] == {KWOK_USER: 3, "regmirror": 1}
+    assert load["lease_requests"] == 1
+    claims = load["kwok_claim_requests"]
+    assert claims["n"] == 2
+    assert claims["max"] == 0.06
+    assert claims["sum_seconds"] == 0.1
+
+
+def test_an_empty_window_reports_no_requests(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    log.write_text(_event(KWOK_USER, "create", "persistentvolumes", "2026-12-01T10:00:01.000000Z", 40) + "\n")
+    load = window_load(log, "2026-12-01T11:00:00.000000Z", "2026-12-01T12:00:00.000000Z")
+    assert load == {
+        "requests_by_user": {},
+        "lease_requests": 0,
+        "kwok_claim_requests": {"n": 0, "p50": None, "p95": None, "max": None, "mean": None, "sum_seconds": 0},
+    }
+
+
+def _stamp(wall: float) -> str:
+    return datetime.datetime.fromtimestamp(wall, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _status_patch(name: str, received: float, answered: float) -> dict[str, Any]:
+    return {
+        "verb": "patch",
+        "stage": "ResponseComplete",
+        "objectRef": {"resource": "registrymirrors", "subresource": "status", "name": name},
+        "requestReceivedTimestamp": _stamp(received),
+        "stageTimestamp": _stamp(answered),
+    }
+
+
+def test_ready_status_write_splits_the_lag_at_the_write_that_made_the_mirror_ready() -> None:
+    offset = time.time() - time.monotonic()
+    wall = time.time() - 100
+    events = [
+        _status_patch("a", wall + 1.0, wall + 1.1),  # progress, before the children were ready
+        _status_patch("a", wall + 10.2, wall + 10.5),  # the Ready flip
+        _status_patch("a", wall + 30.0, wall + 30.1),  # a later write: after Ready was seen
+        {**_status_patch("b", wall + 5.0, wall + 5.0), "objectRef": {"resource": "registrymirrors", "name": "b"}},  # the finalizer
+        _status_patch("c", wall + 7.0, wall + 7.5),
+    ]
+    children_ready = {"a": wall + 10.0 - offset, "b": wall + 4.0 - offset}
+    ready_seen = {"a": wall + 10.6 - offset, "b": wall + 6.0 - offset, "c": wall + 8.0 - offset}
+
+    split = ready_status_write(events, children_ready, ready_seen)
+
+    # Only "a" counts: "b" has no status write, "c" no children-ready time.
+    assert split["operator"]["n"] == split["api_server"]["n"] == split["watch"]["n"] == 1
+    assert abs(split["operator"]["max"] - 0.2) < 0.01
+    assert abs(split["api_server"]["max"] - 0.3) < 0.01
+    assert abs(split["watch"]["max"] - 0.1) < 0.01
