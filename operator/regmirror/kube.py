@@ -274,8 +274,12 @@ class HttpKube:
         on_write: Callable[[str, str], None] | None = None,
         user_agent: str = c.FIELD_MANAGER,
         may_write: Callable[[], bool] | None = None,
+        max_in_flight: int = 0,
     ) -> None:
         self.credentials = credentials
+        # At most this many requests at the API server at once (0: no bound); watches are not counted.
+        self.max_in_flight = max_in_flight
+        self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self.user_agent = user_agent
         # A fence checked before every write (and every retry of one): the leader's lease still holds.
         self._may_write = may_write or (lambda: True)
@@ -287,7 +291,7 @@ class HttpKube:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # limit=0: concurrency is bounded by the workers and watches, not by the pool.
+            # limit=0: concurrency is bounded by max_in_flight (or the workers) and the watches, not by the pool.
             connector = aiohttp.TCPConnector(limit=0, ssl=self.credentials.ssl_context)
             self._session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": self.user_agent})
         return self._session
@@ -296,6 +300,15 @@ class HttpKube:
         """Close the connection pool."""
         if self._session is not None:
             await self._session.close()
+
+    def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A place among the requests in flight (see `max_in_flight`), waited for in order of arrival."""
+        if self.max_in_flight <= 0:
+            return contextlib.nullcontext()
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.max_in_flight))
+        return self._slots[1]
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
@@ -313,21 +326,23 @@ class HttpKube:
         data = json.dumps(body).encode() if body is not None else None
         delay = 0.2
         for attempt in range(1, self.attempts + 1):
-            if method != "GET" and not self._may_write():
-                raise ApiError(0, "NotLeader", "this replica no longer holds the leader lease: not writing")
             try:
-                async with self._client().request(
-                    method,
-                    self.credentials.server + path,
-                    params=params,
-                    data=data,
-                    headers=self._headers(content_type),
-                    timeout=aiohttp.ClientTimeout(total=self.timeout),
-                ) as response:
-                    payload = await response.read()
-                    if response.status < 300:
-                        return json.loads(payload) if payload else None
-                    error = ApiError.from_response(response.status, payload, response.headers.get("Retry-After"))
+                async with self._slot():
+                    # Fenced after the wait for a place: the lease may have lapsed during it.
+                    if method != "GET" and not self._may_write():
+                        raise ApiError(0, "NotLeader", "this replica no longer holds the leader lease: not writing")
+                    async with self._client().request(
+                        method,
+                        self.credentials.server + path,
+                        params=params,
+                        data=data,
+                        headers=self._headers(content_type),
+                        timeout=aiohttp.ClientTimeout(total=self.timeout),
+                    ) as response:
+                        payload = await response.read()
+                        if response.status < 300:
+                            return json.loads(payload) if payload else None
+                        error = ApiError.from_response(response.status, payload, response.headers.get("Retry-After"))
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = ApiError(0, type(exc).__name__, str(exc) or "no answer within the request timeout")
             if not error.transient or error.status == 409 or attempt == self.attempts:

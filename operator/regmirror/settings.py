@@ -39,6 +39,18 @@ class Settings(BaseModel):
     ] = True
     metrics_port: Annotated[int, Field(description="Port of the Prometheus endpoint; 0 disables it.", ge=0, le=65535)] = 8000
     workers: Annotated[int, Field(description="Concurrent reconciles (each mostly waits for the API server).", ge=1, le=256)] = 16
+    api_max_in_flight: Annotated[
+        int,
+        Field(
+            description=(
+                "API requests the controller has at the API server at once, all workers together (watches and the "
+                "leader lease not counted): a burst of new mirrors leaves the API server to the cluster's other "
+                "controllers (the volume provisioner binding their claims among them); 0: no bound."
+            ),
+            ge=0,
+            le=1024,
+        ),
+    ] = 8
     request_timeout: Annotated[float, Field(description="Seconds one API request may take before it counts as failed.", gt=0)] = 10.0
     request_attempts: Annotated[
         int, Field(description="Attempts per API request on 429, 5xx, timeouts and dropped connections (then the queue backs off).", ge=1)

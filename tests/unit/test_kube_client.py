@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import time
@@ -21,7 +22,7 @@ DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name"
 
 
 @asynccontextmanager
-async def server(handler: Handler) -> AsyncIterator[HttpKube]:
+async def server(handler: Handler, **options: Any) -> AsyncIterator[HttpKube]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app)
@@ -29,7 +30,7 @@ async def server(handler: Handler) -> AsyncIterator[HttpKube]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = HttpKube(Credentials(f"http://127.0.0.1:{port}", False, lambda: "token-x"), timeout=0.5, attempts=4)
+    client = HttpKube(Credentials(f"http://127.0.0.1:{port}", False, lambda: "token-x"), timeout=0.5, attempts=4, **options)
     try:
         yield client
     finally:
@@ -138,6 +139,66 @@ async def test_absent_is_none_and_watch_errors_carry_their_code() -> None:
             async for type_, obj in client.watch("Service", "ns", resource_version="1", timeout_seconds=5, inactivity=5):
                 seen.append((type_, obj["metadata"]["name"]))
     assert seen == [("ADDED", "a")] and err.value.status == 410
+
+
+async def test_requests_in_flight_stay_within_the_bound_and_a_watch_takes_no_place() -> None:
+    in_flight, most, answered = 0, 0, 0
+    watching = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal in_flight, most, answered
+        if request.query.get("watch"):
+            response = web.StreamResponse()
+            await response.prepare(request)
+            watching.set()
+            await asyncio.sleep(2)  # a watch stays open while the other requests go
+            return response
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        answered += 1
+        return web.json_response({"kind": "Deployment", "metadata": {"name": request.path.rsplit("/", 1)[-1]}})
+
+    async def watch(client: HttpKube) -> None:
+        with contextlib.suppress(ApiError):
+            async for _ in client.watch("Service", "ns", resource_version="1", timeout_seconds=5, inactivity=5):
+                pass
+
+    async with server(handler, max_in_flight=3) as client:
+        client.timeout = 5.0
+        watcher = asyncio.create_task(watch(client))
+        await asyncio.wait_for(watching.wait(), 5)
+        got = await asyncio.gather(*(client.get("Deployment", "ns", f"d{i}") for i in range(12)))
+        watcher.cancel()
+    assert [g["metadata"]["name"] for g in got if g] == [f"d{i}" for i in range(12)]
+    assert answered == 12 and most == 3
+
+
+async def test_a_write_that_waited_for_its_place_is_fenced_on_the_lease_then() -> None:
+    leading = True
+    writes: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.method == "GET":
+            await release.wait()
+            return web.json_response({"kind": "Deployment", "metadata": {"name": "x"}})
+        writes.append(request.path)
+        return web.json_response(await request.json())
+
+    async with server(handler, max_in_flight=1, may_write=lambda: leading) as client:
+        client.timeout = 5.0
+        read = asyncio.create_task(client.get("Deployment", "ns", "x"))
+        await asyncio.sleep(0.2)  # the read holds the one place
+        write = asyncio.create_task(client.apply(DEPLOYMENT))
+        await asyncio.sleep(0.2)
+        leading = False  # the lease lapses while the write waits
+        release.set()
+        await read
+        with pytest.raises(ApiError) as err:
+            await write
+    assert err.value.reason == "NotLeader" and writes == []
 
 
 def test_a_rotated_in_cluster_token_is_used_within_the_recheck_period(tmp_path: Any) -> None:
