@@ -210,6 +210,7 @@ def run_baseline(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
         # took to apply the mirrors before it (48-53 s at 500 mirrors).
         "converged_seconds": round(max(done_at.values()) - t0 if done_at else float("nan"), 2),
         "slowest_mirror_seconds": round(max(per_mirror.values()) if per_mirror else float("nan"), 2),
+        "ready_from_first_apply": percentiles([t - t0 for t in done_at.values()]),
         "deployment_available": percentiles([children.deployment.at[n] - started[n] for n in names if n in children.deployment.at]),
         "pvc_bound": percentiles([children.pvc.at[n] - started[n] for n in names if n in children.pvc.at]),
         "daemonset_created_to_all_nodes": round(rolled - t0, 2) if rolled else None,
@@ -337,6 +338,7 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
             ready_samples=sorted(round(v, 3) for v in ready.values()),
             converged_seconds=round(max(mirrors.ready.at[n] for n in ready) - t0, 2) if ready else None,
             cpu_seconds_converging=round(cpu1 - cpu0, 2),
+            ready_from_first_apply=percentiles([mirrors.ready.at[n] - t0 for n in ready]),
         )
         # Ready reported how long after the children were ready (Deployment, PVC, every node's agent pod)?
         lags, child_ready = {}, {}

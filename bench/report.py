@@ -265,6 +265,10 @@ def table(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
             "p50 <= 1.3x",
             None if p50 is None else p50 <= 1.3,
         )
+        op_p50 = (op.get("ready_from_first_apply") or {}).get("p50")
+        base_p50 = (base.get("ready_from_first_apply") or {}).get("p50")
+        if op_p50 and base_p50:
+            _row(rows, "  the same, both from the first apply (p50)", f"{op_p50}s / {base_p50}s = {round(op_p50 / base_p50, 2)}x")
         lag = op.get("ready_after_children") or {}
         _row(rows, "Ready reported after children ready", _p(lag), "p95 <= 1 s", None if lag.get("p95") is None else lag["p95"] <= 1.0)
         conv = op.get("converged_seconds")
