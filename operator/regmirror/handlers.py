@@ -77,6 +77,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         on_write=wrote,
         user_agent=user_agent,
         max_in_flight=config.api_max_in_flight,
+        on_wait=metrics.api_waits.observe,
         # Every write is fenced on the lease: none leaves once it lapsed, even before the controller is stopped.
         may_write=lambda: bool(memo.get("elector") and memo["elector"].leading),
     )

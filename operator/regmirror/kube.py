@@ -275,11 +275,13 @@ class HttpKube:
         user_agent: str = c.FIELD_MANAGER,
         may_write: Callable[[], bool] | None = None,
         max_in_flight: int = 0,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.credentials = credentials
         # At most this many requests at the API server at once (0: no bound); watches are not counted.
         self.max_in_flight = max_in_flight
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._on_wait = on_wait or (lambda _seconds: None)
         self.user_agent = user_agent
         # A fence checked before every write (and every retry of one): the leader's lease still holds.
         self._may_write = may_write or (lambda: True)
@@ -301,14 +303,27 @@ class HttpKube:
         if self._session is not None:
             await self._session.close()
 
-    def _slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """A place among the requests in flight (see `max_in_flight`), waited for in order of arrival."""
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """A place among the requests in flight (see `max_in_flight`), waited for in order of arrival;
+        the time a request waited for it goes to `on_wait`."""
         if self.max_in_flight <= 0:
-            return contextlib.nullcontext()
+            yield
+            return
         loop = asyncio.get_running_loop()
         if self._slots is None or self._slots[0] is not loop:
             self._slots = (loop, asyncio.Semaphore(self.max_in_flight))
-        return self._slots[1]
+        slots = self._slots[1]
+        if slots.locked():
+            started = time.monotonic()
+            await slots.acquire()
+            self._on_wait(time.monotonic() - started)
+        else:
+            await slots.acquire()
+        try:
+            yield
+        finally:
+            slots.release()
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}

@@ -16,6 +16,13 @@ class Metrics:
         )
         self.writes = Counter("regmirror_api_writes_total", "API writes by kind of object and verb.", ["kind", "verb"], registry=registry)
         self.api_retries = Counter("regmirror_api_retries_total", "API requests retried after 429, 5xx or a timeout.", registry=registry)
+        self.api_waits = Histogram(
+            "regmirror_api_wait_seconds",
+            "How long API requests waited for a place among the operator's requests in flight (api_max_in_flight); "
+            "only requests that had to wait.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
         # As client-go's workqueue_depth: keys ready to be worked on now. A key queued for later (a requeue-after, a
         # backoff, a periodic recheck) counts in regmirror_queue_scheduled until its time comes, so an idle operator
         # reads 0 here although some key always waits for its next look.

@@ -165,7 +165,8 @@ async def test_requests_in_flight_stay_within_the_bound_and_a_watch_takes_no_pla
             async for _ in client.watch("Service", "ns", resource_version="1", timeout_seconds=5, inactivity=5):
                 pass
 
-    async with server(handler, max_in_flight=3) as client:
+    waits: list[float] = []
+    async with server(handler, max_in_flight=3, on_wait=waits.append) as client:
         client.timeout = 5.0
         watcher = asyncio.create_task(watch(client))
         await asyncio.wait_for(watching.wait(), 5)
@@ -173,6 +174,8 @@ async def test_requests_in_flight_stay_within_the_bound_and_a_watch_takes_no_pla
         watcher.cancel()
     assert [g["metadata"]["name"] for g in got if g] == [f"d{i}" for i in range(12)]
     assert answered == 12 and most == 3
+    # Nine of the twelve waited for a place, the last ones for about three answers (3 x 0.05 s).
+    assert len(waits) == 9 and max(waits) >= 0.1
 
 
 async def test_a_write_that_waited_for_its_place_is_fenced_on_the_lease_then() -> None:
