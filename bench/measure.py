@@ -9,6 +9,7 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,30 +63,33 @@ def rfc3339_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def audit_requests(audit_log: Path, user: str, since: str = "", until: str = "\uffff") -> list[dict[str, Any]]:
-    """One record per request (by auditID) of ``user`` received in [since, until).
+def _audit_events(audit_log: Path, since: str, until: str, *needles: str) -> Iterator[dict[str, Any]]:
+    """The audit log's events received in [since, until) whose line holds every needle.
 
-    Reads the log once, filtering on the user name before parsing JSON (the log
-    of a 1,000-node cluster is hundreds of MB of kwok heartbeats)."""
-    needle = f'"username":"{user}"'
-    seen: dict[str, dict[str, Any]] = {}
+    The needles are matched before JSON is parsed: the log of a 1,000-node
+    cluster is hundreds of MB of kwok heartbeats."""
     with open(audit_log, encoding="utf-8") as f:
         for line in f:
-            if needle not in line:
+            if not all(needle in line for needle in needles):
                 continue
             try:
                 event = json.loads(line)
             except ValueError:
-                continue
-            received = event.get("requestReceivedTimestamp", "")
-            if not since <= received < until:
-                continue
-            if (event.get("objectRef") or {}).get("resource") == "leases":
-                continue  # leader election's heartbeat (a GET and a renew every 2 s), not the work measured
-            audit_id = event.get("auditID", "")
-            # A watch logs ResponseStarted and ResponseComplete: keep one, the completed one if any.
-            if audit_id not in seen or event.get("stage") == "ResponseComplete":
-                seen[audit_id] = event
+                continue  # a line still being written
+            if since <= event.get("requestReceivedTimestamp", "") < until:
+                yield event
+
+
+def audit_requests(audit_log: Path, user: str, since: str = "", until: str = "\uffff") -> list[dict[str, Any]]:
+    """One record per request (by auditID) of ``user`` received in [since, until)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for event in _audit_events(audit_log, since, until, f'"username":"{user}"'):
+        if (event.get("objectRef") or {}).get("resource") == "leases":
+            continue  # leader election's heartbeat (a GET and a renew every 2 s), not the work measured
+        audit_id = event.get("auditID", "")
+        # A watch logs ResponseStarted and ResponseComplete: keep one, the completed one if any.
+        if audit_id not in seen or event.get("stage") == "ResponseComplete":
+            seen[audit_id] = event
     return list(seen.values())
 
 
@@ -109,27 +113,20 @@ def window_load(audit_log: Path, since: str, until: str) -> dict[str, Any]:
     by_user: Counter[str] = Counter()
     leases = 0
     claim_latency: list[float] = []
-    with open(audit_log, encoding="utf-8") as f:
-        for line in f:
-            if '"stage":"ResponseComplete"' not in line or '"verb":"watch"' in line:
-                continue
+    for event in _audit_events(audit_log, since, until, '"stage":"ResponseComplete"'):
+        if event.get("verb") == "watch":
+            continue
+        resource = (event.get("objectRef") or {}).get("resource", "")
+        if resource == "leases":
+            leases += 1
+            continue
+        user = (event.get("user") or {}).get("username", "?")
+        by_user[user] += 1
+        if user == KWOK_USER and resource in CLAIM_RESOURCES and event.get("verb") != "list":
             try:
-                event = json.loads(line)
-            except ValueError:
+                claim_latency.append(_seconds(event["stageTimestamp"]) - _seconds(event["requestReceivedTimestamp"]))
+            except (KeyError, ValueError):
                 continue
-            if not since <= event.get("requestReceivedTimestamp", "") < until:
-                continue
-            resource = (event.get("objectRef") or {}).get("resource", "")
-            if resource == "leases":
-                leases += 1
-                continue
-            user = (event.get("user") or {}).get("username", "?")
-            by_user[user] += 1
-            if user == KWOK_USER and resource in CLAIM_RESOURCES and event.get("verb") != "list":
-                try:
-                    claim_latency.append(_seconds(event["stageTimestamp"]) - _seconds(event["requestReceivedTimestamp"]))
-                except (KeyError, ValueError):
-                    continue
     return {
         "requests_by_user": dict(by_user.most_common()),
         "lease_requests": leases,

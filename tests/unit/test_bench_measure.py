@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.measure import KWOK_USER, ready_status_write, window_load
+from bench.measure import KWOK_USER, audit_requests, ready_status_write, window_load
 
 
 def _event(user: str, verb: str, resource: str, received: str, took_ms: int, stage: str = "ResponseComplete") -> str:
@@ -106,3 +106,22 @@ def test_ready_status_write_splits_the_lag_at_the_write_that_made_the_mirror_rea
     assert abs(split["operator"]["max"] - 0.2) < 0.01
     assert abs(split["api_server"]["max"] - 0.3) < 0.01
     assert abs(split["watch"]["max"] - 0.1) < 0.01
+
+
+def test_audit_requests_keeps_one_record_per_request_of_the_user(tmp_path: Path) -> None:
+    started = json.loads(_event("regmirror", "watch", "deployments", "2026-12-01T10:00:01.000000Z", 0, stage="ResponseStarted"))
+    completed = {**started, "stage": "ResponseComplete"}  # the same watch (one auditID), completed
+    lines = [
+        json.dumps(started, separators=(",", ":")),
+        json.dumps(completed, separators=(",", ":")),
+        _event("regmirror", "patch", "deployments", "2026-12-01T10:00:02.000000Z", 20),
+        _event("regmirror", "update", "leases", "2026-12-01T10:00:02.000000Z", 5),  # leader election
+        _event("regmirror-other", "patch", "deployments", "2026-12-01T10:00:02.000000Z", 20),  # another user
+        _event("regmirror", "patch", "services", "2026-12-01T10:00:09.000000Z", 20),  # after the window
+    ]
+    log = tmp_path / "audit.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+
+    got = audit_requests(log, "regmirror", "2026-12-01T10:00:00.000000Z", "2026-12-01T10:00:05.000000Z")
+
+    assert sorted((e["verb"], e["stage"]) for e in got) == [("patch", "ResponseComplete"), ("watch", "ResponseComplete")]
