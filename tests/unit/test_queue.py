@@ -166,6 +166,7 @@ KEYS = st.sampled_from(["a", "b"])
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("add"), KEYS),
+        st.tuples(st.just("urgent"), KEYS),
         st.tuples(st.just("after"), KEYS, st.sampled_from([-1.0, 0.0, 0.5, 2.0, 7.0])),
         st.tuples(st.just("limited"), KEYS),
         st.tuples(st.just("forget"), KEYS),
@@ -184,7 +185,8 @@ OPS = st.lists(
 def test_any_sequence_hands_each_wanted_key_out_once_when_due_and_never_to_two_workers(ops: list[tuple[object, ...]]) -> None:
     """A model of the semantics: a key is wanted from the earliest time anyone asked for it; it is handed
     out once that time came and no worker holds it; asking again while it waits changes nothing else;
-    the backoff is base * 2^failures (capped) since the key was last forgotten."""
+    the backoff is base * 2^failures (capped) since the key was last forgotten; a key added as urgent is
+    handed out before any due key that is not, once."""
     asyncio.run(_check_model(ops))
 
 
@@ -193,12 +195,15 @@ async def _check_model(ops: list[tuple[object, ...]]) -> None:
     wanted: dict[str, float] = {}  # key -> earliest time it must be handed out
     holding: set[str] = set()
     failures: dict[str, int] = {}
+    urgent: set[str] = set()
     for op in ops:
         kind = op[0]
-        if kind == "add":
+        if kind in ("add", "urgent"):
             key = str(op[1])
-            q.add(key)
+            q.add(key, urgent=kind == "urgent")
             wanted[key] = min(wanted.get(key, math.inf), clock.now)
+            if kind == "urgent":
+                urgent.add(key)
         elif kind == "after":
             key, delay = str(op[1]), float(op[2])  # type: ignore[arg-type]
             q.add_after(key, delay)
@@ -220,6 +225,8 @@ async def _check_model(ops: list[tuple[object, ...]]) -> None:
             assert (got is None) == (not due), (got, due)
             if got is not None:
                 assert got in due, "never a key that is not due, nor one a worker holds"
+                assert got in urgent or not (due & urgent), "an urgent key first"
+                urgent.discard(got)
                 holding.add(got)
                 del wanted[got]
         elif kind == "done" and str(op[1]) in holding:
@@ -234,3 +241,51 @@ async def _check_model(ops: list[tuple[object, ...]]) -> None:
     while (out := await take_now(q)) is not None:
         drained.append(out)
     assert sorted(drained) == sorted(wanted)
+
+
+async def test_an_urgent_key_overtakes_the_normal_backlog_but_not_the_singletons() -> None:
+    q, _ = queue(priority=lambda k: HIGH if k == "plan" else NORMAL)
+    for key in ("status/a", "status/b", "status/c", "plan"):
+        q.add(key)
+    q.add("status/c", urgent=True)  # already waiting: moved up, not added twice
+    assert [await take(q) for _ in range(4)] == ["plan", "status/c", "status/a", "status/b"]
+    assert await take(q) is None
+    for key in ("plan", "status/a", "status/b", "status/c"):
+        q.done(key)
+    q.add("status/a")
+    q.add("status/c")
+    assert [await take(q), await take(q)] == ["status/a", "status/c"], "urgency lasts one turn"
+
+
+async def test_urgency_given_while_a_key_is_held_or_delayed_applies_to_its_next_turn() -> None:
+    q, clock = queue()
+    q.add("held")
+    assert await take(q) == "held"
+    q.add("x")
+    q.add("held", urgent=True)
+    q.done("held")
+    assert await take(q) == "held", "re-queued by done() ahead of the backlog"
+    q.done("held")
+    q.add_after("later", 1.0, urgent=True)
+    q.add("y")
+    clock.now += 1.0
+    assert [await take(q) for _ in range(3)] == ["later", "x", "y"]
+
+
+async def test_the_wait_for_a_worker_is_measured_from_the_moment_a_key_could_be_taken() -> None:
+    """client-go's queue_duration: a busy operator's backlog shows here, a requeue delay does not."""
+    waits: list[tuple[str, float]] = []
+    clock = Clock()
+    q: WorkQueue[str] = WorkQueue(clock=clock, on_take=lambda key, seconds: waits.append((key, seconds)))
+    q.add("now")
+    q.add_after("later", 5.0)
+    clock.now = 2.0
+    assert await take(q) == "now"
+    clock.now = 8.0  # "later" was due at 5, no worker looked until 8
+    assert await take(q) == "later"
+    q.add("now")  # held: ready only when done() hands it back
+    clock.now = 9.0
+    q.done("now")
+    clock.now = 9.5
+    assert await take(q) == "now"
+    assert waits == [("now", 2.0), ("later", 3.0), ("now", 0.5)]

@@ -320,3 +320,57 @@ async def test_a_status_read_back_from_the_api_server_is_compared_by_value_not_b
     kit.kube.calls.clear()
     result = await kit.run("status", "hub")
     assert isinstance(result, RequeueAfter) and kit.kube.writes() == [], "progress waits, whatever the key order"
+
+
+async def test_when_a_rollout_completes_the_statuses_that_can_flip_ready_go_before_the_backlog() -> None:
+    """At 500 mirrors the last agent pod of a rollout makes a hundred mirrors Ready at once, while its pod
+    events have queued progress passes of every other mirror: the flips are handed out first."""
+    kit = Kit()
+    kit.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {}}, "status": {}})
+    for name in ("a", "b", "c"):
+        kit.kube.put(mirror(name))
+        await kit.admit(name)
+        make_serving(kit, name)
+    await kit.run("hosts")
+    await kit.run("plan")
+    await kit.run("rollout")  # the first accounting: no node configured yet
+    for name in ("a", "b", "c"):
+        assert ready(status_of(kit, name)) == ("None", "None") and isinstance(await kit.run("status", name), RequeueAfter)
+    queue = kit.manager.queue
+    while len(queue):  # what the passes above queued; a worker took them
+        queue.done(await queue.get())
+    backlog = [("children", "c"), ("status", "b"), ("access", "c")]
+    for key in backlog:
+        queue.add(key)
+    digest = kit.ctx.plan.digest
+    assert digest
+    labels = {c.LABEL_NAME: c.APP_NAME, c.LABEL_COMPONENT: "agent"}
+    kit.kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "agent-n1",
+                "namespace": kit.settings.agent_namespace,
+                "labels": labels,
+                "annotations": {c.ANNOTATION_NODE_CONFIG_HASH: digest},
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
+            "spec": {"nodeName": "n1"},
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"ready": True, "state": {"running": {}}}],
+            },
+        }
+    )
+    await kit.sync()
+    for pod in kit.manager.store.agent_pods().values():
+        kit.ctx.nodes.applied[pod["node"]] = pod["digest"]  # what the pod watch's callback records
+    assert await kit.run("rollout") == Done()
+    kit.clock.advance(kit.settings.status_coalesce)
+    order = [await queue.get() for _ in range(5)]
+    assert order[:3] == [("status", "b"), ("status", "a"), ("status", "c")], "b's waiting key moved up, not added twice"
+    assert order[3:] == [("children", "c"), ("access", "c")], "then the rest of the backlog, in its order"
+    for name in ("a", "b", "c"):
+        assert await kit.run("status", name) == Done()
+        assert ready(status_of(kit, name)) == ("True", "MirrorReady")

@@ -7,7 +7,9 @@
 - `add_rate_limited` delays a key exponentially per failure (base * 2^n, capped)
   until `forget` resets it, so a key that keeps failing never spins.
 - Two priorities: the singleton keys (node plan, rollout accounting, host
-  order) overtake a backlog of per-mirror keys.
+  order) overtake a backlog of per-mirror keys. A per-mirror key added as
+  `urgent` joins them for its next turn (a status that can flip Ready when a
+  node rollout completes must not wait behind hundreds of progress passes).
 
 Everything runs on one event loop: no locks.
 """
@@ -43,11 +45,13 @@ class WorkQueue(Generic[K]):
         max_delay: float = 300.0,
         priority: Callable[[K], int] = lambda _key: NORMAL,
         clock: Callable[[], float] = time.monotonic,
+        on_take: Callable[[K, float], None] = lambda _key, _seconds: None,
     ) -> None:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self._priority = priority
         self._clock = clock
+        self._on_take = on_take  # (key, seconds it waited since it was ready): client-go's queue_duration
         self._ready: tuple[deque[K], deque[K]] = (deque(), deque())
         self._queued: set[K] = set()  # in a ready deque, or to be re-queued when processing ends
         self._processing: set[K] = set()
@@ -55,27 +59,38 @@ class WorkQueue(Generic[K]):
         self._due: dict[K, float] = {}  # earliest pending time per delayed key
         self._seq = itertools.count()
         self._failures: dict[K, int] = {}
+        self._urgent: set[K] = set()  # handed out with the high priority next time
+        self._ready_since: dict[K, float] = {}  # when each key in a ready deque became ready
         self._wakeup = asyncio.Event()
         self._shutdown = False
 
     # ------------------------------------------------------------ adding
 
-    def add(self, key: K) -> None:
-        """Queue a key now (no-op if it is already waiting)."""
-        if self._shutdown or key in self._queued:
+    def add(self, key: K, *, urgent: bool = False) -> None:
+        """Queue a key now (no-op if it is already waiting, except that `urgent` moves it up)."""
+        if self._shutdown:
+            return
+        if urgent:
+            self._boost(key)
+        if key in self._queued:
             return
         self._queued.add(key)
         self._due.pop(key, None)
         if key not in self._processing:
-            self._ready[self._priority(key)].append(key)
+            self._ready[self._lane(key)].append(key)
+            self._ready_since[key] = self._clock()
             self._wakeup.set()
 
-    def add_after(self, key: K, delay: float) -> None:
-        """Queue a key after `delay` seconds (an earlier pending time wins)."""
+    def add_after(self, key: K, delay: float, *, urgent: bool = False) -> None:
+        """Queue a key after `delay` seconds (an earlier pending time wins); `urgent` applies when it is due."""
         if delay <= 0:
-            self.add(key)
+            self.add(key, urgent=urgent)
             return
-        if self._shutdown or key in self._queued:
+        if self._shutdown:
+            return
+        if urgent:
+            self._boost(key)
+        if key in self._queued:
             return
         due = self._clock() + delay
         if key in self._due and self._due[key] <= due:
@@ -83,6 +98,18 @@ class WorkQueue(Generic[K]):
         self._due[key] = due
         heapq.heappush(self._delayed, (due, next(self._seq), key))
         self._wakeup.set()
+
+    def _lane(self, key: K) -> int:
+        return HIGH if key in self._urgent else self._priority(key)
+
+    def _boost(self, key: K) -> None:
+        """Hand the key out with the high priority next time; if it waits in the normal lane, move it up."""
+        if self._priority(key) == HIGH or key in self._urgent:
+            return
+        self._urgent.add(key)
+        if key in self._queued and key not in self._processing:
+            self._ready[NORMAL].remove(key)  # O(backlog), once per urgent key
+            self._ready[HIGH].append(key)
 
     def add_rate_limited(self, key: K, at_least: float | None = None) -> float:
         """Queue a key after its next backoff delay, or `at_least` seconds if that is longer; returns the delay."""
@@ -115,6 +142,8 @@ class WorkQueue(Generic[K]):
             heapq.heappop(self._delayed)
             del self._due[key]
             self.add(key)
+            if key in self._ready_since:  # ready since it was due, though no worker looked until now
+                self._ready_since[key] = min(self._ready_since[key], due)
         return None
 
     async def get(self) -> K:
@@ -127,7 +156,9 @@ class WorkQueue(Generic[K]):
                 if ready:
                     key = ready.popleft()
                     self._queued.discard(key)
+                    self._urgent.discard(key)
                     self._processing.add(key)
+                    self._on_take(key, self._clock() - self._ready_since.pop(key, self._clock()))
                     return key
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -137,7 +168,8 @@ class WorkQueue(Generic[K]):
         """Processing of `key` ended; if it was added meanwhile, it is queued again."""
         self._processing.discard(key)
         if key in self._queued:
-            self._ready[self._priority(key)].append(key)
+            self._ready[self._lane(key)].append(key)
+            self._ready_since[key] = self._clock()
             self._wakeup.set()
 
     def shutdown(self) -> None:

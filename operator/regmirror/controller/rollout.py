@@ -53,9 +53,11 @@ async def reconcile_rollout(ctx: Context, _name: str = "") -> Result:
         rec.rollout = rollout
         if deleting:
             ctx.enqueue(CHILDREN, name)  # the finalizer may be released now
-        significant = before is None or before.configured != rollout.configured
-        if significant or not rec.progress_scheduled:
-            ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce)
+        flipped = before is not None and before.configured != rollout.configured
+        if flipped or before is None or not rec.progress_scheduled:
+            # A flip of "every node configured" can flip Ready. When a rollout completes, hundreds of mirrors
+            # flip at once, behind as many progress passes queued by the rollout's pod events: those go first.
+            ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce, urgent=flipped)
     if index.recheck_at is not None:
         # An agent's grace period ends then; no event will say so.
         return RequeueAfter(max(0.5, index.recheck_at - time.time()))

@@ -74,7 +74,9 @@ def key_priority(key: Key) -> int:
     """The singletons (one pass each, for every mirror) overtake the per-mirror keys.
 
     Status keys share the children's priority: when they overtook children, a storm of
-    status writes starved the children applies (and so the node plan) in a burst.
+    status writes starved the children applies (and so the node plan) in a burst. Only a
+    status whose nodes just became configured (or stopped being) is queued as urgent
+    (controller/rollout.py): at most one per mirror per rollout.
     """
     return NORMAL if key[0] in (CHILDREN, STATUS, ACCESS) else HIGH
 
@@ -283,6 +285,6 @@ class Context:
             rec = self.records[name] = MirrorRecord(first_seen=self.clock())
         return rec
 
-    def enqueue(self, kind: str, name: str = "", *, after: float = 0.0) -> None:
-        """Queue a key (after a delay)."""
-        self.queue.add_after((kind, name), after)
+    def enqueue(self, kind: str, name: str = "", *, after: float = 0.0, urgent: bool = False) -> None:
+        """Queue a key (after a delay; `urgent`: ahead of the other per-mirror keys)."""
+        self.queue.add_after((kind, name), after, urgent=urgent)
