@@ -34,6 +34,7 @@ from bench.kubewatch import Watch
 from bench.measure import (
     ProcSampler,
     audit_requests,
+    histograms,
     percentiles,
     proc_status,
     ready_status_write,
@@ -305,6 +306,7 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
         since = rfc3339_now()
         cpu0 = proc_status(pid).get("cpu_seconds", 0.0)
         sample0 = len(sampler_proc.samples)
+        scrape0 = _scrape(proc)
         applied: dict[str, float] = {}
 
         def apply_mirror(name: str) -> None:
@@ -328,6 +330,10 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
         t_conv = time.monotonic()
         until = rfc3339_now()
         cpu1 = proc_status(pid).get("cpu_seconds", 0.0)
+        scrape1 = _scrape(proc)
+        # Per concern while converging: passes (and their time), and how long ready keys waited for a worker.
+        result["reconciles_converging"] = histograms(scrape0, scrape1, "regmirror_reconcile_duration_seconds", "concern")
+        result["queue_wait_converging"] = histograms(scrape0, scrape1, "regmirror_queue_wait_seconds", "concern")
         if spy:
             result["profile"] = spy.stop()
         ready = {n: mirrors.ready.at[n] - applied[n] for n in names if n in mirrors.ready.at}
@@ -492,6 +498,13 @@ def memory_profile(cluster: LocalCluster, cfg: Config, kubeconfig: Path) -> dict
     summary["writes_after_restart"] = writes
     log(f"operator memory (tracemalloc): peak {summary.get('peak_mib')} MiB; top {summary.get('by_file', [])[:3]}")
     return summary
+
+
+def _scrape(proc: OperatorProcess) -> dict[str, float]:
+    try:
+        return _metric_lines(proc.metrics())
+    except OSError:
+        return {}
 
 
 def _metric_lines(text: str) -> dict[str, float]:

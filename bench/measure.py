@@ -170,6 +170,30 @@ def ready_status_write(events: list[dict[str, Any]], children_ready: dict[str, f
     return {"operator": percentiles(decided), "api_server": percentiles(served), "watch": percentiles(delivered)}
 
 
+def histograms(before: dict[str, float], after: dict[str, float], name: str, label: str) -> dict[str, dict[str, float | None]]:
+    """One labelled Prometheus histogram between two scrapes (metric line -> value), per label value:
+    observations, mean, and the p50/p95 as the upper bound of the bucket they fall in."""
+    out: dict[str, dict[str, float | None]] = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for line, value in after.items():
+        if not line.startswith(name + "_bucket{") or f'{label}="' not in line:
+            continue
+        fields = dict(part.split("=", 1) for part in line[line.index("{") + 1 : -1].split(","))
+        key, le = fields[label].strip('"'), fields["le"].strip('"')
+        buckets.setdefault(key, []).append((float(le), value - before.get(line, 0.0)))
+    for key, counts in sorted(buckets.items()):
+        counts.sort()
+        total = counts[-1][1] if counts else 0.0
+        labels = f'{{{label}="{key}"}}'
+        summed = after.get(f"{name}_sum{labels}", 0.0) - before.get(f"{name}_sum{labels}", 0.0)
+
+        def quantile(q: float, counts: list[tuple[float, float]] = counts, total: float = total) -> float | None:
+            return next((le for le, n in counts if n >= q * total), None) if total else None
+
+        out[key] = {"n": total, "mean": round(summed / total, 4) if total else None, "p50_le": quantile(0.5), "p95_le": quantile(0.95)}
+    return out
+
+
 def _resource(event: dict[str, Any]) -> str:
     ref = event.get("objectRef") or {}
     resource = ref.get("resource", "?")

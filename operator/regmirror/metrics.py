@@ -23,6 +23,15 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
+        # As client-go's workqueue_queue_duration_seconds: from the moment a key could be worked on (added, or its
+        # requeue time came) until a worker took it.
+        self.queue_wait = Histogram(
+            "regmirror_queue_wait_seconds",
+            "How long a key ready to be worked on waited for a worker, by concern.",
+            ["concern"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
         # As client-go's workqueue_depth: keys ready to be worked on now. A key queued for later (a requeue-after, a
         # backoff, a periodic recheck) counts in regmirror_queue_scheduled until its time comes, so an idle operator
         # reads 0 here although some key always waits for its next look.

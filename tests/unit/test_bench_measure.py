@@ -12,7 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.measure import KWOK_USER, audit_requests, ready_status_write, window_load
+from bench.controlplane import _metric_lines
+from bench.measure import KWOK_USER, audit_requests, histograms, ready_status_write, window_load
+from prometheus_client import CollectorRegistry, generate_latest
+
+from regmirror.metrics import Metrics
 
 
 def _event(user: str, verb: str, resource: str, received: str, took_ms: int, stage: str = "ResponseComplete") -> str:
@@ -125,3 +129,17 @@ def test_audit_requests_keeps_one_record_per_request_of_the_user(tmp_path: Path)
     got = audit_requests(log, "regmirror", "2026-12-01T10:00:00.000000Z", "2026-12-01T10:00:05.000000Z")
 
     assert sorted((e["verb"], e["stage"]) for e in got) == [("patch", "ResponseComplete"), ("watch", "ResponseComplete")]
+
+
+def test_histograms_between_two_scrapes_count_only_what_happened_between_them() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.queue_wait.labels(concern="status").observe(3.0)  # before the window
+    before = _metric_lines(generate_latest(registry).decode())
+    for seconds in [0.004] * 10 + [0.3] * 9 + [2.0]:
+        metrics.queue_wait.labels(concern="status").observe(seconds)
+    metrics.queue_wait.labels(concern="plan").observe(0.02)
+    after = _metric_lines(generate_latest(registry).decode())
+    got = histograms(before, after, "regmirror_queue_wait_seconds", "concern")
+    assert got["status"] == {"n": 20.0, "mean": round((0.04 + 2.7 + 2.0) / 20, 4), "p50_le": 0.005, "p95_le": 0.5}
+    assert got["plan"]["n"] == 1.0 and got["plan"]["p95_le"] == 0.025

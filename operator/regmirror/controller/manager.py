@@ -88,7 +88,11 @@ class Manager:
         self.metrics = metrics
         self.store = Store(settings.namespace, settings.agent_namespace)
         self.queue: WorkQueue[Key] = WorkQueue(
-            base_delay=settings.backoff_base, max_delay=settings.backoff_max, priority=key_priority, clock=clock
+            base_delay=settings.backoff_base,
+            max_delay=settings.backoff_max,
+            priority=key_priority,
+            clock=clock,
+            on_take=lambda key, seconds: metrics.queue_wait.labels(concern=key[0]).observe(seconds),
         )
         self.ctx = Context(store=self.store, client=client, settings=settings, queue=self.queue, metrics=metrics, clock=clock)
         self.ctx.progress_budget = TokenBucket(rate=settings.status_progress_rate, burst=settings.status_progress_rate)
