@@ -159,6 +159,7 @@ class MirrorRecord:
     last_status_write: float | None = None
     progress_scheduled: bool = False
     progress_writes: int = 0  # progress-only status writes since the last one a reader acts on
+    progress_turn: float | None = None  # when its reserved place in the progress budget comes (clock time)
     announced: str | None = None  # "status/reason" of the Ready condition last announced by an Event
     rollout: NodeRollout | None = None
     access: Any = None  # controller.access.AccessView: the plan's revision, enforcement, status.access (no credential)
@@ -221,23 +222,26 @@ class PlanState:
 
 @dataclass
 class TokenBucket:
-    """At most `rate` events per second on average, `burst` at once (progress-only status writes)."""
+    """At most `rate` events per second on average, `burst` at once (progress-only status writes).
+
+    Places are reserved, as golang.org/x/time/rate's Reserve does: a caller that finds no
+    token takes the next one to come (the bucket goes into debt) and is told when. Answering
+    only "not yet, try in 0.2 s" woke every waiting mirror for each token: in a 500-mirror
+    burst, about 170 status passes per mirror."""
 
     rate: float
     burst: float
     tokens: float = 0.0
     stamp: float | None = None
 
-    def take(self, now: float) -> float:
-        """0 if a token was taken now, else the seconds until one is available."""
+    def reserve(self, now: float) -> float:
+        """Take a token: 0 if one was there now, else the seconds until the one taken is due."""
         if self.stamp is None:
             self.tokens, self.stamp = self.burst, now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 @dataclass

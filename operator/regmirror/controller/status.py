@@ -168,6 +168,7 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
         new["cache"] = cache
     if not status_changed(old, new):
         rec.progress_scheduled = False
+        rec.progress_turn = None
         return Done()
     now = ctx.clock()
     if not status_written(old):
@@ -187,8 +188,11 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
     spacing = 2 ** min(rec.progress_writes, PROGRESS_BACKOFF_STEPS) if converging else 1
     due = last + ctx.settings.status_progress_interval * spacing - now
     if deferrable and due <= 0:
-        # Progress of every mirror together is written at a bounded rate, too.
-        due = ctx.progress_budget.take(now)
+        # Progress of every mirror together is written at a bounded rate, too: each mirror reserves its
+        # place once and is handed out again when it comes (events in between find it still ahead).
+        if rec.progress_turn is None:
+            rec.progress_turn = now + ctx.progress_budget.reserve(now)
+        due = rec.progress_turn - now
     if deferrable and due > 0:
         rec.progress_scheduled = True
         return RequeueAfter(due)
@@ -208,6 +212,7 @@ async def reconcile_status(ctx: Context, name: str) -> Result:
     log.info("status of %s written: %s", name, why)
     rec.last_status_write = now
     rec.progress_scheduled = False
+    rec.progress_turn = None  # used, or not needed by a write a reader acts on
     rec.progress_writes = rec.progress_writes + 1 if deferrable and converging else 0
     mirror["status"] = result.get("status") or new
     mirror["metadata"]["resourceVersion"] = (result.get("metadata") or {}).get("resourceVersion", mirror["metadata"].get("resourceVersion"))
