@@ -204,6 +204,42 @@ async def test_a_write_that_waited_for_its_place_is_fenced_on_the_lease_then() -
     assert err.value.reason == "NotLeader" and writes == []
 
 
+async def test_requests_cancelled_while_waiting_for_a_place_take_none() -> None:
+    """A reconcile cancelled at shutdown or by a timeout while its request waits: the bound stays whole."""
+    in_flight, most = 0, 0
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            if request.path.endswith("/held"):
+                await release.wait()
+            else:
+                await asyncio.sleep(0.02)
+        finally:
+            in_flight -= 1
+        return web.json_response({"kind": "Deployment", "metadata": {"name": request.path.rsplit("/", 1)[-1]}})
+
+    async with server(handler, max_in_flight=2) as client:
+        client.timeout = 5.0
+        held = [asyncio.create_task(client.get("Deployment", "ns", "held")) for _ in range(2)]
+        await asyncio.sleep(0.2)  # both places taken
+        waiting = [asyncio.create_task(client.get("Deployment", "ns", f"w{i}")) for i in range(3)]
+        await asyncio.sleep(0.1)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        after = [asyncio.create_task(client.get("Deployment", "ns", f"d{i}")) for i in range(6)]
+        await asyncio.sleep(0.1)
+        assert not any(task.done() for task in after), "the places are still held"
+        release.set()
+        got = await asyncio.wait_for(asyncio.gather(*held, *after), 5)
+    assert [g["metadata"]["name"] for g in got if g] == ["held", "held", *(f"d{i}" for i in range(6))]
+    assert most == 2, "the cancelled requests took no place, and the bound held for the ones after them"
+
+
 def test_a_rotated_in_cluster_token_is_used_within_the_recheck_period(tmp_path: Any) -> None:
     """The kubernetes package's in-cluster loader re-reads the projected token file through its refresh hook; the
     client runs that hook at most once per TOKEN_RECHECK_SECONDS (per request it cost 3% of the operator's CPU)."""
