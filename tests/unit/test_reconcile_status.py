@@ -359,14 +359,15 @@ async def test_when_a_rollout_completes_the_statuses_that_can_flip_ready_go_befo
     events have queued progress passes of every other mirror: the flips are handed out first."""
     kit = Kit()
     kit.kube.put({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1", "labels": {}}, "status": {}})
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         kit.kube.put(mirror(name))
         await kit.admit(name)
-        make_serving(kit, name)
+        if name != "d":
+            make_serving(kit, name)  # d's claim is not bound yet: its nodes' flip cannot make it Ready
     await kit.run("hosts")
     await kit.run("plan")
     await kit.run("rollout")  # the first accounting: no node configured yet
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         assert ready(status_of(kit, name)) == ("None", "None") and isinstance(await kit.run("status", name), RequeueAfter)
     queue = kit.manager.queue
     while len(queue):  # what the passes above queued; a worker took them
@@ -400,9 +401,9 @@ async def test_when_a_rollout_completes_the_statuses_that_can_flip_ready_go_befo
         kit.ctx.nodes.applied[pod["node"]] = pod["digest"]  # what the pod watch's callback records
     assert await kit.run("rollout") == Done()
     kit.clock.advance(kit.settings.status_coalesce)
-    order = [await queue.get() for _ in range(5)]
+    order = [await queue.get() for _ in range(6)]
     assert order[:3] == [("status", "b"), ("status", "a"), ("status", "c")], "b's waiting key moved up, not added twice"
-    assert order[3:] == [("children", "c"), ("access", "c")], "then the rest of the backlog, in its order"
+    assert order[3:] == [("children", "c"), ("access", "c"), ("status", "d")], "then the backlog, and d in its turn"
     for name in ("a", "b", "c"):
         assert await kit.run("status", name) == Done()
         assert ready(status_of(kit, name)) == ("True", "MirrorReady")

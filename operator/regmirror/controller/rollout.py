@@ -11,9 +11,12 @@ few passes per second, not a status computation per pod event per mirror.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from regmirror.conditions import is_true
 from regmirror.controller.state import CHILDREN, STATUS, ConfigError, Context, Done, MirrorRecord, RequeueAfter, Result
 from regmirror.models import RegistryMirrorSpec
+from regmirror.observe import deployment_available, storage_status
 from regmirror.rollout import Carried, NodeIndex, NodeRollout, newest_pods, node_rollout
 
 
@@ -24,6 +27,15 @@ def node_index(ctx: Context) -> NodeIndex:
         labels = {name: node["labels"] for name, node in ctx.store.nodes().items()}
         ctx.nodes.index = NodeIndex.build(labels, pods, ctx.nodes.applied, time.time())
     return ctx.nodes.index
+
+
+def ready_may_flip(ctx: Context, name: str, mirror: dict[str, Any], rec: MirrorRecord, *, configured: bool) -> bool:
+    """Whether the nodes' flip to `configured` can flip the mirror's Ready (its Deployment and claim decide the rest)."""
+    ready = is_true((mirror.get("status") or {}).get("conditions"), "Ready")
+    if not configured or ready or not isinstance(rec.spec, RegistryMirrorSpec):
+        return ready and not configured
+    available = deployment_available(ctx.store.child_view("Deployment", name), rec.spec.replicas)[0]
+    return available and storage_status(rec.spec, ctx.store.child_view("PersistentVolumeClaim", name))[0]
 
 
 def mirror_rollout(ctx: Context, name: str, rec: MirrorRecord, *, deleting: bool = False) -> NodeRollout:
@@ -55,9 +67,10 @@ async def reconcile_rollout(ctx: Context, _name: str = "") -> Result:
             ctx.enqueue(CHILDREN, name)  # the finalizer may be released now
         flipped = before is not None and before.configured != rollout.configured
         if flipped or before is None or not rec.progress_scheduled:
-            # A flip of "every node configured" can flip Ready. When a rollout completes, hundreds of mirrors
-            # flip at once, behind as many progress passes queued by the rollout's pod events: those go first.
-            ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce, urgent=flipped)
+            # When a rollout completes, a hundred mirrors of a burst may turn Ready at once, while its pod events
+            # have queued progress passes of every other mirror: the passes that flip Ready go first.
+            urgent = flipped and ready_may_flip(ctx, name, mirror, rec, configured=rollout.configured)
+            ctx.enqueue(STATUS, name, after=ctx.settings.status_coalesce, urgent=urgent)
     if index.recheck_at is not None:
         # An agent's grace period ends then; no event will say so.
         return RequeueAfter(max(0.5, index.recheck_at - time.time()))
