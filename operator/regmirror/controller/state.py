@@ -75,7 +75,7 @@ def key_priority(key: Key) -> int:
 
     Status keys share the children's priority: when they overtook children, a storm of
     status writes starved the children applies (and so the node plan) in a burst. Only a
-    status whose nodes just became configured (or stopped being) is queued as urgent
+    status whose Ready the nodes' flip can change is queued as urgent, for its next turn
     (controller/rollout.py): at most one per mirror per rollout.
     """
     return NORMAL if key[0] in (CHILDREN, STATUS, ACCESS) else HIGH
