@@ -174,7 +174,8 @@ def ready_status_write(events: list[dict[str, Any]], children_ready: dict[str, f
 
 def histograms(before: dict[str, float], after: dict[str, float], name: str, label: str) -> dict[str, dict[str, float | None]]:
     """One labelled Prometheus histogram between two scrapes (metric line -> value), per label value:
-    observations, mean, and the p50/p95 as the upper bound of the bucket they fall in."""
+    observations, mean, and the p50/p95 as the upper bound of the bucket they fall in (None when
+    nothing was observed or it lies past the last finite bucket: JSON has no infinity)."""
     out: dict[str, dict[str, float | None]] = {}
     buckets: dict[str, list[tuple[float, float]]] = {}
     for line, value in after.items():
@@ -190,7 +191,8 @@ def histograms(before: dict[str, float], after: dict[str, float], name: str, lab
         summed = after.get(f"{name}_sum{labels}", 0.0) - before.get(f"{name}_sum{labels}", 0.0)
 
         def quantile(q: float, counts: list[tuple[float, float]] = counts, total: float = total) -> float | None:
-            return next((le for le, n in counts if n >= q * total), None) if total else None
+            le = next((le for le, n in counts if n >= q * total), None) if total else None
+            return le if le is not None and le != float("inf") else None
 
         out[key] = {"n": total, "mean": round(summed / total, 4) if total else None, "p50_le": quantile(0.5), "p95_le": quantile(0.95)}
     return out

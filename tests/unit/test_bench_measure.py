@@ -143,3 +143,8 @@ def test_histograms_between_two_scrapes_count_only_what_happened_between_them() 
     got = histograms(before, after, "regmirror_queue_wait_seconds", "concern")
     assert got["status"] == {"n": 20.0, "mean": round((0.04 + 2.7 + 2.0) / 20, 4), "p50_le": 0.005, "p95_le": 0.5}
     assert got["plan"]["n"] == 1.0 and got["plan"]["p95_le"] == 0.025
+    for _ in range(30):
+        metrics.queue_wait.labels(concern="plan").observe(60.0)  # past the last bucket (30 s)
+    late = histograms(after, _metric_lines(generate_latest(registry).decode()), "regmirror_queue_wait_seconds", "concern")
+    assert late["plan"] == {"n": 30.0, "mean": 60.0, "p50_le": None, "p95_le": None}, "no infinity in the JSON"
+    json.dumps(late, allow_nan=False)
