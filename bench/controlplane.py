@@ -33,13 +33,18 @@ from typing import Any
 from bench.kubewatch import Watch
 from bench.measure import (
     ProcSampler,
+    SchedSampler,
     audit_requests,
     histograms,
     percentiles,
     proc_status,
+    ready_burst,
     ready_status_write,
+    ready_writes,
+    rfc3339,
     rfc3339_now,
     summarize_requests,
+    thread_time,
     window_load,
 )
 from bench.profile import PySpy
@@ -278,6 +283,8 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
     pid = proc.proc.pid
     sampler_proc = ProcSampler(pid)
     sampler_proc.start()
+    sampler_loop = SchedSampler(pid)  # the event loop's thread
+    sampler_loop.start()
     result: dict[str, Any] = {"log": str(log_path)}
     try:
         wait(lambda: metrics_up(proc.metrics_port), 60, "the operator's metrics endpoint", cluster)
@@ -356,6 +363,13 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
         result["ready_after_children"] = percentiles(list(lags.values()))
         requests = audit_requests(cluster.audit_log, OPERATOR_USER, since, until)
         result["ready_status_write"] = ready_status_write(requests, child_ready, mirrors.ready.at)
+        # The largest run of Ready writes (at 500 mirrors: those the completed node rollout made Ready), where the
+        # operator's event loop spent it, and what else the API server answered meanwhile.
+        burst = ready_burst(ready_writes(requests, mirrors.ready.at))
+        if burst is not None:
+            burst["operator_loop"] = thread_time(sampler_loop.samples, burst["from"], burst["to"])
+            burst["requests_by_user"] = window_load(cluster.audit_log, rfc3339(burst["from"]), rfc3339(burst["to"]))["requests_by_user"]
+        result["ready_burst"] = burst
         result["children_ready_seconds"] = percentiles([child_ready[n] - applied[n] for n in child_ready])
         result["deployment_available"] = percentiles([children.deployment.at[n] - applied[n] for n in names if n in children.deployment.at])
         result["pvc_bound"] = percentiles([children.pvc.at[n] - applied[n] for n in names if n in children.pvc.at])
@@ -440,8 +454,7 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
             "hwm_mib": round(final.get("VmHWM", 0), 1),
             "cpu_seconds_total": round(final.get("cpu_seconds", 0), 2),
         }
-        with contextlib.suppress(OSError):
-            result["metrics"] = _metric_lines(proc.metrics())
+        result["metrics"] = _scrape(proc)
         result["converging_window"] = [
             sampler_proc.samples[sample0][0] if len(sampler_proc.samples) > sample0 else 0,
             t_conv - sampler_proc.t0,
@@ -452,6 +465,7 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
     finally:
         proc.stop(signal.SIGTERM)
         sampler_proc.stop()
+        sampler_loop.stop()
     result["rss_samples"] = [(round(t, 1), round(r, 1), round(h, 1), round(cpu, 2)) for t, r, h, cpu in sampler_proc.samples]
     result["tracemalloc"] = memory_profile(cluster, cfg, kubeconfig)
     return result

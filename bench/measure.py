@@ -56,6 +56,60 @@ class ProcSampler(threading.Thread):
         self.join(5)
 
 
+class SchedSampler(threading.Thread):
+    """One thread's ``/proc/<pid>/task/<tid>/schedstat`` every ``interval`` s (the main thread by default):
+    (wall-clock time, ns on a CPU, ns runnable but waiting for one). Where the operator's event loop
+    spent a burst of a second or two: working, waiting for a core, or waiting for answers."""
+
+    def __init__(self, pid: int, tid: int | None = None, interval: float = 0.05) -> None:
+        super().__init__(name=f"schedstat sampler {pid}", daemon=True)
+        self.path = Path(f"/proc/{pid}/task/{tid or pid}/schedstat")
+        self.interval = interval
+        self.samples: list[tuple[float, int, int]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                on_cpu, waiting, _ = self.path.read_text().split()
+                self.samples.append((time.time(), int(on_cpu), int(waiting)))
+            except (OSError, ValueError):
+                return  # the process ended (or the kernel has no schedstats)
+            if self._halt.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+
+def thread_time(samples: list[tuple[float, int, int]], since: float, until: float) -> dict[str, float] | None:
+    """Shares of the wall-clock window [since, until] a sampled thread spent on a CPU, runnable (waiting for
+    a core) and neither (waiting for I/O or a timer), between the samples nearest to its ends; None when
+    the samples do not cover it."""
+    if not samples or samples[0][0] > since or samples[-1][0] < until:
+        return None
+    first = min(samples, key=lambda s: abs(s[0] - since))
+    last = min(samples, key=lambda s: abs(s[0] - until))
+    wall = last[0] - first[0]
+    if wall <= 0:
+        return None
+    on_cpu, runnable = (last[1] - first[1]) / 1e9 / wall, (last[2] - first[2]) / 1e9 / wall
+    return {
+        "seconds": round(wall, 3),
+        "on_cpu": round(on_cpu, 3),
+        "runnable": round(runnable, 3),
+        "waiting": round(max(0.0, 1 - on_cpu - runnable), 3),
+    }
+
+
+def rfc3339(epoch: float) -> str:
+    """An epoch time as the audit log writes it."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def rfc3339_now() -> str:
     """An audit-log comparable timestamp (the API server writes microseconds, UTC, Z)."""
     import datetime
@@ -148,6 +202,20 @@ def ready_status_write(events: list[dict[str, Any]], children_ready: dict[str, f
     that request received (the operator's watch, queue and pass), received ->
     answered (the API server), answered -> seen (the watch back to the bench)."""
     offset = time.time() - time.monotonic()
+    decided, served, delivered = [], [], []
+    for name, (received, answered) in ready_writes(events, ready_seen).items():
+        if name not in children_ready:
+            continue
+        decided.append(received - (children_ready[name] + offset))
+        served.append(answered - received)
+        delivered.append(ready_seen[name] + offset - answered)
+    return {"operator": percentiles(decided), "api_server": percentiles(served), "watch": percentiles(delivered)}
+
+
+def ready_writes(events: list[dict[str, Any]], ready_seen: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Per mirror, the status write that made it Ready: its last status patch received before the bench saw
+    Ready (``ready_seen``: ``time.monotonic()`` stamps), as (received, answered) epoch times."""
+    offset = time.time() - time.monotonic()
     writes: dict[str, list[tuple[float, float]]] = {}
     for e in events:
         ref = e.get("objectRef") or {}
@@ -157,19 +225,40 @@ def ready_status_write(events: list[dict[str, Any]], children_ready: dict[str, f
             writes.setdefault(ref.get("name", ""), []).append((_seconds(e["requestReceivedTimestamp"]), _seconds(e["stageTimestamp"])))
         except (KeyError, ValueError):
             continue
-    decided, served, delivered = [], [], []
+    out = {}
     for name, ready in ready_seen.items():
-        if name not in children_ready:
-            continue
-        seen = ready + offset
-        before = [w for w in writes.get(name, []) if w[0] <= seen]
-        if not before:
-            continue
-        received, answered = max(before)
-        decided.append(received - (children_ready[name] + offset))
-        served.append(answered - received)
-        delivered.append(seen - answered)
-    return {"operator": percentiles(decided), "api_server": percentiles(served), "watch": percentiles(delivered)}
+        before = [w for w in writes.get(name, []) if w[0] <= ready + offset]
+        if before:
+            out[name] = max(before)
+    return out
+
+
+def ready_burst(writes: dict[str, tuple[float, float]], gap: float = 0.3) -> dict[str, Any] | None:
+    """The largest run of Ready-making status writes (``ready_writes``) received less than ``gap`` s apart:
+    at 500 mirrors, the hundred mirrors that turn Ready when the node rollout completes. Its size, span
+    (first received to last answered), pace, and the API server's time for those writes."""
+    stamps = sorted(writes.values())
+    if not stamps:
+        return None
+    runs, run = [], [stamps[0]]
+    for w in stamps[1:]:
+        if w[0] - run[-1][0] < gap:
+            run.append(w)
+        else:
+            runs.append(run)
+            run = [w]
+    runs.append(run)
+    burst = max(runs, key=len)
+    since, until = burst[0][0], max(answered for _, answered in burst)
+    span = until - since
+    return {
+        "writes": len(burst),
+        "from": since,
+        "to": until,
+        "seconds": round(span, 3),
+        "per_second": round(len(burst) / span, 1) if span > 0 else None,
+        "api_server": percentiles([answered - received for received, answered in burst]),
+    }
 
 
 def histograms(before: dict[str, float], after: dict[str, float], name: str, label: str) -> dict[str, dict[str, float | None]]:

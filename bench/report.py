@@ -23,6 +23,14 @@ def _s(value: float | None, unit: str = "s") -> str:
     return "n/a" if value is None else f"{value:.2f}{unit}"
 
 
+def _burst(burst: dict[str, Any]) -> str:
+    text = f"{burst['writes']} in {burst['seconds']:.2f}s ({burst['per_second']}/s)"
+    loop = burst.get("operator_loop")
+    if loop:
+        text += f"; operator's event loop on a CPU {loop['on_cpu']:.0%}, waiting for one {loop['runnable']:.0%}, idle {loop['waiting']:.0%}"
+    return text
+
+
 NOT_MEASURED = "not measured"
 Rows = list[dict[str, Any]]
 
@@ -271,6 +279,9 @@ def table(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
             _row(rows, "  the same, both from the first apply (p50)", f"{op_p50}s / {base_p50}s = {round(op_p50 / base_p50, 2)}x")
         lag = op.get("ready_after_children") or {}
         _row(rows, "Ready reported after children ready", _p(lag), "p95 <= 1 s", None if lag.get("p95") is None else lag["p95"] <= 1.0)
+        burst = op.get("ready_burst")
+        if burst:
+            _row(rows, "  the largest burst of Ready writes", _burst(burst))
         conv = op.get("converged_seconds")
         base_conv = base.get("converged_seconds")
         all_ratio = round(conv / base_conv, 2) if conv and base_conv else None

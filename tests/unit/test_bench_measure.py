@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.controlplane import _metric_lines
-from bench.measure import KWOK_USER, audit_requests, histograms, ready_status_write, window_load
+from bench.measure import (
+    KWOK_USER,
+    SchedSampler,
+    audit_requests,
+    histograms,
+    ready_burst,
+    ready_status_write,
+    ready_writes,
+    rfc3339,
+    thread_time,
+    window_load,
+)
 from prometheus_client import CollectorRegistry, generate_latest
 
 from regmirror.metrics import Metrics
@@ -110,6 +122,50 @@ def test_ready_status_write_splits_the_lag_at_the_write_that_made_the_mirror_rea
     assert abs(split["operator"]["max"] - 0.2) < 0.01
     assert abs(split["api_server"]["max"] - 0.3) < 0.01
     assert abs(split["watch"]["max"] - 0.1) < 0.01
+    assert ready_writes(events, ready_seen) == {"a": _seconds_pair(wall + 10.2, wall + 10.5), "c": _seconds_pair(wall + 7.0, wall + 7.5)}
+
+
+def _seconds_pair(received: float, answered: float) -> tuple[float, float]:
+    """As the audit log's microsecond stamps give them back."""
+
+    def parse(wall: float) -> float:
+        return datetime.datetime.strptime(_stamp(wall), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+
+    return parse(received), parse(answered)
+
+
+def test_the_ready_burst_is_the_largest_run_of_ready_writes_less_than_the_gap_apart() -> None:
+    early = {f"e{i}": (100.0 + i, 100.05 + i) for i in range(3)}  # one a second: three runs of one
+    burst = {f"b{i}": (200.0 + 0.1 * i, 200.1 + 0.1 * i) for i in range(10)}  # ten, 0.1 s apart
+    late = {"l0": (200.0 + 0.9 + 0.5, 201.5)}  # 0.5 s after the burst's last: not part of it
+    found = ready_burst({**early, **burst, **late})
+    assert found is not None
+    assert found["writes"] == 10 and found["from"] == 200.0 and abs(found["to"] - 201.0) < 1e-9
+    assert found["seconds"] == 1.0 and found["per_second"] == 10.0
+    assert abs(found["api_server"]["p50"] - 0.1) < 1e-9
+    assert ready_burst({}) is None
+
+
+def test_thread_time_splits_a_window_into_cpu_run_queue_and_waiting() -> None:
+    # (wall time, ns on a CPU, ns runnable): over 2 s, 0.5 s on a CPU and 0.3 s waiting for one.
+    samples = [(10.0, 0, 0), (11.0, 200_000_000, 100_000_000), (12.0, 500_000_000, 300_000_000), (13.0, 600_000_000, 300_000_000)]
+    assert thread_time(samples, 10.0, 12.0) == {"seconds": 2.0, "on_cpu": 0.25, "runnable": 0.15, "waiting": 0.6}
+    assert thread_time(samples, 9.0, 12.0) is None, "the samples begin after the window does"
+    assert thread_time(samples, 11.0, 14.0) is None, "or end before it does"
+
+
+def test_the_schedstat_sampler_sees_this_thread_work() -> None:
+    import threading
+
+    sampler = SchedSampler(os.getpid(), threading.get_native_id(), interval=0.01)
+    sampler.start()
+    started = time.time()
+    while time.time() - started < 0.3:  # busy on a CPU
+        pass
+    sampler.stop()
+    share = thread_time(sampler.samples, sampler.samples[0][0], sampler.samples[-1][0])
+    assert share is not None and share["on_cpu"] + share["runnable"] > 0.5, share
+    assert rfc3339(0.5) == "1970-01-01T00:00:00.500000Z"
 
 
 def test_audit_requests_keeps_one_record_per_request_of_the_user(tmp_path: Path) -> None:

@@ -369,3 +369,12 @@ def test_with_the_guard_measured_its_pull_carries_the_target_on_every_release() 
     )
     probe = next(v for k, v in rows.items() if k.startswith("probe cost"))
     assert "with the connection guard, idle: 4.0-4.0 mCPU" in probe[0]
+
+
+def test_the_ready_burst_row_says_its_pace_and_where_the_operators_loop_spent_it() -> None:
+    from bench.report import _burst
+
+    burst: dict[str, Any] = {"writes": 109, "seconds": 1.49, "per_second": 73.2}
+    assert _burst(burst) == "109 in 1.49s (73.2/s)"
+    burst["operator_loop"] = {"seconds": 1.5, "on_cpu": 0.17, "runnable": 0.25, "waiting": 0.58}
+    assert _burst(burst) == "109 in 1.49s (73.2/s); operator's event loop on a CPU 17%, waiting for one 25%, idle 58%"
