@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 from bench.statuswrites import _round
+from loopback import serve
 
 from regmirror import constants as c
 from regmirror.kube import Credentials, HttpKube
@@ -20,23 +21,16 @@ async def test_a_round_writes_each_mirrors_status_once_and_both_ways_send_the_sa
         seen.append((request.method, request.path, request.content_type, body))
         return web.json_response(body)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = HttpKube(Credentials(f"http://127.0.0.1:{port}", False, lambda: "token-x"), max_in_flight=2)
-    try:
-        names = ["m0000", "m0001", "m0002"]
-        await _round(client, names, "apply", 7)
-        applied, seen[:] = list(seen), []
-        await _round(client, names, "merge", 7)
-        merged = list(seen)
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with serve(handler) as url:
+        client = HttpKube(Credentials(url, False, lambda: "token-x"), max_in_flight=2)
+        try:
+            names = ["m0000", "m0001", "m0002"]
+            await _round(client, names, "apply", 7)
+            applied, seen[:] = list(seen), []
+            await _round(client, names, "merge", 7)
+            merged = list(seen)
+        finally:
+            await client.close()
     base = f"/apis/{c.API_VERSION}/{c.PLURAL}"
     assert sorted(p for _, p, _, _ in applied) == sorted(p for _, p, _, _ in merged) == [f"{base}/{n}/status" for n in names]
     assert {(m, t) for m, _, t, _ in applied} == {("PATCH", "application/apply-patch+yaml")}

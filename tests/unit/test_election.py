@@ -447,6 +447,7 @@ async def test_elector_starts_one_controller_stops_the_partitioned_leader_and_ha
 async def test_a_replica_that_no_longer_leads_sends_no_write() -> None:
     """The fence in HttpKube: reads go on, writes stop the moment the lease lapses (even if the watchdog runs late)."""
     from aiohttp import web
+    from loopback import serve
 
     from regmirror.kube import Credentials, HttpKube
 
@@ -456,25 +457,18 @@ async def test_a_replica_that_no_longer_leads_sends_no_write() -> None:
         seen.append(request.method)
         return web.json_response({"kind": "ConfigMap", "metadata": {"name": "x"}})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     leading = [True]
-    client = HttpKube(Credentials(f"http://127.0.0.1:{port}", False, lambda: None), timeout=1, attempts=1, may_write=lambda: leading[0])
     body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "ns"}}
-    try:
-        await client.apply(body)
-        leading[0] = False
-        with pytest.raises(ApiError, match="NotLeader"):
+    async with serve(handler) as url:
+        client = HttpKube(Credentials(url, False, lambda: None), timeout=1, attempts=1, may_write=lambda: leading[0])
+        try:
             await client.apply(body)
-        with pytest.raises(ApiError, match="NotLeader"):
-            await client.delete("ConfigMap", "ns", "x")
-        assert await client.get("ConfigMap", "ns", "x") is not None
-    finally:
-        await client.close()
-        await runner.cleanup()
+            leading[0] = False
+            with pytest.raises(ApiError, match="NotLeader"):
+                await client.apply(body)
+            with pytest.raises(ApiError, match="NotLeader"):
+                await client.delete("ConfigMap", "ns", "x")
+            assert await client.get("ConfigMap", "ns", "x") is not None
+        finally:
+            await client.close()
     assert seen == ["PATCH", "GET"]

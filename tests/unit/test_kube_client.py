@@ -7,35 +7,28 @@ import contextlib
 import datetime
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from aiohttp import web
+from loopback import Handler, serve
 
 from regmirror import constants as c
 from regmirror.kube import ApiError, Credentials, HttpKube
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "regmirror-hub", "namespace": "ns"}, "spec": {}}
 
 
 @asynccontextmanager
 async def server(handler: Handler, **options: Any) -> AsyncIterator[HttpKube]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = HttpKube(Credentials(f"http://127.0.0.1:{port}", False, lambda: "token-x"), timeout=0.5, attempts=4, **options)
-    try:
-        yield client
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with serve(handler) as url:
+        client = HttpKube(Credentials(url, False, lambda: "token-x"), timeout=0.5, attempts=4, **options)
+        try:
+            yield client
+        finally:
+            await client.close()
 
 
 def status_body(code: int, reason: str, message: str, causes: list[dict[str, str]] | None = None, retry: int | None = None) -> str:
