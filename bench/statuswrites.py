@@ -2,7 +2,7 @@
 
 When a node rollout completes at 500 mirrors, about 110 mirrors turn Ready at once and
 their status writes go out together (docs/performance.md, "The Ready burst at large,
-profiled"). This measures the ceiling of such a burst on this machine, with nothing else
+measured"). This measures the ceiling of such a burst on this machine, with nothing else
 running: ``--mirrors`` RegistryMirrors on a fresh control plane, then rounds of one status
 write per mirror, all at once, through the operator's own client (`HttpKube`), alternating
 
@@ -36,7 +36,8 @@ WAYS = (("apply", 8), ("apply", 16), ("merge", 8))
 
 
 def _status(name: str, round_: int) -> dict[str, Any]:
-    """A status the size of a Ready mirror's (its conditions change every round, so every write is one)."""
+    """A status of four conditions, which change every round, so every write is one. (A real mirror's status
+    also carries its hosts, access and node counts: this one is smaller.)"""
     stamp = f"2026-01-01T00:{round_ // 60 % 60:02d}:{round_ % 60:02d}Z"
     conditions = [
         {
