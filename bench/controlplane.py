@@ -364,11 +364,10 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
         requests = audit_requests(cluster.audit_log, OPERATOR_USER, since, until)
         result["ready_status_write"] = ready_status_write(requests, child_ready, mirrors.ready.at)
         # The largest run of Ready writes (at 500 mirrors: those the completed node rollout made Ready), where the
-        # operator's event loop spent it, and what else the API server answered meanwhile.
+        # operator's event loop spent it, and (with the load below) what else the API server answered meanwhile.
         burst = ready_burst(ready_writes(requests, mirrors.ready.at))
         if burst is not None:
             burst["operator_loop"] = thread_time(sampler_loop.samples, burst["from"], burst["to"])
-            burst["requests_by_user"] = window_load(cluster.audit_log, rfc3339(burst["from"]), rfc3339(burst["to"]))["requests_by_user"]
         result["ready_burst"] = burst
         result["children_ready_seconds"] = percentiles([child_ready[n] - applied[n] for n in child_ready])
         result["deployment_available"] = percentiles([children.deployment.at[n] - applied[n] for n in names if n in children.deployment.at])
@@ -376,7 +375,9 @@ def run_operator(cluster: LocalCluster, cfg: Config) -> dict[str, Any]:
         result["nodes_rolled"] = percentiles([rollout.rolled.at[n] - applied[n] for n in names if n in rollout.rolled.at])
         result["plan_versions"] = [{"at": round(t - t0, 2), "digest": d, "mirrors": k} for t, d, k in plans.versions if t >= t0 - 1]
         result["requests_converging"] = summarize_requests(requests, len(names))
-        result["load"] = window_load(cluster.audit_log, since, until)
+        result["load"] = window_load(cluster.audit_log, since, until, (rfc3339(burst["from"]), rfc3339(burst["to"])) if burst else None)
+        if burst is not None:
+            burst["requests_by_user"] = result["load"].pop("inner_requests_by_user")
         log(
             f"operator: {len(ready)}/{len(names)} Ready in {result['converged_seconds']}s; "
             f"{len(result['plan_versions'])} node plans; {result['requests_converging']['writes']} writes"

@@ -152,7 +152,7 @@ KWOK_USER = "kwok-controller"
 CLAIM_RESOURCES = frozenset({"persistentvolumeclaims", "persistentvolumes"})
 
 
-def window_load(audit_log: Path, since: str, until: str) -> dict[str, Any]:
+def window_load(audit_log: Path, since: str, until: str, inner: tuple[str, str] | None = None) -> dict[str, Any]:
     """Who loaded the API server in [since, until), and what that did to claim binding.
 
     kwok v0.8.0 plays the stages of a non-pod resource with one worker
@@ -165,25 +165,31 @@ def window_load(audit_log: Path, since: str, until: str) -> dict[str, Any]:
     everything else the API server serves on the same cores. Returned:
     completed non-watch requests by user (node leases counted apart), and
     kwok's claim and volume requests: count, server latency, and their sum
-    (the time the one worker spent waiting on the API server)."""
+    (the time the one worker spent waiting on the API server). With ``inner``
+    (a shorter window in it, such as a burst), the same pass also counts the
+    requests received in that window by user (``inner_requests_by_user``,
+    node leases included)."""
     by_user: Counter[str] = Counter()
+    in_inner: Counter[str] = Counter()
     leases = 0
     claim_latency: list[float] = []
     for event in _audit_events(audit_log, since, until, '"stage":"ResponseComplete"'):
         if event.get("verb") == "watch":
             continue
         resource = (event.get("objectRef") or {}).get("resource", "")
+        user = (event.get("user") or {}).get("username", "?")
+        if inner is not None and inner[0] <= event.get("requestReceivedTimestamp", "") < inner[1]:
+            in_inner[user] += 1
         if resource == "leases":
             leases += 1
             continue
-        user = (event.get("user") or {}).get("username", "?")
         by_user[user] += 1
         if user == KWOK_USER and resource in CLAIM_RESOURCES and event.get("verb") != "list":
             try:
                 claim_latency.append(_seconds(event["stageTimestamp"]) - _seconds(event["requestReceivedTimestamp"]))
             except (KeyError, ValueError):
                 continue
-    return {
+    load: dict[str, Any] = {
         "requests_by_user": dict(by_user.most_common()),
         "lease_requests": leases,
         "kwok_claim_requests": {
@@ -191,6 +197,9 @@ def window_load(audit_log: Path, since: str, until: str) -> dict[str, Any]:
             "sum_seconds": round(sum(claim_latency), 1),
         },
     }
+    if inner is not None:
+        load["inner_requests_by_user"] = dict(in_inner.most_common())
+    return load
 
 
 def ready_status_write(events: list[dict[str, Any]], children_ready: dict[str, float], ready_seen: dict[str, float]) -> dict[str, Any]:

@@ -75,6 +75,14 @@ def test_counts_users_and_kwoks_claim_requests_in_the_window(tmp_path: Path) -> 
     assert claims["n"] == 2
     assert claims["max"] == 0.06
     assert claims["sum_seconds"] == 0.1
+    assert "inner_requests_by_user" not in load
+
+    # The same pass counts a shorter window in it (the Ready burst), node leases included.
+    burst = window_load(
+        log, "2026-12-01T10:00:00.000000Z", "2026-12-01T10:00:05.000000Z", ("2026-12-01T10:00:01.500000Z", "2026-12-01T10:00:03.000000Z")
+    )
+    assert burst["inner_requests_by_user"] == {KWOK_USER: 2}
+    assert {k: v for k, v in burst.items() if k != "inner_requests_by_user"} == load
 
 
 def test_an_empty_window_reports_no_requests(tmp_path: Path) -> None:
