@@ -112,9 +112,7 @@ def rfc3339(epoch: float) -> str:
 
 def rfc3339_now() -> str:
     """An audit-log comparable timestamp (the API server writes microseconds, UTC, Z)."""
-    import datetime
-
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return rfc3339(time.time())
 
 
 def _audit_events(audit_log: Path, since: str, until: str, *needles: str) -> Iterator[dict[str, Any]]:

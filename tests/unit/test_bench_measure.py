@@ -6,7 +6,6 @@ policy, Metadata level); the log here is written by the test.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -17,6 +16,7 @@ from bench.controlplane import _metric_lines
 from bench.measure import (
     KWOK_USER,
     SchedSampler,
+    _seconds,
     audit_requests,
     histograms,
     ready_burst,
@@ -96,17 +96,13 @@ def test_an_empty_window_reports_no_requests(tmp_path: Path) -> None:
     }
 
 
-def _stamp(wall: float) -> str:
-    return datetime.datetime.fromtimestamp(wall, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _status_patch(name: str, received: float, answered: float) -> dict[str, Any]:
     return {
         "verb": "patch",
         "stage": "ResponseComplete",
         "objectRef": {"resource": "registrymirrors", "subresource": "status", "name": name},
-        "requestReceivedTimestamp": _stamp(received),
-        "stageTimestamp": _stamp(answered),
+        "requestReceivedTimestamp": rfc3339(received),
+        "stageTimestamp": rfc3339(answered),
     }
 
 
@@ -135,11 +131,7 @@ def test_ready_status_write_splits_the_lag_at_the_write_that_made_the_mirror_rea
 
 def _seconds_pair(received: float, answered: float) -> tuple[float, float]:
     """As the audit log's microsecond stamps give them back."""
-
-    def parse(wall: float) -> float:
-        return datetime.datetime.strptime(_stamp(wall), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
-
-    return parse(received), parse(answered)
+    return _seconds(rfc3339(received)), _seconds(rfc3339(answered))
 
 
 def test_the_ready_burst_is_the_largest_run_of_ready_writes_less_than_the_gap_apart() -> None:
